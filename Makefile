@@ -1,0 +1,67 @@
+# carpguard: one verb per target. `make run` and `make test` set up everything on a fresh Debian box.
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+APPLIANCE  := $(VENV)/bin/appliance
+CONFIG     ?= examples/appliance.yaml
+LISTEN     ?= 127.0.0.1:3128
+FREEBSD_DIST ?=
+OUT        ?= dist
+PYTEST_ARGS ?=
+export PATH := $(PATH):/usr/sbin:/sbin
+
+# binary:Debian-package pairs each verb needs; installed with apt-get when missing and we are root
+TOOLS_TEST  := ucarp:ucarp sshd:openssh-server ssh:openssh-client rsync:rsync makefs:makefs \
+               shellcheck:shellcheck sgdisk:gdisk qemu-img:qemu-utils ip:iproute2 arping:iputils-arping \
+               curl:curl bsdtar:libarchive-tools xz:xz-utils mformat:mtools mkfs.vfat:dosfstools \
+               openssl:openssl tcpdump:tcpdump
+TOOLS_IMAGE := makefs:makefs shellcheck:shellcheck sgdisk:gdisk qemu-img:qemu-utils bsdtar:libarchive-tools \
+               xz:xz-utils mformat:mtools mkfs.vfat:dosfstools
+TOOLS_LAB   := ucarp:ucarp ip:iproute2 arping:iputils-arping curl:curl sshd:openssh-server rsync:rsync
+TOOLS_BENCH := $(TOOLS_TEST) wrk:wrk squid:squid
+
+# $(call apt_tools,PAIRS): no network work when everything is already there
+define apt_tools
+	@missing=""; for t in $(1); do command -v "$${t%%:*}" >/dev/null 2>&1 || missing="$$missing $${t##*:}"; done; \
+	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	if [ -n "$${missing// /}" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "make: installing Debian packages: $$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+	    apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "make: not root, not installing: $$missing (tests needing them are skipped)"; fi; \
+	fi
+endef
+
+.PHONY: run test bench image lab venv apt-test apt-image apt-lab apt-bench clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+apt-test:  ; $(call apt_tools,$(TOOLS_TEST))
+apt-image: ; $(call apt_tools,$(TOOLS_IMAGE))
+apt-lab:   ; $(call apt_tools,$(TOOLS_LAB))
+apt-bench: ; $(call apt_tools,$(TOOLS_BENCH))
+
+run: venv
+	$(APPLIANCE) proxy -c $(CONFIG) --listen $(LISTEN) --access-log - 
+
+test: venv apt-test
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+bench: venv apt-bench
+	$(PY) -m tests.bench
+
+image: venv apt-image
+	$(APPLIANCE) image -c $(CONFIG) --out $(OUT) $(if $(FREEBSD_DIST),--freebsd-dist $(FREEBSD_DIST))
+
+lab: venv apt-lab
+	$(APPLIANCE) -c $(CONFIG) lab up
+
+clean:
+	rm -rf $(OUT) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""The appliance node: config model, CLI, role engine, service control, CARP drivers."""

@@ -1,0 +1,138 @@
+"""The `appliance` command group: shared options (-c, --node, -v) and the registry of subcommands."""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from appliance import config as cfgmod
+
+# Each module registers its commands on `main` when imported. Heavy imports (mitmproxy,
+# fabric) stay inside the command functions so `appliance --help` is instant.
+COMMAND_MODULES = [
+    "appliance.cmd_config",  # check, render
+    "appliance.cmd_proxy",  # proxy, reload, explain
+    "appliance.cmd_ha",  # role, carp, status, demote, promote, watchdog
+    "appliance.cmd_lab",  # lab up|down|status|exec|failover
+    "appliance.cmd_sync",  # sync, sync-receive, releases, keys, cron
+    "appliance.cmd_image",  # image
+]
+
+EXIT_BAD_INPUT = 2
+
+
+class Ctx:
+    """What every command gets: where the config is, which node this is, verbosity."""
+
+    def __init__(self, config: str | None, node: str | None, verbose: int):
+        self.config_arg = config
+        self.node_arg = node
+        self.verbose = verbose
+        self._cfg: cfgmod.Appliance | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return cfgmod.config_path(self.config_arg)
+
+    @property
+    def cfg(self) -> cfgmod.Appliance:
+        if self._cfg is None:
+            try:
+                self._cfg = cfgmod.load(self.config_path)
+            except cfgmod.ConfigError as e:
+                fail(str(e))
+        return self._cfg
+
+    @property
+    def base_dir(self) -> Path:
+        return self.config_path.resolve().parent
+
+    @property
+    def node(self) -> str:
+        try:
+            return cfgmod.node_name(self.cfg, self.config_path, self.node_arg)
+        except cfgmod.ConfigError as e:
+            fail(str(e))
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print one clear error line (or several, one per problem) to stderr and exit."""
+    for line in str(message).splitlines() or ["error"]:
+        click.echo(f"appliance: error: {line}", err=True)
+    sys.exit(code)
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def _set(attr: str):
+    def cb(ctx: click.Context, param: click.Parameter, value):
+        obj = ctx.find_object(Ctx)
+        if obj is not None and value:
+            setattr(obj, attr, getattr(obj, attr) + value if attr == "verbose" else value)
+            if attr == "verbose":
+                _logging(obj.verbose)
+        return value
+    return cb
+
+
+def _shared_options() -> list[click.Option]:
+    return [
+        click.Option(["-c", "--config"], metavar="FILE", expose_value=False, callback=_set("config_arg"), help="cluster file (same as before the command)"),
+        click.Option(["--node"], metavar="NAME", expose_value=False, callback=_set("node_arg"), help="which node this is"),
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_set("verbose"), help="more log output"),
+    ]
+
+
+class ApplianceGroup(click.Group):
+    """A group whose subcommands (and their subcommands) also take -c/--node/-v after the command name."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        _add_shared(cmd)
+        super().add_command(cmd, name)
+
+
+def _add_shared(cmd: click.Command) -> None:
+    have = {o for p in cmd.params for o in getattr(p, "opts", [])}
+    cmd.params.extend(o for o in _shared_options() if not set(o.opts) & have)
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            _add_shared(sub)
+        orig = cmd.add_command
+
+        def add(c: click.Command, name: str | None = None, _orig=orig) -> None:
+            _add_shared(c)
+            _orig(c, name)
+
+        cmd.add_command = add  # type: ignore[method-assign]
+
+
+def _logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
+
+
+@click.group(cls=ApplianceGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-c", "--config", "config", metavar="FILE", help="cluster file [env APPLIANCE_CONFIG; default /etc/appliance/appliance.yaml, /usr/local/etc/appliance/appliance.yaml on FreeBSD]")
+@click.option("--node", metavar="NAME", help="which node this is [env APPLIANCE_NODE; else node.yaml beside the config]")
+@click.option("-v", "--verbose", count=True, help="more log output (repeat for debug)")
+@click.version_option(package_name="carpguard", prog_name="appliance")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, node: str | None, verbose: int) -> None:
+    """carpguard: an HA content-filter proxy appliance (CARP + mitmproxy + rsync sync)."""
+    _logging(verbose)
+    ctx.obj = Ctx(config, node, verbose)
+
+
+for _mod in COMMAND_MODULES:
+    try:
+        importlib.import_module(_mod)
+    except ModuleNotFoundError as _e:  # a capability not built into this install
+        if _e.name != _mod:
+            raise

@@ -1,0 +1,67 @@
+"""Node-local state files (role, vhid, since) written atomically under the state dir; never synced."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.config import state_dir
+
+ROLE_FILE = "role.json"
+
+
+def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
+    """Write to a temp file in the same directory, fsync, rename over `path`: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def role_file(vhid: int | None = None, base: Path | None = None) -> Path:
+    """role.json for the cluster's main vhid; role-<vhid>.json for further vhids."""
+    d = base or state_dir()
+    return d / (ROLE_FILE if vhid is None else f"role-{vhid}.json")
+
+
+def read_role(vhid: int | None = None, base: Path | None = None) -> dict | None:
+    """{"role": "MASTER"|"BACKUP"|"INIT", "vhid": int, "iface": str, "since": epoch seconds} or None."""
+    return read_json(role_file(vhid, base))
+
+
+def write_role(role: str, vhid: int, iface: str, main_vhid: bool = True, base: Path | None = None, **extra: Any) -> dict:
+    """Record a role; `since` only moves when the role really changes (idempotent re-runs keep it)."""
+    path = role_file(None if main_vhid else vhid, base)
+    old = read_json(path) or {}
+    since = old.get("since") if old.get("role") == role and old.get("vhid") == vhid else time.time()
+    data = {**old, **extra, "role": role, "vhid": vhid, "iface": iface, "since": since}
+    write_json_atomic(path, data)
+    return data
+
+
+def is_master(base: Path | None = None) -> bool:
+    r = read_role(base=base)
+    return bool(r and r.get("role") == "MASTER")

@@ -1,0 +1,1 @@
+"""FreeBSD appliance image builder: render each node's overlay, mtree, tar, makefs UFS, manifest."""

@@ -1,0 +1,1 @@
+"""carpguard tests: unit tests with fakes, integration tests with real mitmproxy, sshd, rsync, ucarp, makefs."""
