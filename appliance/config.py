@@ -538,13 +538,15 @@ def node_identity_file(cfg_path: Path) -> Path:
 
 
 def node_name(cfg: Appliance, cfg_path: Path, explicit: str | None = None) -> str:
-    """--node NAME, else $APPLIANCE_NODE, else node.yaml (`node: fw1`) beside the config."""
+    """--node NAME, else $APPLIANCE_NODE, else node.yaml (`node: fw1`) beside the config, else in the state dir."""
     source = "--node"
     name = explicit
     if not name and os.environ.get("APPLIANCE_NODE"):
         name, source = os.environ["APPLIANCE_NODE"], "APPLIANCE_NODE"
     if not name:
         ident = node_identity_file(cfg_path)
+        if not ident.exists():
+            ident = state_dir() / "node.yaml"
         if ident.exists():
             source = str(ident)
             data = parse_yaml(ident.read_text(encoding="utf-8"), str(ident))
