@@ -157,3 +157,16 @@ def render(ctx: Ctx, as_json: bool, show_secrets: bool) -> None:
         emit_json(eff)
     else:
         sys.stdout.write(yaml.safe_dump(eff, sort_keys=False))
+
+
+@main.command("config-reference")
+@click.option("--update", "readme", metavar="README", type=click.Path(exists=True, dir_okay=False), help="rewrite the generated block in this README")
+def config_reference(readme: str | None) -> None:
+    """Print the config reference table (generated from the config model)."""
+    from appliance import reference
+
+    if readme:
+        changed = reference.update_readme(Path(readme))
+        click.echo(f"{readme}: {'updated' if changed else 'already current'}")
+    else:
+        click.echo(reference.markdown())

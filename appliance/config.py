@@ -57,8 +57,8 @@ def _iface(v: str) -> str:
 class ExtraVhid(_Model):
     """A further CARP group on the same interface (active/active split: each node master of one)."""
 
-    vhid: int = Field(ge=1, le=255)
-    vip: IPv4Interface
+    vhid: int = Field(ge=1, le=255, description="virtual host id of this group (unique)")
+    vip: IPv4Interface = Field(description="this group's address on the LAN")
     advskew: dict[str, int] = Field(default_factory=dict, description="per-node advskew for this vhid; missing nodes use their own")
 
     @field_validator("advskew")
@@ -168,16 +168,6 @@ class Proxy(_Model):
         if isinstance(v, int) and not 1 <= v <= 256:
             raise ValueError("must be auto or 1-256")
         return v
-
-    @model_validator(mode="after")
-    def _not_open(self) -> "Proxy":
-        if not self.open_proxy:
-            for i, net in enumerate(self.clients):
-                if net.prefixlen == 0:
-                    raise ValueError(
-                        f"clients[{i}] {net} makes an open proxy; set proxy.open_proxy: true if you really mean it"
-                    )
-        return self
 
     def worker_count(self) -> int:
         return os.cpu_count() or 1 if self.workers == "auto" else int(self.workers)
@@ -302,6 +292,10 @@ class Appliance(_Model):
                 if x.vip.ip not in n.lan.network or x.vip.ip in seen_addr or x.vip.ip == c.vip.ip:
                     problems.append((f"cluster.extra_vhids[{i}].vip", f"{x.vip} must be a free address on {n.lan.network}"))
                     break
+        if not self.proxy.open_proxy:
+            for i, net in enumerate(self.proxy.clients):
+                if net.prefixlen == 0:
+                    problems.append((f"proxy.clients[{i}]", f"{net} makes an open proxy; set proxy.open_proxy: true if you really mean it"))
         if isinstance(self.proxy.listen, IPv4Address):
             ok = self.proxy.listen == c.vip.ip or any(self.proxy.listen == n.lan.ip for n in nodes.values())
             if not ok and not self.proxy.listen.is_loopback:
