@@ -1,0 +1,101 @@
+"""The peer side: report status, and check + swap a staged tree in as releases/<generation> (then reload the proxy)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from appliance import proxyctl
+from appliance.state import read_role
+from sync import lock, tree
+from sync.check import validate_tree
+from sync.errors import BAD_INPUT, SPLIT_BRAIN, STALE, SyncError
+from sync.journal import note
+from sync.releases import Releases
+
+
+def status(state: Path) -> dict:
+    """What the master asks before pushing: our role, live generation and its hash."""
+    rel = Releases(state)
+    live = rel.live()
+    m = rel.meta(live) if live is not None else {}
+    role = (read_role(base=state) or {}).get("role") or "UNKNOWN"
+    return {"role": role, "generation": live, "hash": m.get("hash"), "meta": bool(m.get("meta")),
+            "generations": rel.generations()}
+
+
+def reload_proxy(state: Path) -> str:
+    try:
+        pid = proxyctl.reload()
+        return f"reloaded proxy pid {pid}"
+    except (RuntimeError, OSError) as e:
+        note(state, f"proxy not reloaded: {e}; it reads the new release when it starts")
+        return f"proxy not running ({e})"
+
+
+def receive(state: Path, gen: int, digest: str, force: bool = False, source: str = "?", reload: bool = True) -> dict:
+    """Check the staged tree and make it live as <gen>. On any failure the live release is untouched."""
+    t0 = time.monotonic()
+    rel = Releases(state)
+    with lock.held(Path(state) / "run", wait=30):
+        role = read_role(base=state) or {}
+        if role.get("role") == "MASTER":
+            msg = f"split brain: this node is MASTER too (since {role.get('since')}); refusing generation {gen} from {source}"
+            note(state, msg, logging.ERROR)
+            raise SyncError(msg, SPLIT_BRAIN)
+        live = rel.live()
+        live_meta = rel.meta(live) if live is not None else {}
+        if live is not None and gen == live and live_meta.get("hash") == digest:
+            return {"ok": True, "action": "up-to-date", "generation": gen, "previous": live, "seconds": 0.0}
+        if live is not None and not force and gen <= live:
+            what = "older than" if gen < live else "the same number as, but different from,"
+            raise SyncError(f"generation {gen} is {what} the live generation {live} here; refused "
+                            f"(an old master must not overwrite newer changes; `appliance sync --force` overrides)", STALE)
+        if live is not None and gen == live:
+            raise SyncError(f"generation {gen} is live here with other content; the master must send a newer generation", STALE)
+        if not rel.staging.is_dir():
+            raise SyncError(f"nothing staged in {rel.staging}; the transfer did not happen", BAD_INPUT)
+        tree.check_safe(rel.staging)
+        got = tree.tree_hash(rel.staging)
+        if got != digest:
+            raise SyncError(f"staged tree hash {got[:16]} does not match the master's {digest[:16]}: the transfer is incomplete "
+                            f"or the tree changed; the next sync completes it", 1)
+        try:
+            cfg = validate_tree(rel.staging)
+        except SyncError as e:
+            note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
+            raise
+        after = tree.tree_hash(rel.staging)  # the list compiler may (re)write its index inside the tree
+        live_dir = rel.path(live) if live is not None else None
+        rel.install(rel.staging, gen, digest, f"sync from {source}", carry_from=live_dir, expect=after)
+        rel.activate(gen)
+        rel.write_staging_meta(gen, digest)
+        pruned = rel.prune(cfg.sync.keep_releases)
+        reloaded = reload_proxy(state) if reload else "not asked"
+        note(state, f"generation {gen} from {source} is live (was {live}); {reloaded}")
+        return {"ok": True, "action": "swapped", "generation": gen, "previous": live, "pruned": pruned,
+                "proxy": reloaded, "seconds": round(time.monotonic() - t0, 3)}
+
+
+def rollback(state: Path, gen: int, reload: bool = True) -> dict:
+    """Make an older release live again (on the master the next sync pushes it as a new generation)."""
+    rel = Releases(state)
+    with lock.held(Path(state) / "run", wait=30):
+        if gen not in rel.generations():
+            raise SyncError(f"--rollback {gen}: no such release (have: {', '.join(map(str, rel.generations())) or 'none'})", BAD_INPUT)
+        validate_tree(rel.path(gen), compile_lists=False)
+        old = rel.activate(gen)
+        m = rel.meta(gen)
+        from sync.releases import mirror
+
+        mirror(rel.path(gen), rel.staging)
+        rel.write_staging_meta(gen, m["hash"])
+        reloaded = reload_proxy(state) if reload else "not asked"
+        note(state, f"rollback: generation {gen} is live (was {old}); {reloaded}", logging.WARNING)
+        return {"ok": True, "action": "rollback", "generation": gen, "previous": old, "proxy": reloaded}
+
+
+def source_of_connection() -> str:
+    client = os.environ.get("SSH_CLIENT", "")
+    return client.split()[0] if client else "local"

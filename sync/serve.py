@@ -1,0 +1,110 @@
+"""The forced command of the sync key: dispatch SSH_ORIGINAL_COMMAND to status, a staging-only rsync server, or receive."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from sync import receive as rcv
+from sync.errors import BAD_INPUT, SyncError
+from sync.releases import Releases, parse_generation, parse_hash
+
+STAGING_TOKEN = "staging"  # what the master writes as the remote path; replaced by the real staging dir
+# short option letters the rsync client sends in server mode for our transfers (no -T/-B/-M/-f: they take paths)
+_SHORT = re.compile(r"^-[vnlogDtprzcSHAXUNOJiuCkKLWxIRy]+(e[.A-Za-z0-9]*)?$")
+_LONG_FLAGS = {
+    "--delete", "--delete-during", "--delete-delay", "--delete-after", "--delete-before", "--partial", "--stats",
+    "--numeric-ids", "--checksum", "--inplace", "--no-whole-file", "--compress", "--safe-links", "--munge-links",
+    "--ignore-errors", "--force", "--no-implied-dirs", "--size-only",
+}
+_LONG_VALUES = {
+    "--timeout": re.compile(r"^\d{1,6}$"),
+    "--bwlimit": re.compile(r"^\d{1,9}[KkMm]?$"),
+    "--compress-level": re.compile(r"^\d$"),
+    "--log-format": re.compile(r"^%[a-zA-Z]( ?%[a-zA-Z])*$"),
+    "--out-format": re.compile(r"^%[a-zA-Z]( ?%[a-zA-Z])*$"),
+    "--partial-dir": re.compile(r"^\.rsync-partial$"),
+    "--max-delete": re.compile(r"^-?\d{1,9}$"),
+    "--info": re.compile(r"^[A-Za-z0-9,]+$"),
+}
+
+
+def rsync_server_argv(argv: list[str], staging: Path) -> list[str]:
+    """Validate the rsync server command line the master sent; return it with the real staging dir as target.
+
+    Only a receiving server (`rsync --server ... . staging`), only whitelisted options, only the staging dir."""
+    if len(argv) < 4 or argv[0] != "rsync" or argv[1] != "--server":
+        raise SyncError(f"rsync: expected `rsync --server OPTIONS . {STAGING_TOKEN}` (got {shlex.join(argv)!r})", BAD_INPUT)
+    if "--sender" in argv:
+        raise SyncError("rsync: --sender is not allowed (this key only pushes into the staging dir)", BAD_INPUT)
+    if "." not in argv[2:]:
+        raise SyncError("rsync: missing the `.` separator before the target", BAD_INPUT)
+    dot = argv.index(".", 2)
+    opts, targets = argv[2:dot], argv[dot + 1:]
+    if len(targets) != 1:
+        raise SyncError(f"rsync: exactly one target allowed, got {len(targets)} ({' '.join(targets)!r})", BAD_INPUT)
+    target = targets[0]
+    if ".." in target.split("/"):
+        raise SyncError(f"rsync: target {target!r} contains '..' (path traversal refused)", BAD_INPUT)
+    allowed_targets = {STAGING_TOKEN, STAGING_TOKEN + "/", str(staging), str(staging) + "/"}
+    if target not in allowed_targets:
+        raise SyncError(f"rsync: target {target!r} is not the staging dir ({STAGING_TOKEN})", BAD_INPUT)
+    for o in opts:
+        if _SHORT.match(o) or o in _LONG_FLAGS:
+            continue
+        name, eq, value = o.partition("=")
+        if eq and name in _LONG_VALUES:
+            if ".." in value or not _LONG_VALUES[name].match(value):
+                raise SyncError(f"rsync: bad value for {name}: {value!r}", BAD_INPUT)
+            continue
+        raise SyncError(f"rsync: option {o!r} is not allowed for a sync push", BAD_INPUT)
+    exe = shutil.which("rsync") or "/usr/bin/rsync"
+    return [exe, "--server", *opts, ".", f"{staging}/"]
+
+
+def parse_receive(argv: list[str]) -> tuple[int, str, bool]:
+    """`receive GEN HASH [--force]` -> (gen, hash, force), with a clear error for anything else."""
+    args = argv[1:]
+    force = False
+    if args and args[-1] == "--force":
+        force, args = True, args[:-1]
+    if len(args) != 2:
+        raise SyncError(f"receive: expected `receive GENERATION HASH [--force]` (got {shlex.join(argv)!r})", BAD_INPUT)
+    return parse_generation(args[0]), parse_hash(args[1]), force
+
+
+def dispatch(command: str | None, state: Path) -> int:
+    """Run one sync command for a peer; the process exit code is returned (errors go to stderr)."""
+    try:
+        if not command or not command.strip():
+            raise SyncError("this key runs only sync commands (status, rsync --server, receive); no shell", BAD_INPUT)
+        if len(command) > 4096:
+            raise SyncError("command too long", BAD_INPUT)
+        try:
+            argv = shlex.split(command)
+        except ValueError as e:
+            raise SyncError(f"cannot parse the command: {e}", BAD_INPUT) from None
+        verb = argv[0]
+        if verb == "status" and len(argv) == 1:
+            print(json.dumps(rcv.status(state)))
+            return 0
+        if verb == "rsync":
+            rel = Releases(state)
+            new_argv = rsync_server_argv(argv, rel.staging)
+            rel.staging.mkdir(parents=True, exist_ok=True)
+            sys.stdout.flush()
+            os.execv(new_argv[0], new_argv)
+        if verb == "receive":
+            gen, digest, force = parse_receive(argv)
+            result = rcv.receive(state, gen, digest, force, source=rcv.source_of_connection())
+            print(json.dumps(result))
+            return 0
+        raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive)", BAD_INPUT)
+    except SyncError as e:
+        for line in str(e).splitlines():
+            print(f"appliance: error: {line}", file=sys.stderr)
+        return e.code
