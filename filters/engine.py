@@ -1,0 +1,207 @@
+"""The rule engine: one decide() call for the proxy and `appliance explain` (client ACL, allow, policies, block)."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from filters.lists import fast_host, split_url, strip_www
+
+CLOCK_ENV = "APPLIANCE_FILTER_CLOCK"  # tests only: a fixed "YYYY-MM-DD HH:MM" local time for schedules
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: str  # allow | block | deny
+    category: Optional[str]
+    source: Optional[str]  # list file:line, "policy <name>" or "proxy.clients"
+    policy: Optional[str]
+    rule: Optional[str] = None  # the list entry that matched
+    schedule: Optional[str] = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.verdict != "allow"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "category": self.category, "source": self.source, "policy": self.policy,
+                "rule": self.rule, "schedule": self.schedule}
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    name: str
+    nets: tuple[tuple[int, int], ...]
+    allow: tuple[str, ...]
+    block: tuple[str, ...]
+    schedule: Any = None  # object with .matches(datetime) and str()
+
+
+def _net(n: Any) -> tuple[int, int]:
+    n = getattr(n, "with_prefixlen", n)
+    addr, _, plen = str(n).partition("/")
+    bits = int(plen or 32)
+    mask = (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
+    return struct.unpack("!I", socket.inet_aton(addr))[0] & mask, mask
+
+
+def _ip_int(ip: str) -> int | None:
+    if ip.startswith("::ffff:"):
+        ip = ip[7:]
+    try:
+        return struct.unpack("!I", socket.inet_aton(ip))[0]
+    except OSError:
+        return None
+
+
+def clock_from_env() -> Callable[[], dt.datetime] | None:
+    fixed = os.environ.get(CLOCK_ENV)
+    if not fixed:
+        return None
+    when = dt.datetime.strptime(fixed.strip(), "%Y-%m-%d %H:%M")
+    return lambda: when
+
+
+class Engine:
+    """Immutable rules. `hits` come from an index object with lookup(host) -> [(category, source, rule)] or None."""
+
+    def __init__(self, *, index: Any, clients: Iterable[Any], allow: Iterable[str], block: Iterable[str],
+                 policies: Iterable[PolicyRule] = (), exempt: Iterable[str] = (),
+                 url_prefixes: dict[str, list[tuple[str, str, str, str]]] | None = None,
+                 expressions: dict[str, list[tuple[str, str]]] | None = None,
+                 clock: Callable[[], dt.datetime] | None = None):
+        self.index = index
+        self.clients = tuple(_net(n) for n in clients)
+        self.allow = tuple(allow)
+        self.block = tuple(block)
+        self.exempt = tuple(exempt)
+        self.policies = tuple(policies)
+        self.url_prefixes = url_prefixes or {}  # host -> [(prefix, category, source, entry)]
+        self.clock = clock or clock_from_env() or dt.datetime.now
+        self._client_cache: dict[str, Any] = {}
+        # expressions: one combined regex over every category, named groups tell which line matched
+        self._expr, self._expr_names = self._combine(expressions or {})
+        self.categories = set(self.allow) | set(self.block) | set(self.exempt)
+        for p in self.policies:
+            self.categories |= set(p.allow) | set(p.block)
+
+    @staticmethod
+    def _combine(expressions: dict[str, list[tuple[str, str]]]):
+        parts, names = [], {}
+        for cat, items in expressions.items():
+            for i, (rx, source) in enumerate(items):
+                g = f"e{len(names)}"
+                names[g] = (cat, source, rx)
+                parts.append(f"(?P<{g}>{rx})")
+        if not parts:
+            return None, names
+        try:
+            return re.compile("|".join(parts), re.IGNORECASE), names
+        except re.error:  # an expression using backreferences by number: fall back to one by one
+            return [(re.compile(rx, re.IGNORECASE), g) for g, (_, _, rx) in names.items()], names
+
+    # ------------------------------------------------------------ matching
+
+    def _client(self, client: str) -> tuple[bool, tuple[PolicyRule, ...]] | None:
+        c = self._client_cache.get(client)
+        if c is None:
+            ip = _ip_int(client)
+            if ip is None:
+                c = (False, ())
+            else:
+                ok = any(ip & m == n for n, m in self.clients)
+                pols = tuple(p for p in self.policies if any(ip & m == n for n, m in p.nets))
+                c = (ok, pols)
+            if len(self._client_cache) < 65536:
+                self._client_cache[client] = c
+        return c
+
+    def hits(self, host: str, url: str | None = None) -> dict[str, tuple[str, str]]:
+        """category -> (source file:line, entry) for every category that lists this host/URL (most specific first)."""
+        out: dict[str, tuple[str, str]] = {}
+        h = fast_host(host) if host else None
+        if h is None:
+            return out
+        lookup = self.index.lookup
+        found = lookup(h)
+        if found:
+            for cat, src, entry in found:
+                out.setdefault(cat, (src, entry))
+        if h[-1].isdigit() and h.replace(".", "").isdigit():
+            pass  # an IP literal has no parent domains
+        else:
+            i = h.find(".")
+            while i >= 0:
+                found = lookup(h[i + 1:])
+                if found:
+                    for cat, src, entry in found:
+                        out.setdefault(cat, (src, entry))
+                i = h.find(".", i + 1)
+        if url is not None:
+            if self.url_prefixes:
+                try:
+                    uhost, path = split_url(url)
+                except ValueError:
+                    uhost, path = strip_www(h), "/"
+                for prefix, cat, src, entry in self.url_prefixes.get(uhost, ()):
+                    if path.startswith(prefix):
+                        out.setdefault(cat, (src, entry))
+            ex = self._expr
+            if ex is not None:
+                if isinstance(ex, list):
+                    for rx, g in ex:
+                        if rx.search(url):
+                            cat, src, rxs = self._expr_names[g]
+                            out.setdefault(cat, (src, rxs))
+                else:
+                    pos = 0
+                    while pos <= len(url):  # every category whose expression matches somewhere
+                        m = ex.search(url, pos)
+                        if not m:
+                            break
+                        cat, src, rxs = self._expr_names[m.lastgroup]
+                        out.setdefault(cat, (src, rxs))
+                        pos = m.start() + 1
+        return out
+
+    def decide(self, client: str, host: str, url: str | None = None, when: dt.datetime | None = None) -> Decision:
+        """The one decision: client ACL -> allow categories -> matching policies -> default block -> allow."""
+        ok, pols = self._client(client)
+        if not ok:
+            return Decision("deny", None, "proxy.clients", None)
+        hits = self.hits(host, url)
+        if not hits:
+            return ALLOWED
+        for cat in self.allow:
+            if cat in hits:
+                return Decision("allow", cat, hits[cat][0], None, hits[cat][1])
+        if pols:
+            now = when or self.clock()
+            for p in pols:
+                if p.schedule is not None and not p.schedule.matches(now):
+                    continue
+                sched = str(p.schedule) if p.schedule is not None else None
+                for cat in p.allow:
+                    if cat in hits:
+                        return Decision("allow", cat, hits[cat][0], p.name, hits[cat][1], sched)
+                for cat in p.block:
+                    if cat in hits:
+                        return Decision("block", cat, hits[cat][0], p.name, hits[cat][1], sched)
+        for cat in self.block:
+            if cat in hits:
+                return Decision("block", cat, hits[cat][0], None, hits[cat][1])
+        return ALLOWED
+
+    def exempt_host(self, host: str) -> bool:
+        """tls: intercept: is this host in an intercept_exempt category (tunnelled untouched)?"""
+        if not self.exempt:
+            return False
+        hits = self.hits(host)
+        return any(c in hits for c in self.exempt)
+
+
+ALLOWED = Decision("allow", None, None, None)

@@ -1,0 +1,155 @@
+"""The compiled list index: an open-addressing hash table in one file that every worker mmaps (built once, shared)."""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import tempfile
+import zlib
+from array import array
+from pathlib import Path
+from typing import Any
+
+MAGIC = b"CGIDX\x01\x00\x00"
+HEADER = struct.Struct("<8sQQQQQQ")  # magic, nslots, slots_off, nrec, recoffs_off, meta_off, meta_len
+HIT = struct.Struct("<HI")  # category id, line
+FORMAT = 1
+
+
+class IndexError_(Exception):
+    """The index file is missing, truncated or from another format."""
+
+
+def _slots_for(n: int) -> int:
+    size = 1024
+    while size < n * 2:  # load factor <= 0.5: short probe runs
+        size <<= 1
+    return size
+
+
+def write_index(path: Path, categories: list[dict], domains: dict[bytes, Any], meta: dict) -> int:
+    """domains: key -> int (cat_id << 32 | line) or list of such ints. Written to a temp file, then renamed."""
+    n = len(domains)
+    nslots = _slots_for(n)
+    mask = nslots - 1
+    slots = array("Q", bytes(8 * nslots))
+    recoffs = array("Q", bytes(8 * n))
+    blob = bytearray()
+    crc = zlib.crc32
+    pack_hit = HIT.pack
+    base_off = HEADER.size + 8 * nslots + 8 * n
+    for idx, (key, val) in enumerate(domains.items()):
+        recoffs[idx] = base_off + len(blob)
+        vals = val if isinstance(val, list) else (val,)
+        blob += struct.pack("<H", len(key)) + key + struct.pack("<H", len(vals))
+        for v in vals:
+            blob += pack_hit(v >> 32, v & 0xFFFFFFFF)
+        h = crc(key)
+        i = h & mask
+        while slots[i]:
+            i = (i + 1) & mask
+        slots[i] = (h << 32) | (idx + 1)
+    meta = {**meta, "format": FORMAT, "categories": categories, "entries": n}
+    mbytes = json.dumps(meta, separators=(",", ":")).encode()
+    meta_off = base_off + len(blob)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ign = path.parent / ".gitignore"  # generated, never committed with the example tree
+    if not ign.exists():
+        ign.write_text("*\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(HEADER.pack(MAGIC, nslots, HEADER.size, n, HEADER.size + 8 * nslots, meta_off, len(mbytes)))
+            f.write(slots.tobytes())
+            f.write(recoffs.tobytes())
+            f.write(blob)
+            f.write(mbytes)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return meta_off + len(mbytes)
+
+
+def read_meta(path: Path) -> dict:
+    """Only the header and metadata (cheap: used for the staleness check)."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+        if len(head) != HEADER.size:
+            raise IndexError_(f"{path}: truncated index")
+        magic, nslots, so, nrec, ro, moff, mlen = HEADER.unpack(head)
+        if magic != MAGIC:
+            raise IndexError_(f"{path}: not a carpguard list index")
+        f.seek(moff)
+        data = f.read(mlen)
+    if len(data) != mlen:
+        raise IndexError_(f"{path}: truncated index")
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise IndexError_(f"{path}: corrupt index metadata") from None
+
+
+class DomainIndex:
+    """Read-only view of an index file; lookup(host) -> [(category, "file:line", entry)] or None."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = self._mm
+        if len(mm) < HEADER.size:
+            raise IndexError_(f"{path}: truncated index")
+        magic, nslots, so, nrec, ro, moff, mlen = HEADER.unpack_from(mm, 0)
+        if magic != MAGIC or moff + mlen > len(mm):
+            raise IndexError_(f"{path}: not a complete carpguard list index")
+        self.meta = json.loads(mm[moff:moff + mlen])
+        self.entries = nrec
+        self._mask = nslots - 1
+        view = memoryview(mm)
+        self._slots = view[so:so + 8 * nslots].cast("Q")
+        self._recoffs = view[ro:ro + 8 * nrec].cast("Q")
+        cats = self.meta["categories"]
+        self._cat_names = [c["name"] for c in cats]
+        self._cat_files = [c.get("domains") or f"{c['name']}/domains" for c in cats]
+
+    def lookup(self, host: str):
+        key = host.encode()
+        h = zlib.crc32(key)
+        slots, mask = self._slots, self._mask
+        i = h & mask
+        while True:
+            v = slots[i]
+            if not v:
+                return None
+            if v >> 32 == h:
+                off = self._recoffs[(v & 0xFFFFFFFF) - 1]
+                mm = self._mm
+                klen = mm[off] | (mm[off + 1] << 8)
+                if mm[off + 2:off + 2 + klen] == key:
+                    return self._hits(off + 2 + klen, host)
+            i = (i + 1) & mask
+
+    def _hits(self, off: int, host: str) -> list[tuple[str, str, str]]:
+        mm = self._mm
+        n = mm[off] | (mm[off + 1] << 8)
+        out = []
+        for k in range(n):
+            cat, line = HIT.unpack_from(mm, off + 2 + 6 * k)
+            out.append((self._cat_names[cat], f"{self._cat_files[cat]}:{line}", host))
+        return out
+
+    def close(self) -> None:
+        try:
+            self._slots.release()
+            self._recoffs.release()
+            self._mm.close()
+        except (BufferError, ValueError):
+            pass  # still referenced by an in-flight decision; the GC closes it later
