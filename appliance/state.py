@@ -65,3 +65,32 @@ def write_role(role: str, vhid: int, iface: str, main_vhid: bool = True, base: P
 def is_master(base: Path | None = None) -> bool:
     r = read_role(base=base)
     return bool(r and r.get("role") == "MASTER")
+
+
+HA_FILE = "ha.json"
+
+
+def ha_file(base: Path | None = None) -> Path:
+    return (base or state_dir()) / HA_FILE
+
+
+def read_ha(base: Path | None = None) -> dict:
+    """{"demoted": bool (admin, survives restarts), "health_demoted": bool, "reason": str, "at": epoch}."""
+    return {"demoted": False, "health_demoted": False, **(read_json(ha_file(base)) or {})}
+
+
+def write_ha(base: Path | None = None, **changes: Any) -> dict:
+    data = {**read_ha(base), **changes, "at": time.time()}
+    write_json_atomic(ha_file(base), data)
+    return data
+
+
+def sync_generation(base: Path | None = None) -> int | None:
+    """The live release: integer name of the <state>/current symlink target, or None."""
+    cur = (base or state_dir()) / "current"
+    try:
+        target = os.readlink(cur)
+    except OSError:
+        return None
+    name = Path(target).name
+    return int(name) if name.isdigit() else None

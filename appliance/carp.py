@@ -1,0 +1,315 @@
+"""CARP engine supervisor (Linux): runs ucarp or our speaker per vhid, drops the VIP the moment an engine dies, restarts it."""
+from __future__ import annotations
+
+import fcntl
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance import netns, role, state, watchdog
+from appliance.config import Appliance, run_dir, state_dir
+
+ENGINES = ("ucarp", "speaker")
+# One-line switch: the engine `appliance carp` uses when --engine is not given.
+DEFAULT_ENGINE = "speaker"
+# ucarp's backup only looks at its timer when libpcap's 1 s read timeout fires, which adds up to 1 s
+# to every takeover; deadratio 2 keeps takeovers under 3 x advbase + 0.5 s with either engine, the
+# up script (`appliance role master`, ~0.3 s of Python start-up) included (measured in the lab).
+DEFAULT_DEADRATIO = {"ucarp": 2, "speaker": 2}
+PIDFILE = "carp.pid"
+STATUS_FILE = "carp.json"
+
+
+def pass_file(base: Path | None = None) -> Path:
+    return (base / "run" if base else run_dir()) / "carp.pass"
+
+
+def write_pass(cfg: Appliance, base: Path | None = None) -> Path:
+    """The CARP pass in a 0600 file (never in argv, never logged)."""
+    p = pass_file(base)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(cfg.cluster.password.get_secret_value())
+    os.chmod(p, 0o600)
+    return p
+
+
+def appliance_exe() -> str:
+    exe = Path(sys.executable).parent / "appliance"
+    return str(exe) if exe.exists() else "appliance"
+
+
+def write_scripts(config_path: Path, node: str, base: Path | None = None) -> tuple[Path, Path]:
+    """up/down scripts for the engine: `appliance role master|backup --vhid $3 --iface $1` (ucarp's $1 iface, $2 VIP, $3 xparam)."""
+    d = base / "run" if base else run_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    sdir = str(base or state_dir())
+    out = []
+    for r in ("master", "backup"):
+        p = d / f"carp-{'up' if r == 'master' else 'down'}.sh"
+        text = (
+            "#!/bin/sh\n"
+            f"# written by `appliance carp`: the engine calls it with $1 interface, $2 VIP, $3 vhid\n"
+            f"APPLIANCE_STATE_DIR={shlex.quote(sdir)} exec {shlex.quote(appliance_exe())} "
+            f"-c {shlex.quote(str(config_path))} --node {shlex.quote(node)} role {r} --vhid \"$3\" --iface \"$1\" --seq $$ --no-garp\n"
+        )
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, p)
+        out.append(p)
+    return out[0], out[1]
+
+
+def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Path, vip: str, advbase: int,
+                advskew: int, preempt: bool, deadratio: int, upscript: Path, downscript: Path,
+                xparam: str, state_file: Path | None = None) -> list[str]:
+    """The one argument builder for both engines (the speaker takes ucarp's options). Both engines send
+    the gratuitous ARP themselves (the speaker only while still MASTER), so the scripts pass --no-garp."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
+    head = [netns.tool("ucarp")] if engine == "ucarp" else [sys.executable, "-m", "appliance.speaker"]
+    args = [
+        "--interface", iface, "--srcip", srcip, "--vhid", str(vhid), "--passfile", str(passfile),
+        "--addr", vip, "--advbase", str(advbase), "--advskew", str(advskew), "--deadratio", str(deadratio),
+        "--upscript", str(upscript), "--downscript", str(downscript), "--xparam", xparam, "--shutdown",
+    ]
+    if preempt:
+        args.append("--preempt")
+    if engine == "speaker" and state_file is not None:
+        args += ["--state-file", str(state_file)]
+    return head + args
+
+
+def effective_advskew(cfg: Appliance, g: role.Group, demoted: bool) -> int:
+    return max(g.advskew, cfg.ha.demote_advskew) if demoted else g.advskew
+
+
+def startup_delay(cfg: Appliance, node: str) -> float:
+    """Nodes start in advskew order: the n-th preferred node waits n x 0.5 x advbase, so a backup
+    that boots together with the master never grabs the VIP first."""
+    order = sorted(cfg.nodes, key=lambda n: cfg.nodes[n].advskew)
+    return order.index(node) * 0.5 * cfg.cluster.advbase
+
+
+def supervisor_pid(base: Path | None = None) -> int | None:
+    p = (base / "run" if base else run_dir()) / PIDFILE
+    try:
+        pid = int(p.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def status_info(base: Path | None = None) -> dict | None:
+    """What the running supervisor last wrote: engine, per-vhid engine pid and advskew, health."""
+    if supervisor_pid(base) is None:
+        return None
+    return state.read_json((base / "run" if base else run_dir()) / STATUS_FILE)
+
+
+@dataclass
+class Engine:
+    group: role.Group
+    proc: subprocess.Popen | None = None
+    advskew: int = 0
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = 0.2
+    next_start: float = 0.0
+    waiting_link: bool = False
+
+
+@dataclass
+class Supervisor:
+    cfg: Appliance
+    node: str
+    config_path: Path
+    engine: str = DEFAULT_ENGINE
+    deadratio: int | None = None
+    use_watchdog: bool = True
+    check: str | None = None
+    base: Path | None = None
+    engines: list[Engine] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.deadratio = self.deadratio or DEFAULT_DEADRATIO[self.engine]
+        self.iface = self.cfg.cluster.interface
+        self.run = self.base / "run" if self.base else run_dir()
+        self.stop = threading.Event()
+        self.rearm = threading.Event()
+        self.health = watchdog.Health(self.cfg.ha.failures)
+        self.use_watchdog = self.use_watchdog and self.cfg.ha.watchdog
+        self.target = watchdog.check_target(self.cfg, self.check)
+
+    # -- lifecycle
+    def lock(self):
+        self.run.mkdir(parents=True, exist_ok=True)
+        f = open(self.run / PIDFILE, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            other = f.read().strip() or "?"
+            f.close()
+            raise RuntimeError(f"another `appliance carp` is running (pid {other}, lock {self.run / PIDFILE})")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lockf = f
+        return f
+
+    def demoted(self) -> tuple[bool, str]:
+        ha = state.read_ha(self.base)
+        if ha.get("demoted"):
+            return True, "admin demote"
+        if self.use_watchdog and not self.health.healthy:
+            return True, f"proxy unhealthy ({self.health.last})"
+        if not self.use_watchdog and ha.get("health_demoted"):
+            return True, "proxy unhealthy (standalone watchdog)"
+        return False, ""
+
+    def start_engine(self, e: Engine) -> None:
+        demoted, _ = self.demoted()
+        e.advskew = effective_advskew(self.cfg, e.group, demoted)
+        argv = engine_argv(
+            self.engine, iface=self.iface, srcip=str(self.cfg.nodes[self.node].lan.ip), vhid=e.group.vhid,
+            passfile=self.passfile, vip=str(e.group.vip.ip), advbase=self.cfg.cluster.advbase, advskew=e.advskew,
+            preempt=self.cfg.cluster.preempt, deadratio=self.deadratio, upscript=self.up, downscript=self.down,
+            xparam=str(e.group.vhid), state_file=self.run / f"carp-{e.group.vhid}.engine.json")
+        e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
+        e.started = time.monotonic()
+        (self.run / f"carp-{e.group.vhid}.engine.pid").write_text(f"{e.proc.pid}\n")
+        role.log_line(f"carp: started {self.engine} pid {e.proc.pid} vhid {e.group.vhid} advskew {e.advskew}", self.base)
+        self.write_status()
+
+    def stop_engine(self, e: Engine, why: str) -> None:
+        if e.proc is None:
+            return
+        if e.proc.poll() is None:
+            e.proc.terminate()
+            try:
+                e.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                e.proc.kill()
+                e.proc.wait(timeout=3)
+        self.drop(e, why)
+        e.proc = None
+
+    def drop(self, e: Engine, why: str) -> None:
+        """The VIP leaves this node now: never two holders because an engine died silently."""
+        try:
+            role.apply(self.cfg, self.node, "backup", e.group.vhid, self.iface, self.config_path, base=self.base, reason=why)
+        except Exception as ex:  # keep supervising even if `ip` hiccups
+            role.log_line(f"carp: dropping vip for vhid {e.group.vhid} failed: {ex}", self.base)
+
+    def write_status(self) -> None:
+        demoted, why = self.demoted()
+        state.write_json_atomic(self.run / STATUS_FILE, {
+            "pid": os.getpid(), "engine": self.engine, "deadratio": self.deadratio, "demoted": demoted,
+            "demoted_reason": why, "healthy": self.health.healthy if self.use_watchdog else None,
+            "health_last": self.health.last, "watchdog": self.use_watchdog,
+            "check": f"{self.target[0]}:{self.target[1]}",
+            "engines": {str(e.group.vhid): {"pid": e.proc.pid if e.proc else None, "advskew": e.advskew,
+                                            "restarts": e.restarts} for e in self.engines},
+        })
+
+    # -- watchdog thread
+    def watch(self) -> None:
+        period = float(self.cfg.cluster.advbase)
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            ok, why = watchdog.probe(*self.target, timeout=min(1.0, period))
+            change = self.health.record(ok, why)
+            if change is not None:
+                state.write_ha(self.base, health_demoted=not change, health_reason=why)
+                role.log_line(f"watchdog: proxy {'healthy' if change else 'unhealthy: ' + why}"
+                              f"{'' if change else f' ({self.health.fails} failed checks)'}", self.base)
+                self.rearm.set()
+            self.stop.wait(max(0.05, period - (time.monotonic() - t0)))
+
+    # -- main loop
+    def run_forever(self) -> int:
+        self.lock()
+        self.passfile = write_pass(self.cfg, self.base)
+        self.up, self.down = write_scripts(self.config_path, self.node, self.base)
+        self.env = {"APPLIANCE_STATE_DIR": str(self.base or state_dir())}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        for sig in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, lambda *_: self.rearm.set())
+        self.engines = [Engine(g) for g in role.groups(self.cfg, self.node)]
+        # startup order: no stale VIP from a previous life, then wait our turn
+        for e in self.engines:
+            self.drop(e, "carp start")
+        if self.use_watchdog:
+            ok, why = watchdog.probe(*self.target, timeout=1.0)
+            self.health.record(ok, why)
+            state.write_ha(self.base, health_demoted=not ok, health_reason=why)
+            threading.Thread(target=self.watch, name="watchdog", daemon=True).start()
+        self.stop.wait(startup_delay(self.cfg, self.node))
+        try:
+            return self.loop()
+        finally:
+            for e in self.engines:
+                self.stop_engine(e, "carp stop")
+            self.write_status()
+            try:
+                (self.run / PIDFILE).unlink()
+            except FileNotFoundError:
+                pass
+
+    def loop(self) -> int:
+        link_check = 0.0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now >= link_check:
+                link_ok = netns.link_up(self.iface)
+                link_check = now + 0.1
+            if self.rearm.is_set():
+                self.rearm.clear()
+                demoted, why = self.demoted()
+                for e in self.engines:
+                    want = effective_advskew(self.cfg, e.group, demoted)
+                    if e.proc is not None and e.proc.poll() is None and want != e.advskew:
+                        role.log_line(f"carp: re-arming vhid {e.group.vhid} with advskew {want}"
+                                      f" ({why or 'promoted'})", self.base)
+                        self.stop_engine(e, f"re-arm advskew {want}")
+                        e.next_start = 0.0
+                self.write_status()
+            for e in self.engines:
+                if e.proc is not None:
+                    rc = e.proc.poll()
+                    if rc is None and not link_ok:
+                        role.log_line(f"carp: {self.iface} is down; stopping the engine of vhid {e.group.vhid}", self.base)
+                        self.stop_engine(e, "link down")
+                        e.next_start = 0.0
+                    elif rc is not None:
+                        e.proc = None
+                        self.drop(e, f"engine exited with {rc}")
+                        ran = now - e.started
+                        e.backoff = 0.2 if ran > 30 else min(e.backoff * 2, 5.0)
+                        e.next_start = now + (0.0 if ran > 30 else e.backoff)
+                        e.restarts += 1
+                        role.log_line(f"carp: engine of vhid {e.group.vhid} exited ({rc}) after {ran:.1f} s;"
+                                      f" vip dropped, restart #{e.restarts}", self.base)
+                        self.write_status()
+                if e.proc is None and now >= e.next_start:
+                    if not link_ok:
+                        if not e.waiting_link:
+                            role.log_line(f"carp: waiting for {self.iface} to come up", self.base)
+                        e.waiting_link = True
+                        continue
+                    e.waiting_link = False
+                    self.start_engine(e)
+            self.stop.wait(0.05)
+        return 0

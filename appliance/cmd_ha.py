@@ -1,0 +1,211 @@
+"""`appliance role|carp|status|demote|promote|watchdog`: the node's CARP role, engine supervisor and maintenance."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import click
+
+from appliance import carp, netns, proxyctl, role, state, watchdog
+from appliance.cli import Ctx, emit_json, fail, main
+
+IS_FREEBSD = sys.platform.startswith("freebsd")
+
+
+@main.command("role")
+@click.argument("new_role", metavar="master|backup", type=click.Choice(["master", "backup"], case_sensitive=False))
+@click.option("--vhid", type=int, help="which CARP group (default: cluster.vhid)")
+@click.option("--iface", metavar="IF", help="interface carrying the VIP (default: cluster.interface)")
+@click.option("--seq", type=int, hidden=True, help="ordering token from the up/down script ($$)")
+@click.option("--no-vip", is_flag=True, help="do not add/remove the VIP (something else manages the address)")
+@click.option("--garp/--no-garp", default=True, help="send gratuitous ARP when becoming MASTER (the CARP engines send their own)")
+@click.pass_obj
+def role_cmd(ctx: Ctx, new_role: str, vhid: int | None, iface: str | None, seq: int | None, no_vip: bool,
+             garp: bool) -> None:
+    """Become MASTER or BACKUP: record it, move the VIP (Linux), run hooks.d/<role>/. Idempotent."""
+    cfg, node = ctx.cfg, ctx.node
+    if iface is not None:
+        try:
+            from appliance.config import _iface
+            _iface(iface)
+        except ValueError as e:
+            fail(f"--iface {iface!r}: {e}")
+    try:
+        role.apply(cfg, node, new_role, vhid, iface, ctx.config_path, seq=seq,
+                   manage_vip=False if (no_vip or IS_FREEBSD) else None, send_garp=garp)
+    except ValueError as e:
+        fail(str(e))
+    except RuntimeError as e:
+        fail(str(e), 1)
+
+
+@main.command("carp")
+@click.option("--engine", type=click.Choice(carp.ENGINES), default=None,
+              help=f"CARP speaker to run (default {carp.DEFAULT_ENGINE})")
+@click.option("--deadratio", type=click.IntRange(1, 10), default=None, help="adverts missed before the master is dead")
+@click.option("--no-watchdog", is_flag=True, help="do not tie the advskew to the local proxy's health")
+@click.option("--check", metavar="HOST:PORT", help="where the watchdog sends GET /healthz (default: the proxy's listen)")
+@click.pass_obj
+def carp_cmd(ctx: Ctx, engine: str | None, deadratio: int | None, no_watchdog: bool, check: str | None) -> None:
+    """Run the CARP engine(s) of this node (Linux) under supervision; stays in the foreground."""
+    if IS_FREEBSD:
+        fail("on FreeBSD CARP is in the kernel (ifconfig ... vhid); devd calls `appliance role`", 2)
+    cfg, node = ctx.cfg, ctx.node
+    try:
+        sup = carp.Supervisor(cfg, node, ctx.config_path.resolve(), engine or carp.DEFAULT_ENGINE, deadratio,
+                              not no_watchdog, check)
+        sys.exit(sup.run_forever())
+    except (RuntimeError, ValueError) as e:
+        fail(str(e), 1 if isinstance(e, RuntimeError) else 2)
+
+
+def _fmt_since(since: float | None) -> str:
+    if not since:
+        return "unknown"
+    age = int(time.time() - since)
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))} ({age // 3600}h{age % 3600 // 60:02d}m{age % 60:02d}s ago)"
+
+
+def collect_status(ctx: Ctx) -> dict:
+    cfg, node = ctx.cfg, ctx.node
+    info = carp.status_info() or {}
+    ha = state.read_ha()
+    vhids = []
+    for g in role.groups(cfg, node):
+        r = state.read_role(None if g.main else g.vhid) or {}
+        eng = (info.get("engines") or {}).get(str(g.vhid), {})
+        demoted = bool(ha.get("demoted") or info.get("demoted"))
+        vhids.append({
+            "vhid": g.vhid, "role": r.get("role", "INIT"), "vip": str(g.vip), "iface": r.get("iface", cfg.cluster.interface),
+            "advbase": cfg.cluster.advbase,
+            "advskew": eng.get("advskew", carp.effective_advskew(cfg, g, demoted)),
+            "configured_advskew": g.advskew, "since": r.get("since"),
+            "engine_pid": eng.get("pid"),
+        })
+    peers = {}
+    for name, n in cfg.nodes.items():
+        if name != node:
+            st = netns.neighbour_state(str(n.sync.ip)) if not IS_FREEBSD else None
+            peers[name] = {"sync": str(n.sync.ip), "seen": bool(st and "FAILED" not in st and "INCOMPLETE" not in st),
+                           "neighbour": st}
+    ppid = proxyctl.pid()
+    return {
+        "node": node, **{k: vhids[0][k] for k in ("role", "vhid", "advbase", "advskew", "vip", "since")},
+        "preempt": cfg.cluster.preempt,
+        "demoted": bool(ha.get("demoted")), "health_demoted": bool(ha.get("health_demoted")),
+        "carp": {"running": bool(info), "engine": info.get("engine"), "supervisor_pid": info.get("pid"),
+                 "healthy": info.get("healthy"), "health": info.get("health_last")},
+        "vhids": vhids, "peers": peers,
+        "proxy": {"up": ppid is not None, "pid": ppid},
+        "sync_generation": state.sync_generation(),
+    }
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_obj
+def status_cmd(ctx: Ctx, as_json: bool) -> None:
+    """Role, vhid, advbase/advskew, VIP and since when; the peer on the sync link; proxy; sync generation."""
+    s = collect_status(ctx)
+    if as_json:
+        emit_json(s)
+        return
+    click.echo(f"node: {s['node']}")
+    for v in s["vhids"]:
+        click.echo(f"carp: {v['role']} vhid {v['vhid']} advbase {v['advbase']} advskew {v['advskew']}")
+        click.echo(f"      vip {v['vip']} on {v['iface']} since {_fmt_since(v['since'])}")
+    flags = []
+    if s["demoted"]:
+        flags.append("demoted by admin (appliance promote to undo)")
+    if s["health_demoted"]:
+        flags.append("demoted by watchdog: proxy unhealthy")
+    if flags:
+        click.echo("      " + "; ".join(flags))
+    c = s["carp"]
+    click.echo(f"engine: {c['engine'] + ' (supervisor pid ' + str(c['supervisor_pid']) + ')' if c['running'] else 'not running'}")
+    for name, p in s["peers"].items():
+        click.echo(f"peer: {name} {p['sync']} {'seen' if p['seen'] else 'not seen'} on the sync link"
+                   f"{' (' + p['neighbour'] + ')' if p['neighbour'] else ''}")
+    click.echo(f"proxy: {'up (pid ' + str(s['proxy']['pid']) + ')' if s['proxy']['up'] else 'down'}")
+    gen = s["sync_generation"]
+    click.echo(f"sync: {'generation ' + str(gen) if gen is not None else 'no release yet'}")
+
+
+def _freebsd_advskew(ctx: Ctx, demote: bool) -> None:
+    cfg = ctx.cfg
+    for g in role.groups(cfg, ctx.node):
+        skew = carp.effective_advskew(cfg, g, demote)
+        argv = ["ifconfig", cfg.cluster.interface, "vhid", str(g.vhid), "advskew", str(skew)]
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode != 0:
+            fail(f"{' '.join(argv)}: {r.stderr.strip()}", 1)
+        click.echo(f"vhid {g.vhid}: advskew {skew}")
+
+
+def _set_demoted(ctx: Ctx, demote: bool) -> None:
+    cfg = ctx.cfg
+    verb = "demote" if demote else "promote"
+    if not cfg.cluster.preempt:
+        fail(f"refusing to {verb}: preemption is off (cluster.preempt: false in {ctx.config_path}), so a changed "
+             f"advskew would not move the VIP; set preempt: true (net.inet.carp.preempt=1 / ucarp --preempt)", 2)
+    node = ctx.node
+    state.write_ha(demoted=demote, reason=f"appliance {verb}")
+    role.log_line(f"carp: {verb}d by admin (advskew {cfg.ha.demote_advskew if demote else 'as configured'})")
+    if IS_FREEBSD:
+        _freebsd_advskew(ctx, demote)
+        return
+    pid = carp.supervisor_pid()
+    if pid is None:
+        click.echo(f"{node}: {verb}d; `appliance carp` is not running, it will start "
+                   f"{'demoted' if demote else 'with the configured advskew'}")
+        return
+    os.kill(pid, signal.SIGHUP)
+    click.echo(f"{node}: {verb}d; engine re-armed (supervisor pid {pid})")
+
+
+@main.command("demote")
+@click.pass_obj
+def demote_cmd(ctx: Ctx) -> None:
+    """Planned maintenance: advskew ha.demote_advskew so the VIP moves to a peer (kept across restarts)."""
+    _set_demoted(ctx, True)
+
+
+@main.command("promote")
+@click.pass_obj
+def promote_cmd(ctx: Ctx) -> None:
+    """Undo `appliance demote`: back to the configured advskew (with preempt the VIP returns)."""
+    _set_demoted(ctx, False)
+
+
+@main.command("watchdog")
+@click.option("--check", metavar="HOST:PORT", help="where to send GET /healthz (default: the proxy's listen)")
+@click.option("--once", is_flag=True, help="probe once: exit 0 when the proxy answers, 1 when not")
+@click.pass_obj
+def watchdog_cmd(ctx: Ctx, check: str | None, once: bool) -> None:
+    """Probe the local proxy every advbase; on ha.failures failures demote (the `carp` supervisor also does this)."""
+    cfg = ctx.cfg
+    try:
+        target = watchdog.check_target(cfg, check)
+    except ValueError as e:
+        fail(str(e))
+    if once:
+        ok, why = watchdog.probe(*target)
+        click.echo(f"proxy {target[0]}:{target[1]}: {'ok' if ok else why}")
+        sys.exit(0 if ok else 1)
+    health = watchdog.Health(cfg.ha.failures)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    while not stop:
+        t0 = time.monotonic()
+        ok, why = watchdog.probe(*target, timeout=min(1.0, cfg.cluster.advbase))
+        change = health.record(ok, why)
+        if change is not None:
+            state.write_ha(health_demoted=not change, health_reason=why)
+            role.log_line(f"watchdog: proxy {'healthy' if change else 'unhealthy: ' + why}")
+            pid = carp.supervisor_pid()
+            if pid:
+                os.kill(pid, signal.SIGHUP)
+        time.sleep(max(0.05, cfg.cluster.advbase - (time.monotonic() - t0)))

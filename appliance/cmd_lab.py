@@ -1,0 +1,132 @@
+"""`appliance lab up|down|status|exec|failover`: the cluster in network namespaces, and the failover measurement."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from appliance import carp
+from appliance import lab as labmod
+from appliance.cli import Ctx, emit_json, fail, main
+
+
+@main.group("lab")
+def lab_group() -> None:
+    """A whole cluster on this machine in network namespaces (root): nodes, client, LAN bridge, sync link, origin."""
+
+
+def _load(name: str | None) -> dict:
+    try:
+        return labmod.load(name)
+    except labmod.LabError as e:
+        fail(str(e))
+
+
+@lab_group.command("up")
+@click.option("--name", help="lab name (default: random; prefixes the namespaces, so labs can coexist)")
+@click.option("--engine", type=click.Choice(carp.ENGINES), help=f"CARP engine (default {carp.DEFAULT_ENGINE})")
+@click.option("--deadratio", type=click.IntRange(1, 10), help="engine deadratio (default: the engine's)")
+@click.option("--json", "as_json", is_flag=True, help="print the lab description as JSON")
+@click.pass_obj
+def up_cmd(ctx: Ctx, name: str | None, engine: str | None, deadratio: int | None, as_json: bool) -> None:
+    """Build the lab from the cluster file and start origin, proxies and CARP engines; waits until ready."""
+    ctx.cfg  # validate first: a bad config fails with its file:line message
+    t0 = time.monotonic()
+    try:
+        lab = labmod.up(ctx.config_path, name, engine, deadratio)
+    except labmod.LabError as e:
+        fail(str(e), 1)
+    d = labmod.describe(lab)
+    if as_json:
+        emit_json(d)
+        return
+    click.echo(f"lab {d['name']} up in {time.monotonic() - t0:.1f} s (state in {d['dir']})")
+    click.echo(f"vip {d['vip']}:{d['proxy_port']}  origin {d['origin']}  client netns {d['client']['netns']}")
+    for node, n in d["nodes"].items():
+        click.echo(f"{node}: netns {n['netns']} engine pid {n['engine_pid']} proxy pid {n['proxy_pid']} config {n['config']}")
+    click.echo(f"try: appliance lab exec {next(iter(d['nodes']))} -- appliance status;  appliance lab failover;  "
+               f"appliance lab down --name {d['name']}")
+
+
+@lab_group.command("down")
+@click.option("--name", help="which lab (default: the only one)")
+@click.pass_obj
+def down_cmd(ctx: Ctx, name: str | None) -> None:
+    """Stop everything and delete the namespaces (also after a crash: works from the lab state file)."""
+    try:
+        spaces = labmod.down(name)
+    except labmod.LabError as e:
+        fail(str(e))
+    click.echo(f"removed {len(spaces)} namespaces: {' '.join(spaces) or '-'}")
+
+
+@lab_group.command("status")
+@click.option("--name", help="which lab (default: the only one)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status_cmd(ctx: Ctx, name: str | None, as_json: bool) -> None:
+    """Who holds the VIP (ip addr in each namespace), each node's role and process PIDs."""
+    lab = _load(name)
+    d = labmod.describe(lab)
+    vip_holders = {v: labmod.holders(lab, ip) for v, ip in lab["vips"].items()}
+    for node, n in d["nodes"].items():
+        st = labmod.carp_status(lab, node)
+        n["role_state"] = (labmod.read_json(labmod.Path(lab["nodes"][node]["state"]) / "role.json") or {}).get("role")
+        n["healthy"] = st.get("healthy")
+        n["proxy_alive"] = labmod._alive(n["proxy_pid"])
+        n["carp_alive"] = labmod._alive(lab["nodes"][node]["carp_pid"])
+    d["holders"] = vip_holders
+    if as_json:
+        emit_json(d)
+        return
+    for v, h in vip_holders.items():
+        click.echo(f"vhid {v} vip {lab['vips'][v]}: held by {', '.join(h) or 'nobody'}")
+    for node, n in d["nodes"].items():
+        click.echo(f"{node}: role {n['role_state']} engine {n['engine_pid']} proxy {n['proxy_pid']}"
+                   f"{'' if n['proxy_alive'] else ' (dead)'} healthy {n['healthy']}")
+
+
+@lab_group.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--name", help="which lab (default: the only one)")
+@click.argument("node_name", metavar="NODE")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def exec_cmd(ctx: Ctx, name: str | None, node_name: str, argv: tuple[str, ...]) -> None:
+    """Run a command in NODE's namespace with its environment: appliance lab exec fw1 -- appliance status"""
+    lab = _load(name)
+    node = node_name
+    if node not in lab["nodes"]:
+        fail(f"no node {node!r} in lab {lab['name']} ({', '.join(lab['nodes'])})")
+    args = list(argv[1:] if argv and argv[0] == "--" else argv)
+    if not args:
+        fail("nothing to run: appliance lab exec NODE -- CMD ...")
+    n = lab["nodes"][node]
+    env = {**os.environ, **labmod.node_env(lab, node)}
+    sys.stdout.flush()
+    os.execvpe(labmod.netns.tool("ip"), ["ip", "netns", "exec", n["netns"]] + args, env)
+
+
+@lab_group.command("failover")
+@click.option("--name", help="which lab (default: the only one)")
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(labmod.KINDS), help="failures to run (default: all)")
+@click.option("--runs", type=click.IntRange(1, 20), default=1, help="repetitions of each kind")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def failover_cmd(ctx: Ctx, name: str | None, kinds: tuple[str, ...], runs: int, as_json: bool) -> None:
+    """Client loop through the VIP while the master fails in each way and comes back; prints every outage."""
+    lab = _load(name)
+    results = []
+    with labmod.Probe(lab) as probe:
+        for _ in range(runs):
+            for kind in kinds or labmod.KINDS:
+                try:
+                    r = labmod.measure(lab, probe, kind)
+                except labmod.LabError as e:
+                    fail(str(e), 1)
+                results.append(r)
+                if not as_json:
+                    click.echo(labmod.fmt_result(r))
+    if as_json:
+        emit_json(results)

@@ -1,0 +1,186 @@
+"""Role transitions: record the role, move the VIP and send gratuitous ARP (Linux), run hooks.d in name order."""
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance import netns, state
+from appliance.config import Appliance, run_dir, state_dir
+
+log = logging.getLogger("appliance.ha")
+ROLES = ("MASTER", "BACKUP")
+IS_LINUX = sys.platform.startswith("linux")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One CARP group this node takes part in: the main vhid or one of cluster.extra_vhids."""
+
+    vhid: int
+    vip: ipaddress.IPv4Interface
+    advskew: int
+    main: bool
+
+
+def groups(cfg: Appliance, node: str) -> list[Group]:
+    c, n = cfg.cluster, cfg.nodes[node]
+    out = [Group(c.vhid, c.vip, n.advskew, True)]
+    for x in c.extra_vhids:
+        out.append(Group(x.vhid, x.vip, x.advskew.get(node, n.advskew), False))
+    return out
+
+
+def group_for(cfg: Appliance, node: str, vhid: int | None) -> Group:
+    for g in groups(cfg, node):
+        if vhid is None or g.vhid == vhid:
+            return g
+    known = ", ".join(str(g.vhid) for g in groups(cfg, node))
+    raise ValueError(f"--vhid {vhid} is not a vhid of this cluster (known: {known}; see cluster.vhid and cluster.extra_vhids)")
+
+
+def log_line(message: str, base: Path | None = None) -> None:
+    """One line to stderr (captured by the supervisor/syslog) and to <state>/ha.log."""
+    line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}"
+    log.info(message)
+    print(f"appliance: {message}", file=sys.stderr, flush=True)
+    try:
+        d = base or state_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "ha.log", "a") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- hooks
+
+
+def hook_dirs(config_path: Path | None, role: str, base: Path | None = None) -> list[Path]:
+    """hooks.d/<role>/ beside the config file, then in the state dir."""
+    sub = Path("hooks.d") / role.lower()
+    dirs = []
+    if config_path is not None:
+        dirs.append(Path(config_path).resolve().parent / sub)
+    dirs.append((base or state_dir()) / sub)
+    return dirs
+
+
+def list_hooks(dirs: list[Path]) -> list[Path]:
+    """Executable regular files from all dirs, in name order (a name in a later dir runs after the same name earlier)."""
+    found: list[tuple[str, int, Path]] = []
+    for i, d in enumerate(dirs):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.name.startswith(".") or not p.is_file():
+                continue
+            if not os.access(p, os.X_OK):
+                log_line(f"hook {p} is not executable; skipped")
+                continue
+            found.append((p.name, i, p))
+    return [p for _, _, p in sorted(found)]
+
+
+def run_hooks(hooks: list[Path], env: dict[str, str], timeout: float, base: Path | None = None) -> list[dict]:
+    """Run each hook with a timeout; a failing or hanging hook is logged and does not stop the others."""
+    results = []
+    for h in hooks:
+        t0 = time.monotonic()
+        rc: int | None
+        try:
+            p = subprocess.Popen([str(h)], env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            log_line(f"hook {h} failed to start: {e}", base)
+            results.append({"hook": str(h), "rc": None, "error": str(e)})
+            continue
+        try:
+            out, _ = p.communicate(timeout=timeout)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            out, _ = p.communicate()
+            rc = None
+        dt = time.monotonic() - t0
+        tail = (out or b"").decode(errors="replace").strip().splitlines()[-1:] if out else []
+        if rc is None:
+            log_line(f"hook {h} killed after {timeout:g} s timeout", base)
+        elif rc != 0:
+            log_line(f"hook {h} exited {rc}{': ' + tail[0] if tail else ''}", base)
+        results.append({"hook": str(h), "rc": rc, "seconds": round(dt, 3)})
+    return results
+
+
+# ---------------------------------------------------------------- the transition
+
+
+def _lock(vhid: int, base: Path | None = None):
+    d = (base / "run") if base else run_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    f = open(d / f"role-{vhid}.lock", "w")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def gratuitous_arp(iface: str, vip: ipaddress.IPv4Interface) -> None:
+    """Gratuitous ARP for the VIP, in the background (the role change does not wait for it)."""
+    try:
+        subprocess.Popen([netns.tool("arping"), "-q", "-U", "-c", "1", "-I", iface, str(vip.ip)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    except OSError as e:
+        log_line(f"arping not run: {e}")
+
+
+def apply(cfg: Appliance, node: str, role: str, vhid: int | None = None, iface: str | None = None,
+          config_path: Path | None = None, seq: int | None = None, manage_vip: bool | None = None,
+          base: Path | None = None, reason: str = "", send_garp: bool = True) -> dict:
+    """Make this node MASTER or BACKUP of one vhid. Idempotent: hooks run and a line is logged only on a change."""
+    role = role.upper()
+    if role not in ROLES:
+        raise ValueError(f"role must be master or backup (got {role.lower()!r})")
+    g = group_for(cfg, node, vhid)
+    iface = iface or cfg.cluster.interface
+    manage_vip = IS_LINUX if manage_vip is None else manage_vip
+    with _lock(g.vhid, base):
+        old = state.read_role(None if g.main else g.vhid, base) or {}
+        if seq is not None and isinstance(old.get("seq"), int) and 0 < old["seq"] - seq < 1_000_000:
+            # an older up/down script that lost the race to a newer one: the newer one's decision stands
+            return {**old, "stale": True}
+        vip_changed = False
+        if manage_vip:
+            if role == "MASTER":
+                vip_changed = netns.add_address(iface, g.vip)
+                if send_garp:
+                    gratuitous_arp(iface, g.vip)
+            else:
+                vip_changed = netns.del_address(iface, g.vip)
+        extra = {"vip": str(g.vip), "node": node}
+        if seq is not None:
+            extra["seq"] = seq
+        data = state.write_role(role, g.vhid, iface, main_vhid=g.main, base=base, **extra)
+        changed = old.get("role") != role
+        if changed:
+            why = f" ({reason})" if reason else ""
+            log_line(f"carp: {old.get('role', 'INIT')} -> {role} vhid {g.vhid} vip {g.vip} on {iface}{why}", base)
+    # hooks run outside the lock: a slow hook never delays the next transition's VIP move
+    data["changed"] = changed
+    data["vip_changed"] = vip_changed
+    if changed:
+        env = {"APPLIANCE_ROLE": role, "APPLIANCE_PREVIOUS_ROLE": old.get("role", "INIT"),
+               "APPLIANCE_VHID": str(g.vhid), "APPLIANCE_VIP": str(g.vip), "APPLIANCE_IFACE": iface,
+               "APPLIANCE_NODE": node}
+        hooks = list_hooks(hook_dirs(config_path, role, base))
+        data["hooks"] = run_hooks(hooks, env, cfg.ha.hook_timeout, base)
+    return data
