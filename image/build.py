@@ -11,7 +11,7 @@ from pathlib import Path
 from appliance.config import Appliance
 
 from image import checks, disk, dist, keygen, manifest, mtree, render, tarball, ufs
-from image.errors import BuildError
+from image.errors import BadInput, BuildError
 from image.tree import Entry, Tree
 
 DEFAULT_EPOCH = 1704067200  # 2024-01-01T00:00:00Z, used when SOURCE_DATE_EPOCH is not set
@@ -22,7 +22,7 @@ def source_date_epoch() -> int:
     if not v:
         return DEFAULT_EPOCH
     if not v.isdigit():
-        raise BuildError(f"SOURCE_DATE_EPOCH={v!r} is not a number of seconds")
+        raise BadInput(f"SOURCE_DATE_EPOCH={v!r} is not a number of seconds")
     return int(v)
 
 
@@ -120,7 +120,7 @@ def build(cfg: Appliance, config_path: Path, opts: Options) -> dict:
     nodes = opts.only or sorted(cfg.nodes)
     for n in nodes:
         if n not in cfg.nodes:
-            raise BuildError(f"--only {n}: not one of the nodes in {config_path} ({', '.join(sorted(cfg.nodes))})")
+            raise BadInput(f"--only {n}: not one of the nodes in {config_path} ({', '.join(sorted(cfg.nodes))})")
     ufs.makefs_bin()  # fail early and clearly when makefs is missing
     sets = dist.check(opts.freebsd_dist) if opts.freebsd_dist else None
     if sets:

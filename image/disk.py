@@ -20,7 +20,7 @@ NAMESPACE = uuid.UUID("6b1c2a3e-7d2f-4c55-9a7e-5b0f3c1d2e4f")
 
 
 def tool(name: str, package: str) -> str:
-    exe = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    exe = shutil.which(name)
     if exe is None:
         raise MissingTool(name, package, "to build the disk image")
     return exe

@@ -17,6 +17,10 @@ class MissingTool(BuildError):
         self.tool = tool
 
 
+class BadInput(BuildError):
+    exit_code = 2
+
+
 class BadDist(BuildError):
     exit_code = 2
 

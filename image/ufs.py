@@ -24,7 +24,7 @@ DI_GEN = {1: (128, 108), 2: (256, 80)}  # dinode size, offset of di_gen
 
 
 def makefs_bin() -> str:
-    exe = shutil.which("makefs", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    exe = shutil.which("makefs")
     if exe is None:
         raise MissingTool("makefs", "makefs", "to build UFS images")
     return exe
