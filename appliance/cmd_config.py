@@ -112,11 +112,24 @@ def print_summary(s: dict) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.option("--compile", "compile_", is_flag=True, help="also compile the lists into the index the proxy maps")
 @click.pass_obj
-def check(ctx: Ctx, as_json: bool) -> None:
+def check(ctx: Ctx, as_json: bool, compile_: bool) -> None:
     """Validate the cluster file and the list directories; print a summary of the cluster."""
     cfg = ctx.cfg
     s = summary(cfg, ctx.config_path)
+    if compile_:
+        from filters import ruleset
+
+        try:
+            rep = ruleset.compile_index(cfg, ctx.base_dir)
+        except (ruleset.ListError, OSError) as e:
+            fail(str(e))
+        s["filter"]["index"] = {"path": str(rep.path), "entries": rep.entries, "bad_lines": rep.bad_count,
+                                "seconds": round(rep.seconds, 3), "bytes": rep.size}
+        if not as_json:
+            click.echo(f"index: {rep.path}: {rep.entries} entries, {rep.bad_count} bad lines skipped, "
+                       f"{rep.size} bytes, compiled in {rep.seconds:.2f} s", err=True)
     if as_json:
         emit_json(s)
     else:
