@@ -52,9 +52,14 @@ def parse_listen(value: str | None, cfg: cfgmod.Appliance) -> tuple[str, int]:
 
 def _reserve(host: str, port: int) -> socket.socket:
     """Bind (not listen) with SO_REUSEPORT: fails early when the port is taken, keeps it for respawned workers."""
-    from appliance.proxy_worker import reuseport_socket
-
-    s = reuseport_socket(host, port)
+    # a plain bind first: SO_REUSEPORT alone would silently share the port with another running proxy
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
     return s
 
 

@@ -51,9 +51,10 @@ async def _serve(index: int, spec) -> None:
         addons.append(tlsconfig.TlsConfig())
     addons.append(FilterAddon(state))
     master.addons.add(*addons)
-    upd = {"server": False, "connection_strategy": "eager", "http2": True}
-    if intercept:
-        upd["confdir"] = str(fca.ca_dir(spec.base))
+    # intercept: lazy, so a blocked host gets its block page inside TLS without any upstream connection
+    upd = {"server": False, "connection_strategy": "lazy" if intercept else "eager", "http2": True}
+    if intercept:  # certificates from the SNI, no upstream probe: a blocked host is never contacted
+        upd.update(confdir=str(fca.ca_dir(spec.base)), upstream_cert=False)
     opts.update(**upd)
 
     instance = mode_servers.ServerInstance.make("regular", ps)

@@ -66,8 +66,10 @@ class FilterNextLayer(NextLayer):
         if nextlayer.layer:
             return
         context = nextlayer.context
-        if not (isinstance(context.layers[0], modes.HttpProxy) and len(context.layers) > 2 and context.server.address):
-            return super().next_layer(nextlayer)  # the first layer of a client connection: explicit HTTP proxy
+        if context.client.tls or not (isinstance(context.layers[0], modes.HttpProxy) and len(context.layers) > 2
+                                      and context.server.address):
+            # the first layer of a client connection (explicit HTTP proxy), or inside intercepted TLS
+            return super().next_layer(nextlayer)
         st = self.state
         data = nextlayer.data_client()
         try:
