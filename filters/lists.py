@@ -47,7 +47,8 @@ def norm_host(raw: str) -> str | None:
         try:
             return str(ipaddress.IPv4Address(h))
         except ValueError:
-            pass
+            if h.replace(".", "").isdigit():
+                return None  # all digits but no valid IPv4 (e.g. leading zeros): ambiguous, never a name
     if len(h) > 253:
         return None
     for label in h.split("."):
