@@ -58,7 +58,7 @@ def write_scripts(config_path: Path, node: str, base: Path | None = None) -> tup
             "#!/bin/sh\n"
             f"# written by `appliance carp`: the engine calls it with $1 interface, $2 VIP, $3 vhid\n"
             f"APPLIANCE_STATE_DIR={shlex.quote(sdir)} exec {shlex.quote(appliance_exe())} "
-            f"-c {shlex.quote(str(config_path))} --node {shlex.quote(node)} role {r} --vhid \"$3\" --iface \"$1\" --seq $$ --no-garp\n"
+            f"-c {shlex.quote(str(config_path))} --node {shlex.quote(node)} role {r} --vhid \"$3\" --iface \"$1\" --seq \"$(date +%s%N)\" --no-garp\n"
         )
         tmp = p.with_suffix(".tmp")
         tmp.write_text(text)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -19,7 +20,7 @@ IS_FREEBSD = sys.platform.startswith("freebsd")
 @click.argument("new_role", metavar="master|backup", type=click.Choice(["master", "backup"], case_sensitive=False))
 @click.option("--vhid", type=int, help="which CARP group (default: cluster.vhid)")
 @click.option("--iface", metavar="IF", help="interface carrying the VIP (default: cluster.interface)")
-@click.option("--seq", type=int, hidden=True, help="ordering token from the up/down script ($$)")
+@click.option("--seq", type=int, hidden=True, help="ordering token from the up/down script (its start time in ns); an older one never undoes a newer one")
 @click.option("--no-vip", is_flag=True, help="do not add/remove the VIP (something else manages the address)")
 @click.option("--garp/--no-garp", default=True, help="send gratuitous ARP when becoming MASTER (the CARP engines send their own)")
 @click.pass_obj
@@ -55,7 +56,7 @@ def carp_cmd(ctx: Ctx, engine: str | None, deadratio: int | None, no_watchdog: b
         fail("on FreeBSD CARP is in the kernel (ifconfig ... vhid); devd calls `appliance role`", 2)
     cfg, node = ctx.cfg, ctx.node
     try:
-        sup = carp.Supervisor(cfg, node, ctx.config_path.resolve(), engine or carp.DEFAULT_ENGINE, deadratio,
+        sup = carp.Supervisor(cfg, node, Path(os.path.abspath(ctx.config_path)), engine or carp.DEFAULT_ENGINE, deadratio,
                               not no_watchdog, check)
         sys.exit(sup.run_forever())
     except (RuntimeError, ValueError) as e:

@@ -452,8 +452,8 @@ def fail(lab: dict, kind: str, node: str) -> None:
     elif kind == "link-down":
         netns.ip("link", "set", n["lan_if"], "down", netns=n["netns"])
     elif kind == "proxy-kill":
-        if _alive(n["proxy_pid"]):
-            os.kill(n["proxy_pid"], signal.SIGKILL)
+        if _alive(n["proxy_pid"]):  # the whole process group: the proxy's workers too
+            os.killpg(n["proxy_pid"], signal.SIGKILL)
     elif kind == "demote":
         r = node_exec(lab, node, [f"{VENV_BIN}/appliance", "demote"], capture_output=True, text=True)
         if r.returncode != 0:

@@ -155,8 +155,9 @@ def apply(cfg: Appliance, node: str, role: str, vhid: int | None = None, iface: 
     manage_vip = IS_LINUX if manage_vip is None else manage_vip
     with _lock(g.vhid, base):
         old = state.read_role(None if g.main else g.vhid, base) or {}
-        if seq is not None and isinstance(old.get("seq"), int) and 0 < old["seq"] - seq < 1_000_000:
-            # an older up/down script that lost the race to a newer one: the newer one's decision stands
+        if seq is not None and isinstance(old.get("seq"), int) and old["seq"] > seq:
+            # an older up/down script (seq = its start time in ns) that lost the race to a newer one:
+            # the newer one's decision stands
             return {**old, "stale": True}
         vip_changed = False
         if manage_vip:
