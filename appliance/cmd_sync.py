@@ -58,6 +58,10 @@ def sync_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool, bwlimit: int |
     from sync.errors import SyncError
     from sync.push import sync as do_sync
 
+    try:
+        ctx._cfg = cfgmod.load(ctx.config_path)
+    except cfgmod.ConfigError as e:
+        _sync_error(e, as_json)
     cfg, node = ctx.cfg, ctx.node
     progress_cb = None
     bar = None
