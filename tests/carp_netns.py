@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -70,7 +70,7 @@ def test_speaker_failover_timing_and_auth(lan_factory):
     argv = lan.engine_argv("speaker", intruder, advskew=0)
     argv = [x if not x.startswith("--passfile=") else f"--passfile={bad}" for x in argv]
     argv = [x if not x.startswith("--addr=") else f"--addr={lan.vip(101)}" for x in argv]
-    intruder.proc = __import__("subprocess").Popen(["ip", "netns", "exec", intruder.netns, *argv],
+    intruder.proc = subprocess.Popen(["ip", "netns", "exec", intruder.netns, *argv],
                                                    stderr=open(intruder.stderr, "ab"), cwd=lan.workdir)
     lan.procs.append(intruder.proc)
     wait_master(obs, lan, a)
@@ -174,3 +174,22 @@ def test_speaker_preempts_ucarp_and_ucarp_obeys_leave(lan_factory):
     # well before its 3.4 s dead timer
     assert first["t"] - t_term < 1.6, first["t"] - t_term
     assert wait_until(lambda: lan.holders() == [u.name], 3), (lan.holders(), diag(lan))
+
+
+def test_link_down_means_backup_not_exit(lan_factory):
+    lan = lan_factory(2)
+    a, b = lan.nodes
+    obs = lan.observe()
+    lan.start("speaker", a, advskew=0)
+    lan.start("speaker", b, advskew=SKEW_B)
+    wait_master(obs, lan, a)
+    t_down = time.monotonic()
+    subprocess.run(["ip", "-n", a.netns, "link", "set", "eth0", "down"], check=True, timeout=10)
+    # a drops the VIP (down script) and keeps running; b takes over after the dead interval
+    assert wait_until(lambda: not a.has_vip(lan.vip()), 3), diag(lan)
+    assert obs.wait_for(lambda x: x["src"] == b.ip, t_down, 6), diag(lan)
+    assert a.proc.poll() is None, "the speaker exited on link down"
+    assert wait_until(lambda: lan.holders() == [b.name], 3), (lan.holders(), diag(lan))
+    subprocess.run(["ip", "-n", a.netns, "link", "set", "eth0", "up"], check=True, timeout=10)
+    # back up: it listens, hears b's worse adverts and preempts
+    assert wait_until(lambda: lan.holders() == [a.name], 8), (lan.holders(), diag(lan))
