@@ -181,6 +181,15 @@ def plan_cut(rel: Releases, work: Path, above: int | None = None) -> Plan:
     return Plan(live, digest, False, live, reasons)
 
 
+def needs_check(rel: Releases, work: Path) -> bool:
+    """False only when the working tree is exactly the live, already checked generation (the cron no-op case)."""
+    live = rel.live()
+    if live is None or live != max(rel.generations()):
+        return True
+    m = rel.meta(live, compute=False)
+    return not m.get("meta") or tree.tree_hash(work) != m["hash"]
+
+
 def stale_peers(live: int | None, ours_meta: dict, peers: dict[str, dict]) -> list[str]:
     """Peers whose live generation is newer than ours, or the same number with other content."""
     out = []
@@ -206,11 +215,12 @@ def sync(cfg: Appliance, node: str, config_path: Path, state: Path, force: bool 
         return {"ok": True, "exit": OK, "skipped": msg, "node": node, "role": role, "peers": []}
     with lock.held(Path(state) / "run"):
         work = Path(config_path).resolve().parent
-        validate_tree(work)
+        rel = Releases(state)
+        if needs_check(rel, work):
+            validate_tree(work)  # and compile the list index into the tree before it is hashed and cut
         for p in (keymod.sync_key(work), keymod.known_hosts(work)):
             if not p.exists():
                 raise SyncError(f"{p}: missing (run `appliance keys init` and pin the peers' host keys)", BAD_INPUT)
-        rel = Releases(state)
         peers = make_peers(cfg, node, work)
         statuses: dict[str, dict] = {}
         results: dict[str, dict] = {}

@@ -43,7 +43,7 @@ def fsync_dir(path: Path) -> None:
 def mirror(src: Path, dst: Path, carry_from: Path | None = None) -> None:
     """Make dst hold the synced content of src (local rsync: only changed files are rewritten)."""
     dst.mkdir(parents=True, exist_ok=True)
-    cmd = ["rsync", "-a", "--delete", *(f"--exclude={e}" for e in tree.rsync_excludes()), f"{src}/", f"{dst}/"]
+    cmd = ["rsync", "-a", "--delete", *(f"--exclude={e}" for e in tree.rsync_excludes(transfer=False)), f"{src}/", f"{dst}/"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SyncError(f"copying {src} to {dst} failed: {r.stderr.strip()}", 1)

@@ -11,17 +11,21 @@ from sync.errors import BAD_INPUT, SyncError
 META_FILE = ".release.json"  # per-release metadata (generation, hash, time); never part of the hash or the transfer
 # Node-local paths (relative to the tree root), never synced, never hashed, carried over on a swap.
 NODE_LOCAL = ("node.yaml", "keys/hosts")
+# Derived from the tree by `appliance check --compile` (the filter's list index): not hashed and not transferred;
+# every node rebuilds it from the synced lists while checking a release, so each release still carries its index.
+DERIVED = ("compiled",)
 # rsync leftovers that must not count as content
 TRANSIENT_PREFIXES = (".rsync-partial",)
 
 
-def rsync_excludes() -> list[str]:
-    """rsync --exclude patterns (anchored at the transfer root) for what never leaves a node."""
-    return [f"/{META_FILE}", *(f"/{p}" for p in NODE_LOCAL), ".rsync-partial/"]
+def rsync_excludes(transfer: bool = True) -> list[str]:
+    """rsync --exclude patterns (anchored at the root): what never leaves a node, plus derived files on the wire."""
+    local = [f"/{META_FILE}", *(f"/{p}" for p in NODE_LOCAL), ".rsync-partial/"]
+    return local + [f"/{p}" for p in DERIVED] if transfer else local
 
 
 def _skipped(rel: str) -> bool:
-    if rel == META_FILE or any(rel == p or rel.startswith(p + "/") for p in NODE_LOCAL):
+    if rel == META_FILE or any(rel == p or rel.startswith(p + "/") for p in NODE_LOCAL + DERIVED):
         return True
     return any(part.startswith(TRANSIENT_PREFIXES) for part in rel.split("/"))
 
