@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 IPPROTO_CARP = 112
@@ -54,15 +55,18 @@ def check_pass(password: bytes) -> bytes:
     return password
 
 
-def carp_hmac(password: bytes, vhid: int, vip: str, counter: bytes) -> bytes:
+def carp_hmac(password: bytes, vhid: int, vip: str | Sequence[str], counter: bytes) -> bytes:
     """HMAC-SHA1 as ucarp/ip_carp.c compute it.
 
     key = the pass, NUL-padded to 20 bytes (an HMAC key shorter than the 64-byte block is zero-padded
     anyway, so this is plain HMAC with the pass as key); message = version, type, vhid (one byte each),
-    the VIP (4 bytes, network order), then the 8-byte counter exactly as it sits in the packet."""
+    the VIP (4 bytes, network order; FreeBSD hashes every address of the vhid in ascending order, which
+    for one VIP is the same), then the 8-byte counter exactly as it sits in the packet."""
     if len(counter) != 8:
         raise ValueError("counter must be 8 bytes")
-    msg = bytes([CARP_VERSION, CARP_ADVERTISEMENT, vhid & 0xFF]) + ipaddress.IPv4Address(vip).packed + counter
+    vips = [vip] if isinstance(vip, str) else list(vip)
+    addrs = b"".join(a.packed for a in sorted({ipaddress.IPv4Address(v) for v in vips}))
+    msg = bytes([CARP_VERSION, CARP_ADVERTISEMENT, vhid & 0xFF]) + addrs + counter
     return hmac.new(check_pass(password), msg, hashlib.sha1).digest()
 
 

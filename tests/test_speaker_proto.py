@@ -143,3 +143,10 @@ def test_ucarp_tie_break_byte_order():
     assert cp.ucarp_src_less("10.0.0.2", "10.0.0.3")
     assert cp.ucarp_src_less("10.0.0.200", "9.0.0.201")    # numerically larger, yet "less" for ucarp
     assert not cp.ucarp_src_less("10.0.0.3", "10.0.0.2")
+
+
+def test_hmac_several_vips_sorted_like_freebsd():
+    ctr = struct.pack("!Q", 9)
+    both = ucarp_hmac(b"pw", 3, bytes([10, 0, 0, 9]) + bytes([10, 0, 0, 200]), ctr)
+    assert cp.carp_hmac(b"pw", 3, ["10.0.0.200", "10.0.0.9"], ctr) == both     # ascending, not given order
+    assert cp.carp_hmac(b"pw", 3, ["10.0.0.9"], ctr) == cp.carp_hmac(b"pw", 3, "10.0.0.9", ctr)
