@@ -30,8 +30,8 @@ def reload_proxy(state: Path) -> str:
         pid = proxyctl.reload()
         return f"reloaded proxy pid {pid}"
     except (RuntimeError, OSError) as e:
-        note(state, f"proxy not reloaded: {e}; it reads the new release when it starts")
-        return f"proxy not running ({e})"
+        note(state, f"proxy not reloaded: {e}; it reads the new release when it (re)starts", logging.WARNING)
+        return f"proxy not reloaded ({e})"
 
 
 def receive(state: Path, gen: int, digest: str, force: bool = False, source: str = "?", reload: bool = True) -> dict:

@@ -246,3 +246,48 @@ def test_list_change_is_enforced_by_the_backups_proxy_without_restart(tmp_path: 
             proxy.stop()
         srv.shutdown()
         lab2.close()
+
+
+def _receiver_pids(state: Path) -> list[int]:
+    """PIDs of the peer's `sync-serve` processes running a `receive` for this state dir (children of our sshd)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            env = (p / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"APPLIANCE_STATE_DIR={state}".encode() in env and any(e.startswith(b"SSH_ORIGINAL_COMMAND=receive ") for e in env):
+            out.append(int(p.name))
+    return out
+
+
+def test_receiver_killed_mid_check_leaves_old_release_live_and_next_sync_completes(lab: SyncLab) -> None:
+    assert lab.master.sync()[0] == 0
+    rnd = random.Random(11)
+    content = "".join(f"r{i}-{rnd.getrandbits(48):012x}.example\n" for i in range(300_000))
+    (lab.master.tree / "lists" / "malware" / "domains").write_text(content)
+    proc = subprocess.Popen([APPLIANCE, "sync", "--json"], env=lab.master.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killed = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed and proc.poll() is None:
+            for pid in _receiver_pids(lab.backup.state):
+                os.kill(pid, signal.SIGKILL)  # the receiver (it checks, then swaps): cut off mid-way
+                killed.append(pid)
+            time.sleep(0.01)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert killed, "never saw the receiver running"
+    r = json.loads(out)
+    assert proc.returncode == 1 and r["failed"] == ["fw2"], r
+    assert lab.backup.live() == 2 and "r0-" not in domains(lab.backup, "malware")
+    assert tree.tree_hash(lab.backup.tree) == Releases(lab.backup.state).meta(2)["hash"]
+    time.sleep(0.5)  # let the orphaned list compiler of the killed receiver finish or die
+    code, r = lab.master.sync()
+    assert code == 0 and r["peers"][0]["action"] == "pushed", r
+    assert lab.backup.live() == 3 and domains(lab.backup, "malware") == content
