@@ -11,10 +11,11 @@ from typing import Any, Callable, Iterable, Optional
 
 from filters.lists import fast_host, split_url, strip_www
 
+HOST_CACHE = 65536  # per-engine cache of host -> domain-list hits (cleared on reload with the engine)
 CLOCK_ENV = "APPLIANCE_FILTER_CLOCK"  # tests only: a fixed "YYYY-MM-DD HH:MM" local time for schedules
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     verdict: str  # allow | block | deny
     category: Optional[str]
@@ -83,6 +84,8 @@ class Engine:
         self.url_prefixes = url_prefixes or {}  # host -> [(prefix, category, source, entry)]
         self.clock = clock or clock_from_env() or dt.datetime.now
         self._client_cache: dict[str, Any] = {}
+        self._host_cache: dict[str, tuple] = {}
+        self._single_label = bool(getattr(index, "meta", {}).get("single_label", True))
         # expressions: one combined regex over every category, named groups tell which line matched
         self._expr, self._expr_names = self._combine(expressions or {})
         self.categories = set(self.allow) | set(self.block) | set(self.exempt)
@@ -126,21 +129,14 @@ class Engine:
         h = fast_host(host) if host else None
         if h is None:
             return out
-        lookup = self.index.lookup
-        found = lookup(h)
-        if found:
-            for cat, src, entry in found:
-                out.setdefault(cat, (src, entry))
-        if h[-1].isdigit() and h.replace(".", "").isdigit():
-            pass  # an IP literal has no parent domains
-        else:
-            i = h.find(".")
-            while i >= 0:
-                found = lookup(h[i + 1:])
-                if found:
-                    for cat, src, entry in found:
-                        out.setdefault(cat, (src, entry))
-                i = h.find(".", i + 1)
+        dom = self._host_cache.get(h)
+        if dom is None:
+            dom = self._domain_hits(h)
+            if len(self._host_cache) >= HOST_CACHE:
+                self._host_cache.clear()  # bounded; a working set of hosts refills it quickly
+            self._host_cache[h] = dom
+        for cat, src, entry in dom:
+            out.setdefault(cat, (src, entry))
         if url is not None:
             if self.url_prefixes:
                 try:
@@ -167,6 +163,21 @@ class Engine:
                         out.setdefault(cat, (src, rxs))
                         pos = m.start() + 1
         return out
+
+    def _domain_hits(self, h: str) -> tuple:
+        """Look the host and each parent domain up (label boundaries only), most specific first."""
+        lookup = self.index.lookup
+        found = lookup(h)
+        res = list(found) if found else []
+        if not (h[-1].isdigit() and h.replace(".", "").isdigit()):  # an IP literal has no parent domains
+            stop = -1 if self._single_label else h.rfind(".")  # skip bare TLD lookups when no list has one
+            i = h.find(".")
+            while 0 <= i and i != stop:
+                found = lookup(h[i + 1:])
+                if found:
+                    res.extend(found)
+                i = h.find(".", i + 1)
+        return tuple(res)
 
     def decide(self, client: str, host: str, url: str | None = None, when: dt.datetime | None = None) -> Decision:
         """The one decision: client ACL -> allow categories -> matching policies -> default block -> allow."""

@@ -110,7 +110,8 @@ def compile_index(cfg: cfgmod.Appliance, base: Path, out: Path | None = None) ->
         raise ListError("filter.bad_lines is reject and the lists have bad lines:\n" + "\n".join(report.bad)
                         + (f"\n... {report.bad_count - len(report.bad)} more" if report.bad_count > len(report.bad) else ""))
     report.entries = len(domains) + sum(len(v) for v in urls.values()) + sum(len(v) for v in exprs.values())
-    meta = {"fingerprint": fp, "urls": urls, "expressions": exprs, "bad": report.bad, "bad_count": report.bad_count}
+    single = any(b"." not in k for k in domains)
+    meta = {"fingerprint": fp, "single_label": single, "urls": urls, "expressions": exprs, "bad": report.bad, "bad_count": report.bad_count}
     report.size = write_index(out, categories, domains, meta)
     report.seconds = time.monotonic() - t0
     return report

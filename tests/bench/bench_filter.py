@@ -1,0 +1,392 @@
+"""Filter proxy benchmark: 1M-domain list; this proxy vs plain mitmdump vs squid (dstdomain ACL), engine, index, startup."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+APPLIANCE = str(Path(PY).parent / "appliance")
+MITMDUMP = str(Path(PY).parent / "mitmdump")
+N_DOMAINS = 1_000_000
+HTTP_SECONDS = 8
+TLS_SECONDS = 5
+CONNS = 32
+
+ORIGIN = r'''
+import asyncio, ssl, sys
+BODY = b"x" * 1024
+RESP = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1024\r\n\r\n" + BODY
+class P(asyncio.Protocol):
+    def connection_made(self, t): self.t = t; self.buf = b""
+    def data_received(self, d):
+        self.buf += d
+        n = self.buf.count(b"\r\n\r\n")
+        if n:
+            self.buf = self.buf[self.buf.rfind(b"\r\n\r\n") + 4:]
+            self.t.write(RESP * n)
+async def main():
+    ctx = None
+    if len(sys.argv) > 2:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+    srv = await asyncio.get_running_loop().create_server(P, "127.0.0.1", int(sys.argv[1]), ssl=ctx, backlog=1024)
+    await srv.serve_forever()
+asyncio.run(main())
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"port {port} not listening after {timeout}s")
+
+
+def tree_rss_peak(pid: int) -> int:
+    """Sum of VmHWM (peak RSS) of pid and its children, in KiB."""
+    total = 0
+    pids = [pid] + [int(x) for x in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def gen_domains(path: Path, n: int) -> list[str]:
+    rnd = random.Random(42)
+    tlds = ["com", "net", "org", "info", "example", "test", "de", "fr"]
+    out = []
+    with open(path, "w") as f:
+        for i in range(n):
+            d = f"{rnd.getrandbits(40):010x}-{i}.{tlds[i % len(tlds)]}"
+            out.append(d)
+            f.write(d + "\n")
+    return out
+
+
+def make_cfg(root: Path, domains_file: Path, workers) -> Path:
+    etc = root / "etc"
+    (etc / "lists" / "big").mkdir(parents=True)
+    shutil.copy(domains_file, etc / "lists" / "big" / "domains")
+    (etc / "lists" / "allowlist").mkdir()
+    (etc / "lists" / "allowlist" / "domains").write_text("ok.example\n")
+    cfg = f"""cluster: {{vip: 192.168.1.50/24, vhid: 1, password: change-me}}
+nodes:
+  fw1: {{lan: 192.168.1.2/24, sync: 192.168.200.1/30, advskew: 0}}
+  fw2: {{lan: 192.168.1.3/24, sync: 192.168.200.2/30, advskew: 100}}
+proxy: {{clients: [127.0.0.0/8], workers: {workers}, metrics_port: {free_port()}, access_log: none}}
+filter: {{lists: lists/, block: [big], allow: [allowlist]}}
+"""
+    (etc / "appliance.yaml").write_text(cfg)
+    return etc / "appliance.yaml"
+
+
+def wrk(proxy_port: int, origin_port: int, tmp: Path, seconds: int) -> dict:
+    script = tmp / "proxy.lua"
+    script.write_text(f'wrk.path = "http://127.0.0.1:{origin_port}/"\nwrk.headers["Host"] = "127.0.0.1:{origin_port}"\n')
+    out = subprocess.run(["wrk", "-t2", f"-c{CONNS}", f"-d{seconds}s", "--latency", "-s", str(script),
+                          f"http://127.0.0.1:{proxy_port}/"], capture_output=True, text=True, timeout=seconds + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50": pct("50"), "p99": pct("99"), "non2xx": int(non2xx.group(1)) if non2xx else 0,
+            "errors": errs.group(1) if errs else "none"}
+
+
+def tls_load(proxy_port: int, origin_port: int, seconds: float, threads: int = 8, per_conn: int = 10) -> dict:
+    """CONNECT + TLS handshake (SNI localhost) + `per_conn` keep-alive GETs, repeated by each thread until time is up."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    lat: list[float] = []
+    counts = {"req": 0, "conn": 0, "err": 0}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    req = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+    def worker() -> None:
+        my_lat, req_n, conn_n, err = [], 0, 0, 0
+        while time.monotonic() < deadline:
+            try:
+                s = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+                s.sendall(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode())
+                hdr = b""
+                while b"\r\n\r\n" not in hdr:
+                    c = s.recv(4096)
+                    if not c:
+                        raise ConnectionError("closed")
+                    hdr += c
+                if b" 200 " not in hdr.split(b"\r\n", 1)[0]:
+                    raise ConnectionError("refused")
+                with ctx.wrap_socket(s, server_hostname="localhost") as t:
+                    conn_n += 1
+                    for _ in range(per_conn):
+                        t0 = time.perf_counter()
+                        t.sendall(req)
+                        got = b""
+                        while len(got) < 1024 + 60 or not got.endswith(b"x" * 16):
+                            c = t.recv(65536)
+                            if not c:
+                                raise ConnectionError("closed")
+                            got += c
+                        my_lat.append(time.perf_counter() - t0)
+                        req_n += 1
+            except (OSError, ssl.SSLError):
+                err += 1
+        with lock:
+            lat.extend(my_lat)
+            counts["req"] += req_n
+            counts["conn"] += conn_n
+            counts["err"] += err
+
+    t0 = time.monotonic()
+    ths = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(seconds + 30)
+    el = time.monotonic() - t0
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
+    return {"rps": counts["req"] / el, "cps": counts["conn"] / el, "p50": q(0.5), "p99": q(0.99), "errors": counts["err"]}
+
+
+def first_response(cmd: list[str], port: int, origin_port: int, env: dict | None = None, timeout: float = 90):
+    """Start a proxy and time until a proxied 200 comes back; returns (seconds, proc)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    req = f"GET http://127.0.0.1:{origin_port}/ HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(req)
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return time.monotonic() - t0, proc
+        except OSError:
+            pass
+        time.sleep(0.01)
+    stop(proc)
+    raise RuntimeError(f"{cmd[0]}: no proxied response within {timeout}s")
+
+
+def engine_bench(cfg_path: Path, domains: list[str]) -> dict:
+    code = f"""
+import sys, time, random, resource, json
+sys.path.insert(0, {str(ROOT)!r})
+from appliance import config as cfgmod
+from filters import ruleset
+from filters.index import DomainIndex
+cfg = cfgmod.load({str(cfg_path)!r})
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+eng, rep = ruleset.build_engine(cfg, cfgmod.Path({str(cfg_path.parent)!r}), compile_in_child=False)
+load_s = time.perf_counter() - t0
+r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+listed = json.load(open(sys.argv[1]))
+rnd = random.Random(1)
+hosts = []
+for i in range(100000):
+    if i % 2: hosts.append("www." + rnd.choice(listed))
+    else: hosts.append(f"host{{i}}.site{{rnd.randrange(10**6)}}.com")
+decide = eng.decide
+n = 0; blocked = 0
+t0 = time.perf_counter()
+while time.perf_counter() - t0 < 3.0:
+    for h in hosts[:20000]:
+        if decide("127.0.0.1", h).verdict != "allow": blocked += 1
+    n += 20000
+el = time.perf_counter() - t0
+t0 = time.perf_counter(); m = 0
+while time.perf_counter() - t0 < 2.0:
+    for h in hosts[:5000]:
+        decide("127.0.0.1", h, "http://" + h + "/some/path?q=1")
+    m += 5000
+el2 = time.perf_counter() - t0
+print(json.dumps({{"load_s": load_s, "load_rss_mb": (r1 - r0) / 1024, "dps": n / el, "blocked_frac": blocked / n,
+                  "dps_url": m / el2}}))
+"""
+    sample = Path(cfg_path.parent.parent) / "sample.json"
+    sample.write_text(json.dumps(random.Random(7).sample(domains, 20000)))
+    out = subprocess.run(["taskset", "-c", "0", PY, "-c", code, str(sample)], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout)
+
+
+def squid_conf(tmp: Path, port: int, domains: Path) -> Path:
+    d = tmp / "squid"
+    d.mkdir(exist_ok=True)
+    os.chmod(tmp, 0o755)
+    os.chmod(d, 0o777)
+    acl = d / "blocked.acl"
+    with open(domains) as src, open(acl, "w") as dst:
+        for line in src:
+            dst.write("." + line)
+    conf = d / "squid.conf"
+    conf.write_text(f"""http_port 127.0.0.1:{port}
+acl blocked dstdomain "{acl}"
+acl localnet src 127.0.0.0/8
+acl SSL_ports port 443 1-65535
+acl CONNECT method CONNECT
+http_access deny blocked
+http_access allow localnet
+http_access deny all
+cache deny all
+cache_mem 8 MB
+access_log none
+cache_log {d}/cache.log
+pid_filename {d}/squid.pid
+coredump_dir {d}
+shutdown_lifetime 1 seconds
+dns_v4_first on
+""")
+    os.chmod(acl, 0o644)
+    os.chmod(conf, 0o644)
+    return conf
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-filter-"))
+    procs: list[subprocess.Popen] = []
+    res: dict = {}
+    try:
+        print("figures are noisy: this machine is shared with other engineers' tests right now;"
+              f" {os.cpu_count()} cores for proxy + origin + load generator", flush=True)
+        t0 = time.monotonic()
+        dom_file = tmp / "domains"
+        domains = gen_domains(dom_file, N_DOMAINS)
+        print(f"generated {N_DOMAINS:,} domains in {time.monotonic() - t0:.1f} s ({dom_file.stat().st_size / 1e6:.1f} MB)")
+        cfg = make_cfg(tmp / "cg", dom_file, "auto")
+        env = {**os.environ, "APPLIANCE_STATE_DIR": str(tmp / "state")}
+        # list compile (appliance check --compile), its time and peak memory
+        t0 = time.monotonic()
+        r = subprocess.run(["/usr/bin/time", "-f", "%M", APPLIANCE, "-c", str(cfg), "check", "--compile", "--json"],
+                           capture_output=True, text=True, timeout=300, env=env)
+        compile_wall = time.monotonic() - t0
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr)
+        idx = json.loads(r.stdout)["filter"]["index"]
+        peak_kb = int(r.stderr.strip().splitlines()[-1])
+        print(f"compile: {idx['entries']:,} entries in {idx['seconds']:.2f} s (command {compile_wall:.2f} s wall, "
+              f"peak RSS {peak_kb / 1024:.0f} MB), index {idx['bytes'] / 1e6:.1f} MB")
+        eb = engine_bench(cfg, domains)
+        print(f"index load + engine build: {eb['load_s'] * 1000:.0f} ms, +{eb['load_rss_mb']:.0f} MB RSS (mmap, shared by workers)")
+        print(f"engine: {eb['dps']:,.0f} decisions/s on one core (host only, half listed subdomains;"
+              f" {eb['blocked_frac']:.0%} blocked), {eb['dps_url']:,.0f}/s with full URL  [target >= 500,000]")
+
+        origin_port = free_port()
+        procs.append(subprocess.Popen([PY, "-c", ORIGIN, str(origin_port)]))
+        cert, key = tmp / "o.pem", tmp / "o.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                        "-days", "2", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
+        tls_port = free_port()
+        procs.append(subprocess.Popen([PY, "-c", ORIGIN, str(tls_port), str(cert), str(key)]))
+        wait_port(origin_port)
+        wait_port(tls_port)
+
+        results = {}
+        # --- this proxy
+        port = free_port()
+        ttf, p = first_response([APPLIANCE, "-c", str(cfg), "proxy", "--listen", f"127.0.0.1:{port}"], port, origin_port, env)
+        procs.append(p)
+        results["carpguard"] = {"first": ttf, "http": wrk(port, origin_port, tmp, HTTP_SECONDS),
+                                "tls": tls_load(port, tls_port, TLS_SECONDS)}
+        results["carpguard"]["rss"] = tree_rss_peak(p.pid)
+        stop(p)
+        # --- plain mitmdump
+        port = free_port()
+        ttf, p = first_response([MITMDUMP, "-q", "--listen-host", "127.0.0.1", "-p", str(port), "--set", "connection_strategy=eager",
+                                 "--ignore-hosts", ".*:" + str(tls_port)], port, origin_port)
+        procs.append(p)
+        results["mitmdump"] = {"first": ttf, "http": wrk(port, origin_port, tmp, HTTP_SECONDS),
+                               "tls": tls_load(port, tls_port, TLS_SECONDS)}
+        results["mitmdump"]["rss"] = tree_rss_peak(p.pid)
+        stop(p)
+        # --- squid
+        if shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin"):
+            port = free_port()
+            conf = squid_conf(tmp, port, dom_file)
+            squid = shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin")
+            ttf, p = first_response([squid, "-N", "-f", str(conf)], port, origin_port, timeout=120)
+            procs.append(p)
+            results["squid"] = {"first": ttf, "http": wrk(port, origin_port, tmp, HTTP_SECONDS),
+                                "tls": tls_load(port, tls_port, TLS_SECONDS)}
+            results["squid"]["rss"] = tree_rss_peak(p.pid)
+            stop(p)
+        else:
+            print("squid not installed: no squid figures")
+
+        workers = os.cpu_count()
+        print(f"\n{'proxy':<34} {'HTTP req/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'HTTPS req/s':>11} {'conn/s':>7} "
+              f"{'p50 ms':>7} {'p99 ms':>7} {'peak RSS':>9} {'1st resp':>8}")
+        names = {"carpguard": f"carpguard ({workers} workers, 1M list)", "mitmdump": "mitmdump (plain, no list)",
+                 "squid": "squid 5 (1M dstdomain ACL)"}
+        for k, v in results.items():
+            h, t = v["http"], v["tls"]
+            print(f"{names[k]:<34} {h['rps']:>10,.0f} {h['p50']:>7.2f} {h['p99']:>7.2f} {t['rps']:>11,.0f} {t['cps']:>7,.0f} "
+                  f"{t['p50']:>7.2f} {t['p99']:>7.2f} {v['rss'] / 1024:>7.0f}MB {v['first']:>7.2f}s")
+            if h["non2xx"] or h["errors"] != "none" or t["errors"]:
+                print(f"  ({k}: HTTP non-2xx {h['non2xx']}, socket errors {h['errors']}; HTTPS errors {t['errors']})")
+        cg = results["carpguard"]
+        print()
+        print(f"HTTP  carpguard / mitmdump: {cg['http']['rps'] / results['mitmdump']['http']['rps']:.2f}x  [target >= 2x]")
+        if "squid" in results:
+            print(f"HTTP  carpguard / squid:    {cg['http']['rps'] / results['squid']['http']['rps']:.2f}x")
+            print(f"HTTPS carpguard / squid:    {cg['tls']['rps'] / results['squid']['tls']['rps']:.2f}x  [target >= 0.8x]")
+        print(f"HTTPS carpguard / mitmdump: {cg['tls']['rps'] / results['mitmdump']['tls']['rps']:.2f}x")
+        print(f"first proxied response with the 1M list: {cg['first']:.2f} s [target < 1 s]"
+              + (f"; squid {results['squid']['first']:.2f} s" if "squid" in results else ""))
+    finally:
+        for p in procs:
+            stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
