@@ -416,6 +416,9 @@ class Speaker:
                 data = self.rx.recv(2048)
             except BlockingIOError:
                 return
+            except OSError as e:                 # e.g. ENETDOWN while the link flaps: the loop notices the link
+                log.debug("receive failed: %s", e.strerror)
+                return
             now = time.monotonic()
             try:
                 rx = cp.parse_ip(data)
