@@ -242,6 +242,13 @@ while time.perf_counter() - t0 < 3.0:
         if decide("127.0.0.1", h).verdict != "allow": blocked += 1
     n += 20000
 el = time.perf_counter() - t0
+t0 = time.perf_counter(); c = 0
+while time.perf_counter() - t0 < 2.0:
+    eng._host_cache.clear()  # cold: every host is new (no cache hits at all)
+    for h in hosts:
+        decide("127.0.0.1", h)
+    c += len(hosts)
+el_cold = time.perf_counter() - t0
 t0 = time.perf_counter(); m = 0
 while time.perf_counter() - t0 < 2.0:
     for h in hosts[:5000]:
@@ -249,7 +256,7 @@ while time.perf_counter() - t0 < 2.0:
     m += 5000
 el2 = time.perf_counter() - t0
 print(json.dumps({{"load_s": load_s, "load_rss_mb": (r1 - r0) / 1024, "dps": n / el, "blocked_frac": blocked / n,
-                  "dps_url": m / el2}}))
+                  "dps_url": m / el2, "dps_cold": c / el_cold}}))
 """
     sample = Path(cfg_path.parent.parent) / "sample.json"
     sample.write_text(json.dumps(random.Random(7).sample(domains, 20000)))
@@ -317,8 +324,9 @@ def main() -> None:
               f"peak RSS {peak_kb / 1024:.0f} MB), index {idx['bytes'] / 1e6:.1f} MB")
         eb = engine_bench(cfg, domains)
         print(f"index load + engine build: {eb['load_s'] * 1000:.0f} ms, +{eb['load_rss_mb']:.0f} MB RSS (mmap, shared by workers)")
-        print(f"engine: {eb['dps']:,.0f} decisions/s on one core (host only, half listed subdomains;"
-              f" {eb['blocked_frac']:.0%} blocked), {eb['dps_url']:,.0f}/s with full URL  [target >= 500,000]")
+        print(f"engine: {eb['dps']:,.0f} decisions/s on one core with a 20,000-host working set (host cache warm;"
+              f" half listed subdomains, {eb['blocked_frac']:.0%} blocked), {eb['dps_url']:,.0f}/s with full URL;"
+              f" cold (every host new, no cache): {eb['dps_cold']:,.0f}/s  [target >= 500,000]")
 
         origin_port = free_port()
         procs.append(subprocess.Popen([PY, "-c", ORIGIN, str(origin_port)]))
