@@ -203,6 +203,41 @@ def keys_init(ctx: Ctx, force: bool, for_node: str | None, appliance_bin: str) -
         click.echo(keymod.authorized_keys_line(cfg, n, pubkey, appliance_bin))
 
 
+@keys_group.command("known-hosts")
+@click.argument("pairs", nargs=-1, metavar="[NODE=HOST_KEY.pub]...")
+@click.pass_obj
+def keys_known_hosts(ctx: Ctx, pairs: tuple[str, ...]) -> None:
+    """Pin the nodes' SSH host keys: write keys/known_hosts (sync address [+ port] -> key; never trust-on-first-use).
+
+    Without arguments the keys come from keys/hosts/<node>/ssh_host_ed25519_key.pub in the config dir."""
+    cfg = ctx.cfg
+    given: dict[str, Path] = {}
+    for p in pairs:
+        node, eq, path = p.partition("=")
+        if not eq or node not in cfg.nodes:
+            fail(f"{p!r}: expected NODE=FILE with NODE one of {', '.join(cfg.nodes)}")
+        given[node] = Path(path)
+    if not pairs:
+        given = {n: keymod.host_key(ctx.base_dir, n).with_suffix(".pub") for n in cfg.nodes}
+    pubs = {}
+    for node, path in given.items():
+        try:
+            words = path.read_text().split()
+        except OSError as e:
+            fail(f"{path}: cannot read the host key of {node}: {e.strerror}")
+        if len(words) < 2 or not words[0].startswith(("ssh-", "ecdsa-")):
+            fail(f"{path}: not an OpenSSH public key (host key of {node})")
+        pubs[node] = " ".join(words[:2])
+    lines = keymod.known_hosts_lines(cfg, pubs)
+    out = keymod.known_hosts(ctx.base_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(l + "\n" for l in lines))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+    click.echo(f"wrote {out}: {', '.join(pubs)}")
+
+
 def cron_line(cfg: cfgmod.Appliance, config_path: Path, appliance_bin: str) -> str:
     return (f"{cfg.sync.schedule} root {appliance_bin} -c {config_path} sync --json "
             f">>/var/log/appliance/sync.json 2>&1")

@@ -235,6 +235,12 @@ def sync(cfg: Appliance, node: str, config_path: Path, state: Path, force: bool 
             msg = f"split brain: {', '.join(split)} also say{'s' if len(split) == 1 else ''} MASTER; refusing to push (check CARP and the sync link)"
             note(state, msg, logging.ERROR)
             raise SyncError(msg, SPLIT_BRAIN)
+        for name, st in list(statuses.items()):
+            if st.get("role") != "BACKUP" and not force:
+                results[name] = {"peer": name, "address": next(p.address for p in peers if p.name == name), "ok": False,
+                                 "action": "failed", "exit": PEER_FAILED,
+                                 "error": f"{name} says {st.get('role')}, not BACKUP: not pushing (--force pushes anyway)"}
+                del statuses[name]
         live = rel.live()
         ours_meta = rel.meta(live) if live is not None else {}
         stale = stale_peers(live, ours_meta, statuses)
@@ -258,6 +264,7 @@ def sync(cfg: Appliance, node: str, config_path: Path, state: Path, force: bool 
             report["pruned"] = rel.prune(cfg.sync.keep_releases)
             report["proxy"] = reload_proxy(state)
             note(state, f"cut generation {plan.generation} on {node} ({'; '.join(plan.reasons)})")
+            progress("local", "done")
         src = rel.path(plan.generation) if not (plan.cut and dry_run) else work
         target_hash = plan.digest if plan.cut else rel.meta(plan.generation)["hash"]
         for p in peers:

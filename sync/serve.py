@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sync import receive as rcv
 from sync.errors import BAD_INPUT, SyncError
-from sync.releases import Releases, parse_generation, parse_hash
+from sync.releases import Releases, mirror, parse_generation, parse_hash
 
 STAGING_TOKEN = "staging"  # what the master writes as the remote path; replaced by the real staging dir
 # short option letters the rsync client sends in server mode for our transfers (no -T/-B/-M/-f: they take paths)
@@ -77,6 +77,16 @@ def parse_receive(argv: list[str]) -> tuple[int, str, bool]:
     return parse_generation(args[0]), parse_hash(args[1]), force
 
 
+def seed_staging(rel: Releases) -> None:
+    """Before the first push, copy the live release into the staging dir so rsync sends only the difference."""
+    if rel.staging_meta() is None:
+        live = rel.live()
+        if live is not None:
+            mirror(rel.path(live), rel.staging)
+            rel.write_staging_meta(live, rel.meta(live)["hash"])
+    rel.staging.mkdir(parents=True, exist_ok=True)
+
+
 def dispatch(command: str | None, state: Path) -> int:
     """Run one sync command for a peer; the process exit code is returned (errors go to stderr)."""
     try:
@@ -95,7 +105,7 @@ def dispatch(command: str | None, state: Path) -> int:
         if verb == "rsync":
             rel = Releases(state)
             new_argv = rsync_server_argv(argv, rel.staging)
-            rel.staging.mkdir(parents=True, exist_ok=True)
+            seed_staging(rel)
             sys.stdout.flush()
             os.execv(new_argv[0], new_argv)
         if verb == "receive":

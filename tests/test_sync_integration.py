@@ -291,3 +291,16 @@ def test_receiver_killed_mid_check_leaves_old_release_live_and_next_sync_complet
     code, r = lab.master.sync()
     assert code == 0 and r["peers"][0]["action"] == "pushed", r
     assert lab.backup.live() == 3 and domains(lab.backup, "malware") == content
+
+
+def test_peer_not_backup_is_not_pushed_and_human_output(lab: SyncLab) -> None:
+    lab.backup.role("INIT")
+    code, r = lab.master.sync()
+    assert code == 1 and "fw2 says INIT, not BACKUP" in r["peers"][0]["error"] and lab.backup.live() == 1, r
+    lab.backup.role("BACKUP")
+    # the table an admin sees, through a pseudo-terminal (rich progress bar on a TTY)
+    res = subprocess.run(["script", "-qec", f"{APPLIANCE} sync", "/dev/null"], env=lab.master.env(), capture_output=True,
+                         text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "fw2" in res.stdout and "pushed" in res.stdout and "OK in" in res.stdout
+    assert lab.backup.live() == 2

@@ -331,3 +331,17 @@ def test_releases_cli_lists_and_rejects_bad_rollback(tmp_path) -> None:
     assert r.returncode == 2 and "not a generation number" in r.stderr
     r = cli(tmp_path, "sync", "--json", cfg=cfg)  # no role recorded: a logged no-op
     assert r.returncode == 0 and "not MASTER" in json.loads(r.stdout)["skipped"]
+
+
+def test_keys_known_hosts_pins_given_keys(tmp_path) -> None:
+    t = make_tree(tmp_path / "etc")
+    hk = tmp_path / "hk"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hk)], check=True)
+    r = cli(tmp_path, "keys", "known-hosts", f"fw2={hk}.pub", cfg=t / "appliance.yaml")
+    assert r.returncode == 0, r.stderr
+    pub = (tmp_path / "hk.pub").read_text().split()
+    assert (t / "keys" / "known_hosts").read_text() == f"192.168.200.2 {pub[0]} {pub[1]}\n"
+    r = cli(tmp_path, "keys", "known-hosts", f"fw2={hk}", cfg=t / "appliance.yaml")  # the private key: refused
+    assert r.returncode == 2 and "not an OpenSSH public key" in r.stderr
+    r = cli(tmp_path, "keys", "known-hosts", cfg=t / "appliance.yaml")  # no keys/hosts/<node>/ in this tree
+    assert r.returncode == 2 and "cannot read the host key of fw1" in r.stderr
