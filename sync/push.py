@@ -216,8 +216,10 @@ def sync(cfg: Appliance, node: str, config_path: Path, state: Path, force: bool 
     with lock.held(Path(state) / "run"):
         work = Path(config_path).resolve().parent
         rel = Releases(state)
+        t_check = time.monotonic()
         if needs_check(rel, work):
             validate_tree(work)  # and compile the list index into the tree before it is hashed and cut
+        t_check = time.monotonic() - t_check
         for p in (keymod.sync_key(work), keymod.known_hosts(work)):
             if not p.exists():
                 raise SyncError(f"{p}: missing (run `appliance keys init` and pin the peers' host keys)", BAD_INPUT)
@@ -252,7 +254,9 @@ def sync(cfg: Appliance, node: str, config_path: Path, state: Path, force: bool 
         plan = plan_cut(rel, work, above)
         report = {"ok": True, "node": node, "dry_run": dry_run, "generation": plan.generation, "previous": plan.live,
                   "cut": plan.cut, "reasons": plan.reasons, "hash": plan.digest, "peers": []}
+        report["check_seconds"] = round(t_check, 3)
         if plan.cut and not dry_run:
+            t_cut = time.monotonic()
             progress("local", "cut")
             live_dir = rel.path(plan.live) if plan.live is not None else None
             rel.install(work, plan.generation, plan.digest, f"cut on {node}", carry_from=live_dir)
@@ -265,6 +269,7 @@ def sync(cfg: Appliance, node: str, config_path: Path, state: Path, force: bool 
             report["proxy"] = reload_proxy(state)
             note(state, f"cut generation {plan.generation} on {node} ({'; '.join(plan.reasons)})")
             progress("local", "done")
+            report["cut_seconds"] = round(time.monotonic() - t_cut, 3)
         src = rel.path(plan.generation) if not (plan.cut and dry_run) else work
         target_hash = plan.digest if plan.cut else rel.meta(plan.generation)["hash"]
         for p in peers:

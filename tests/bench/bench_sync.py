@@ -55,7 +55,8 @@ def main() -> None:
             one = r["peers"][0]
             assert "one-changed-line.example" in (lab.backup.tree / "lists" / "adult" / "domains").read_text()
             sent = one["bytes_sent"]
-            print(f"one-line change: {t_one:.2f} s (transfer {one['transfer_seconds']:.2f} s, receive+check+swap "
+            print(f"one-line change: {t_one:.2f} s (master check+compile {r['check_seconds']:.2f} s, cut {r['cut_seconds']:.2f} s, "
+                  f"transfer {one['transfer_seconds']:.2f} s, receive+check+swap "
                   f"{one['receive']['seconds']:.2f} s), {sent:,} bytes sent, files changed: {', '.join(one['changed'])}")
             print(f"ratio bytes sent / list size: {sent / size:.5f} ({100 * sent / size:.3f} % ; target well under 1 %)")
             print(f"ratio bytes sent one-line change / initial whole-tree transfer: {sent / full['bytes_sent']:.5f}")
