@@ -26,6 +26,14 @@ def appliance_bin() -> str:
 def has_compile_check() -> bool:
     """Whether this install's `appliance check` has --compile (the filter engine's list compiler)."""
     try:
+        from appliance.cli import main
+
+        check = main.commands.get("check")
+        if check is not None:
+            return any("--compile" in getattr(p, "opts", []) for p in check.params)
+    except ImportError:
+        pass
+    try:
         r = subprocess.run([appliance_bin(), "check", "--help"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return False

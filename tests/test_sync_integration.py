@@ -304,3 +304,16 @@ def test_peer_not_backup_is_not_pushed_and_human_output(lab: SyncLab) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "fw2" in res.stdout and "pushed" in res.stdout and "OK in" in res.stdout
     assert lab.backup.live() == 2
+
+
+def test_list_parse_error_under_reject_is_refused_with_file_and_line(lab: SyncLab) -> None:
+    """The list compiler (`check --compile`) is part of the check: its file:line message comes back."""
+    assert lab.master.sync()[0] == 0
+    cfg = lab.master.tree / "appliance.yaml"
+    data = yaml.safe_load(cfg.read_text())
+    data["filter"]["bad_lines"] = "reject"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    add_domain(lab.master, "bad domain!!")
+    code, r = lab.master.sync()
+    assert code == 2 and "lists/adult/domains:" in r["error"] and "bad domain!!" in r["error"], r
+    assert lab.master.live() == 2 and lab.backup.live() == 2 and "bad domain" not in domains(lab.backup)
