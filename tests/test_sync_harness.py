@@ -33,6 +33,20 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 10
     raise RuntimeError(f"sshd did not listen on {host}:{port} within {timeout}s")
 
 
+def _common_port(addrs: list[str], tries: int = 20) -> int:
+    """A port free on every node's sync address (sync.ssh_port is one setting for the cluster)."""
+    for _ in range(tries):
+        port = free_port(addrs[0])
+        try:
+            for a in addrs[1:]:
+                with socket.socket() as s:
+                    s.bind((a, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no port free on all of {addrs} after {tries} tries")
+
+
 class Node:
     """One appliance node: its state dir with releases/1 + current, node.yaml, role; optionally an sshd."""
 
@@ -114,7 +128,7 @@ class SyncLab:
         need_root()
         need_tool("sshd", "rsync", "ssh-keygen")
         self.root = root
-        self.port = free_port("127.0.0.2")
+        self.port = _common_port([f"127.0.0.{i + 1}" for i in range(peers + 1)])
         names = ["fw1"] + [f"fw{i + 2}" for i in range(peers)]
         self.nodes = {n: Node(self, n, f"127.0.0.{i + 1}") for i, n in enumerate(names)}
         data = yaml.safe_load((EXAMPLES / "appliance.yaml").read_text())

@@ -317,3 +317,21 @@ def test_list_parse_error_under_reject_is_refused_with_file_and_line(lab: SyncLa
     code, r = lab.master.sync()
     assert code == 2 and "lists/adult/domains:" in r["error"] and "bad domain!!" in r["error"], r
     assert lab.master.live() == 2 and lab.backup.live() == 2 and "bad domain" not in domains(lab.backup)
+
+
+def test_after_failover_the_new_master_pushes_back_and_both_agree(lab: SyncLab) -> None:
+    assert lab.master.sync()[0] == 0
+    fw1, fw2 = lab.master, lab.backup
+    fw1.role("BACKUP")
+    fw2.role("MASTER")
+    fw1.start_sshd()  # fw2 connects from its own sync address 127.0.0.2 (fw1's key line only allows that)
+    add_domain(fw2, "changed-while-fw2-served.example")
+    assert fw1.sync()[0] == 0 and fw1.live() == 2  # fw1 is BACKUP now: no-op
+    code, r = fw2.sync()
+    assert code == 0 and r["generation"] == 3 and r["peers"][0]["peer"] == "fw1", r
+    assert fw1.live() == 3 and "changed-while-fw2-served.example" in domains(fw1)
+    # fw1 takes over again (preempt): nothing changed since, so nothing is cut and fw2 is up to date
+    fw1.role("MASTER")
+    fw2.role("BACKUP")
+    code, r = fw1.sync()
+    assert code == 0 and not r["cut"] and r["peers"][0]["action"] == "up-to-date", r
