@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from sync import receive as rcv
 from sync.errors import BAD_INPUT, SyncError
+from sync.journal import note
 from sync.releases import Releases, mirror, parse_generation, parse_hash
 
 STAGING_TOKEN = "staging"  # what the master writes as the remote path; replaced by the real staging dir
@@ -115,6 +117,9 @@ def dispatch(command: str | None, state: Path) -> int:
             return 0
         raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive)", BAD_INPUT)
     except SyncError as e:
+        if e.code == BAD_INPUT:
+            note(state, f"refused sync command {str(command)[:200]!r} from {rcv.source_of_connection()}: {str(e).splitlines()[0]}",
+                 logging.WARNING)
         for line in str(e).splitlines():
             print(f"appliance: error: {line}", file=sys.stderr)
         return e.code
