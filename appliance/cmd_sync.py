@@ -63,7 +63,7 @@ def sync_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool, bwlimit: int |
     except cfgmod.ConfigError as e:
         _sync_error(e, as_json)
     cfg, node = ctx.cfg, ctx.node
-    progress_cb = None
+    progress_cb = None  # replaced by the rich progress bar on a terminal
     bar = None
     if not as_json and sys.stdout.isatty():
         from rich.progress import Progress, SpinnerColumn, TextColumn, BarColumn

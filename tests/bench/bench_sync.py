@@ -1,7 +1,6 @@
 """Sync figures over a real sshd + rsync on loopback: no-change sync, one-line change in a 1,000,000-line list."""
 from __future__ import annotations
 
-import os
 import random
 import tempfile
 import time
