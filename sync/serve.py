@@ -116,6 +116,14 @@ def dispatch(command: str | None, state: Path) -> int:
             print(json.dumps(result))
             return 0
         raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive)", BAD_INPUT)
+    except PermissionError as e:
+        import getpass
+
+        msg = (f"sync-serve runs as {getpass.getuser()} and cannot write {e.filename}: {e.strerror} "
+               f"(the sync user needs {state} and the proxy's pidfile, or run sync-serve as root)")
+        note(state, msg, logging.ERROR)
+        print(f"appliance: error: {msg}", file=sys.stderr)
+        return 1
     except SyncError as e:
         if e.code == BAD_INPUT:
             note(state, f"refused sync command {str(command)[:200]!r} from {rcv.source_of_connection()}: {str(e).splitlines()[0]}",
