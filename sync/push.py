@@ -76,8 +76,10 @@ class Peer:
 
 
 def peer_error(stderr: str, fallback: str) -> str:
-    lines = [l.removeprefix("appliance: error: ") for l in stderr.strip().splitlines() if l.strip()]
-    return "\n".join(lines) or fallback
+    """The peer's `appliance: error:` lines (its log lines on stderr are left out), else all it said."""
+    lines = [l for l in stderr.strip().splitlines() if l.strip()]
+    errors = [l.removeprefix("appliance: error: ") for l in lines if l.startswith("appliance: error: ")]
+    return "\n".join(errors or lines) or fallback
 
 
 def make_peers(cfg: Appliance, node: str, config_dir: Path) -> list[Peer]:

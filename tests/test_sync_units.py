@@ -345,3 +345,17 @@ def test_keys_known_hosts_pins_given_keys(tmp_path) -> None:
     assert r.returncode == 2 and "not an OpenSSH public key" in r.stderr
     r = cli(tmp_path, "keys", "known-hosts", cfg=t / "appliance.yaml")  # no keys/hosts/<node>/ in this tree
     assert r.returncode == 2 and "cannot read the host key of fw1" in r.stderr
+
+
+def test_sync_serve_as_unprivileged_user_gives_a_clear_error(tmp_path) -> None:
+    from tests.conftest import need_root, need_tool
+
+    need_root()
+    need_tool("setpriv")
+    state, rel = node_state(tmp_path)
+    os.chmod(tmp_path, 0o755)
+    env = {**os.environ, "APPLIANCE_STATE_DIR": str(state), "SSH_ORIGINAL_COMMAND": f"receive 2 {'a' * 64}"}
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", APPLIANCE, "sync-serve"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot write" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert rel.live() == 1
