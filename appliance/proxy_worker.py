@@ -14,7 +14,9 @@ log = logging.getLogger("appliance.proxy")
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket that shares its port with the other workers (kernel load-balanced)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio sets TCP_NODELAY only on sockets whose proto
+    # is IPPROTO_TCP. With proto 0 every response paid Nagle + delayed ACK (~40 ms): 3x fewer requests/s.
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lb = getattr(socket, "SO_REUSEPORT_LB", None)  # FreeBSD 12+: load-balancing variant
     s.setsockopt(socket.SOL_SOCKET, lb if lb is not None else socket.SO_REUSEPORT, 1)
@@ -39,6 +41,77 @@ def _lean_patches() -> None:
         return v if isinstance(v, immutable) else copy.deepcopy(v)
 
     optmanager._Option.current = current
+
+
+class _Acceptor:
+    """Accepts on the shared socket itself; peeks at the first bytes: CONNECT -> filters.tunnel, else mitmproxy."""
+
+    PEEK_WAIT = 2.0  # a client that has sent a prefix of "CONNECT " is given this long to send the rest
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, state, handle_stream):
+        self.loop, self.sock, self.state, self.handle_stream = loop, sock, state, handle_stream
+        self.tasks: set[asyncio.Task] = set()
+        self.task = loop.create_task(self._accept())
+
+    async def _accept(self) -> None:
+        loop, sock = self.loop, self.sock
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError as e:  # EMFILE and the like: back off instead of spinning
+                log.warning("accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = loop.create_task(self._route(conn))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
+    async def _route(self, conn: socket.socket) -> None:
+        from filters import tunnel
+
+        loop = self.loop
+        head = b""
+        deadline = loop.time() + self.PEEK_WAIT
+        try:
+            while True:
+                try:
+                    head = conn.recv(8, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    head = None
+                if head == b"":
+                    conn.close()  # closed before sending anything
+                    return
+                if head is not None and (len(head) >= 8 or not b"CONNECT "[:len(head)] == head):
+                    break
+                if loop.time() >= deadline:
+                    break  # mitmproxy handles the slow client as it always does
+                if head is None:
+                    try:
+                        await asyncio.wait_for(tunnel._readable(loop, conn), deadline - loop.time())
+                    except asyncio.TimeoutError:
+                        pass
+                else:
+                    await asyncio.sleep(0.005)  # a partial "CONNECT": the socket stays readable, do not spin
+        except OSError:
+            conn.close()
+            return
+        if head == b"CONNECT ":
+            await tunnel.handle(conn, self.state)
+            return
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=2 ** 16)
+        except OSError:
+            conn.close()
+            return
+        await self.handle_stream(reader, writer)
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.sock.close()
 
 
 async def _serve(index: int, spec) -> None:
@@ -77,9 +150,12 @@ async def _serve(index: int, spec) -> None:
 
     instance = mode_servers.ServerInstance.make("regular", ps)
     sock = reuseport_socket(spec.host, spec.port)
-    server = await asyncio.start_server(instance.handle_stream, sock=sock, backlog=1024)
-    counters_path = worker_file(spec.run_dir, index)
     loop = asyncio.get_running_loop()
+    if intercept:
+        server = await asyncio.start_server(instance.handle_stream, sock=sock, backlog=1024)
+    else:  # tls: sni: CONNECT tunnels take the asyncio fast path, everything else goes to mitmproxy untouched
+        server = _Acceptor(loop, sock, state, instance.handle_stream)
+    counters_path = worker_file(spec.run_dir, index)
 
     def reload() -> None:
         try:

@@ -21,9 +21,38 @@ PY = sys.executable
 APPLIANCE = str(Path(PY).parent / "appliance")
 MITMDUMP = str(Path(PY).parent / "mitmdump")
 N_DOMAINS = 1_000_000
-HTTP_SECONDS = 8
-TLS_SECONDS = 5
+HTTP_SECONDS = 4  # per round, after WARMUP seconds of unmeasured load
+TLS_SECONDS = 3
+WARMUP = 1
+ROUNDS = 3  # interleaved rounds; the median is reported
 CONNS = 32
+
+# mitmdump with the same 1M list: the same compiled index and the same engine.decide() call, in a -s script
+MITM_FILTER = r'''
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from mitmproxy import http
+from appliance import config as cfgmod
+from filters import ruleset
+_cfg = cfgmod.load({cfg!r})
+engine, _ = ruleset.build_engine(_cfg, Path({cfg!r}).parent, compile_in_child=False)
+
+
+class Filter:
+    def request(self, flow):
+        d = engine.decide(flow.client_conn.peername[0], flow.request.host, flow.request.url)
+        if d.blocked:
+            flow.response = http.Response.make(403, b"blocked\n", {{"Content-Type": "text/plain"}})
+
+    def http_connect(self, flow):
+        d = engine.decide(flow.client_conn.peername[0], flow.request.host)
+        if d.blocked:
+            flow.response = http.Response.make(403, b"blocked\n", {{"Content-Type": "text/plain"}})
+
+
+addons = [Filter()]
+'''
 
 ORIGIN = r'''
 import asyncio, ssl, sys
@@ -116,6 +145,19 @@ filter: {{lists: lists/, block: [big], allow: [allowlist]}}
 """
     (etc / "appliance.yaml").write_text(cfg)
     return etc / "appliance.yaml"
+
+
+def status_of(port: int, url: str) -> int:
+    """The status a proxy answers for one absolute-URL GET (fairness check: does it block the listed domain?)."""
+    host = url.split("/")[2]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return int(s.recv(64).split(b" ", 2)[1])
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
 def wrk(proxy_port: int, origin_port: int, tmp: Path, seconds: int) -> dict:
@@ -301,7 +343,6 @@ dns_v4_first on
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-filter-"))
     procs: list[subprocess.Popen] = []
-    res: dict = {}
     try:
         print("figures are noisy: this machine is shared with other engineers' tests right now;"
               f" {os.cpu_count()} cores for proxy + origin + load generator", flush=True)
@@ -309,7 +350,8 @@ def main() -> None:
         dom_file = tmp / "domains"
         domains = gen_domains(dom_file, N_DOMAINS)
         print(f"generated {N_DOMAINS:,} domains in {time.monotonic() - t0:.1f} s ({dom_file.stat().st_size / 1e6:.1f} MB)")
-        cfg = make_cfg(tmp / "cg", dom_file, "auto")
+        cfg = make_cfg(tmp / "cg", dom_file, 1)
+        cfg_auto = make_cfg(tmp / "cg-auto", dom_file, "auto")
         env = {**os.environ, "APPLIANCE_STATE_DIR": str(tmp / "state")}
         # list compile (appliance check --compile), its time and peak memory
         t0 = time.monotonic()
@@ -322,6 +364,8 @@ def main() -> None:
         peak_kb = int(r.stderr.strip().splitlines()[-1])
         print(f"compile: {idx['entries']:,} entries in {idx['seconds']:.2f} s (command {compile_wall:.2f} s wall, "
               f"peak RSS {peak_kb / 1024:.0f} MB), index {idx['bytes'] / 1e6:.1f} MB")
+        subprocess.run([APPLIANCE, "-c", str(cfg_auto), "check", "--compile"], capture_output=True, timeout=300, env=env,
+                       check=True)
         eb = engine_bench(cfg, domains)
         print(f"index load + engine build: {eb['load_s'] * 1000:.0f} ms, +{eb['load_rss_mb']:.0f} MB RSS (mmap, shared by workers)")
         print(f"engine: {eb['dps']:,.0f} decisions/s on one core with a 20,000-host working set (host cache warm;"
@@ -338,58 +382,81 @@ def main() -> None:
         wait_port(origin_port)
         wait_port(tls_port)
 
-        results = {}
-        # --- this proxy
-        port = free_port()
-        ttf, p = first_response([APPLIANCE, "-c", str(cfg), "proxy", "--listen", f"127.0.0.1:{port}"], port, origin_port, env)
-        procs.append(p)
-        results["carpguard"] = {"first": ttf, "http": wrk(port, origin_port, tmp, HTTP_SECONDS),
-                                "tls": tls_load(port, tls_port, TLS_SECONDS)}
-        results["carpguard"]["rss"] = tree_rss_peak(p.pid)
-        stop(p)
-        # --- plain mitmdump
-        port = free_port()
-        ttf, p = first_response([MITMDUMP, "-q", "--listen-host", "127.0.0.1", "-p", str(port), "--set", "connection_strategy=eager",
-                                 "--ignore-hosts", ".*:" + str(tls_port)], port, origin_port)
-        procs.append(p)
-        results["mitmdump"] = {"first": ttf, "http": wrk(port, origin_port, tmp, HTTP_SECONDS),
-                               "tls": tls_load(port, tls_port, TLS_SECONDS)}
-        results["mitmdump"]["rss"] = tree_rss_peak(p.pid)
-        stop(p)
-        # --- squid
-        if shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin"):
-            port = free_port()
-            conf = squid_conf(tmp, port, dom_file)
-            squid = shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin")
-            ttf, p = first_response([squid, "-N", "-f", str(conf)], port, origin_port, timeout=120)
-            procs.append(p)
-            results["squid"] = {"first": ttf, "http": wrk(port, origin_port, tmp, HTTP_SECONDS),
-                                "tls": tls_load(port, tls_port, TLS_SECONDS)}
-            results["squid"]["rss"] = tree_rss_peak(p.pid)
-            stop(p)
-        else:
+        script = tmp / "mitm_filter.py"
+        script.write_text(MITM_FILTER.format(root=str(ROOT), cfg=str(cfg)))
+        mitm = [MITMDUMP, "-q", "--listen-host", "127.0.0.1", "--set", "connection_strategy=eager",
+                "--ignore-hosts", ".*:" + str(tls_port)]
+        squid = shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin")
+        peers: dict[str, tuple[str, callable]] = {
+            "carpguard": ("carpguard, workers: 1, 1M list", lambda p: [APPLIANCE, "-c", str(cfg), "proxy", "--listen", f"127.0.0.1:{p}"]),
+            "mitm_filter": ("mitmdump -s filter (same 1M index+engine)", lambda p: mitm + ["-p", str(p), "-s", str(script)]),
+            "mitmdump": ("mitmdump plain (no list)", lambda p: mitm + ["-p", str(p)]),
+            "squid": ("squid -N (1M dstdomain ACL)", lambda p: [squid, "-N", "-f", str(squid_conf(tmp, p, dom_file))]),
+            "carpguard_auto": (f"carpguard, workers: auto={os.cpu_count()}", lambda p: [APPLIANCE, "-c", str(cfg_auto), "proxy",
+                                                                                        "--listen", f"127.0.0.1:{p}"]),
+        }
+        if not squid:
             print("squid not installed: no squid figures")
+            del peers["squid"]
+        ports, firsts = {}, {}
+        for name, (_, cmd) in peers.items():  # one after another, so the start-up times do not compete
+            port = free_port()
+            firsts[name], p = first_response(cmd(port), port, origin_port, env, timeout=120)
+            procs.append(p)
+            ports[name] = (port, p)
+        blocked_url = f"http://www.{domains[123]}/"
+        checks = {n: status_of(port, blocked_url) for n, (port, _) in ports.items()}
+        print("fairness check, status for a listed domain: " + ", ".join(f"{n} {c}" for n, c in checks.items()))
 
-        workers = os.cpu_count()
-        print(f"\n{'proxy':<34} {'HTTP req/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'HTTPS req/s':>11} {'conn/s':>7} "
+        runs: dict[str, list] = {n: [] for n in peers}
+        names = list(peers)
+        for rnd in range(ROUNDS):  # interleaved, rotating the order each round
+            order = names[rnd % len(names):] + names[:rnd % len(names)]
+            for name in order:
+                port = ports[name][0]
+                wrk(port, origin_port, tmp, WARMUP)
+                runs[name].append({"http": wrk(port, origin_port, tmp, HTTP_SECONDS),
+                                   "tls": tls_load(port, tls_port, TLS_SECONDS)})
+            print(f"round {rnd + 1}/{ROUNDS}: " + ", ".join(f"{n} {runs[n][-1]['http']['rps']:,.0f}/{runs[n][-1]['tls']['rps']:,.0f}"
+                                                         for n in names), flush=True)
+        res = {}
+        for name in names:
+            rs = runs[name]
+            res[name] = {k: {f: median([r[k][f] for r in rs]) for f in ("rps", "p50", "p99")} for k in ("http", "tls")}
+            res[name]["tls"]["cps"] = median([r["tls"]["cps"] for r in rs])
+            res[name]["rss"] = tree_rss_peak(ports[name][1].pid)
+            errs = [(r["http"]["non2xx"], r["http"]["errors"], r["tls"]["errors"]) for r in rs
+                    if r["http"]["non2xx"] or r["http"]["errors"] != "none" or r["tls"]["errors"]]
+            if errs:
+                print(f"  ({name}: HTTP non-2xx / socket errors / HTTPS errors per round: {errs})")
+        for _, p in ports.values():
+            stop(p)
+
+        print(f"\nmedian of {ROUNDS} interleaved rounds; each: {WARMUP} s warm-up, wrk {HTTP_SECONDS} s ({CONNS} connections,"
+              f" 2 threads, 1 KB), then {TLS_SECONDS} s CONNECT+TLS (8 threads, 10 requests per tunnel)")
+        print(f"{'proxy':<42} {'HTTP req/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'HTTPS req/s':>11} {'conn/s':>7} "
               f"{'p50 ms':>7} {'p99 ms':>7} {'peak RSS':>9} {'1st resp':>8}")
-        names = {"carpguard": f"carpguard ({workers} workers, 1M list)", "mitmdump": "mitmdump (plain, no list)",
-                 "squid": "squid 5 (1M dstdomain ACL)"}
-        for k, v in results.items():
+        for k, v in res.items():
             h, t = v["http"], v["tls"]
-            print(f"{names[k]:<34} {h['rps']:>10,.0f} {h['p50']:>7.2f} {h['p99']:>7.2f} {t['rps']:>11,.0f} {t['cps']:>7,.0f} "
-                  f"{t['p50']:>7.2f} {t['p99']:>7.2f} {v['rss'] / 1024:>7.0f}MB {v['first']:>7.2f}s")
-            if h["non2xx"] or h["errors"] != "none" or t["errors"]:
-                print(f"  ({k}: HTTP non-2xx {h['non2xx']}, socket errors {h['errors']}; HTTPS errors {t['errors']})")
-        cg = results["carpguard"]
-        print()
-        print(f"HTTP  carpguard / mitmdump: {cg['http']['rps'] / results['mitmdump']['http']['rps']:.2f}x  [target >= 2x]")
-        if "squid" in results:
-            print(f"HTTP  carpguard / squid:    {cg['http']['rps'] / results['squid']['http']['rps']:.2f}x")
-            print(f"HTTPS carpguard / squid:    {cg['tls']['rps'] / results['squid']['tls']['rps']:.2f}x  [target >= 0.8x]")
-        print(f"HTTPS carpguard / mitmdump: {cg['tls']['rps'] / results['mitmdump']['tls']['rps']:.2f}x")
-        print(f"first proxied response with the 1M list: {cg['first']:.2f} s [target < 1 s]"
-              + (f"; squid {results['squid']['first']:.2f} s" if "squid" in results else ""))
+            print(f"{peers[k][0]:<42} {h['rps']:>10,.0f} {h['p50']:>7.2f} {h['p99']:>7.2f} {t['rps']:>11,.0f} {t['cps']:>7,.0f} "
+                  f"{t['p50']:>7.2f} {t['p99']:>7.2f} {v['rss'] / 1024:>7.0f}MB {firsts[k]:>7.2f}s")
+
+        def ratio(a: str, b: str, kind: str) -> str:
+            return f"{res[a][kind]['rps'] / res[b][kind]['rps']:.2f}x" if a in res and b in res else "n/a"
+
+        print("\nper core (one carpguard worker = one process, like mitmdump and squid -N):")
+        print(f"HTTP  carpguard / mitmdump plain:  {ratio('carpguard', 'mitmdump', 'http')}  [target >= 2x]")
+        print(f"HTTP  carpguard / mitmdump+filter: {ratio('carpguard', 'mitm_filter', 'http')}")
+        print(f"HTTP  carpguard / squid:           {ratio('carpguard', 'squid', 'http')}")
+        print(f"HTTPS carpguard / squid:           {ratio('carpguard', 'squid', 'tls')}  [target >= 0.8x]")
+        print(f"HTTPS carpguard / mitmdump+filter: {ratio('carpguard', 'mitm_filter', 'tls')}")
+        print(f"whole box (workers: auto = {os.cpu_count()} processes vs one peer process; the load generator and origin"
+              " share the same cores):")
+        print(f"HTTP  carpguard auto / mitmdump plain: {ratio('carpguard_auto', 'mitmdump', 'http')};"
+              f" HTTPS carpguard auto / squid: {ratio('carpguard_auto', 'squid', 'tls')}")
+        print(f"first proxied response with the 1M list: {firsts['carpguard']:.2f} s [target < 1 s]"
+              + (f"; squid {firsts['squid']:.2f} s" if "squid" in firsts else "")
+              + f"; mitmdump+filter {firsts['mitm_filter']:.2f} s")
     finally:
         for p in procs:
             stop(p)

@@ -1,0 +1,251 @@
+"""The `tls: sni` CONNECT fast path in plain asyncio: decide on the CONNECT host and the SNI, then splice the sockets."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any
+
+from filters import blockpage, sni
+
+log = logging.getLogger("filters.tunnel")
+MAX_HEAD = 8192  # CONNECT request line + headers
+HEAD_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 15.0
+HELLO_TIMEOUT = 10.0  # a TLS client sends its ClientHello at once; a server-first protocol is passed after this
+HIGH_WATER = 256 * 1024  # per direction: reading pauses while the other side has this much unsent
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, deadline: float) -> bytes:
+    """One recv of up to n bytes, waiting at most until `deadline` (loop time); raises TimeoutError."""
+    while True:
+        try:
+            return sock.recv(n)
+        except (BlockingIOError, InterruptedError):
+            pass
+        left = deadline - loop.time()
+        if left <= 0:
+            raise TimeoutError
+        await asyncio.wait_for(_readable(loop, sock), left)
+
+
+def parse_connect(head: bytes) -> tuple[str, int, str | None]:
+    """b"CONNECT host:port HTTP/1.1\\r\\nAccept: ...\\r\\n\\r\\n" -> (host, port, accept header); ValueError if bad."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[0] != "CONNECT" or not parts[2].startswith("HTTP/1."):
+        raise ValueError("bad CONNECT request line")
+    target = parts[1]
+    if target.startswith("["):
+        host, _, rest = target[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_s = target.rpartition(":")
+    if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536 or len(host) > 255:
+        raise ValueError("bad CONNECT target")
+    accept = None
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "accept":
+            accept = value.strip()
+    return host, int(port_s), accept
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a spliced tunnel: what it reads goes to the peer; pauses when the peer is slow (bounded)."""
+
+    def __init__(self, tun: "_Tunnel", down: bool):
+        self.tun, self.down, self.peer, self.transport = tun, down, None, None
+        self.closed = self.eof = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER)
+        transport.pause_reading()  # until both sides are linked
+
+    def data_received(self, data: bytes) -> None:
+        if self.down:
+            self.tun.down_bytes += len(data)
+        else:
+            self.tun.up_bytes += len(data)
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        pt = self.peer.transport
+        if self.peer.eof or pt.is_closing() or not pt.can_write_eof():
+            pt.close()  # both directions are done: close both (each flushes what is still buffered)
+            return False
+        pt.write_eof()  # half close; the peer may still answer
+        return True
+
+    def pause_writing(self) -> None:
+        self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.peer.transport.is_closing():
+            self.peer.transport.close()  # flushes what is buffered, then closes
+        if self.peer.closed or self.peer.transport.is_closing():
+            self.tun.finish()
+
+
+class _Tunnel:
+    def __init__(self, state: Any, client: str, hostport: str, peer_ip: str, start: float):
+        self.state, self.client, self.hostport, self.peer_ip, self.start = state, client, hostport, peer_ip, start
+        self.up_bytes = self.down_bytes = 0
+        self.done = False
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        acc = self.state.access
+        if acc.fd is not None:
+            acc.log(start=self.start, elapsed_ms=int((time.time() - self.start) * 1000), client=self.client,
+                    code="TCP_TUNNEL", status=200, size=self.down_bytes, method="CONNECT", url=self.hostport,
+                    peer=self.peer_ip, mime="-")
+
+
+def _log(state: Any, start: float, client: str, code: str, status: int, size: int, url: str) -> None:
+    if state.access.fd is not None:
+        state.access.log(start=start, elapsed_ms=int((time.time() - start) * 1000), client=client, code=code,
+                         status=status, size=size, method="CONNECT", url=url, peer="-", mime="-")
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int, deadline: float) -> socket.socket:
+    infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), max(0.1, deadline - loop.time()))
+    err: Exception = OSError(f"no address for {host}")
+    for family, stype, proto, _, addr in infos:
+        s = socket.socket(family, stype, proto)
+        s.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(s, addr), max(0.1, deadline - loop.time()))
+            return s
+        except (OSError, asyncio.TimeoutError) as e:
+            s.close()
+            err = e
+    raise err
+
+
+async def handle(conn: socket.socket, state: Any) -> None:
+    """Serve one client connection that starts with CONNECT (tls: sni); always closes or hands on `conn`."""
+    loop = asyncio.get_running_loop()
+    up: socket.socket | None = None
+    try:
+        await _handle(loop, conn, state)
+        conn = up = None  # owned by the transports now
+    except (OSError, TimeoutError, asyncio.TimeoutError, ValueError) as e:
+        log.debug("tunnel: %s", e)
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+async def _handle(loop: asyncio.AbstractEventLoop, conn: socket.socket, state: Any) -> None:
+    start = time.time()
+    client = conn.getpeername()[0]
+    deadline = loop.time() + HEAD_TIMEOUT
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_HEAD:
+            raise ValueError("CONNECT header too large")
+        chunk = await _recv(loop, conn, MAX_HEAD, deadline)
+        if not chunk:
+            raise ValueError("client closed before the CONNECT header ended")
+        buf += chunk
+    end = buf.index(b"\r\n\r\n") + 4
+    head, rest = buf[:end], buf[end:]
+    try:
+        host, port, accept = parse_connect(head)
+    except ValueError:
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        raise
+    st = state
+    st.counters.requests += 1
+    st.counters.connects += 1
+    hostport = f"{host}:{port}"
+    d = st.engine.decide(client, host)
+    if d.blocked:
+        if d.verdict == "deny":
+            st.counters.denied += 1
+        else:
+            st.counters.block(d.category)
+        body, ctype = blockpage.render(d, hostport, client, st.cfg.proxy.admin_contact, accept)
+        resp = (f"HTTP/1.1 403 Forbidden\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode() + body
+        await loop.sock_sendall(conn, resp)
+        _log(st, start, client, "TCP_DENIED", 403, len(resp), hostport)
+        return _close_soon(conn)
+    try:
+        up = await _connect(loop, host, port, loop.time() + CONNECT_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as e:
+        st.counters.errors += 1
+        msg = f"cannot connect to {hostport}: {e or type(e).__name__}\n".encode()
+        await loop.sock_sendall(conn, b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                                      b"Content-Length: %d\r\n\r\n" % len(msg) + msg)
+        _log(st, start, client, "TCP_MISS", 502, 0, hostport)
+        return _close_soon(conn)
+    try:
+        await loop.sock_sendall(conn, b"HTTP/1.1 200 Connection established\r\n\r\n")
+        # the ClientHello: decide again on its SNI (a client may CONNECT to an allowed host and name a blocked one)
+        deadline = loop.time() + HELLO_TIMEOUT
+        name = sni.NEED_MORE
+        while True:
+            name = sni.parse(rest) if rest else sni.NEED_MORE
+            if name is not sni.NEED_MORE or len(rest) >= sni.MAX_HELLO:
+                break
+            try:
+                chunk = await _recv(loop, conn, sni.MAX_HELLO, deadline)
+            except (TimeoutError, asyncio.TimeoutError):
+                break  # nothing from the client (a server-first protocol): pass it through
+            if not chunk:
+                up.close()
+                _log(st, start, client, "TCP_TUNNEL", 200, 0, hostport)
+                return _close_soon(conn)
+            rest += chunk
+        if isinstance(name, str) and name != host.lower().rstrip("."):
+            d = st.engine.decide(client, name)
+            if d.blocked:
+                st.counters.block(d.category)
+                log.info("cut tunnel to %s: SNI %s blocked (%s, %s)", hostport, name, d.category, d.source)
+                up.close()
+                _log(st, start, client, "TCP_DENIED", 403, 0, f"{name}:{port}")
+                conn.close()
+                return
+        peer_ip = up.getpeername()[0]
+        tun = _Tunnel(st, client, hostport, peer_ip, start)
+        a, b = _Pipe(tun, down=False), _Pipe(tun, down=True)
+        a.peer, b.peer = b, a
+        await loop.connect_accepted_socket(lambda: b, sock=up)
+        await loop.connect_accepted_socket(lambda: a, sock=conn)
+    except BaseException:
+        up.close()
+        raise
+    if rest:
+        tun.up_bytes += len(rest)
+        b.transport.write(rest)
+    a.transport.resume_reading()
+    b.transport.resume_reading()
+
+
+def _close_soon(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    conn.close()
