@@ -110,12 +110,12 @@ def dispatch(command: str | None, state: Path) -> int:
             seed_staging(rel)
             sys.stdout.flush()
             os.execv(new_argv[0], new_argv)
-        if verb == "receive":
+        if verb in ("receive", "sync-receive"):
             gen, digest, force = parse_receive(argv)
             result = rcv.receive(state, gen, digest, force, source=rcv.source_of_connection())
             print(json.dumps(result))
             return 0
-        raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive)", BAD_INPUT)
+        raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive|sync-receive)", BAD_INPUT)
     except PermissionError as e:
         import getpass
 

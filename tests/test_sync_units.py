@@ -94,6 +94,8 @@ def test_dispatch_refuses_shells_and_unknown_commands(tmp_path, capsys) -> None:
     assert dispatch("receive 1 ../../../etc", tmp_path) == BAD_INPUT
     assert "not a SHA-256" in capsys.readouterr().err
     assert "refused sync command \"sh -c 'id'\"" in (tmp_path / "sync" / "sync.log").read_text()
+    assert dispatch("sync-receive 0 " + "a" * 64, tmp_path) == BAD_INPUT
+    assert "not a generation number" in capsys.readouterr().err
     assert dispatch("status", tmp_path) == 0
     st = json.loads(capsys.readouterr().out)
     assert st == {"role": "UNKNOWN", "generation": None, "hash": None, "meta": False, "generations": []}
