@@ -85,7 +85,10 @@ class Engine:
         self.clock = clock or clock_from_env() or dt.datetime.now
         self._client_cache: dict[str, Any] = {}
         self._host_cache: dict[str, tuple] = {}
-        self._single_label = bool(getattr(index, "meta", {}).get("single_label", True))
+        meta = getattr(index, "meta", {})
+        self._single_label = bool(meta.get("single_label", True))
+        depths = meta.get("depths")  # label counts present in the domain lists (None: an older index, probe all)
+        self._depths = tuple(sorted({int(d) for d in depths}, reverse=True)) if depths is not None else None
         # expressions: one combined regex over every category, named groups tell which line matched
         self._expr, self._expr_names = self._combine(expressions or {})
         self.categories = set(self.allow) | set(self.block) | set(self.exempt)
@@ -123,26 +126,33 @@ class Engine:
                 self._client_cache[client] = c
         return c
 
+    def _domains(self, host: str) -> tuple:
+        """(category, source, entry) hits of the host's domain-list lookups, cached by the host as the client sent it."""
+        dom = self._host_cache.get(host)
+        return dom if dom is not None else self._fill(host)
+
+    def _fill(self, host: str) -> tuple:
+        h = fast_host(host) if host else None
+        dom = self._domain_hits(h) if h is not None else ()
+        cache = self._host_cache
+        if len(cache) >= HOST_CACHE:
+            cache.clear()  # bounded; a working set of hosts refills it quickly
+        cache[host] = dom
+        return dom
+
     def hits(self, host: str, url: str | None = None) -> dict[str, tuple[str, str]]:
         """category -> (source file:line, entry) for every category that lists this host/URL (most specific first)."""
         out: dict[str, tuple[str, str]] = {}
-        h = fast_host(host) if host else None
-        if h is None:
-            return out
-        dom = self._host_cache.get(h)
-        if dom is None:
-            dom = self._domain_hits(h)
-            if len(self._host_cache) >= HOST_CACHE:
-                self._host_cache.clear()  # bounded; a working set of hosts refills it quickly
-            self._host_cache[h] = dom
-        for cat, src, entry in dom:
-            out.setdefault(cat, (src, entry))
+        for cat, src, entry in self._domains(host):
+            if cat not in out:
+                out[cat] = (src, entry)
         if url is not None:
             if self.url_prefixes:
                 try:
                     uhost, path = split_url(url)
                 except ValueError:
-                    uhost, path = strip_www(h), "/"
+                    h = fast_host(host) if host else None
+                    uhost, path = (strip_www(h) if h else ""), "/"
                 for prefix, cat, src, entry in self.url_prefixes.get(uhost, ()):
                     if path.startswith(prefix):
                         out.setdefault(cat, (src, entry))
@@ -165,11 +175,20 @@ class Engine:
         return out
 
     def _domain_hits(self, h: str) -> tuple:
-        """Look the host and each parent domain up (label boundaries only), most specific first."""
+        """Look the host and each parent domain up (label boundaries only), most specific first.
+
+        With the index's `depths` (the label counts that occur in the lists), only suffixes with such a label count
+        are probed: for lists of 2-label domains, `a.b.example.com` costs one probe (`example.com`), not three."""
         lookup = self.index.lookup
-        found = lookup(h)
-        res = list(found) if found else []
-        if not (h[-1].isdigit() and h.replace(".", "").isdigit()):  # an IP literal has no parent domains
+        if ":" in h or (h[-1].isdigit() and h.replace(".", "").isdigit()):  # an IP literal has no parent domains
+            found = lookup(h)
+            return tuple(found) if found else ()
+        depths = self._depths
+        res: list = []
+        if depths is None:  # an index without depths: probe every suffix
+            found = lookup(h)
+            if found:
+                res.extend(found)
             stop = -1 if self._single_label else h.rfind(".")  # skip bare TLD lookups when no list has one
             i = h.find(".")
             while 0 <= i and i != stop:
@@ -177,16 +196,40 @@ class Engine:
                 if found:
                     res.extend(found)
                 i = h.find(".", i + 1)
+            return tuple(res)
+        k = h.count(".") + 1  # labels in h[i + 1:]
+        i = -1
+        for d in depths:  # descending: most specific first
+            if d > k:
+                continue
+            while k > d:
+                i = h.find(".", i + 1)
+                k -= 1
+            found = lookup(h[i + 1:] if i >= 0 else h)
+            if found:
+                res.extend(found)
         return tuple(res)
 
     def decide(self, client: str, host: str, url: str | None = None, when: dt.datetime | None = None) -> Decision:
         """The one decision: client ACL -> allow categories -> matching policies -> default block -> allow."""
-        ok, pols = self._client(client)
+        c = self._client_cache.get(client)
+        ok, pols = c if c is not None else self._client(client)
         if not ok:
             return Decision("deny", None, "proxy.clients", None)
-        hits = self.hits(host, url)
-        if not hits:
-            return ALLOWED
+        if url is None:  # a host only (CONNECT, SNI): the domain lists alone
+            dom = self._host_cache.get(host)
+            if dom is None:
+                dom = self._fill(host)
+            if not dom:
+                return ALLOWED
+            hits = {}
+            for cat, src, entry in dom:
+                if cat not in hits:
+                    hits[cat] = (src, entry)
+        else:
+            hits = self.hits(host, url)
+            if not hits:
+                return ALLOWED
         for cat in self.allow:
             if cat in hits:
                 return Decision("allow", cat, hits[cat][0], None, hits[cat][1])

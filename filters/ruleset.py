@@ -51,7 +51,7 @@ def _shown(cfg: cfgmod.Appliance, base: Path, cat: str, kind: str) -> str:
 def fingerprint(cfg: cfgmod.Appliance, base: Path) -> str:
     """Changes whenever a referenced list file, the category set or the bad-line policy changes."""
     lists_dir = cfg.lists_dir(base)
-    parts: list = [cfg.filter.bad_lines, _cat_order(cfg)]
+    parts: list = [cfg.filter.bad_lines, _cat_order(cfg), "depths"]  # "depths": indexes without them are recompiled
     for cat in _cat_order(cfg):
         for kind in flists.KINDS:
             f = lists_dir / cat / kind
@@ -111,7 +111,8 @@ def compile_index(cfg: cfgmod.Appliance, base: Path, out: Path | None = None) ->
                         + (f"\n... {report.bad_count - len(report.bad)} more" if report.bad_count > len(report.bad) else ""))
     report.entries = len(domains) + sum(len(v) for v in urls.values()) + sum(len(v) for v in exprs.values())
     single = any(b"." not in k for k in domains)
-    meta = {"fingerprint": fp, "single_label": single, "urls": urls, "expressions": exprs, "bad": report.bad, "bad_count": report.bad_count}
+    depths = sorted({k.count(b".") + 1 for k in domains})  # the engine probes only suffixes with these label counts
+    meta = {"fingerprint": fp, "single_label": single, "depths": depths, "urls": urls, "expressions": exprs, "bad": report.bad, "bad_count": report.bad_count}
     report.size = write_index(out, categories, domains, meta)
     report.seconds = time.monotonic() - t0
     return report

@@ -155,3 +155,33 @@ def test_engine_module_does_not_import_mitmproxy():
     code = "import sys, filters.engine, filters.ruleset, filters.index, filters.lists; print('mitmproxy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_depth_pruned_lookups_match_probing_every_suffix(tmp_path):
+    """The engine probes only suffixes whose label count occurs in the lists; the answers equal probing every suffix."""
+    import random
+
+    from filters.engine import Engine
+
+    doms = ["com", "b.example", "x.y.z.example", "deep.a.b.c.d.test", "10.1.2.3", "::1", "sub.b.example"]
+    cfg = make_tree(tmp_path, lists={"big/domains": "\n".join(doms) + "\n"},
+                    filt={"block": ["blocked", "big"], "policies": []})
+    c = cfgmod.load(cfg)
+    eng, _ = ruleset.build_engine(c, cfg.parent, compile_in_child=False)
+    assert eng.index.meta["depths"] == [1, 2, 3, 4, 6]
+    full = Engine(index=eng.index, clients=["127.0.0.0/8"], allow=eng.allow, block=eng.block)
+    full._depths = None  # an index compiled before depths existed: every suffix probed
+    rnd = random.Random(3)
+    labels = ["a", "b", "c", "d", "x", "y", "z", "deep", "sub", "www", "example", "test", "com", "blocked"]
+    hosts = ["10.1.2.3", "[::1]:443", "www.b.example", "B.Example.", "q.x.y.z.example", "y.z.example", "d.test"]
+    hosts += [".".join(rnd.choice(labels) for _ in range(rnd.randint(1, 8))) for _ in range(3000)]
+    blocked = 0
+    for h in hosts:
+        a, b = eng.decide("127.0.0.1", h), full.decide("127.0.0.1", h)
+        assert (a.verdict, a.category, a.source, a.rule) == (b.verdict, b.category, b.source, b.rule), h
+        assert eng.hits(h) == full.hits(h), h
+        blocked += a.blocked
+    assert eng.decide("127.0.0.1", "q.x.y.z.example").rule == "x.y.z.example"
+    assert eng.decide("127.0.0.1", "y.z.example").verdict == "allow"  # the parent of a listed domain is not listed
+    assert eng.decide("127.0.0.1", "shop.com").rule == "com"  # a bare TLD entry still matches (depth 1 is probed)
+    assert 100 < blocked < len(hosts)
