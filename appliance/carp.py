@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shlex
 import signal
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance import netns, role, state, watchdog
-from appliance.config import Appliance, run_dir, state_dir
+from appliance.config import Appliance, ConfigError, load, run_dir, state_dir
 
 ENGINES = ("ucarp", "speaker")
 # One-line switch: the engine `appliance carp` uses when --engine is not given.
@@ -92,6 +93,35 @@ def effective_advskew(cfg: Appliance, g: role.Group, demoted: bool) -> int:
     return max(g.advskew, cfg.ha.demote_advskew) if demoted else g.advskew
 
 
+def carp_params(cfg: Appliance, node: str) -> dict:
+    """What this node's engines are started with, from the config (the pass only as a digest)."""
+    c = cfg.cluster
+    return {
+        "interface": c.interface, "srcip": str(cfg.nodes[node].lan.ip), "advbase": c.advbase, "preempt": c.preempt,
+        "password": hashlib.sha256(c.password.get_secret_value().encode()).hexdigest(),
+        "vhids": {g.vhid: {"vip": str(g.vip), "advskew": g.advskew} for g in role.groups(cfg, node)},
+    }
+
+
+def carp_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two carp_params(), readable for the log (the pass only as "password changed")."""
+    out = []
+    for k in ("interface", "srcip", "advbase", "preempt"):
+        if old[k] != new[k]:
+            out.append(f"{k} {old[k]} -> {new[k]}")
+    if old["password"] != new["password"]:
+        out.append("password changed")
+    for v in sorted(set(old["vhids"]) | set(new["vhids"])):
+        a, b = old["vhids"].get(v), new["vhids"].get(v)
+        if a is None:
+            out.append(f"vhid {v} added (vip {b['vip']} advskew {b['advskew']})")
+        elif b is None:
+            out.append(f"vhid {v} removed")
+        else:
+            out += [f"vhid {v} {k} {a[k]} -> {b[k]}" for k in ("vip", "advskew") if a[k] != b[k]]
+    return out
+
+
 def startup_delay(cfg: Appliance, node: str) -> float:
     """Nodes start in advskew order: the n-th preferred node waits n x 0.5 x advbase, so a backup
     that boots together with the master never grabs the VIP first."""
@@ -146,6 +176,7 @@ class Supervisor:
         self.run = self.base / "run" if self.base else run_dir()
         self.stop = threading.Event()
         self.rearm = threading.Event()
+        self.reload = threading.Event()
         self.health = watchdog.Health(self.cfg.ha.failures)
         self.use_watchdog = self.use_watchdog and self.cfg.ha.watchdog
         self.target = watchdog.check_target(self.cfg, self.check)
@@ -223,6 +254,35 @@ class Supervisor:
                                             "restarts": e.restarts} for e in self.engines},
         })
 
+    def reload_config(self) -> list[str] | None:
+        """SIGHUP: re-read the config (through the `current` symlink), and when this node's CARP settings changed
+        stop every engine (VIPs dropped, leave adverts sent) and start them with the new ones. A config that
+        does not validate keeps the running engines. Returns the changes ([] none), None when refused."""
+        try:
+            new = load(self.config_path)
+            if self.node not in new.nodes:
+                raise ConfigError(f"{self.config_path}: nodes: this node ({self.node}) is not in it any more")
+        except (ConfigError, ValueError, OSError) as e:
+            why = "; ".join(getattr(e, "problems", None) or [str(e)])
+            role.log_line(f"carp: config reload refused, the running engines stay as they are: {why}", self.base)
+            return None
+        changes = carp_changes(carp_params(self.cfg, self.node), carp_params(new, self.node))
+        if not changes:
+            self.cfg = new
+            self.target = watchdog.check_target(new, self.check)
+            role.log_line("carp: config re-read, CARP settings unchanged", self.base)
+            return []
+        role.log_line(f"carp: CARP settings changed ({'; '.join(changes)}); restarting the engines", self.base)
+        for e in self.engines:
+            self.stop_engine(e, "carp settings changed")
+        self.cfg = new
+        self.iface = new.cluster.interface
+        self.target = watchdog.check_target(new, self.check)
+        self.passfile = write_pass(new, self.base)
+        self.engines = [Engine(g) for g in role.groups(new, self.node)]
+        self.write_status()
+        return changes
+
     # -- watchdog thread
     def watch(self) -> None:
         period = float(self.cfg.cluster.advbase)
@@ -245,8 +305,8 @@ class Supervisor:
         self.env = {"APPLIANCE_STATE_DIR": str(self.base or state_dir())}
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
-        for sig in (signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, lambda *_: self.rearm.set())
+        signal.signal(signal.SIGHUP, lambda *_: (self.reload.set(), self.rearm.set()))
+        signal.signal(signal.SIGUSR1, lambda *_: self.rearm.set())
         self.engines = [Engine(g) for g in role.groups(self.cfg, self.node)]
         # startup order: no stale VIP from a previous life, then wait our turn
         for e in self.engines:
@@ -275,6 +335,10 @@ class Supervisor:
             if now >= link_check:
                 link_ok = netns.link_up(self.iface)
                 link_check = now + 0.1
+            if self.reload.is_set():
+                self.reload.clear()
+                self.reload_config()
+                link_ok = netns.link_up(self.iface)
             if self.rearm.is_set():
                 self.rearm.clear()
                 demoted, why = self.demoted()

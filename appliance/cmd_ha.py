@@ -70,7 +70,46 @@ def _fmt_since(since: float | None) -> str:
     return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))} ({age // 3600}h{age % 3600 // 60:02d}m{age % 60:02d}s ago)"
 
 
-def collect_status(ctx: Ctx) -> dict:
+PROBE_TIMEOUT = 1.0
+
+
+def probe_peer(src: str, dst: str, port: int, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
+    """One TCP connect from our sync address to the peer's sync sshd: an answer (even a refusal) means the
+    peer is up on the link. Bounded by `timeout`; nothing else is sent."""
+    import errno
+    import socket
+
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection((dst, port), timeout=timeout, source_address=(src, 0)):
+            return True, f"sshd answers on port {port} ({(time.monotonic() - t0) * 1000:.0f} ms)"
+    except ConnectionRefusedError:
+        return True, f"up, but nothing listens on port {port}"
+    except socket.timeout:
+        return False, f"no answer within {timeout:.0f} s"
+    except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            return False, f"our sync address {src} is not configured"
+        return False, e.strerror or type(e).__name__
+
+
+def probe_peers(cfg, node: str, others: dict) -> dict[str, tuple[bool | None, str]]:
+    """Probe each peer's sync address, only over the sync link: our own sync address must be on
+    cluster.sync_interface here (else nothing is sent: (None, why)); peers in parallel, 1 s each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    me = cfg.nodes[node].sync
+    if not IS_FREEBSD and not netns.has_address(cfg.cluster.sync_interface, me):
+        why = f"not probed: {me.ip} is not on {cfg.cluster.sync_interface} here"
+        return {name: (None, why) for name in others}
+    if not others:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(others))) as ex:
+        futs = {name: ex.submit(probe_peer, str(me.ip), str(n.sync.ip), cfg.sync.ssh_port) for name, n in others.items()}
+        return {name: f.result() for name, f in futs.items()}
+
+
+def collect_status(ctx: Ctx, probe: bool = True) -> dict:
     cfg, node = ctx.cfg, ctx.node
     info = carp.status_info() or {}
     ha = state.read_ha()
@@ -87,11 +126,14 @@ def collect_status(ctx: Ctx) -> dict:
             "engine_pid": eng.get("pid"),
         })
     peers = {}
-    for name, n in cfg.nodes.items():
-        if name != node:
-            st = netns.neighbour_state(str(n.sync.ip)) if not IS_FREEBSD else None
-            peers[name] = {"sync": str(n.sync.ip), "seen": bool(st and "FAILED" not in st and "INCOMPLETE" not in st),
-                           "neighbour": st}
+    others = {name: n for name, n in cfg.nodes.items() if name != node}
+    answers = probe_peers(cfg, node, others) if probe else {}
+    for name, n in others.items():
+        st = netns.neighbour_state(str(n.sync.ip)) if not IS_FREEBSD else None
+        seen, what = answers.get(name, (None, "not probed"))
+        if seen is None:  # not probed: fall back to what the kernel already knows
+            seen = bool(st and "FAILED" not in st and "INCOMPLETE" not in st)
+        peers[name] = {"sync": str(n.sync.ip), "seen": seen, "probe": what, "neighbour": st}
     ppid = proxyctl.pid()
     return {
         "node": node, **{k: vhids[0][k] for k in ("role", "vhid", "advbase", "advskew", "vip", "since")},
@@ -107,10 +149,12 @@ def collect_status(ctx: Ctx) -> dict:
 
 @main.command("status")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--no-probe", is_flag=True, help="do not probe the peers over the sync link (neighbour table only)")
 @click.pass_obj
-def status_cmd(ctx: Ctx, as_json: bool) -> None:
-    """Role, vhid, advbase/advskew, VIP and since when; the peer on the sync link; proxy; sync generation."""
-    s = collect_status(ctx)
+def status_cmd(ctx: Ctx, as_json: bool, no_probe: bool) -> None:
+    """Role, vhid, advbase/advskew, VIP and since when; the peer on the sync link (probed: TCP connect to its
+    sync sshd, 1 s at most); proxy; sync generation."""
+    s = collect_status(ctx, probe=not no_probe)
     if as_json:
         emit_json(s)
         return
@@ -129,7 +173,7 @@ def status_cmd(ctx: Ctx, as_json: bool) -> None:
     click.echo(f"engine: {c['engine'] + ' (supervisor pid ' + str(c['supervisor_pid']) + ')' if c['running'] else 'not running'}")
     for name, p in s["peers"].items():
         click.echo(f"peer: {name} {p['sync']} {'seen' if p['seen'] else 'not seen'} on the sync link"
-                   f"{' (' + p['neighbour'] + ')' if p['neighbour'] else ''}")
+                   f" ({p['probe']}{', neighbour ' + p['neighbour'] if p['neighbour'] else ''})")
     click.echo(f"proxy: {'up (pid ' + str(s['proxy']['pid']) + ')' if s['proxy']['up'] else 'down'}")
     gen = s["sync_generation"]
     click.echo(f"sync: {'generation ' + str(gen) if gen is not None else 'no release yet'}")
@@ -163,7 +207,7 @@ def _set_demoted(ctx: Ctx, demote: bool) -> None:
         click.echo(f"{node}: {verb}d; `appliance carp` is not running, it will start "
                    f"{'demoted' if demote else 'with the configured advskew'}")
         return
-    os.kill(pid, signal.SIGHUP)
+    os.kill(pid, signal.SIGUSR1)  # re-arm with the new advskew (SIGHUP would also re-read the config)
     click.echo(f"{node}: {verb}d; engine re-armed (supervisor pid {pid})")
 
 
@@ -208,5 +252,5 @@ def watchdog_cmd(ctx: Ctx, check: str | None, once: bool) -> None:
             role.log_line(f"watchdog: proxy {'healthy' if change else 'unhealthy: ' + why}")
             pid = carp.supervisor_pid()
             if pid:
-                os.kill(pid, signal.SIGHUP)
+                os.kill(pid, signal.SIGUSR1)
         time.sleep(max(0.05, cfg.cluster.advbase - (time.monotonic() - t0)))

@@ -45,8 +45,8 @@ def up_cmd(ctx: Ctx, name: str | None, engine: str | None, deadratio: int | None
     click.echo(f"lab {d['name']} up in {time.monotonic() - t0:.1f} s (state in {d['dir']})")
     click.echo(f"vip {d['vip']}:{d['proxy_port']}  origin {d['origin']}  client netns {d['client']['netns']}")
     for node, n in d["nodes"].items():
-        click.echo(f"{node}: netns {n['netns']} engine pid {n['engine_pid']} proxy pid {n['proxy_pid']} config {n['config']}")
-    click.echo(f"try: appliance lab exec {next(iter(d['nodes']))} -- appliance status;  appliance lab failover;  "
+        click.echo(f"{node}: netns {n['netns']} engine pid {n['engine_pid']} proxy pid {n['proxy_pid']} sshd pid {n['sshd_pid']} config {n['config']}")
+    click.echo(f"try: appliance lab exec {next(iter(d['nodes']))} -- appliance status;  appliance lab exec {next(iter(d['nodes']))} -- appliance sync;  appliance lab failover;  "
                f"appliance lab down --name {d['name']}")
 
 
@@ -77,6 +77,7 @@ def status_cmd(ctx: Ctx, name: str | None, as_json: bool) -> None:
         n["healthy"] = st.get("healthy")
         n["proxy_alive"] = labmod._alive(n["proxy_pid"])
         n["carp_alive"] = labmod._alive(lab["nodes"][node]["carp_pid"])
+        n["sshd_alive"] = labmod._alive(n["sshd_pid"])
     d["holders"] = vip_holders
     if as_json:
         emit_json(d)
@@ -85,7 +86,8 @@ def status_cmd(ctx: Ctx, name: str | None, as_json: bool) -> None:
         click.echo(f"vhid {v} vip {lab['vips'][v]}: held by {', '.join(h) or 'nobody'}")
     for node, n in d["nodes"].items():
         click.echo(f"{node}: role {n['role_state']} engine {n['engine_pid']} proxy {n['proxy_pid']}"
-                   f"{'' if n['proxy_alive'] else ' (dead)'} healthy {n['healthy']}")
+                   f"{'' if n['proxy_alive'] else ' (dead)'} sshd {n['sshd_pid']}{'' if n['sshd_alive'] else ' (dead)'}"
+                   f" healthy {n['healthy']}")
 
 
 @lab_group.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

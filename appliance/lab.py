@@ -15,7 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 from appliance import config as cfgmod
+from appliance import keys as keymod
 from appliance import netns
 from appliance.state import read_json, write_json_atomic
 
@@ -119,6 +122,26 @@ def start_proxy(lab: dict, node: str) -> int:
     return pid
 
 
+def sshd_dir(lab: dict, node: str) -> Path:
+    return Path(lab["nodes"][node]["dir"]) / "sshd"
+
+
+def start_sshd(lab: dict, node: str) -> int:
+    """The node's private sshd on its sync address (own host key, config and authorized_keys; nothing of the host's)."""
+    n = lab["nodes"][node]
+    d = sshd_dir(lab, node)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # the privilege separation dir sshd insists on
+    pid = spawn(n["netns"], [netns.tool("sshd"), "-D", "-e", "-f", str(d / "sshd_config")], {}, d / "sshd.log")
+    n["sshd_pid"] = pid
+    save(lab)
+    return pid
+
+
+def sshd_listening(lab: dict, node: str) -> bool:
+    log = sshd_dir(lab, node) / "sshd.log"
+    return log.exists() and "Server listening on" in log.read_text(errors="replace")
+
+
 def start_carp(lab: dict, node: str) -> int:
     n = lab["nodes"][node]
     pid = spawn(n["netns"], carp_argv(lab, node), node_env(lab, node), Path(n["dir"]) / "carp.log")
@@ -128,7 +151,82 @@ def start_carp(lab: dict, node: str) -> int:
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("node.yaml", "hooks.d", ".git", "__pycache__"), symlinks=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("node.yaml", "hooks.d", ".git", "__pycache__", "keys"),
+                    symlinks=True)
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _keygen(path: Path, comment: str) -> str:
+    """A fresh ed25519 key pair (private 0600); returns the public line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([netns.tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise LabError(f"ssh-keygen {path}: {r.stderr.strip()}")
+    os.chmod(path, 0o600)
+    return path.with_name(path.name + ".pub").read_text()
+
+
+def render_config(text: str) -> str:
+    """The lab's copy of the cluster file: sync logs in as root (the lab runs as root; the forced command
+    is the only thing the key may run, PermitRootLogin forced-commands-only)."""
+    data = yaml.safe_load(text)
+    data.setdefault("sync", {})
+    data["sync"]["user"] = "root"
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+SSHD_CONFIG = """\
+# the lab's private sshd for {node}: only the sync key, only its forced command
+Port {port}
+ListenAddress {addr}
+HostKey {host_key}
+PidFile none
+AuthorizedKeysFile {authorized_keys}
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin forced-commands-only
+AllowUsers root
+StrictModes no
+AllowTcpForwarding no
+AllowAgentForwarding no
+X11Forwarding no
+PermitTTY no
+MaxStartups 20
+LogLevel VERBOSE
+"""
+
+
+def _setup_ssh(lab: dict, cfg: cfgmod.Appliance) -> None:
+    """Sync key pair (the same in every node's tree, appliance.keys layout), a host key per node in the lab dir,
+    keys/known_hosts pinning every node's host key on its sync address, and each node's sshd_config and
+    authorized_keys (the forced `sync-serve` with the node's state dir)."""
+    d = Path(lab["dir"])
+    sync_pub = _keygen(d / "keys" / keymod.SYNC_KEY, "appliance-sync")
+    private = (d / "keys" / keymod.SYNC_KEY).read_bytes()
+    host_pubs = {node: _keygen(sshd_dir(lab, node) / "ssh_host_ed25519_key", f"root@{node}") for node in lab["nodes"]}
+    kh = "\n".join(keymod.known_hosts_lines(cfg, host_pubs)) + "\n"
+    for node, n in lab["nodes"].items():
+        tree = Path(n["state"]) / "releases" / "1"
+        _write_secret(keymod.sync_key(tree), private)
+        keymod.sync_key(tree).with_name(keymod.SYNC_KEY + ".pub").write_text(sync_pub)
+        keymod.known_hosts(tree).write_text(kh)
+        sd = sshd_dir(lab, node)
+        env = f"APPLIANCE_STATE_DIR={n['state']} APPLIANCE_NODE={node} APPLIANCE_CONFIG={n['config']}"
+        line = keymod.authorized_keys_line(cfg, node, sync_pub, appliance_bin=f"/usr/bin/env {env} {VENV_BIN}/appliance")
+        _write_secret(sd / "authorized_keys", (line + "\n").encode())
+        _write_secret(sd / "sshd_config", SSHD_CONFIG.format(
+            node=node, port=cfg.sync.ssh_port, addr=n["sync"].split("/")[0], host_key=sd / "ssh_host_ed25519_key",
+            authorized_keys=sd / "authorized_keys").encode())
 
 
 def up(config_path: Path, name: str | None = None, engine: str | None = None, deadratio: int | None = None,
@@ -136,7 +234,7 @@ def up(config_path: Path, name: str | None = None, engine: str | None = None, de
     """Build the lab and start everything; returns the lab description (the `lab up --json` shape)."""
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces); run it as root")
-    for t in ("ip", "ucarp", "arping"):
+    for t in ("ip", "ucarp", "arping", "sshd", "ssh", "ssh-keygen", "rsync"):
         if not shutil.which(netns.tool(t)):
             raise LabError(f"the lab needs {t} (make lab installs it)")
     cfg = cfgmod.load(config_path)
@@ -203,12 +301,14 @@ def _build(lab: dict, cfg: cfgmod.Appliance, config_path: Path, origin_ip, clien
         st = nd / "state"
         (st / "releases").mkdir(parents=True, exist_ok=True)
         _copy_tree(config_path.parent, st / "releases" / "1")
+        rendered = st / "releases" / "1" / config_path.name
+        rendered.write_text(render_config(rendered.read_text()))
         os.symlink("releases/1", st / "current")
         (st / "node.yaml").write_text(f"node: {node}\n")
         lab["nodes"][node] = {"netns": ns, "lan_if": c.interface, "sync_if": c.sync_interface,
                               "lan": str(cfg.nodes[node].lan), "sync": str(cfg.nodes[node].sync),
                               "config": str(st / "current" / config_path.name), "state": str(st), "dir": str(nd),
-                              "engine_pid": None, "proxy_pid": None, "carp_pid": None}
+                              "engine_pid": None, "proxy_pid": None, "carp_pid": None, "sshd_pid": None}
         save(lab)
         netns.ip("link", "add", c.interface, "type", "veth", "peer", "name", f"p{i}", "netns", lan_ns, netns=ns)
         netns.ip("link", "set", f"p{i}", "master", "br0", "up", netns=lan_ns)
@@ -230,7 +330,10 @@ def _build(lab: dict, cfg: cfgmod.Appliance, config_path: Path, origin_ip, clien
         ns = lab["nodes"][node]["netns"]
         netns.ip("addr", "add", str(cfg.nodes[node].sync), "dev", c.sync_interface, netns=ns)
         netns.ip("link", "set", c.sync_interface, "up", netns=ns)
-    # origin, then proxies (warm standby on every node), then the engines
+    # sshd on every node's sync address, origin, then proxies (warm standby on every node), then the engines
+    _setup_ssh(lab, cfgmod.load(Path(lab["nodes"][names[0]]["config"])))
+    for node in names:
+        start_sshd(lab, node)
     lab["origin_pid"] = spawn(lan_ns, [sys.executable, "-m", "appliance.lab", "origin", str(origin_ip), str(origin_port)],
                               {}, Path(lab["dir"]) / "origin.log")
     save(lab)
@@ -282,15 +385,16 @@ def _wait_ready(lab: dict, cfg: cfgmod.Appliance, wait: float) -> None:
     last = ""
     while time.monotonic() < deadline:
         for node, n in lab["nodes"].items():
-            for what in ("proxy_pid", "carp_pid"):
+            for what in ("proxy_pid", "carp_pid", "sshd_pid"):
                 if not _alive(n[what]):
-                    log = Path(n["dir"]) / ("proxy.log" if what == "proxy_pid" else "carp.log")
+                    log = Path(n["dir"]) / {"proxy_pid": "proxy.log", "carp_pid": "carp.log", "sshd_pid": "sshd/sshd.log"}[what]
                     tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
                     raise LabError(f"{node}: {what.split('_')[0]} exited during lab up: {' | '.join(tail)}")
         healthy = all(carp_status(lab, nd).get("healthy") for nd in lab["nodes"])
+        sshd = all(sshd_listening(lab, nd) for nd in lab["nodes"])
         h = holders(lab)
-        last = f"holders {h}, watchdogs healthy: {healthy}"
-        if healthy and h == [want] and all(engine_pid(lab, nd) for nd in lab["nodes"]):
+        last = f"holders {h}, watchdogs healthy: {healthy}, sshd listening: {sshd}"
+        if healthy and sshd and h == [want] and all(engine_pid(lab, nd) for nd in lab["nodes"]):
             return
         time.sleep(0.2)
     raise LabError(f"lab not ready after {wait:.0f} s ({last}); logs in {lab['dir']}")
@@ -302,7 +406,7 @@ def describe(lab: dict) -> dict:
         "name": lab["name"], "dir": lab["dir"], "vip": lab["vip"], "proxy_port": lab["proxy_port"], "origin": lab["origin"],
         "client": {"netns": lab["client"]["netns"]},
         "nodes": {node: {"netns": n["netns"], "engine_pid": engine_pid(lab, node), "proxy_pid": n["proxy_pid"],
-                         "lan_if": n["lan_if"], "config": n["config"]} for node, n in lab["nodes"].items()},
+                         "sshd_pid": n.get("sshd_pid"), "lan_if": n["lan_if"], "config": n["config"]} for node, n in lab["nodes"].items()},
     }
 
 
@@ -338,7 +442,7 @@ def down(name: str | None = None) -> list[str]:
     # the supervisors first (they stop their engines and drop the VIP), then everything left in our namespaces
     sup = [n.get("carp_pid") for n in lab.get("nodes", {}).values() if n.get("carp_pid")]
     _kill([p for p in sup if _alive(p)])
-    rest = [n.get("proxy_pid") for n in lab.get("nodes", {}).values()] + [lab.get("origin_pid")]
+    rest = [n.get(k) for n in lab.get("nodes", {}).values() for k in ("proxy_pid", "sshd_pid")] + [lab.get("origin_pid")]
     for ns in spaces:
         rest += netns.netns_pids(ns)
     _kill([p for p in rest if p and _alive(p)], grace=2.0)
@@ -597,13 +701,36 @@ def run_probe(proxy_host: str, port: int, url: str, interval: float, timeout: fl
     time.sleep(timeout + 0.1)
 
 
+def get_status(proxy: tuple[str, int], url: str, timeout: float) -> str:
+    """One GET through the proxy; the HTTP status code, or the error's name when nothing came back."""
+    try:
+        with socket.create_connection(proxy, timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(f"GET {url} HTTP/1.1\r\nHost: {url.split('/')[2]}\r\nConnection: close\r\n\r\n".encode())
+            data = s.recv(4096)
+    except OSError as e:
+        return type(e).__name__
+    parts = data.split(b"\r\n", 1)[0].split()
+    return parts[1].decode() if len(parts) > 1 and parts[0].startswith(b"HTTP/1.") else "no-http-answer"
+
+
+def client_get(lab: dict, proxy_host: str, url: str, timeout: float = 5.0) -> str:
+    """A client request from the client namespace through proxy_host:proxy_port; returns the status code."""
+    argv = netns.in_ns(lab["client"]["netns"], [sys.executable, "-m", "appliance.lab", "get", proxy_host,
+                                                str(lab["proxy_port"]), url, str(timeout)])
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, stdin=subprocess.DEVNULL)
+    return r.stdout.strip() or f"exit {r.returncode}: {r.stderr.strip()[-200:]}"
+
+
 def _main(argv: list[str]) -> int:
-    if argv[:1] == ["origin"]:
+    if argv[:1] == ["get"]:
+        print(get_status((argv[1], int(argv[2])), argv[3], float(argv[4])))
+    elif argv[:1] == ["origin"]:
         serve_origin(argv[1], int(argv[2]))
     elif argv[:1] == ["probe"]:
         run_probe(argv[1], int(argv[2]), argv[3], float(argv[4]), float(argv[5]), float(argv[6]))
     else:
-        print("usage: python -m appliance.lab origin HOST PORT | probe PROXYHOST PORT URL INTERVAL TIMEOUT DURATION",
+        print("usage: python -m appliance.lab origin HOST PORT | get PROXYHOST PORT URL TIMEOUT | probe PROXYHOST PORT URL INTERVAL TIMEOUT DURATION",
               file=sys.stderr)
         return 2
     return 0

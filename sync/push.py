@@ -19,7 +19,7 @@ from sync import lock, tree
 from sync.check import validate_tree
 from sync.errors import BAD_INPUT, OK, PEER_FAILED, SPLIT_BRAIN, STALE, SyncError
 from sync.journal import note
-from sync.receive import reload_proxy
+from sync.receive import reload_carp, reload_proxy
 from sync.releases import Releases, mirror
 from sync.serve import STAGING_TOKEN
 
@@ -269,6 +269,7 @@ def sync(cfg: Appliance, node: str, config_path: Path, state: Path, force: bool 
             rel.write_staging_meta(plan.generation, plan.digest)
             report["pruned"] = rel.prune(cfg.sync.keep_releases)
             report["proxy"] = reload_proxy(state)
+            report["carp"] = reload_carp(state)
             note(state, f"cut generation {plan.generation} on {node} ({'; '.join(plan.reasons)})")
             progress("local", "done")
             report["cut_seconds"] = round(time.monotonic() - t_cut, 3)

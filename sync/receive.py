@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def reload_proxy(state: Path) -> str:
     except (RuntimeError, OSError) as e:
         note(state, f"proxy not reloaded: {e}; it reads the new release when it (re)starts", logging.WARNING)
         return f"proxy not reloaded ({e})"
+
+
+def reload_carp(state: Path) -> str:
+    """SIGHUP the CARP supervisor if one runs: it re-reads the config and restarts its engines only when
+    this node's CARP settings changed (advbase, advskew, pass, VIP...)."""
+    from appliance.carp import supervisor_pid
+
+    try:
+        pid = supervisor_pid(Path(state))
+        if pid is None:
+            return "carp supervisor not running"
+        os.kill(pid, signal.SIGHUP)
+        return f"signalled carp supervisor pid {pid}"
+    except OSError as e:
+        note(state, f"carp supervisor not signalled: {e}", logging.WARNING)
+        return f"carp supervisor not signalled ({e})"
 
 
 def receive(state: Path, gen: int, digest: str, force: bool = False, source: str = "?", reload: bool = True) -> dict:
@@ -73,9 +90,10 @@ def receive(state: Path, gen: int, digest: str, force: bool = False, source: str
         rel.write_staging_meta(gen, digest)
         pruned = rel.prune(cfg.sync.keep_releases)
         reloaded = reload_proxy(state) if reload else "not asked"
-        note(state, f"generation {gen} from {source} is live (was {live}); {reloaded}")
+        carp = reload_carp(state) if reload else "not asked"
+        note(state, f"generation {gen} from {source} is live (was {live}); {reloaded}; {carp}")
         return {"ok": True, "action": "swapped", "generation": gen, "previous": live, "pruned": pruned,
-                "proxy": reloaded, "seconds": round(time.monotonic() - t0, 3)}
+                "proxy": reloaded, "carp": carp, "seconds": round(time.monotonic() - t0, 3)}
 
 
 def rollback(state: Path, gen: int, reload: bool = True) -> dict:
@@ -92,8 +110,9 @@ def rollback(state: Path, gen: int, reload: bool = True) -> dict:
         mirror(rel.path(gen), rel.staging)
         rel.write_staging_meta(gen, m["hash"])
         reloaded = reload_proxy(state) if reload else "not asked"
-        note(state, f"rollback: generation {gen} is live (was {old}); {reloaded}", logging.WARNING)
-        return {"ok": True, "action": "rollback", "generation": gen, "previous": old, "proxy": reloaded}
+        carp = reload_carp(state) if reload else "not asked"
+        note(state, f"rollback: generation {gen} is live (was {old}); {reloaded}; {carp}", logging.WARNING)
+        return {"ok": True, "action": "rollback", "generation": gen, "previous": old, "proxy": reloaded, "carp": carp}
 
 
 def source_of_connection() -> str:
