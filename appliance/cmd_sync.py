@@ -168,8 +168,11 @@ def keys_group() -> None:
 @click.option("--for", "for_node", metavar="NODE", help="print only NODE's authorized_keys line")
 @click.option("--appliance-bin", default="/usr/local/bin/appliance", show_default=True,
               help="the appliance command on the peers (the forced command runs `<it> sync-serve`)")
+@click.option("--elevate", type=click.Choice(["auto", *keymod.ELEVATE]), default="auto", show_default=True,
+              help="how the forced command becomes root on the peers: doas (FreeBSD), sudo (Linux), none (sync.user: root); "
+                   "auto picks none for root, else doas on FreeBSD, sudo elsewhere")
 @click.pass_obj
-def keys_init(ctx: Ctx, force: bool, for_node: str | None, appliance_bin: str) -> None:
+def keys_init(ctx: Ctx, force: bool, for_node: str | None, appliance_bin: str, elevate: str = "auto") -> None:
     """Make the ed25519 sync key (0600) in the config tree; print the authorized_keys line(s) for the peers."""
     cfg = ctx.cfg
     key = keymod.sync_key(ctx.base_dir)
@@ -197,10 +200,23 @@ def keys_init(ctx: Ctx, force: bool, for_node: str | None, appliance_bin: str) -
     if not pubkey:
         fail(f"{pub}: missing or empty; run `appliance keys init --force`", 1)
     nodes = [for_node] if for_node else list(cfg.nodes)
+    if elevate == "auto":
+        elevate = keymod.default_elevate(cfg.sync.user)
+    try:
+        lines = {n: keymod.authorized_keys_line(cfg, n, pubkey, appliance_bin, elevate=elevate) for n in nodes}
+    except ValueError as e:
+        fail(f"--appliance-bin: {e}")
+    rule_file, rules = keymod.elevation_rules(elevate, cfg.sync.user, appliance_bin)
+    if not for_node:
+        if rules:
+            click.echo(f"# on every node, {rule_file} (root-owned, mode 0440/0600) must hold:")
+            click.echo("".join(f"#   {r}\n" for r in rules), nl=False)
+        elif cfg.sync.user == "root":
+            click.echo("# sync.user is root: the peers' sshd needs `PermitRootLogin forced-commands-only`")
     for n in nodes:
         if not for_node:
             click.echo(f"# ~{cfg.sync.user}/.ssh/authorized_keys on {n}:")
-        click.echo(keymod.authorized_keys_line(cfg, n, pubkey, appliance_bin))
+        click.echo(lines[n])
 
 
 @keys_group.command("known-hosts")

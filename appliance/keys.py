@@ -28,11 +28,62 @@ def host_key(config_dir: Path, node: str) -> Path:
     return keys_dir(config_dir) / HOST_KEYS_DIR / node / "ssh_host_ed25519_key"
 
 
-def authorized_keys_line(cfg: Appliance, node: str, pubkey: str, appliance_bin: str = "/usr/local/bin/appliance") -> str:
+# How the forced command gains the rights it needs on the peer (write <state>, SIGHUP the root-owned proxy):
+# "none" runs it as the login user (sync.user: root with PermitRootLogin forced-commands-only), "doas" (FreeBSD
+# image, security/doas) and "sudo" (Linux) run exactly `<appliance> sync-serve` as root through a one-command rule.
+ELEVATE = {"none": (), "doas": ("/usr/local/bin/doas", "-n"), "sudo": ("/usr/bin/sudo", "-n")}
+# what the rule must pass through the reset environment: the command the master asked for, and who asked (logs)
+PASSED_ENV = ("SSH_ORIGINAL_COMMAND", "SSH_CLIENT")
+
+
+def default_elevate(user: str, platform: str | None = None) -> str:
+    """root needs nothing; otherwise doas on FreeBSD (what the image ships), sudo elsewhere."""
+    import sys
+
+    platform = sys.platform if platform is None else platform
+    if user == "root":
+        return "none"
+    return "doas" if platform.startswith("freebsd") else "sudo"
+
+
+def serve_command(appliance_bin: str = "/usr/local/bin/appliance", elevate: str = "none") -> str:
+    """The forced command: `<appliance> sync-serve`, through `doas -n` / `sudo -n` when elevated."""
+    if elevate not in ELEVATE:
+        raise ValueError(f"elevate: {elevate!r} is not one of {', '.join(ELEVATE)}")
+    if '"' in appliance_bin or "\n" in appliance_bin:
+        raise ValueError(f"appliance_bin: {appliance_bin!r} cannot go into an authorized_keys command=\"...\"")
+    if ELEVATE[elevate] and (not appliance_bin.startswith("/") or any(c.isspace() or c == "\\" for c in appliance_bin)):
+        # the doas/sudo rule names one absolute program; the forced command must name the very same string
+        raise ValueError(f"appliance_bin: {appliance_bin!r} must be one absolute path (no spaces) for {elevate}")
+    return " ".join((*ELEVATE[elevate], appliance_bin, SERVE_COMMAND))
+
+
+def authorized_keys_line(cfg: Appliance, node: str, pubkey: str, appliance_bin: str = "/usr/local/bin/appliance",
+                         elevate: str = "none") -> str:
     """The line for `node`'s sync user: only the sync command, only from the other nodes' sync addresses."""
     sources = ",".join(str(n.sync.ip) for name, n in cfg.nodes.items() if name != node)
     key = " ".join(pubkey.split()[:2])
-    return f'command="{appliance_bin} {SERVE_COMMAND}",from="{sources}",restrict {key} appliance-sync'
+    return f'command="{serve_command(appliance_bin, elevate)}",from="{sources}",restrict {key} appliance-sync'
+
+
+def doas_rule(user: str, appliance_bin: str = "/usr/local/bin/appliance") -> str:
+    """doas.conf(5): `user` may run exactly `<appliance> sync-serve` as root, keeping only the SSH variables."""
+    return f"permit nopass setenv {{ {' '.join(PASSED_ENV)} }} {user} as root cmd {appliance_bin} args {SERVE_COMMAND}"
+
+
+def sudoers_rules(user: str, appliance_bin: str = "/usr/local/bin/appliance") -> list[str]:
+    """sudoers(5) lines for /etc/sudoers.d/<user>: the same single command as root, the SSH variables kept."""
+    return [f'Defaults:{user} env_keep += "{" ".join(PASSED_ENV)}", !requiretty',
+            f"{user} ALL=(root) NOPASSWD: {appliance_bin} {SERVE_COMMAND}"]
+
+
+def elevation_rules(elevate: str, user: str, appliance_bin: str = "/usr/local/bin/appliance") -> tuple[str, list[str]]:
+    """(file on the peer, its lines) that lets the forced command run; ("", []) when nothing is needed."""
+    if elevate == "doas":
+        return "/usr/local/etc/doas.conf", [doas_rule(user, appliance_bin)]
+    if elevate == "sudo":
+        return f"/etc/sudoers.d/{user}", sudoers_rules(user, appliance_bin)
+    return "", []
 
 
 def known_hosts_lines(cfg: Appliance, host_pubkeys: dict[str, str], port: int | None = None) -> list[str]:

@@ -77,7 +77,11 @@ class Options:
 
 
 def _users(tree: Tree) -> dict[str, tuple[int, int]]:
-    return {e.uname: (e.uid, e.gid) for e in tree if e.uname != "root"}
+    users = {e.uname: (e.uid, e.gid) for e in tree if e.uname != "root"}
+    for e in tree:  # a group used without its user (root:appliance-sync) still needs a name for makefs -N
+        if e.gname not in ("wheel", "root"):
+            users.setdefault(e.gname, (e.gid, e.gid))
+    return users
 
 
 def _merge_rootfs(base: dict[str, Entry], overlay: Tree, root: Path, fstab: str) -> Tree:

@@ -89,10 +89,32 @@ def seed_staging(rel: Releases) -> None:
     rel.staging.mkdir(parents=True, exist_ok=True)
 
 
-def dispatch(command: str | None, state: Path) -> int:
-    """Run one sync command for a peer; the process exit code is returned (errors go to stderr)."""
+def running_as() -> str:
+    """Who this process is (by effective uid, not $USER), and who it runs for under doas/sudo: for messages."""
+    import pwd
+
     try:
-        if not command or not command.strip():
+        me = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        me = f"uid {os.geteuid()}"
+    for var, tool in (("DOAS_USER", "doas"), ("SUDO_USER", "sudo")):
+        if os.environ.get(var):
+            return f"{me} (for {os.environ[var]} via {tool})"
+    return me
+
+
+def dispatch(command: str | None, state: Path) -> int:
+    """Run one sync command for a peer; the process exit code is returned (errors go to stderr).
+
+    Only `command` (the peer's SSH_ORIGINAL_COMMAND) decides what runs; nothing depends on which user logged in
+    or whether doas/sudo made this process root, so the whitelist is the same either way."""
+    try:
+        if command is None:
+            raise SyncError("SSH_ORIGINAL_COMMAND is not set: sync-serve runs only as the forced command of the sync key, "
+                            "for the sync commands (status, rsync --server, receive); no shell. Through doas or sudo the "
+                            "rule must keep it (doas.conf: setenv { SSH_ORIGINAL_COMMAND }, sudoers: "
+                            "env_keep += SSH_ORIGINAL_COMMAND)", BAD_INPUT)
+        if not command.strip():
             raise SyncError("this key runs only sync commands (status, rsync --server, receive); no shell", BAD_INPUT)
         if len(command) > 4096:
             raise SyncError("command too long", BAD_INPUT)
@@ -117,17 +139,16 @@ def dispatch(command: str | None, state: Path) -> int:
             return 0
         raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive|sync-receive)", BAD_INPUT)
     except PermissionError as e:
-        import getpass
-
-        msg = (f"sync-serve runs as {getpass.getuser()} and cannot write {e.filename}: {e.strerror} "
-               f"(the sync user needs {state} and the proxy's pidfile, or run sync-serve as root)")
+        msg = (f"sync-serve runs as {running_as()} and cannot write {e.filename}: {e.strerror} "
+               f"(it needs {state} and the right to signal the proxy: run the forced command through "
+               f"`doas -n` / `sudo -n` with the one-command rule `appliance keys init` prints, or use sync.user: root)")
         note(state, msg, logging.ERROR)
         print(f"appliance: error: {msg}", file=sys.stderr)
         return 1
     except SyncError as e:
         if e.code == BAD_INPUT:
-            note(state, f"refused sync command {str(command)[:200]!r} from {rcv.source_of_connection()}: {str(e).splitlines()[0]}",
-                 logging.WARNING)
+            note(state, f"refused sync command {str(command)[:200]!r} from {rcv.source_of_connection()} "
+                        f"as {running_as()}: {str(e).splitlines()[0]}", logging.WARNING)
         for line in str(e).splitlines():
             print(f"appliance: error: {line}", file=sys.stderr)
         return e.code

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from image import ufs as ufsmod
-from tests.conftest import need_tool
+from tests.conftest import APPLIANCE, need_tool
 from tests.image_helpers import attrs, run_image, ufs
 
 
@@ -40,8 +41,9 @@ def test_outputs_and_ufs_contents(built):
     assert attrs(fs, "/etc/ssh/ssh_host_ed25519_key") == (0o600, 0, 0)
     host_key = (cfg_path.parent / "keys/hosts/fw2/ssh_host_ed25519_key").read_bytes()
     assert fs.get("/etc/ssh/ssh_host_ed25519_key").open().read() == host_key
-    assert attrs(fs, "/home/appliance-sync/.ssh") == (0o700, 1990, 1990)
-    assert attrs(fs, "/home/appliance-sync/.ssh/authorized_keys") == (0o600, 1990, 1990)
+    assert attrs(fs, "/home/appliance-sync") == (0o755, 0, 0)
+    assert attrs(fs, "/home/appliance-sync/.ssh") == (0o750, 0, 1990)
+    assert attrs(fs, "/home/appliance-sync/.ssh/authorized_keys") == (0o640, 0, 1990)
     assert attrs(fs, "/var/db/appliance/releases/1/keys/sync_ed25519") == (0o600, 0, 0)
     assert attrs(fs, "/var/db/appliance/releases/1/appliance.yaml") == (0o600, 0, 0)
     assert fs.get("/var/db/appliance/releases/1/appliance.yaml").open().read() == cfg_path.read_bytes()
@@ -65,7 +67,8 @@ def test_tar_is_a_dist_set(built):
     by = {m.name: m for m in members}
     assert by["./etc/rc.conf.d/netif"].mode == 0o600 and by["./etc/rc.conf.d/netif"].uname == "root"
     assert by["./etc/rc.conf.d/netif"].gname == "wheel" and by["./etc/rc.conf.d/netif"].uid == 0
-    assert by["./home/appliance-sync/.ssh/authorized_keys"].uid == 1990
+    auth = by["./home/appliance-sync/.ssh/authorized_keys"]
+    assert (auth.uid, auth.gid, auth.uname, auth.gname, auth.mode) == (0, 1990, "root", "appliance-sync", 0o640)
     assert by["./usr/local/etc/appliance"].issym()
 
 
@@ -189,3 +192,39 @@ def test_missing_makefs_is_a_clear_error(example_tree: Path, tmp_path: Path):
                        capture_output=True, text=True, env={"PATH": str(bindir), "HOME": str(tmp_path)})
     assert r.returncode == 3, r.stderr
     assert "missing tool 'makefs'" in r.stderr and "apt-get install makefs" in r.stderr
+
+
+def test_ufs_sync_access_doas_sshd_and_key_agree(built):
+    """Read back from the UFS image: the doas rule, sshd's Match block and the key's forced command are one command."""
+    from appliance import keys
+    from image import checks
+
+    cfg_path, out, _ = built
+    fs = ufs(out / "fw1.ufs")
+    assert attrs(fs, "/usr/local/etc/doas.conf") == (0o640, 0, 0)
+    doas = fs.get("/usr/local/etc/doas.conf").open().read()
+    rules = [l for l in doas.decode().splitlines() if l and not l.startswith("#")]
+    assert rules == ["permit nopass setenv { SSH_ORIGINAL_COMMAND SSH_CLIENT } appliance-sync as root "
+                     "cmd /usr/local/bin/appliance args sync-serve"]
+    pub = (cfg_path.parent / "keys/sync_ed25519.pub").read_text().split()
+    auth = fs.get("/home/appliance-sync/.ssh/authorized_keys").open().read().decode()
+    assert auth == (f'command="/usr/local/bin/doas -n /usr/local/bin/appliance sync-serve",from="192.168.200.2",restrict '
+                    f"{pub[0]} {pub[1]} appliance-sync\n")
+    # `appliance keys init --elevate doas` prints the very line the image carries
+    r = subprocess.run([APPLIANCE, "-c", str(cfg_path), "keys", "init", "--elevate", "doas", "--for", "fw1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == auth, r.stderr
+    sshd = fs.get("/etc/ssh/sshd_config").open().read()
+    glob, blocks, problems = checks.parse_sshd_config("/etc/ssh/sshd_config", sshd)
+    assert problems == [] and glob["permitrootlogin"] == "no"
+    assert blocks["User appliance-sync"]["forcecommand"] == keys.serve_command(elevate="doas")
+    assert b"\ndoas\n" in fs.get("/usr/local/share/carpguard/packages.txt").open().read()
+    cron = fs.get("/usr/local/etc/cron.d/appliance").open().read().decode()
+    assert "\troot\t/usr/local/bin/appliance -c /usr/local/etc/appliance/appliance.yaml sync " in cron
+    # what that cron line resolves to on the image: the config through the symlinks, the node from the state dir
+    assert fs.get("/usr/local/etc/appliance").link == "/var/db/appliance/current"
+    assert fs.get("/var/db/appliance/current").link == "releases/1"
+    assert fs.get("/var/db/appliance/releases/1/appliance.yaml").open().read() == cfg_path.read_bytes()
+    with pytest.raises(Exception):
+        fs.get("/var/db/appliance/releases/1/node.yaml")  # so config.node_name() falls back to <state>/node.yaml
+    assert fs.get("/var/db/appliance/node.yaml").open().read() == b"node: fw1\n"

@@ -114,9 +114,13 @@ def test_keys_layout_modes_and_release(rendered):
     assert t.get("/etc/ssh/ssh_host_ed25519_key").data == keys.host_key(cdir, "fw1").read_bytes()
     assert t.get("/etc/ssh/ssh_host_ed25519_key").mode == 0o600
     auth = t.get("/home/appliance-sync/.ssh/authorized_keys")
-    assert auth.mode == 0o600 and auth.uname == "appliance-sync" and t.get("/home/appliance-sync/.ssh").mode == 0o700
+    # root owns the key file: the sync user reads it through its group but cannot lift its own restrictions
+    assert (auth.mode, auth.uname, auth.gname, auth.gid) == (0o640, "root", "appliance-sync", 1990)
+    ssh_dir = t.get("/home/appliance-sync/.ssh")
+    assert (ssh_dir.mode, ssh_dir.uid, ssh_dir.gid) == (0o750, 0, 1990) and t.get("/home/appliance-sync").uid == 0
     pub = keygen.public_key(keys.sync_key(cdir))
-    assert auth.data.decode().strip() == keys.authorized_keys_line(cfg, "fw1", pub, "/usr/local/bin/appliance")
+    assert auth.data.decode().strip() == keys.authorized_keys_line(cfg, "fw1", pub, "/usr/local/bin/appliance", elevate="doas")
+    assert auth.data.decode().startswith('command="/usr/local/bin/doas -n /usr/local/bin/appliance sync-serve",from="192.168.200.2",restrict ')
     rel = "/var/db/appliance/releases/1"
     assert t.get(f"{rel}/keys/sync_ed25519").mode == 0o600
     assert t.get(f"{rel}/keys/hosts") is None and t.get(f"{rel}/keys/hosts/fw1/ssh_host_ed25519_key") is None
@@ -130,7 +134,7 @@ def test_keys_layout_modes_and_release(rendered):
     assert text(trees["fw2"], "/var/db/appliance/node.yaml") == "node: fw2\n"
     assert "python311" in text(t, "/usr/local/share/carpguard/packages.txt")
     cron = text(t, "/usr/local/etc/cron.d/appliance")
-    assert "*/5 * * * *\troot\t/usr/local/bin/appliance sync" in cron
+    assert "*/5 * * * *\troot\t/usr/local/bin/appliance -c /usr/local/etc/appliance/appliance.yaml sync" in cron
 
 
 def test_keys_generated_once_then_reused(example_tree):
@@ -212,3 +216,102 @@ def test_shellcheck_flags_a_bad_script(rendered):
     assert checks.check_scripts(t) == []
     t.file("/usr/local/etc/rc.d/broken", "#!/bin/sh\nif [ $1 = x ] then echo\n", 0o555, source="template:x.j2")
     assert any("broken" in p for p in checks.check_scripts(t))
+
+
+# ---------------------------------------------------------------- sync access: doas, sshd_config, authorized_keys
+
+
+def test_sync_user_runs_only_doas_sync_serve(rendered):
+    cfg, _, trees = rendered
+    t = trees["fw2"]
+    doas = t.get("/usr/local/etc/doas.conf")
+    assert (doas.mode, doas.uid, doas.gid) == (0o640, 0, 0)
+    rules = checks.parse_doas(doas.path, doas.data)
+    assert [(r["action"], r["options"], r["setenv"], r["identity"], r["target"], r["cmd"], r["args"]) for r in rules] == [
+        ("permit", ["nopass"], ["SSH_ORIGINAL_COMMAND", "SSH_CLIENT"], "appliance-sync", "root", "/usr/local/bin/appliance", ["sync-serve"])]
+    assert "doas" in text(t, "/usr/local/share/carpguard/packages.txt").splitlines()
+    glob, blocks, problems = checks.parse_sshd_config("/etc/ssh/sshd_config", t.get("/etc/ssh/sshd_config").data)
+    assert problems == [] and glob["permitrootlogin"] == "no"
+    m = blocks["User appliance-sync"]
+    assert m["forcecommand"] == "/usr/local/bin/doas -n /usr/local/bin/appliance sync-serve"
+    assert (m["permittty"], m["allowtcpforwarding"], m["x11forwarding"]) == ("no", "no", "no")
+    fb = text(t, "/usr/local/etc/rc.d/appliance_firstboot")
+    assert 'chown "root:appliance-sync" "/home/appliance-sync/.ssh"' in fb and "chown -R" not in fb
+    assert checks.check_sync_access(t) == []
+
+
+@pytest.mark.parametrize("rule, needle", [
+    ("permit nopass appliance-sync as root cmd /usr/local/bin/appliance args sync-serve", "must keep SSH_ORIGINAL_COMMAND"),
+    ("permit nopass setenv { SSH_ORIGINAL_COMMAND } appliance-sync as root", "must name `as root`, `cmd"),
+    ("permit nopass keepenv setenv { SSH_ORIGINAL_COMMAND } appliance-sync as root cmd /usr/local/bin/appliance args sync-serve",
+     "option keepenv"),
+    ("permit nopass setenv { SSH_ORIGINAL_COMMAND LD_PRELOAD } appliance-sync as root cmd /usr/local/bin/appliance args sync-serve",
+     "setenv passes LD_PRELOAD"),
+    ("permit nopass setenv { SSH_ORIGINAL_COMMAND } :wheel as root cmd /usr/local/bin/appliance args sync-serve", "only the sync user"),
+    ("permit nopass setenv { SSH_ORIGINAL_COMMAND } appliance-sync as root cmd appliance args sync-serve", "not an absolute path"),
+    ("permit nopass setenv { SSH_ORIGINAL_COMMAND } appliance-sync as root cmd /usr/local/bin/appliance args sync-serve --x",
+     "no doas.conf rule lets appliance-sync run"),
+    ("allow appliance-sync", "starts with permit or deny"),
+    ("permit nopass setenv SSH_ORIGINAL_COMMAND appliance-sync", "setenv needs"),
+])
+def test_doas_check_rejects(rendered, rule, needle):
+    _, _, trees = rendered
+    t = trees["fw1"]
+    t.get("/usr/local/etc/doas.conf").data = (rule + "\n").encode()
+    problems = checks.check_sync_access(t)
+    assert any(needle in p for p in problems), problems
+    assert all(p.startswith("/usr/local/etc/doas.conf") or p.startswith("/home/") for p in problems), problems
+
+
+def test_doas_mode_owner_and_newline_checked(rendered):
+    _, _, trees = rendered
+    t = trees["fw1"]
+    e = t.get("/usr/local/etc/doas.conf")
+    e.mode = 0o664
+    assert any("mode 0664 (must be root:wheel 0600 or 0640)" in p for p in checks.check_sync_access(t))
+    e.mode, e.uid, e.uname = 0o600, 1990, "appliance-sync"
+    assert any("owner appliance-sync:wheel" in p for p in checks.check_sync_access(t))
+    e.uid, e.uname = 0, "root"
+    e.data = e.data.rstrip(b"\n")
+    assert any("must end with a newline" in p for p in checks.check_sync_access(t))
+
+
+def test_sshd_and_authorized_keys_must_agree(rendered):
+    _, _, trees = rendered
+    t = trees["fw1"]
+    sshd = t.get("/etc/ssh/sshd_config")
+    good = sshd.data
+    sshd.data = good.replace(b"ForceCommand /usr/local/bin/doas -n ", b"ForceCommand ")
+    assert any("is not the key's forced command" in p for p in checks.check_sync_access(t))
+    sshd.data = good.replace(b"PermitTTY no", b"PermitTTY yes")
+    assert any("needs permittty no" in p for p in checks.check_sync_access(t))
+    sshd.data = good.replace(b"PermitRootLogin no", b"PermitRootLogin yes")
+    assert any("PermitRootLogin yes" in p for p in checks.check_sync_access(t))
+    sshd.data = good + b"\tPort 2222\n"
+    assert any("not allowed inside a Match block" in p for p in checks.check_sync_access(t))
+    sshd.data = good
+    auth = t.get("/home/appliance-sync/.ssh/authorized_keys")
+    line = auth.data
+    auth.data = line.replace(b"/usr/local/bin/doas -n ", b"")
+    assert any("does not run through `doas -n`" in p for p in checks.check_sync_access(t))
+    auth.data = line.replace(b",restrict", b"")
+    assert any("needs command=" in p for p in checks.check_sync_access(t))
+    auth.data, auth.uid, auth.uname = line, 1990, "appliance-sync"
+    assert any("must be root-owned" in p for p in checks.check_sync_access(t))
+    auth.uid, auth.uname = 0, "root"
+    with pytest.raises(CheckFailed):
+        t.get("/usr/local/etc/doas.conf").data = b"permit appliance-sync\n"
+        checks.enforce(t, b"change-me")
+
+
+def test_sync_user_root_uses_forced_commands_only(example_tree):
+    cfg = _load(example_tree, sync__user="root")
+    keygen.ensure_keys(cfg, example_tree.parent)
+    t = render.render_node(cfg, example_tree, "fw1")
+    assert t.get("/usr/local/etc/doas.conf") is None and t.get("/home/root") is None
+    assert "doas" not in text(t, "/usr/local/share/carpguard/packages.txt").splitlines()
+    auth = t.get("/root/.ssh/authorized_keys")
+    assert (auth.mode, auth.uid) == (0o600, 0) and auth.data.startswith(b'command="/usr/local/bin/appliance sync-serve",')
+    assert "PermitRootLogin forced-commands-only" in text(t, "/etc/ssh/sshd_config")
+    assert "Match User" not in text(t, "/etc/ssh/sshd_config") and "pw useradd" not in text(t, "/usr/local/etc/rc.d/appliance_firstboot")
+    assert checks.run_all(t, b"change-me") == []

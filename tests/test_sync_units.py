@@ -300,7 +300,7 @@ def cli(tmp_path: Path, *args: str, cfg: Path) -> subprocess.CompletedProcess:
 
 def test_keys_init_and_cron(tmp_path) -> None:
     t = make_tree(tmp_path / "etc")
-    r = cli(tmp_path, "keys", "init", cfg=t / "appliance.yaml")
+    r = cli(tmp_path, "keys", "init", "--elevate", "none", cfg=t / "appliance.yaml")
     assert r.returncode == 0, r.stderr
     key = t / "keys" / "sync_ed25519"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and "PRIVATE KEY" in key.read_text()
@@ -310,7 +310,7 @@ def test_keys_init_and_cron(tmp_path) -> None:
     assert lines[0] == f'command="/usr/local/bin/appliance sync-serve",from="192.168.200.2",restrict {pub[0]} {pub[1]} appliance-sync'
     assert 'from="192.168.200.1"' in lines[1]
     assert "PRIVATE" not in r.stdout + r.stderr
-    r2 = cli(tmp_path, "keys", "init", "--for", "fw2", cfg=t / "appliance.yaml")
+    r2 = cli(tmp_path, "keys", "init", "--for", "fw2", "--elevate", "none", cfg=t / "appliance.yaml")
     assert r2.stdout.strip() == lines[1] and key.read_text()  # kept, not regenerated
     assert cli(tmp_path, "keys", "init", "--for", "fw9", cfg=t / "appliance.yaml").returncode == 2
     r = cli(tmp_path, "cron", cfg=t / "appliance.yaml")
@@ -360,4 +360,71 @@ def test_sync_serve_as_unprivileged_user_gives_a_clear_error(tmp_path) -> None:
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", APPLIANCE, "sync-serve"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot write" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert rel.live() == 1
+
+
+def test_keys_init_elevation_lines(tmp_path) -> None:
+    """An unprivileged sync.user gets `sudo -n` (Linux default) or `doas -n` in its forced command, plus the one rule."""
+    from appliance import keys
+
+    t = make_tree(tmp_path / "etc")
+    r = cli(tmp_path, "keys", "init", cfg=t / "appliance.yaml")  # auto on Linux, sync.user appliance-sync: sudo
+    assert r.returncode == 0, r.stderr
+    pub = (t / "keys" / "sync_ed25519.pub").read_text().split()
+    lines = [l for l in r.stdout.splitlines() if not l.startswith("#")]
+    assert lines[0] == (f'command="/usr/bin/sudo -n /usr/local/bin/appliance sync-serve",from="192.168.200.2",restrict '
+                        f"{pub[0]} {pub[1]} appliance-sync")
+    assert "#   appliance-sync ALL=(root) NOPASSWD: /usr/local/bin/appliance sync-serve" in r.stdout
+    assert '#   Defaults:appliance-sync env_keep += "SSH_ORIGINAL_COMMAND SSH_CLIENT", !requiretty' in r.stdout
+    assert "/etc/sudoers.d/appliance-sync" in r.stdout
+    r = cli(tmp_path, "keys", "init", "--elevate", "doas", cfg=t / "appliance.yaml")
+    assert "#   " + keys.doas_rule("appliance-sync") in r.stdout and "/usr/local/etc/doas.conf" in r.stdout
+    assert 'command="/usr/local/bin/doas -n /usr/local/bin/appliance sync-serve"' in r.stdout
+    r = cli(tmp_path, "keys", "init", "--elevate", "doas", "--appliance-bin", "/usr/bin/env X=1 /x/appliance", cfg=t / "appliance.yaml")
+    assert r.returncode == 2 and "must be one absolute path" in r.stderr
+    assert keys.default_elevate("root", "linux") == "none" and keys.default_elevate("appliance-sync", "freebsd14") == "doas"
+    # the default keeps today's line for every other caller
+    assert keys.serve_command() == "/usr/local/bin/appliance sync-serve"
+    with pytest.raises(ValueError):
+        keys.serve_command(elevate="su")
+
+
+def _serve(env: dict, timeout: int = 60, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, APPLIANCE, "sync-serve"], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sync_serve_under_a_reset_environment(tmp_path) -> None:
+    """What doas/sudo hand over: a reset environment with USER=root, DOAS_USER/SUDO_USER and only the kept variables.
+
+    The whitelist is the same; a rule that drops SSH_ORIGINAL_COMMAND gets a clear exit 2 naming the fix."""
+    state, rel = node_state(tmp_path)
+    base = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root", "USER": "root", "LOGNAME": "root",
+            "APPLIANCE_STATE_DIR": str(state)}
+    for via in ({"DOAS_USER": "appliance-sync"}, {"SUDO_USER": "appliance-sync", "SUDO_COMMAND": "/x sync-serve"}):
+        r = _serve({**base, **via})
+        assert r.returncode == 2 and "SSH_ORIGINAL_COMMAND is not set" in r.stderr, r.stderr
+        assert "setenv { SSH_ORIGINAL_COMMAND }" in r.stderr and "env_keep += SSH_ORIGINAL_COMMAND" in r.stderr
+        r = _serve({**base, **via, "SSH_ORIGINAL_COMMAND": "status", "SSH_CLIENT": "192.0.2.9 5555 22"})
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["generation"] == 1
+        r = _serve({**base, **via, "SSH_ORIGINAL_COMMAND": "/bin/sh -c id", "SSH_CLIENT": "192.0.2.9 5555 22"})
+        assert r.returncode == 2 and "unknown sync command '/bin/sh'" in r.stderr
+        r = _serve({**base, **via, "SSH_ORIGINAL_COMMAND": "rsync --server --sender -vlogDtpre.iLsfxCIvu . staging"})
+        assert r.returncode == 2 and "--sender is not allowed" in r.stderr
+    log = (state / "sync" / "sync.log").read_text()
+    assert "from 192.0.2.9 as " in log and "via doas" in log and "via sudo" in log
+    assert rel.live() == 1
+
+
+def test_sync_serve_unprivileged_error_names_doas(tmp_path) -> None:
+    from tests.conftest import need_root, need_tool
+
+    need_root()
+    need_tool("setpriv")
+    state, rel = node_state(tmp_path)
+    os.chmod(tmp_path, 0o755)
+    env = {**os.environ, "USER": "root", "APPLIANCE_STATE_DIR": str(state), "SSH_ORIGINAL_COMMAND": f"receive 2 {'a' * 64}"}
+    r = _serve(env, prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"))
+    # named by the effective uid (not $USER, which says root here) and pointing at the doas/sudo rule
+    assert r.returncode == 1 and "runs as nobody" in r.stderr and "doas -n" in r.stderr, r.stderr
     assert rel.live() == 1
