@@ -1,6 +1,7 @@
 """The failover lab: a whole cluster in network namespaces (nodes, client, LAN bridge, sync link, origin) and its probes."""
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ipaddress
 import json
@@ -408,6 +409,26 @@ def describe(lab: dict) -> dict:
         "nodes": {node: {"netns": n["netns"], "engine_pid": engine_pid(lab, node), "proxy_pid": n["proxy_pid"],
                          "sshd_pid": n.get("sshd_pid"), "lan_if": n["lan_if"], "config": n["config"]} for node, n in lab["nodes"].items()},
     }
+
+
+@contextlib.contextmanager
+def running(config_path: Path, root: Path, prefix: str = "ct", **kw):
+    """A lab under `root` ($APPLIANCE_LAB_DIR set meanwhile, so `appliance lab ...` finds it), always taken down;
+    raises LabError if `lab down` left a namespace behind."""
+    old = os.environ.get(LAB_ROOT_ENV)
+    os.environ[LAB_ROOT_ENV] = str(root)
+    name = f"{prefix}{secrets.token_hex(3)}"
+    try:
+        yield up(config_path, name, **kw)
+    finally:
+        down(name)
+        left = [n for n in netns.netns_list() if n.startswith(name + "-")]
+        if old is None:
+            os.environ.pop(LAB_ROOT_ENV, None)
+        else:
+            os.environ[LAB_ROOT_ENV] = old
+        if left:
+            raise LabError(f"lab down left namespaces: {left}")
 
 
 # ---------------------------------------------------------------- teardown

@@ -27,24 +27,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     need_root()
     need_tool("ip", "arping", "ucarp")
     from appliance import lab as labmod
-    root = tmp_path_factory.mktemp("labs")
-    old = os.environ.get(labmod.LAB_ROOT_ENV)
-    os.environ[labmod.LAB_ROOT_ENV] = str(root)
-    name = f"ct{secrets.token_hex(3)}"
     try:
-        try:
-            data = labmod.up(EXAMPLES / "appliance.yaml", name)
-        except labmod.LabError as e:
-            pytest.fail(f"lab up failed: {e}")
-        yield data
-    finally:
-        labmod.down(name)
-        left = [n for n in labmod.netns.netns_list() if n.startswith(name + "-")]
-        if old is None:
-            os.environ.pop(labmod.LAB_ROOT_ENV, None)
-        else:
-            os.environ[labmod.LAB_ROOT_ENV] = old
-        assert not left, f"lab down left namespaces: {left}"
+        with labmod.running(EXAMPLES / "appliance.yaml", tmp_path_factory.mktemp("labs"), "ct") as data:
+            yield data
+    except labmod.LabError as e:
+        pytest.fail(f"lab: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +53,7 @@ def test_lab_up_json_shape_and_processes(lab) -> None:
         cmdline = Path(f"/proc/{n['engine_pid']}/cmdline").read_bytes().split(b"\0")
         assert b"appliance.speaker" in cmdline or cmdline[0].endswith(b"ucarp")  # the process speaking CARP
         assert b"proxy" in Path(f"/proc/{n['proxy_pid']}/cmdline").read_bytes()
+        assert b"sshd" in Path(f"/proc/{n['sshd_pid']}/cmdline").read_bytes().split(b"\0")[0]  # it rewrites its title
     # the VIP exists only inside the namespaces
     assert "192.168.1.50" not in subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
     assert labmod.holders(lab) == ["fw1"]
@@ -81,6 +69,8 @@ def test_lab_exec_runs_with_the_node_environment(lab) -> None:
     r = subprocess.run([APPLIANCE, "lab", "exec", "--name", lab["name"], "fw1", "--", "appliance", "status"],
                        capture_output=True, text=True, timeout=60, env=os.environ.copy())
     assert "carp: MASTER vhid 1 advbase 1 advskew 0" in r.stdout
+    # the peer is probed over the sync link (its sshd answers), not taken from the neighbour table
+    assert "peer: fw2 192.168.200.2 seen on the sync link (sshd answers on port 22" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("kind", ["engine-kill", "link-down"])
