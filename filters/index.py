@@ -11,10 +11,10 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-MAGIC = b"CGIDX\x01\x00\x00"
-HEADER = struct.Struct("<8sQQQQQQ")  # magic, nslots, slots_off, nrec, recoffs_off, meta_off, meta_len
+MAGIC = b"CGIDX\x02\x00\x00"  # format 2: slots hold record offsets (format 1: record numbers)
+HEADER = struct.Struct("<8sQQQQQQ")  # magic, nslots, slots_off, nrec, records_off, meta_off, meta_len
 HIT = struct.Struct("<HI")  # category id, line
-FORMAT = 1
+FORMAT = 2
 
 
 class IndexError_(Exception):
@@ -33,14 +33,15 @@ def write_index(path: Path, categories: list[dict], domains: dict[bytes, Any], m
     n = len(domains)
     nslots = _slots_for(n)
     mask = nslots - 1
-    slots = array("Q", bytes(8 * nslots))
-    recoffs = array("Q", bytes(8 * n))
+    slots = array("Q", bytes(8 * nslots))  # crc32 << 32 | file offset of the record: one random read less per probe
     blob = bytearray()
     crc = zlib.crc32
     pack_hit = HIT.pack
-    base_off = HEADER.size + 8 * nslots + 8 * n
-    for idx, (key, val) in enumerate(domains.items()):
-        recoffs[idx] = base_off + len(blob)
+    base_off = HEADER.size + 8 * nslots
+    for key, val in domains.items():
+        rec = base_off + len(blob)
+        if rec > 0xFFFFFFFF:
+            raise ValueError("list index larger than 4 GB")
         vals = val if isinstance(val, list) else (val,)
         blob += struct.pack("<H", len(key)) + key + struct.pack("<H", len(vals))
         for v in vals:
@@ -49,7 +50,7 @@ def write_index(path: Path, categories: list[dict], domains: dict[bytes, Any], m
         i = h & mask
         while slots[i]:
             i = (i + 1) & mask
-        slots[i] = (h << 32) | (idx + 1)
+        slots[i] = (h << 32) | rec
     meta = {**meta, "format": FORMAT, "categories": categories, "entries": n}
     mbytes = json.dumps(meta, separators=(",", ":")).encode()
     meta_off = base_off + len(blob)
@@ -60,9 +61,8 @@ def write_index(path: Path, categories: list[dict], domains: dict[bytes, Any], m
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(HEADER.pack(MAGIC, nslots, HEADER.size, n, HEADER.size + 8 * nslots, meta_off, len(mbytes)))
+            f.write(HEADER.pack(MAGIC, nslots, HEADER.size, n, base_off, meta_off, len(mbytes)))
             f.write(slots.tobytes())
-            f.write(recoffs.tobytes())
             f.write(blob)
             f.write(mbytes)
             f.flush()
@@ -115,7 +115,6 @@ class DomainIndex:
         self._mask = nslots - 1
         view = memoryview(mm)
         self._slots = view[so:so + 8 * nslots].cast("Q")
-        self._recoffs = view[ro:ro + 8 * nrec].cast("Q")
         cats = self.meta["categories"]
         self._cat_names = [c["name"] for c in cats]
         self._cat_files = [c.get("domains") or f"{c['name']}/domains" for c in cats]
@@ -130,26 +129,59 @@ class DomainIndex:
             if not v:
                 return None
             if v >> 32 == h:
-                off = self._recoffs[(v & 0xFFFFFFFF) - 1]
+                off = v & 0xFFFFFFFF
                 mm = self._mm
                 klen = mm[off] | (mm[off + 1] << 8)
                 if mm[off + 2:off + 2 + klen] == key:
                     return self._hits(off + 2 + klen, host)
             i = (i + 1) & mask
 
+    def lookup_host(self, h: str, depths: tuple[int, ...]) -> tuple:
+        """Hits of a normalised name and of its parent domains whose label count is in `depths` (descending), most
+        specific first: lookup() for each such suffix, in one call (the engine's cold path)."""
+        hb = h.encode()
+        slots, mask, mm, crc = self._slots, self._mask, self._mm, zlib.crc32
+        res = None
+        k = hb.count(b".") + 1  # labels in hb[i + 1:]
+        i = -1
+        for d in depths:
+            if d > k:
+                continue
+            while k > d:
+                i = hb.find(b".", i + 1)
+                k -= 1
+            key = hb[i + 1:] if i >= 0 else hb
+            hv = crc(key)
+            j = hv & mask
+            while True:
+                v = slots[j]
+                if not v:
+                    break
+                if v >> 32 == hv:
+                    off = v & 0xFFFFFFFF
+                    klen = mm[off] | (mm[off + 1] << 8)
+                    if mm[off + 2:off + 2 + klen] == key:
+                        found = self._hits(off + 2 + klen, key.decode())
+                        res = found if res is None else res + found
+                        break
+                j = (j + 1) & mask
+        return tuple(res) if res else ()
+
     def _hits(self, off: int, host: str) -> list[tuple[str, str, str]]:
-        mm = self._mm
+        mm, names, files, unpack = self._mm, self._cat_names, self._cat_files, HIT.unpack_from
         n = mm[off] | (mm[off + 1] << 8)
+        if n == 1:
+            cat, line = unpack(mm, off + 2)
+            return [(names[cat], f"{files[cat]}:{line}", host)]
         out = []
         for k in range(n):
-            cat, line = HIT.unpack_from(mm, off + 2 + 6 * k)
-            out.append((self._cat_names[cat], f"{self._cat_files[cat]}:{line}", host))
+            cat, line = unpack(mm, off + 2 + 6 * k)
+            out.append((names[cat], f"{files[cat]}:{line}", host))
         return out
 
     def close(self) -> None:
         try:
             self._slots.release()
-            self._recoffs.release()
             self._mm.close()
         except (BufferError, ValueError):
             pass  # still referenced by an in-flight decision; the GC closes it later

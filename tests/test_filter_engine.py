@@ -169,8 +169,13 @@ def test_depth_pruned_lookups_match_probing_every_suffix(tmp_path):
     c = cfgmod.load(cfg)
     eng, _ = ruleset.build_engine(c, cfg.parent, compile_in_child=False)
     assert eng.index.meta["depths"] == [1, 2, 3, 4, 6]
-    full = Engine(index=eng.index, clients=["127.0.0.0/8"], allow=eng.allow, block=eng.block)
-    full._depths = None  # an index compiled before depths existed: every suffix probed
+
+    class OldIndex:  # an index compiled before depths existed: every suffix is probed
+        meta = {k: v for k, v in eng.index.meta.items() if k != "depths"}
+        lookup = eng.index.lookup
+
+    full = Engine(index=OldIndex(), clients=["127.0.0.0/8"], allow=eng.allow, block=eng.block)
+    assert full._depths is None and full._lookup_host is None
     rnd = random.Random(3)
     labels = ["a", "b", "c", "d", "x", "y", "z", "deep", "sub", "www", "example", "test", "com", "blocked"]
     hosts = ["10.1.2.3", "[::1]:443", "www.b.example", "B.Example.", "q.x.y.z.example", "y.z.example", "d.test"]
