@@ -99,7 +99,11 @@ def probe_peers(cfg, node: str, others: dict) -> dict[str, tuple[bool | None, st
     from concurrent.futures import ThreadPoolExecutor
 
     me = cfg.nodes[node].sync
-    if not IS_FREEBSD and not netns.has_address(cfg.cluster.sync_interface, me):
+    try:
+        here = IS_FREEBSD or netns.has_address(cfg.cluster.sync_interface, me)
+    except (OSError, RuntimeError, ValueError) as e:  # no `ip` here
+        return {name: (None, f"not probed: {e}") for name in others}
+    if not here:
         why = f"not probed: {me.ip} is not on {cfg.cluster.sync_interface} here"
         return {name: (None, why) for name in others}
     if not others:
