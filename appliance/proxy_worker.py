@@ -80,6 +80,9 @@ class _Acceptor:
     PEEK_WAIT = 2.0  # a client that has sent a prefix of "CONNECT " is given this long to send the rest
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, state, handle_stream):
+        from filters import tunnel
+
+        self.tunnel = tunnel
         self.loop, self.sock, self.state, self.handle_stream = loop, sock, state, handle_stream
         self.tasks: set[asyncio.Task] = set()
         self.task = loop.create_task(self._accept())
@@ -102,9 +105,7 @@ class _Acceptor:
             t.add_done_callback(self.tasks.discard)
 
     async def _route(self, conn: socket.socket) -> None:
-        from filters import tunnel
-
-        loop = self.loop
+        loop, tunnel = self.loop, self.tunnel
         head = b""
         deadline = loop.time() + self.PEEK_WAIT
         try:
@@ -122,7 +123,7 @@ class _Acceptor:
                     break  # mitmproxy handles the slow client as it always does
                 if head is None:
                     try:
-                        await asyncio.wait_for(tunnel._readable(loop, conn), deadline - loop.time())
+                        await asyncio.wait_for(tunnel.readable(loop, conn), deadline - loop.time())
                     except asyncio.TimeoutError:
                         pass
                 else:

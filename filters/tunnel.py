@@ -17,7 +17,7 @@ HELLO_TIMEOUT = 10.0  # a TLS client sends its ClientHello at once; a server-fir
 HIGH_WATER = 256 * 1024  # per direction: reading pauses while the other side has this much unsent
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+async def readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     fut = loop.create_future()
     fd = sock.fileno()
     loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
@@ -37,7 +37,7 @@ async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, de
         left = deadline - loop.time()
         if left <= 0:
             raise TimeoutError
-        await asyncio.wait_for(_readable(loop, sock), left)
+        await asyncio.wait_for(readable(loop, sock), left)
 
 
 def parse_connect(head: bytes) -> tuple[str, int, str | None]:
