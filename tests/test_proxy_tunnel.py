@@ -166,3 +166,65 @@ def test_connect_denied_client_and_blocked_host(env):
     assert status == 403
     _log_line(p, r" 127\.0\.0\.9 TCP_DENIED/403 \d+ CONNECT 127\.0\.0\.1:")
     _log_line(p, r" TCP_DENIED/403 \d+ CONNECT www\.blocked\.test:443 ")
+
+
+def test_connect_pipelined_with_client_hello(env):
+    """A client that sends its ClientHello right behind the CONNECT head (no wait for the 200) is still filtered."""
+    p, tls_port, _ = env
+    for name, cut in (("www.blocked.test", True), ("localhost", False)):
+        s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        s.sendall(f"CONNECT 127.0.0.1:{tls_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + client_hello(name))
+        got = b""
+        try:
+            while len(got) < 200:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except ConnectionResetError:
+            pass
+        s.close()
+        assert got.startswith(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        after = got.split(b"\r\n\r\n", 1)[1]
+        if cut:
+            assert after == b""
+        else:
+            assert after[:1] == b"\x16"  # the origin's ServerHello came through the tunnel
+
+
+def _sni_passes(port: int, tls_port: int, name: str) -> bool:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(f"CONNECT 127.0.0.1:{tls_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + client_hello(name))
+    got = b""
+    try:
+        while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 1:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except ConnectionResetError:
+        pass
+    s.close()
+    return got.split(b"\r\n\r\n", 1)[-1][:1] == b"\x16"
+
+
+def test_reload_applies_to_the_fast_path(tmp_path):
+    import signal
+
+    tls_srv, tls_port = start_origin(tmp_path)
+    (tmp_path / "state").mkdir()
+    cfg = make_tree(tmp_path)
+    p = Proxy(cfg, tmp_path / "state").wait_ready()
+    try:
+        assert _sni_passes(p.port, tls_port, "newly.test")
+        lst = cfg.parent / "lists" / "blocked" / "domains"
+        lst.write_text(lst.read_text() + "newly.test\n")
+        p.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _sni_passes(p.port, tls_port, "newly.test"):
+            time.sleep(0.1)
+        assert not _sni_passes(p.port, tls_port, "newly.test")
+        assert _sni_passes(p.port, tls_port, "localhost")
+    finally:
+        p.stop()
+        tls_srv.shutdown()
