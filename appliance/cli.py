@@ -120,7 +120,7 @@ def _logging(verbose: int) -> None:
 
 @click.group(cls=ApplianceGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-c", "--config", "config", metavar="FILE", help="cluster file [env APPLIANCE_CONFIG; default /etc/appliance/appliance.yaml, /usr/local/etc/appliance/appliance.yaml on FreeBSD]")
-@click.option("--node", metavar="NAME", help="which node this is [env APPLIANCE_NODE; else node.yaml beside the config]")
+@click.option("--node", metavar="NAME", help="which node this is [env APPLIANCE_NODE; else node.yaml beside the config, then in the state dir]")
 @click.option("-v", "--verbose", count=True, help="more log output (repeat for debug)")
 @click.version_option(package_name="carpguard", prog_name="appliance")
 @click.pass_context
