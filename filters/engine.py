@@ -12,17 +12,28 @@ from typing import Any, Callable, Iterable, Optional
 from filters.lists import fast_host, split_url, strip_www
 
 HOST_CACHE = 65536  # per-engine cache of host -> domain-list hits (cleared on reload with the engine)
+NOT_NAME_END = ".]0123456789"  # a host ending so (or empty) is not a plain name: an IP literal or needs fast_host
 CLOCK_ENV = "APPLIANCE_FILTER_CLOCK"  # tests only: a fixed "YYYY-MM-DD HH:MM" local time for schedules
 
 
-@dataclass(slots=True)
 class Decision:
-    verdict: str  # allow | block | deny
-    category: Optional[str]
-    source: Optional[str]  # list file:line, "policy <name>" or "proxy.clients"
-    policy: Optional[str]
-    rule: Optional[str] = None  # the list entry that matched
-    schedule: Optional[str] = None
+    """verdict allow|block|deny, category, source (list "file:line", "policy <name>" or "proxy.clients"), policy, rule
+    (the list entry that matched), schedule. A list hit keeps its file and line apart: `source` formats them when read."""
+    __slots__ = ("verdict", "category", "_src", "policy", "rule", "schedule", "_line")
+
+    def __init__(self, verdict: str, category: Optional[str], source: Optional[str], policy: Optional[str],
+                 rule: Optional[str] = None, schedule: Optional[str] = None, line: Optional[int] = None):
+        self.verdict = verdict
+        self.category = category
+        self._src = source
+        self.policy = policy
+        self.rule = rule
+        self.schedule = schedule
+        self._line = line
+
+    @property
+    def source(self) -> Optional[str]:
+        return self._src if self._line is None else f"{self._src}:{self._line}"
 
     @property
     def blocked(self) -> bool:
@@ -31,6 +42,14 @@ class Decision:
     def to_json(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "category": self.category, "source": self.source, "policy": self.policy,
                 "rule": self.rule, "schedule": self.schedule}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self.to_json() == other.to_json()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Decision(" + ", ".join(f"{k}={v!r}" for k, v in self.to_json().items()) + ")"
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,8 @@ class Engine:
         # expressions: one combined regex over every category, named groups tell which line matched
         self._expr, self._expr_names = self._combine(expressions or {})
         self.categories = set(self.allow) | set(self.block) | set(self.exempt)
+        # a host with one list hit, for a client without policies: its category alone gives the verdict
+        self._verdict = {**{c: "block" for c in self.block}, **{c: "allow" for c in self.allow}}
         for p in self.policies:
             self.categories |= set(p.allow) | set(p.block)
 
@@ -128,14 +149,14 @@ class Engine:
         return c
 
     def _domains(self, host: str) -> tuple:
-        """(category, source, entry) hits of the host's domain-list lookups, cached by the host as the client sent it."""
+        """Hits as one flat tuple: category, file, line, entry, category, ... (line None: file is the whole source) of the host's domain-list lookups, cached by the host as the client sent it."""
         dom = self._host_cache.get(host)
         return dom if dom is not None else self._fill(host)
 
     def _fill(self, host: str) -> tuple:
         h = host.lower()
-        if self._lookup_host is not None and h and h.isascii() and h[-1] not in ".]" and not h[-1].isdigit() \
-                and ":" not in h and " " not in h:  # a plain name (fast_host's fast case): one call into the index
+        if self._lookup_host is not None and h.isascii() and h[-1:] not in NOT_NAME_END and ":" not in h \
+                and " " not in h:  # a plain name (fast_host's fast case): one call into the index (as in decide)
             dom = self._lookup_host(h, self._depths)
         else:
             h = fast_host(host) if host else None
@@ -148,10 +169,17 @@ class Engine:
 
     def hits(self, host: str, url: str | None = None) -> dict[str, tuple[str, str]]:
         """category -> (source file:line, entry) for every category that lists this host/URL (most specific first)."""
-        out: dict[str, tuple[str, str]] = {}
-        for cat, src, entry in self._domains(host):
+        return {cat: (src if line is None else f"{src}:{line}", entry)
+                for cat, (src, entry, line) in self._hits3(host, url).items()}
+
+    def _hits3(self, host: str, url: str | None = None) -> dict[str, tuple[str, str, int | None]]:
+        """hits() with the source kept as (file, entry, line): line None when the file is the whole source."""
+        out: dict[str, tuple[str, str, int | None]] = {}
+        dom = self._domains(host)
+        for k in range(0, len(dom), 4):
+            cat = dom[k]
             if cat not in out:
-                out[cat] = (src, entry)
+                out[cat] = (dom[k + 1], dom[k + 3], dom[k + 2])
         if url is not None:
             if self.url_prefixes:
                 try:
@@ -161,14 +189,14 @@ class Engine:
                     uhost, path = (strip_www(h) if h else ""), "/"
                 for prefix, cat, src, entry in self.url_prefixes.get(uhost, ()):
                     if path.startswith(prefix):
-                        out.setdefault(cat, (src, entry))
+                        out.setdefault(cat, (src, entry, None))
             ex = self._expr
             if ex is not None:
                 if isinstance(ex, list):
                     for rx, g in ex:
                         if rx.search(url):
                             cat, src, rxs = self._expr_names[g]
-                            out.setdefault(cat, (src, rxs))
+                            out.setdefault(cat, (src, rxs, None))
                 else:
                     pos = 0
                     while pos <= len(url):  # every category whose expression matches somewhere
@@ -176,7 +204,7 @@ class Engine:
                         if not m:
                             break
                         cat, src, rxs = self._expr_names[m.lastgroup]
-                        out.setdefault(cat, (src, rxs))
+                        out.setdefault(cat, (src, rxs, None))
                         pos = m.start() + 1
         return out
 
@@ -185,7 +213,7 @@ class Engine:
 
         With the index's `depths` (the label counts that occur in the lists), only suffixes with such a label count
         are probed: for lists of 2-label domains, `a.b.example.com` costs one probe (`example.com`), not three."""
-        lookup = self.index.lookup
+        lookup = self._lookup4
         if ":" in h or (h[-1].isdigit() and h.replace(".", "").isdigit()):  # an IP literal has no parent domains
             found = lookup(h)
             return tuple(found) if found else ()
@@ -216,6 +244,11 @@ class Engine:
                 res.extend(found)
         return tuple(res)
 
+    def _lookup4(self, name: str):
+        """index.lookup() hits flattened: category, source, None, entry, ..."""
+        found = self.index.lookup(name)
+        return [x for cat, src, entry in found for x in (cat, src, None, entry)] if found else None
+
     def decide(self, client: str, host: str, url: str | None = None, when: dt.datetime | None = None) -> Decision:
         """The one decision: client ACL -> allow categories -> matching policies -> default block -> allow."""
         c = self._client_cache.get(client)
@@ -223,22 +256,37 @@ class Engine:
         if not ok:
             return Decision("deny", None, "proxy.clients", None)
         if url is None:  # a host only (CONNECT, SNI): the domain lists alone
-            dom = self._host_cache.get(host)
-            if dom is None:
-                dom = self._fill(host)
+            cache = self._host_cache
+            dom = cache.get(host)
+            if dom is None:  # _fill(), with its common case inline
+                h = host.lower()
+                if self._lookup_host is not None and h.isascii() and h[-1:] not in NOT_NAME_END and ":" not in h \
+                        and " " not in h:
+                    dom = self._lookup_host(h, self._depths)
+                    if len(cache) >= HOST_CACHE:
+                        cache.clear()
+                    cache[host] = dom
+                else:
+                    dom = self._fill(host)
             if not dom:
                 return ALLOWED
+            if not pols and len(dom) == 4:  # the common hit: one category decides, no dict, no loops
+                cat, src, line, entry = dom
+                verdict = self._verdict.get(cat)
+                return ALLOWED if verdict is None else Decision(verdict, cat, src, None, entry, None, line)
             hits = {}
-            for cat, src, entry in dom:
+            for k in range(0, len(dom), 4):
+                cat = dom[k]
                 if cat not in hits:
-                    hits[cat] = (src, entry)
+                    hits[cat] = (dom[k + 1], dom[k + 3], dom[k + 2])
         else:
-            hits = self.hits(host, url)
+            hits = self._hits3(host, url)
             if not hits:
                 return ALLOWED
         for cat in self.allow:
             if cat in hits:
-                return Decision("allow", cat, hits[cat][0], None, hits[cat][1])
+                src, entry, line = hits[cat]
+                return Decision("allow", cat, src, None, entry, None, line)
         if pols:
             now = when or self.clock()
             for p in pols:
@@ -247,20 +295,23 @@ class Engine:
                 sched = str(p.schedule) if p.schedule is not None else None
                 for cat in p.allow:
                     if cat in hits:
-                        return Decision("allow", cat, hits[cat][0], p.name, hits[cat][1], sched)
+                        src, entry, line = hits[cat]
+                        return Decision("allow", cat, src, p.name, entry, sched, line)
                 for cat in p.block:
                     if cat in hits:
-                        return Decision("block", cat, hits[cat][0], p.name, hits[cat][1], sched)
+                        src, entry, line = hits[cat]
+                        return Decision("block", cat, src, p.name, entry, sched, line)
         for cat in self.block:
             if cat in hits:
-                return Decision("block", cat, hits[cat][0], None, hits[cat][1])
+                src, entry, line = hits[cat]
+                return Decision("block", cat, src, None, entry, None, line)
         return ALLOWED
 
     def exempt_host(self, host: str) -> bool:
         """tls: intercept: is this host in an intercept_exempt category (tunnelled untouched)?"""
         if not self.exempt:
             return False
-        hits = self.hits(host)
+        hits = self._hits3(host)
         return any(c in hits for c in self.exempt)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 MAGIC = b"CGIDX\x02\x00\x00"  # format 2: slots hold record offsets (format 1: record numbers)
 HEADER = struct.Struct("<8sQQQQQQ")  # magic, nslots, slots_off, nrec, records_off, meta_off, meta_len
 HIT = struct.Struct("<HI")  # category id, line
+NHIT = struct.Struct("<HHI")  # a record's hit count, then its first hit
+_KLEN = [struct.pack("<H", n) for n in range(256)]  # a record's key length prefix
 FORMAT = 2
 
 
@@ -137,11 +139,12 @@ class DomainIndex:
             i = (i + 1) & mask
 
     def lookup_host(self, h: str, depths: tuple[int, ...]) -> tuple:
-        """Hits of a normalised name and of its parent domains whose label count is in `depths` (descending), most
-        specific first: lookup() for each such suffix, in one call (the engine's cold path)."""
+        """Hits of a normalised ASCII name and of its parent domains whose label count is in `depths` (descending), most
+        specific first, as one flat tuple: category, file, line, entry, category, ... (one object per host, and the source
+        "file:line" is formatted only when read): lookup() for each such suffix, in one call (the engine's cold path)."""
         hb = h.encode()
         slots, mask, mm, crc = self._slots, self._mask, self._mm, zlib.crc32
-        res = None
+        res = ()
         k = hb.count(b".") + 1  # labels in hb[i + 1:]
         i = -1
         for d in depths:
@@ -159,13 +162,20 @@ class DomainIndex:
                     break
                 if v >> 32 == hv:
                     off = v & 0xFFFFFFFF
-                    klen = mm[off] | (mm[off + 1] << 8)
-                    if mm[off + 2:off + 2 + klen] == key:
-                        found = self._hits(off + 2 + klen, key.decode())
-                        res = found if res is None else res + found
+                    kl = len(key)
+                    p = off + 2 + kl
+                    if mm[off:p] == (_KLEN[kl] if kl < 256 else struct.pack("<H", kl)) + key:  # length + key
+                        n, cat, line = NHIT.unpack_from(mm, p)
+                        if n == 1:
+                            found = (self._cat_names[cat], self._cat_files[cat], line, h[i + 1:])
+                        else:
+                            e, found = h[i + 1:], ()
+                            for c, ln in HIT.iter_unpack(mm[p + 2:p + 2 + 6 * n]):
+                                found += (self._cat_names[c], self._cat_files[c], ln, e)
+                        res = found if not res else res + found
                         break
                 j = (j + 1) & mask
-        return tuple(res) if res else ()
+        return res
 
     def _hits(self, off: int, host: str) -> list[tuple[str, str, str]]:
         mm, names, files, unpack = self._mm, self._cat_names, self._cat_files, HIT.unpack_from
