@@ -176,10 +176,13 @@ class Engine:
         """hits() with the source kept as (file, entry, line): line None when the file is the whole source."""
         out: dict[str, tuple[str, str, int | None]] = {}
         dom = self._domains(host)
-        for k in range(0, len(dom), 4):
-            cat = dom[k]
-            if cat not in out:
-                out[cat] = (dom[k + 1], dom[k + 3], dom[k + 2])
+        if len(dom) == 4:
+            out[dom[0]] = (dom[1], dom[3], dom[2])
+        elif dom:
+            for k in range(0, len(dom), 4):
+                cat = dom[k]
+                if cat not in out:
+                    out[cat] = (dom[k + 1], dom[k + 3], dom[k + 2])
         if url is not None:
             if self.url_prefixes:
                 try:
