@@ -77,10 +77,12 @@ class Supervisor:
     def spawn(self, index: int) -> None:
         from appliance import proxy_worker
 
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             self._in_child()
-            proxy_worker.run(index, self.spec)  # never returns
+            proxy_worker.die_with_parent(parent)  # a SIGKILLed main process takes its workers with it
+            proxy_worker.run(index, self.spec, parent)  # never returns
         self.children[pid] = index
 
     def _in_child(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 log = logging.getLogger("appliance.proxy")
 TRIMS_ENV = "APPLIANCE_PROXY_TRIMS"  # "0": no mitmproxy hot-path trims (for comparison)
+_PARENT: int | None = None  # the main process's PID, set by run()
 LOOP_ENV = "APPLIANCE_PROXY_LOOP"  # "uvloop" (default when installed) or "asyncio" (for comparison)
 
 
@@ -204,6 +205,8 @@ async def _serve(index: int, spec) -> None:
     def stop() -> None:
         server.close()
         master.shutdown()
+        if _PARENT is not None and os.getppid() != _PARENT:  # orphaned: no main process escalates to SIGKILL
+            loop.call_later(5.0, os._exit, 0)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGUSR1, state.access.reopen)
@@ -222,11 +225,21 @@ async def _serve(index: int, spec) -> None:
                     pass
             await asyncio.sleep(0.2)
 
+    async def watch_parent() -> None:  # the portable fallback to die_with_parent(): bounded, one syscall a second
+        while _PARENT is not None:
+            await asyncio.sleep(PARENT_CHECK)
+            if os.getppid() != _PARENT:
+                log.warning("worker %d: the main process %d is gone, stopping", index, _PARENT)
+                stop()
+                return
+
     task = asyncio.create_task(dump_counters())
+    watcher = asyncio.create_task(watch_parent())
     try:
         await master.run()
     finally:
         task.cancel()
+        watcher.cancel()
         try:
             state.counters.dump(counters_path)
         except OSError:
@@ -234,9 +247,38 @@ async def _serve(index: int, spec) -> None:
         state.access.close()
 
 
-def run(index: int, spec) -> None:
-    """Entry point in the forked child; never returns."""
+PARENT_CHECK = 1.0  # seconds between the workers' portable getppid() checks
+PR_SET_PDEATHSIG = 1  # Linux <sys/prctl.h>
+PROC_PDEATHSIG_CTL, P_PID = 11, 0  # FreeBSD <sys/procctl.h>, <sys/wait.h>
+
+
+def die_with_parent(parent: int) -> bool:
+    """In a freshly forked worker: ask the kernel for SIGTERM when the main process dies (Linux prctl, FreeBSD procctl),
+    then exit at once if it already has (the fork race). False when the kernel offers no such request (the worker's
+    periodic getppid() check still applies)."""
+    import ctypes
+
+    armed = False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if sys.platform.startswith("linux"):
+            armed = libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+        elif sys.platform.startswith("freebsd"):
+            libc.procctl.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p)
+            sig = ctypes.c_int(int(signal.SIGTERM))
+            armed = libc.procctl(P_PID, 0, PROC_PDEATHSIG_CTL, ctypes.byref(sig)) == 0
+    except (OSError, AttributeError):
+        armed = False
+    if os.getppid() != parent:  # the main process died between fork() and the request above
+        os._exit(0)
+    return armed
+
+
+def run(index: int, spec, parent: int | None = None) -> None:
+    """Entry point in the forked child; never returns. `parent`: the main process, watched every PARENT_CHECK s."""
     code = 0
+    global _PARENT
+    _PARENT = parent
     try:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop installs its own handlers
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)

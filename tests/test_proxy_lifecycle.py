@@ -250,3 +250,61 @@ def test_explain_matches_proxy(tmp_path):
     assert r.returncode == 2 and "--at" in r.stderr
     r = subprocess.run([APPLIANCE, "-c", str(cfg), "explain", "http://x/", "--client", "300.1.1.1"], capture_output=True, text=True)
     assert r.returncode == 2 and "--client" in r.stderr
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_workers_die_with_a_sigkilled_main_process(tmp_path, origin):
+    """SIGKILL on the main PID only: every worker exits within seconds and the port stops accepting connections."""
+    import socket
+
+    p = _proxy(tmp_path, proxy={"workers": 2}).wait_ready()
+    kids: list[int] = []
+    try:
+        kids = [int(k) for k in subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+        assert len(kids) == 2 and all(_alive(k) for k in kids)
+        assert fetch(p.port, f"http://127.0.0.1:{origin}/before")[0] == 200
+        os.kill(p.proc.pid, signal.SIGKILL)
+        p.proc.wait(5)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and any(_alive(k) for k in kids):
+            time.sleep(0.05)
+        assert not [k for k in kids if _alive(k)], "workers outlived their main process"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", p.port), timeout=2).close()
+    finally:
+        for k in kids:  # only if the assertion above failed: never leave a worker serving
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
+        p.stop()
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="reads the request back with Linux prctl")
+def test_die_with_parent_arms_pdeathsig_and_closes_the_fork_race():
+    import ctypes
+
+    from appliance.proxy_worker import die_with_parent
+
+    def child(parent: int) -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                armed = die_with_parent(parent)  # exits 0 here when `parent` is not our parent (already gone)
+                sig = ctypes.c_int(0)
+                ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+                code = 3 if armed and sig.value == signal.SIGTERM else 4
+            finally:
+                os._exit(code)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    assert child(os.getpid()) == 3  # armed: SIGTERM when this process dies
+    assert child(os.getpid() + 1_000_000) == 0  # the parent it was forked for is gone: exits at once
