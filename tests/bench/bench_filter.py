@@ -356,8 +356,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-filter-"))
     procs: list[subprocess.Popen] = []
     try:
-        print("figures are noisy: this machine is shared with other engineers' tests right now;"
-              f" {os.cpu_count()} cores for proxy + origin + load generator", flush=True)
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"{os.cpu_count()} cores shared by proxy, origin and load generator; load average before the run {load}"
+              " (figures are only comparable within one run: compare the ratios)", flush=True)
         t0 = time.monotonic()
         dom_file = tmp / "domains"
         domains = gen_domains(dom_file, N_DOMAINS)
