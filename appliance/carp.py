@@ -295,7 +295,7 @@ class Supervisor:
                 role.log_line(f"watchdog: proxy {'healthy' if change else 'unhealthy: ' + why}"
                               f"{'' if change else f' ({self.health.fails} failed checks)'}", self.base)
                 self.rearm.set()
-            self.stop.wait(max(0.05, period - (time.monotonic() - t0)))
+            self.stop.wait(max(0.05, self.health.interval(period) - (time.monotonic() - t0)))
 
     # -- main loop
     def run_forever(self) -> int:

@@ -257,4 +257,4 @@ def watchdog_cmd(ctx: Ctx, check: str | None, once: bool) -> None:
             pid = carp.supervisor_pid()
             if pid:
                 os.kill(pid, signal.SIGUSR1)
-        time.sleep(max(0.05, cfg.cluster.advbase - (time.monotonic() - t0)))
+        time.sleep(max(0.05, health.interval(cfg.cluster.advbase) - (time.monotonic() - t0)))

@@ -55,6 +55,11 @@ class Health:
     last: str = "not checked yet"
     changed_at: float = field(default_factory=time.time)
 
+    def interval(self, period: float) -> float:
+        """Seconds to the next check: `period` (advbase) normally; a quarter of it while a failure is being
+        confirmed, so a dead proxy is confirmed within about one advbase and not `failures` of them."""
+        return period / 4 if self.healthy and 0 < self.fails < self.failures else period
+
     def record(self, ok: bool, why: str = "") -> bool | None:
         """Feed one check; returns the new health when it changed, else None."""
         self.last = why or ("ok" if ok else "failed")

@@ -160,6 +160,19 @@ def test_watchdog_probe_and_failure_count(example_tree: Path) -> None:
     assert h.record(True) is True and h.fails == 0
 
 
+def test_watchdog_confirms_a_failure_quickly() -> None:
+    h = watchdog.Health(failures=3)
+    assert h.interval(1.0) == 1.0  # booting (unhealthy): every advbase
+    h.record(True)
+    assert h.interval(1.0) == 1.0  # healthy: every advbase
+    h.record(False)
+    assert h.interval(1.0) == 0.25  # one failure: re-check at advbase/4 to confirm
+    h.record(False)
+    assert h.interval(2.0) == 0.5
+    h.record(False)
+    assert not h.healthy and h.interval(1.0) == 1.0  # demoted: back to every advbase until it answers
+
+
 def test_watchdog_once_cli(example_tree: Path) -> None:
     r = cli("-c", str(example_tree), "--node", "fw1", "watchdog", "--once", "--check", f"127.0.0.1:{free_port()}")
     assert r.returncode == 1 and "Refused" in r.stdout
