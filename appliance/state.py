@@ -6,21 +6,20 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 from appliance.config import state_dir
 
 ROLE_FILE = "role.json"
 
 
-def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
-    """Write to a temp file in the same directory, fsync, rename over `path`: readers see old or new, never half."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], mode: int = 0o644) -> None:
+    """Let `write` fill a temp file in the same directory, fsync, rename over `path`: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -31,6 +30,11 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode()), mode)
 
 
 def read_json(path: Path) -> dict | None:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
-import tempfile
 import zlib
 from array import array
 from pathlib import Path
 from typing import Any
+
+from appliance.state import write_atomic
 
 MAGIC = b"CGIDX\x02\x00\x00"  # format 2: slots hold record offsets (format 1: record numbers)
 HEADER = struct.Struct("<8sQQQQQQ")  # magic, nslots, slots_off, nrec, records_off, meta_off, meta_len
@@ -60,23 +60,14 @@ def write_index(path: Path, categories: list[dict], domains: dict[bytes, Any], m
     ign = path.parent / ".gitignore"  # generated, never committed with the example tree
     if not ign.exists():
         ign.write_text("*\n")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(HEADER.pack(MAGIC, nslots, HEADER.size, n, base_off, meta_off, len(mbytes)))
-            f.write(slots.tobytes())
-            f.write(blob)
-            f.write(mbytes)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    def write(f) -> None:
+        f.write(HEADER.pack(MAGIC, nslots, HEADER.size, n, base_off, meta_off, len(mbytes)))
+        f.write(slots.tobytes())
+        f.write(blob)
+        f.write(mbytes)
+
+    write_atomic(path, write, 0o644)
     return meta_off + len(mbytes)
 
 
