@@ -1,25 +1,17 @@
 """A FreeBSD release dist dir: check base.txz/kernel.txz against its MANIFEST, extract them with their metadata."""
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import tarfile
 from pathlib import Path
 
 from image.errors import BadDist
+from image.manifest import sha256
 from image.tree import Entry
 
 SETS = ("base.txz", "kernel.txz")
 BOOTCODE = ("boot/pmbr", "boot/gptboot", "boot/loader.efi")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(dist: Path) -> dict[str, str]:
@@ -50,7 +42,7 @@ def check(dist: Path) -> dict[str, Path]:
             raise BadDist(f"{p}: missing (FREEBSD_DIST needs {', '.join(SETS)})")
         if name not in manifest:
             raise BadDist(f"{dist / 'MANIFEST'}: has no line for {name}")
-        got = _sha256(p)
+        got = sha256(p)
         if got != manifest[name]:
             raise BadDist(f"{p}: SHA-256 {got} does not match MANIFEST ({manifest[name]}); corrupt or from another release")
         sets[name] = p
