@@ -115,12 +115,17 @@ def carp_argv(lab: dict, node: str) -> list[str]:
     return argv
 
 
-def start_proxy(lab: dict, node: str) -> int:
+def _start(lab: dict, node: str, what: str, argv: list[str], env: dict, log: Path) -> int:
+    """Spawn one of the node's daemons in its namespace and record its PID as `<what>_pid` in the lab file."""
     n = lab["nodes"][node]
-    pid = spawn(n["netns"], proxy_argv(lab, node), node_env(lab, node), Path(n["dir"]) / "proxy.log")
-    n["proxy_pid"] = pid
+    pid = spawn(n["netns"], argv, env, log)
+    n[f"{what}_pid"] = pid
     save(lab)
     return pid
+
+
+def start_proxy(lab: dict, node: str) -> int:
+    return _start(lab, node, "proxy", proxy_argv(lab, node), node_env(lab, node), Path(lab["nodes"][node]["dir"]) / "proxy.log")
 
 
 def sshd_dir(lab: dict, node: str) -> Path:
@@ -129,13 +134,9 @@ def sshd_dir(lab: dict, node: str) -> Path:
 
 def start_sshd(lab: dict, node: str) -> int:
     """The node's private sshd on its sync address (own host key, config and authorized_keys; nothing of the host's)."""
-    n = lab["nodes"][node]
     d = sshd_dir(lab, node)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # the privilege separation dir sshd insists on
-    pid = spawn(n["netns"], [netns.tool("sshd"), "-D", "-e", "-f", str(d / "sshd_config")], {}, d / "sshd.log")
-    n["sshd_pid"] = pid
-    save(lab)
-    return pid
+    return _start(lab, node, "sshd", [netns.tool("sshd"), "-D", "-e", "-f", str(d / "sshd_config")], {}, d / "sshd.log")
 
 
 def sshd_listening(lab: dict, node: str) -> bool:
@@ -144,11 +145,7 @@ def sshd_listening(lab: dict, node: str) -> bool:
 
 
 def start_carp(lab: dict, node: str) -> int:
-    n = lab["nodes"][node]
-    pid = spawn(n["netns"], carp_argv(lab, node), node_env(lab, node), Path(n["dir"]) / "carp.log")
-    n["carp_pid"] = pid
-    save(lab)
-    return pid
+    return _start(lab, node, "carp", carp_argv(lab, node), node_env(lab, node), Path(lab["nodes"][node]["dir"]) / "carp.log")
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
