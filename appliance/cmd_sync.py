@@ -179,6 +179,12 @@ def keys_init(ctx: Ctx, force: bool, for_node: str | None, appliance_bin: str, e
     pub = key.with_name(key.name + ".pub")
     if for_node is not None and for_node not in cfg.nodes:
         fail(f"--for: {for_node!r} is not one of the nodes ({', '.join(cfg.nodes)})")
+    if elevate == "auto":
+        elevate = keymod.default_elevate(cfg.sync.user)
+    try:  # before the key is made: a bad --appliance-bin leaves nothing behind
+        keymod.serve_command(appliance_bin, elevate)
+    except ValueError as e:
+        fail(f"--appliance-bin: {e}")
     if key.exists() and not force:
         click.echo(f"# {key} exists (--force replaces it)", err=True)
     else:
@@ -200,8 +206,6 @@ def keys_init(ctx: Ctx, force: bool, for_node: str | None, appliance_bin: str, e
     if not pubkey:
         fail(f"{pub}: missing or empty; run `appliance keys init --force`", 1)
     nodes = [for_node] if for_node else list(cfg.nodes)
-    if elevate == "auto":
-        elevate = keymod.default_elevate(cfg.sync.user)
     try:
         lines = {n: keymod.authorized_keys_line(cfg, n, pubkey, appliance_bin, elevate=elevate) for n in nodes}
     except ValueError as e:
@@ -269,6 +273,8 @@ def cron_cmd(ctx: Ctx, install: bool, cron_file: str, appliance_bin: str | None)
     from sync.check import appliance_bin as this_bin
 
     cfg = ctx.cfg
+    if appliance_bin is not None and (not appliance_bin.startswith("/") or any(c.isspace() or c in "\\;&|<>`$'\"" for c in appliance_bin)):
+        fail(f"--appliance-bin {appliance_bin!r}: must be one absolute path (cron runs the line through sh)")
     line = cron_line(cfg, Path(os.path.abspath(ctx.config_path)), appliance_bin or this_bin())
     if not install:
         click.echo(line)
@@ -277,9 +283,14 @@ def cron_cmd(ctx: Ctx, install: bool, cron_file: str, appliance_bin: str | None)
     text = ("# appliance config sync (written by `appliance cron --install`); runs on every node,\n"
             "# a no-op unless the node is MASTER\nSHELL=/bin/sh\nPATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin\n"
             f"{line}\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        fail(f"--file {path}: cannot write ({e.filename}: {e.strerror or e})")
     click.echo(f"installed {path}: {line}")
