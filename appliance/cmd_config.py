@@ -127,7 +127,12 @@ def check(ctx: Ctx, as_json: bool, compile_: bool) -> None:
             fail(str(e))
         s["filter"]["index"] = {"path": str(rep.path), "entries": rep.entries, "bad_lines": rep.bad_count,
                                 "seconds": round(rep.seconds, 3), "bytes": rep.size}
+        s["filter"]["index"]["bad"] = rep.bad
         if not as_json:
+            for b in rep.bad:  # file:line: why, so the admin can fix the list
+                click.echo(f"appliance: warning: bad list line skipped: {b}", err=True)
+            if rep.bad_count > len(rep.bad):
+                click.echo(f"appliance: warning: ... {rep.bad_count - len(rep.bad)} more bad lines", err=True)
             click.echo(f"index: {rep.path}: {rep.entries} entries, {rep.bad_count} bad lines skipped, "
                        f"{rep.size} bytes, compiled in {rep.seconds:.2f} s", err=True)
     if as_json:

@@ -55,10 +55,13 @@ def up_cmd(ctx: Ctx, name: str | None, engine: str | None, deadratio: int | None
 @click.pass_obj
 def down_cmd(ctx: Ctx, name: str | None) -> None:
     """Stop everything and delete the namespaces (also after a crash: works from the lab state file)."""
+    known = name is None or labmod.lab_dir(name).exists()
     try:
         spaces = labmod.down(name)
     except labmod.LabError as e:
         fail(str(e))
+    if not known and not spaces:
+        fail(f"--name {name!r}: no such lab (no {labmod.lab_dir(name)}, no namespaces {name}-*); nothing removed")
     click.echo(f"removed {len(spaces)} namespaces: {' '.join(spaces) or '-'}")
 
 

@@ -66,17 +66,20 @@ def explain(ctx: Ctx, url: str, client: str, at: str | None, sni: str | None, as
         ipaddress.IPv4Address(client)
     except ValueError:
         fail(f"--client {client!r}: not an IPv4 address")
+    host, full, connect = _target(url)
+    if host is None:
+        fail(f"{url!r}: not a URL or host name")
+    port = _port(url)
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        fail(f"{url!r}: port {port!r} is not 1-65535")
     try:
         cfg, engine, _ = ruleset.load(ctx.config_path)
     except cfgmod.ConfigError as e:
         fail(str(e))
     except (ruleset.ListError, IndexError_) as e:
         fail(str(e))
-    host, full, connect = _target(url)
     if full.lower().startswith("https://") and cfg.proxy.tls == "sni":
         connect = True  # without interception the proxy sees only the CONNECT host and the SNI
-    if host is None:
-        fail(f"{url!r}: not a URL or host name")
     d = engine.decide(client, host, None if connect else full, when)
     step = "CONNECT" if connect else "request"
     if connect and not d.blocked and sni:
@@ -116,3 +119,13 @@ def _target(url: str) -> tuple[str | None, str, bool]:
     host = norm_host(u)
     connect = u.rsplit(":", 1)[-1] == "443" if ":" in u else False
     return host, f"http://{u}/", connect
+
+
+def _port(url: str) -> str | None:
+    """The port written in URL's authority ('h:8080', 'http://h:8080/p', '[v6]:443'), else None."""
+    u = url.strip()
+    hostport = u.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    if hostport.startswith("["):
+        rest = hostport.partition("]")[2]
+        return rest[1:] if rest.startswith(":") else None
+    return hostport.rpartition(":")[2] if hostport.count(":") == 1 else None
