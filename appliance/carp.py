@@ -36,9 +36,9 @@ def write_pass(cfg: Appliance, base: Path | None = None) -> Path:
     p = pass_file(base)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older, wider file keeps its mode through O_TRUNC: narrow it before the pass goes in
     with os.fdopen(fd, "w") as f:
         f.write(cfg.cluster.password.get_secret_value())
-    os.chmod(p, 0o600)
     return p
 
 

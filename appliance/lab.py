@@ -148,17 +148,17 @@ def start_carp(lab: dict, node: str) -> int:
     return _start(lab, node, "carp", carp_argv(lab, node), node_env(lab, node), Path(lab["nodes"][node]["dir"]) / "carp.log")
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("node.yaml", "hooks.d", ".git", "__pycache__", "keys"),
+def _copy_tree(src: Path, dst: Path, *skip: str) -> None:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("node.yaml", "hooks.d", ".git", "__pycache__", "keys", *skip),
                     symlinks=True)
 
 
 def _write_secret(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # before the secret goes in (O_TRUNC keeps an existing file's mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, 0o600)
 
 
 def _keygen(path: Path, comment: str) -> str:
@@ -298,9 +298,9 @@ def _build(lab: dict, cfg: cfgmod.Appliance, config_path: Path, origin_ip, clien
         nd = Path(lab["dir"]) / node
         st = nd / "state"
         (st / "releases").mkdir(parents=True, exist_ok=True)
-        _copy_tree(config_path.parent, st / "releases" / "1")
-        rendered = st / "releases" / "1" / config_path.name
-        rendered.write_text(render_config(rendered.read_text()))
+        # the cluster file holds the CARP pass: never copied with the source's mode, written 0600 from creation
+        _copy_tree(config_path.parent, st / "releases" / "1", config_path.name)
+        _write_secret(st / "releases" / "1" / config_path.name, render_config(config_path.read_text()).encode())
         os.symlink("releases/1", st / "current")
         (st / "node.yaml").write_text(f"node: {node}\n")
         lab["nodes"][node] = {"netns": ns, "lan_if": c.interface, "sync_if": c.sync_interface,

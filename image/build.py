@@ -119,6 +119,15 @@ def _merge_rootfs(base: dict[str, Entry], overlay: Tree, root: Path, fstab: str)
 
 
 def build(cfg: Appliance, config_path: Path, opts: Options) -> dict:
+    """Build every node's outputs; they hold the CARP pass and private keys, so each is created 0600 (umask 077)."""
+    old = os.umask(0o077)
+    try:
+        return _build(cfg, config_path, opts)
+    finally:
+        os.umask(old)
+
+
+def _build(cfg: Appliance, config_path: Path, opts: Options) -> dict:
     epoch = source_date_epoch()
     out = opts.out
     nodes = opts.only or sorted(cfg.nodes)

@@ -186,3 +186,24 @@ def test_old_master_back_after_failover_does_not_overwrite(lab) -> None:
     # nothing changed on either side: fw2 still serves what was changed while it was master
     assert live(lab, "fw2") == 3 and live(lab, "fw1") == 2
     assert labmod.client_get(lab, lan_ip(lab, "fw2"), url) == "403"
+
+
+def test_the_carp_pass_is_only_in_0600_files_and_never_logged(lab) -> None:
+    """After the lab ran carp, proxies, sshd and syncs: every file under the lab dir holding the pass (the
+    rendered cluster files of every release and the staging copy, carp.pass) is 0600; no log or status has it."""
+    pw = yaml.safe_load((EXAMPLES / "appliance.yaml").read_text())["cluster"]["password"].encode()
+    holders, logs = [], 0
+    for dirpath, _dirs, names in os.walk(lab["dir"]):
+        for n in names:
+            p = Path(dirpath) / n
+            if p.is_symlink() or not p.is_file():
+                continue
+            logs += n.endswith(".log")
+            if pw in p.read_bytes():
+                holders.append(p)
+    names = {p.name for p in holders}
+    assert names <= {"appliance.yaml", "carp.pass"} and "carp.pass" in names, holders
+    assert sum(p.name == "appliance.yaml" for p in holders) >= len(lab["nodes"]), holders  # every release, staging
+    assert logs >= len(lab["nodes"]), "no log files to look at"
+    wide = [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in holders if p.stat().st_mode & 0o077]
+    assert wide == [], wide
