@@ -458,9 +458,13 @@ def down(name: str | None = None) -> list[str]:
     prefix = f"{lab['name']}-"
     spaces = sorted(set(lab.get("created_netns", [])) | {n for n in netns.netns_list() if n.startswith(prefix)})
     # the supervisors first (they stop their engines and drop the VIP), then everything left in our namespaces
+    # a recorded PID is ours only while it still runs in one of the lab's namespaces (after a reboot or a
+    # long-dead daemon the number may belong to something else: never signal that)
+    inside = {p for ns in spaces for p in netns.netns_pids(ns)}
     sup = [n.get("carp_pid") for n in lab.get("nodes", {}).values() if n.get("carp_pid")]
-    _kill([p for p in sup if _alive(p)])
+    _kill([p for p in sup if p in inside and _alive(p)])
     rest = [n.get(k) for n in lab.get("nodes", {}).values() for k in ("proxy_pid", "sshd_pid")] + [lab.get("origin_pid")]
+    rest = [p for p in rest if p in inside]
     for ns in spaces:
         rest += netns.netns_pids(ns)
     _kill([p for p in rest if p and _alive(p)], grace=2.0)
