@@ -122,6 +122,7 @@ class Proxy:
             except OSError:
                 pass
             time.sleep(0.05)
+        self.stop()  # callers enter their try/finally only after wait_ready(): never leave it running
         raise RuntimeError(f"proxy not ready after {timeout}s: {self.stderr()}")
 
     def stderr(self) -> str:

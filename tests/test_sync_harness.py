@@ -108,7 +108,11 @@ class Node:
         (d / "authorized_keys").write_text(line + "\n")
         self.sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "wb"))
-        _wait_port(self.addr, self.port, self.sshd)
+        try:
+            _wait_port(self.addr, self.port, self.sshd)
+        except BaseException:
+            self.stop()  # the lab fixture calls this before its try/finally: never leave sshd running
+            raise
 
     def stop(self) -> None:
         if self.sshd and self.sshd.poll() is None:
