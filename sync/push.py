@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -205,6 +207,14 @@ def stale_peers(live: int | None, ours_meta: dict, peers: dict[str, dict]) -> li
     return out
 
 
+def narrow_secret(path: Path, state: Path) -> None:
+    """The cluster file holds the CARP pass and a release keeps its modes on every node: cut it only as 0600."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, 0o600)
+        note(state, f"{path} holds the CARP pass: mode {mode:o} narrowed to 600 before the cut", logging.WARNING)
+
+
 def sync(cfg: Appliance, node: str, config_path: Path, state: Path, force: bool = False, dry_run: bool = False,
          bwlimit: int | None = None, progress: Progress | None = None) -> dict:
     """One `appliance sync` run; returns the report (with "exit"). Raises SyncError for whole-run refusals."""
@@ -217,6 +227,8 @@ def sync(cfg: Appliance, node: str, config_path: Path, state: Path, force: bool 
         return {"ok": True, "exit": OK, "skipped": msg, "node": node, "role": role, "peers": []}
     with lock.held(Path(state) / "run"):
         work = Path(config_path).resolve().parent
+        if not dry_run:
+            narrow_secret(Path(config_path).resolve(), state)
         rel = Releases(state)
         t_check = time.monotonic()
         if needs_check(rel, work):

@@ -1,6 +1,7 @@
 """The CARP pass and private keys: never in any command's output or log, and every file holding them is 0600."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -12,6 +13,7 @@ import yaml
 
 from tests.conftest import APPLIANCE, EXAMPLES, need_tool
 from tests.test_proxy_support import Proxy
+from tests.test_sync_harness import lab as sync_lab  # noqa: F401  (fixture)
 
 PW = "pw-Zq8"
 pytestmark = pytest.mark.timeout(240)
@@ -133,3 +135,24 @@ def test_carp_pass_file_narrowed_before_write(tmp_path: Path):
     finally:
         os.fdopen = real_fdopen
     assert seen == [0o600] and pf.read_text() == PW and stat.S_IMODE(pf.stat().st_mode) == 0o600
+
+
+def test_sync_cuts_and_pushes_the_cluster_file_only_as_0600(sync_lab) -> None:
+    """A master whose cluster file is 0644 (e.g. copied in by hand): the cut narrows it first, so no release or
+    staging copy on either node is readable by others (the tree hash carries modes, so peers keep 0600 too)."""
+    from appliance.config import load
+
+    lab = sync_lab
+    cfg = lab.master.tree / "appliance.yaml"
+    os.chmod(cfg, 0o644)
+    pw = load(cfg).cluster.password.get_secret_value().encode()
+    code, r = lab.master.sync()
+    assert code == 0, r
+    assert pw.decode() not in json.dumps(r)
+    for node in (lab.master, lab.backup):
+        # the backup's releases/1 was laid down by the harness (the image's job), not by sync
+        holders = [p for p in _holding(node.state, pw) if node is lab.master or "1" not in p.relative_to(node.state).parts[1:2]]
+        assert any("staging" in p.parts for p in holders) or node is lab.master, holders
+        assert len(holders) >= 2, holders
+        wide = [f"{p} {oct(stat.S_IMODE(p.stat().st_mode))}" for p in holders if p.stat().st_mode & 0o077]
+        assert wide == [], wide
