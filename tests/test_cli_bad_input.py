@@ -36,6 +36,8 @@ C = ["-c", "{cfg}"]
 N = C + ["--node", "fw1"]
 CLICK = "Invalid value for"  # click's usage error: names the option or argument
 
+# the compiled list index: a derived cache in the config tree that commands may (re)build
+INDEX = ["etc/compiled", "etc/compiled/.gitignore", "etc/compiled/filter.idx"]
 # (id, argv, setup, expected exit, substrings of the message, files allowed to change, extra env)
 CASES = [
     ("check-missing-config", ["-c", "{t}/nope.yaml", "check"], None, 2, ["nope.yaml: no such config file"], [], {}),
@@ -49,7 +51,7 @@ CASES = [
     ("check-lists-missing", C + ["check", "--compile"], lambda t: shutil.rmtree(t / "etc" / "lists"), 2,
      ["appliance.yaml:23: filter.lists: directory", "does not exist"], [], {}),
     ("check-bad-list-line-skip", C + ["check", "--compile"], _write("etc/lists/adult/domains", "ok.example\nbad host!!\n"), 0,
-     ["warning: bad list line skipped: lists/adult/domains:2:", "1 bad lines skipped"], ["etc/compiled/filter.idx"], {}),
+     ["warning: bad list line skipped: lists/adult/domains:2:", "1 bad lines skipped"], INDEX, {}),
     ("check-bad-list-line-reject", C + ["check", "--compile"],
      lambda t: (_edit("lists: lists/", "lists: lists/\n  bad_lines: reject")(t), _write("etc/lists/adult/domains", "ok.example\nbad host!!\n")(t)),
      2, ["bad_lines is reject", "lists/adult/domains:2:"], [], {}),
@@ -59,13 +61,13 @@ CASES = [
     ("render-no-node", C + ["render"], None, 2, ["cannot tell which node this is", "node.yaml"], [], {}),
     ("render-bad-node-yaml", C + ["render"], _write("etc/node.yaml", "node: [\n"), 2, ["node.yaml:2:", "YAML syntax error"], [], {}),
     ("config-reference-update-missing", ["config-reference", "--update", "{t}/NOPE.md"], None, 2, [CLICK + " '--update'", "NOPE.md"], [], {}),
-    ("proxy-listen-no-colon", N + ["proxy", "--listen", "nope"], None, 2, ["--listen 'nope': expected HOST:PORT"], ["etc/compiled/filter.idx"], {}),
-    ("proxy-listen-port-range", N + ["proxy", "--listen", "127.0.0.1:99999"], None, 2, ["--listen '127.0.0.1:99999'"], ["etc/compiled/filter.idx"], {}),
-    ("proxy-listen-bad-ip", N + ["proxy", "--listen", "1.2.3.4.5:8080"], None, 2, ["'1.2.3.4.5' is not an IPv4 address"], ["etc/compiled/filter.idx"], {}),
-    ("proxy-listen-no-port", N + ["proxy", "--listen", "127.0.0.1:"], None, 2, ["--listen '127.0.0.1:'"], ["etc/compiled/filter.idx"], {}),
+    ("proxy-listen-no-colon", N + ["proxy", "--listen", "nope"], None, 2, ["--listen 'nope': expected HOST:PORT"], INDEX, {}),
+    ("proxy-listen-port-range", N + ["proxy", "--listen", "127.0.0.1:99999"], None, 2, ["--listen '127.0.0.1:99999'"], INDEX, {}),
+    ("proxy-listen-bad-ip", N + ["proxy", "--listen", "1.2.3.4.5:8080"], None, 2, ["'1.2.3.4.5' is not an IPv4 address"], INDEX, {}),
+    ("proxy-listen-no-port", N + ["proxy", "--listen", "127.0.0.1:"], None, 2, ["--listen '127.0.0.1:'"], INDEX, {}),
     ("proxy-bad-config", N + ["proxy", "--listen", "127.0.0.1:0"], BAD_VHID, 2, ["appliance.yaml:5: cluster.vhid"], [], {}),
     ("reload-bad-config", N + ["reload"], BAD_VHID, 2, ["appliance.yaml:5: cluster.vhid", "keeps its current rules"], [], {}),
-    ("reload-no-proxy", N + ["reload"], None, 1, ["the proxy is not running", "proxy.pid"], ["etc/compiled/filter.idx"], {}),
+    ("reload-no-proxy", N + ["reload"], None, 1, ["the proxy is not running", "proxy.pid"], INDEX, {}),
     ("explain-at-words", N + ["explain", "http://a.example/", "--at", "tomorrow"], None, 2, ["--at 'tomorrow'", "YYYY-MM-DD HH:MM"], [], {}),
     ("explain-at-month-13", N + ["explain", "http://a.example/", "--at", "2026-13-01 10:00"], None, 2, ["--at '2026-13-01 10:00'"], [], {}),
     ("explain-client-bad", N + ["explain", "http://a.example/", "--client", "999.1.1.1"], None, 2, ["--client '999.1.1.1': not an IPv4"], [], {}),
@@ -141,7 +143,8 @@ def _files(root: Path) -> dict[str, object]:
 
 @pytest.mark.parametrize("argv,setup,code,needles,may_change,env", [pytest.param(*c[1:], id=c[0]) for c in CASES])
 def test_bad_input(tmp_path: Path, argv, setup, code, needles, may_change, env) -> None:
-    shutil.copytree(EXAMPLES, tmp_path / "etc")
+    # a clean clone's examples/: without the derived index and the keys that `make run` / `make image` leave there
+    shutil.copytree(EXAMPLES, tmp_path / "etc", ignore=shutil.ignore_patterns("compiled", "keys"))
     (tmp_path / "state").mkdir()
     if setup:
         setup(tmp_path)
