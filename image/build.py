@@ -215,8 +215,10 @@ def _rmtree(path: Path) -> None:
 
     for d, dirs, _files in os.walk(path):
         for x in dirs:
-            try:
-                os.chmod(os.path.join(d, x), 0o700, follow_symlinks=False)
-            except (OSError, NotImplementedError):
-                pass
+            sub = os.path.join(d, x)
+            if not os.path.islink(sub):  # Linux cannot chmod a symlink itself; its target is not ours to change
+                try:
+                    os.chmod(sub, 0o700)
+                except OSError:
+                    pass  # rmtree's onerror gets another go at it
     shutil.rmtree(path, onerror=onerror)
