@@ -18,24 +18,18 @@ def expected_master(cfg: cfgmod.Appliance) -> str:
 
 
 def list_summary(cfg: cfgmod.Appliance, base: Path) -> dict:
-    """Per category: entries and bad lines per list file (the filter engine's own parser when present)."""
+    """Per category: entries and bad lines per list file, counted by the rule engine's own parser (as the proxy sees them)."""
+    from filters.lists import count_file
+
     lists_dir = cfg.lists_dir(base)
     out: dict = {}
-    try:
-        from filters import lists as flists  # the rule engine's parser: same counts as the proxy
-    except ImportError:  # pragma: no cover - the filter package ships with the appliance
-        flists = None
     for cat in sorted(cfg.filter.categories()):
         entry: dict = {"entries": 0, "bad_lines": 0, "files": {}}
         for name in LIST_FILES:
             f = lists_dir / cat / name
             if not f.exists():
                 continue
-            if flists is not None and hasattr(flists, "count_file"):
-                good, bad = flists.count_file(f, name)
-            else:
-                lines = [l for l in f.read_text(errors="replace").splitlines() if l.strip() and not l.lstrip().startswith("#")]
-                good, bad = len(lines), 0
+            good, bad = count_file(f, name)
             entry["files"][name] = {"entries": good, "bad_lines": bad}
             entry["entries"] += good
             entry["bad_lines"] += bad
