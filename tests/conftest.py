@@ -44,3 +44,13 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d.mkdir()
     monkeypatch.setenv("APPLIANCE_STATE_DIR", str(d))
     return d
+
+
+@pytest.fixture(scope="module")
+def origin():
+    """A local 1 KB HTTP origin on loopback for one test module (the proxy tests); yields its port."""
+    from tests.test_proxy_support import start_origin
+
+    srv, port = start_origin()
+    yield port
+    srv.shutdown()

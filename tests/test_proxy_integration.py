@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import re
-import signal
 import ssl
-import subprocess
-import threading
 import time
 
 import pytest
 
-from tests.conftest import APPLIANCE
 from tests.test_proxy_support import (
     Proxy,
     connect_tunnel,
@@ -21,13 +17,6 @@ from tests.test_proxy_support import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def origin():
-    srv, port = start_origin()
-    yield port
-    srv.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,11 @@ import threading
 import time
 
 import pytest
-import yaml
 
 from tests.conftest import APPLIANCE
-from tests.test_proxy_support import Proxy, connect_tunnel, fetch, get_local, make_tree, start_origin
+from tests.test_proxy_support import Proxy, connect_tunnel, fetch, get_local, make_tree
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def origin():
-    srv, port = start_origin()
-    yield port
-    srv.shutdown()
 
 
 def _proxy(tmp_path, **kw):
@@ -183,7 +175,6 @@ def test_two_workers_share_the_port(tmp_path, origin):
         for i in range(40):
             assert fetch(p.port, f"http://127.0.0.1:{origin}/w{i}")[0] == 200
             assert fetch(p.port, f"http://w{i}.blocked.test/")[0] == 403
-        cfg = yaml.safe_load(p.cfg_path.read_text())
         from appliance import config as cfgmod
         from appliance import proxyctl
 

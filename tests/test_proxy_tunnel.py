@@ -172,18 +172,7 @@ def test_connect_pipelined_with_client_hello(env):
     """A client that sends its ClientHello right behind the CONNECT head (no wait for the 200) is still filtered."""
     p, tls_port, _ = env
     for name, cut in (("www.blocked.test", True), ("localhost", False)):
-        s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
-        s.sendall(f"CONNECT 127.0.0.1:{tls_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + client_hello(name))
-        got = b""
-        try:
-            while len(got) < 200:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-        except ConnectionResetError:
-            pass
-        s.close()
+        got = _pipelined_hello(p.port, tls_port, name, lambda got: len(got) >= 200)
         assert got.startswith(b"HTTP/1.1 200 Connection established\r\n\r\n")
         after = got.split(b"\r\n\r\n", 1)[1]
         if cut:
@@ -192,12 +181,13 @@ def test_connect_pipelined_with_client_hello(env):
             assert after[:1] == b"\x16"  # the origin's ServerHello came through the tunnel
 
 
-def _sni_passes(port: int, tls_port: int, name: str) -> bool:
+def _pipelined_hello(port: int, tls_port: int, name: str, enough) -> bytes:
+    """CONNECT with a ClientHello for `name` right behind the head; read until `enough(got)`, EOF or a reset."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.sendall(f"CONNECT 127.0.0.1:{tls_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + client_hello(name))
     got = b""
     try:
-        while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 1:
+        while not enough(got):
             chunk = s.recv(65536)
             if not chunk:
                 break
@@ -205,6 +195,11 @@ def _sni_passes(port: int, tls_port: int, name: str) -> bool:
     except ConnectionResetError:
         pass
     s.close()
+    return got
+
+
+def _sni_passes(port: int, tls_port: int, name: str) -> bool:
+    got = _pipelined_hello(port, tls_port, name, lambda got: b"\r\n\r\n" in got and len(got.split(b"\r\n\r\n", 1)[1]) >= 1)
     return got.split(b"\r\n\r\n", 1)[-1][:1] == b"\x16"
 
 
