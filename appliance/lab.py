@@ -611,7 +611,6 @@ def preferred(lab: dict) -> str:
 def measure(lab: dict, probe: Probe, kind: str, node: str | None = None, timeout: float = 20.0) -> dict:
     """One failure of `kind` on the serving master and its recovery: each outage, who served, VIP holders."""
     node = node or preferred(lab)
-    others = set(lab["nodes"]) - {node}
     t0 = time.monotonic()
     if probe.wait_served({node}, t0 - 1.0, timeout) is None:
         raise LabError(f"{kind}: {node} is not serving before the failure (holders {holders(lab)})")

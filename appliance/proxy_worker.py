@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
 log = logging.getLogger("appliance.proxy")
 TRIMS_ENV = "APPLIANCE_PROXY_TRIMS"  # "0": no mitmproxy hot-path trims (for comparison)

@@ -145,10 +145,9 @@ async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int, deadli
 async def handle(conn: socket.socket, state: Any) -> None:
     """Serve one client connection that starts with CONNECT (tls: sni); always closes or hands on `conn`."""
     loop = asyncio.get_running_loop()
-    up: socket.socket | None = None
     try:
         await _handle(loop, conn, state)
-        conn = up = None  # owned by the transports now
+        conn = None  # owned by the transports now
     except (OSError, TimeoutError, asyncio.TimeoutError, ValueError) as e:
         log.debug("tunnel: %s", e)
     finally:

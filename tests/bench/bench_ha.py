@@ -6,7 +6,6 @@ import secrets
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 from tests.conftest import EXAMPLES
 
