@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance import config as cfgmod
+from appliance.core import config as cfgmod
 from filters import lists as flists
 from filters.engine import Engine, PolicyRule
 from filters.index import DomainIndex, IndexError_, read_meta, write_index

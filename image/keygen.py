@@ -6,8 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from appliance import keys
-from appliance.config import Appliance
+from sync import keys
+from appliance.core.config import Appliance
 
 from image.errors import BuildError, MissingTool
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import jinja2
 
 import appliance
-from appliance import keys
-from appliance.config import Appliance
+from sync import keys
+from appliance.core.config import Appliance
 
 from image.errors import BuildError
 from image.keygen import public_key

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance import config as cfgmod
+from appliance.core import config as cfgmod
 from sync.errors import BAD_INPUT, SyncError
 
 CONFIG_NAME = "appliance.yaml"

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from appliance import keys as keymod
-from appliance.config import Appliance
-from appliance.state import read_role
+from sync import keys as keymod
+from appliance.core.config import Appliance
+from appliance.core.state import read_role
 from sync import lock, tree
 from sync.check import validate_tree
 from sync.errors import BAD_INPUT, OK, PEER_FAILED, SPLIT_BRAIN, STALE, SyncError

@@ -7,8 +7,8 @@ import signal
 import time
 from pathlib import Path
 
-from appliance import proxyctl
-from appliance.state import read_role
+from filters.proxy import control as proxyctl
+from appliance.core.state import read_role
 from sync import lock, tree
 from sync.check import validate_tree
 from sync.errors import BAD_INPUT, SPLIT_BRAIN, STALE, SyncError
@@ -38,7 +38,7 @@ def reload_proxy(state: Path) -> str:
 def reload_carp(state: Path) -> str:
     """SIGHUP the CARP supervisor if one runs: it re-reads the config and restarts its engines only when
     this node's CARP settings changed (advbase, advskew, pass, VIP...)."""
-    from appliance.carp import supervisor_pid
+    from appliance.ha.supervisor import supervisor_pid
 
     try:
         pid = supervisor_pid(Path(state))

@@ -105,7 +105,7 @@ class Lan:
             common.append("--preempt")
         if engine == "ucarp":
             return ["ucarp", *common, *(extra or [])]
-        return [PY, "-m", "appliance.speaker", *common, *(extra or [])]
+        return [PY, "-m", "appliance.ha.speaker", *common, *(extra or [])]
 
     def start(self, engine: str, node: Node, **kw) -> subprocess.Popen:
         argv = ["ip", "netns", "exec", node.netns, *self.engine_argv(engine, node, **kw)]
@@ -204,7 +204,7 @@ def wait_until(pred, timeout: float, step: float = 0.05):
 
 def _observe(iface: str) -> None:
     """Child process: AF_PACKET on the bridge, print one JSON line per CARP packet (bounded by the parent's kill)."""
-    from appliance import carp_proto as cp
+    from appliance.ha import protocol as cp
     s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
     s.bind((iface, 0x0800))
     print("ready", flush=True)

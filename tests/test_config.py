@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance import config as c
+from appliance.core import config as c
 from appliance.cli import main
 from tests.conftest import APPLIANCE, EXAMPLES
 
@@ -205,7 +205,7 @@ def test_every_command_has_help():
 
 
 def test_readme_config_reference_is_current():
-    from appliance import reference
+    from appliance.core import reference
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert reference.markdown() in readme, "README config reference is stale: run `appliance config-reference --update README.md`"
@@ -214,7 +214,7 @@ def test_readme_config_reference_is_current():
 def test_schedule_parsing_and_matching():
     import datetime as dt
 
-    from appliance.schedule import parse
+    from appliance.core.schedule import parse
 
     s = parse("mon-fri 08:00-17:00")
     assert s.matches(dt.datetime(2026, 11, 23, 9, 0))  # Monday

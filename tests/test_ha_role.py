@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance import config as cfgmod
-from appliance import role, state
+from appliance.core import config as cfgmod
+from appliance.ha import role
+from appliance.core import state
 from tests.conftest import APPLIANCE
 
 
@@ -137,7 +138,7 @@ def test_role_moves_the_vip_in_a_namespace(example_tree: Path, state_dir: Path) 
     from tests.conftest import need_root, need_tool
     need_root()
     need_tool("ip", "arping")
-    from appliance import netns
+    from appliance.ha import ip as netns
     ns = f"cgrole{os.getpid() % 100000}"
     netns.netns_add(ns)
     try:

@@ -196,7 +196,7 @@ def test_missing_makefs_is_a_clear_error(example_tree: Path, tmp_path: Path):
 
 def test_ufs_sync_access_doas_sshd_and_key_agree(built):
     """Read back from the UFS image: the doas rule, sshd's Match block and the key's forced command are one command."""
-    from appliance import keys
+    from sync import keys
     from image import checks
 
     cfg_path, out, _ = built

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance import config as cfgmod
-from appliance import keys
+from appliance.core import config as cfgmod
+from sync import keys
 from image import checks, keygen, render
 from image.errors import CheckFailed
 from tests.conftest import need_tool

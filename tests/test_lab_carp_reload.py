@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from appliance import carp
-from appliance.config import load
+from appliance.ha import supervisor as carp
+from appliance.core.config import load
 from tests.conftest import free_port
 
 
@@ -75,7 +75,7 @@ def test_reload_config_applies_changes_and_keeps_engines_on_a_bad_file(example_t
 
 
 def test_status_probe_on_loopback_and_never_without_our_sync_address(example_tree: Path) -> None:
-    from appliance import cmd_ha
+    from appliance.cli import ha as cmd_ha
 
     port = free_port()
     ok, what = cmd_ha.probe_peer("127.0.0.1", "127.0.0.1", port, timeout=1.0)

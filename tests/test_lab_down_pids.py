@@ -14,7 +14,7 @@ from tests.conftest import need_root, need_tool
 def test_lab_down_leaves_a_recorded_pid_outside_its_namespaces_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     need_root()
     need_tool("ip")
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     monkeypatch.setenv(labmod.LAB_ROOT_ENV, str(tmp_path / "labs"))
     name = f"cp{secrets.token_hex(3)}"
     # a process of ours in the host namespace whose PID a stale lab file happens to hold (a recycled PID)

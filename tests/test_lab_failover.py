@@ -26,7 +26,7 @@ LIMIT_DEMOTE = 1.5
 def lab(tmp_path_factory: pytest.TempPathFactory):
     need_root()
     need_tool("ip", "arping", "ucarp")
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     try:
         with labmod.running(EXAMPLES / "appliance.yaml", tmp_path_factory.mktemp("labs"), "ct") as data:
             yield data
@@ -36,13 +36,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def probe(lab):
-    from appliance.lab import Probe
+    from appliance.lab.lab import Probe
     with Probe(lab) as p:
         yield p
 
 
 def test_lab_up_json_shape_and_processes(lab) -> None:
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     d = json.loads(subprocess.run([APPLIANCE, "lab", "status", "--name", lab["name"], "--json"], capture_output=True,
                                   text=True, timeout=60, env=os.environ.copy()).stdout)
     assert d["vip"] == "192.168.1.50" and d["proxy_port"] == 3128 and d["origin"].startswith("http://192.168.1.")
@@ -51,7 +51,7 @@ def test_lab_up_json_shape_and_processes(lab) -> None:
     for node, n in d["nodes"].items():
         assert n["netns"] == f"{lab['name']}-{node}" and n["lan_if"] == "em0" and Path(n["config"]).exists()
         cmdline = Path(f"/proc/{n['engine_pid']}/cmdline").read_bytes().split(b"\0")
-        assert b"appliance.speaker" in cmdline or cmdline[0].endswith(b"ucarp")  # the process speaking CARP
+        assert b"appliance.ha.speaker" in cmdline or cmdline[0].endswith(b"ucarp")  # the process speaking CARP
         assert b"proxy" in Path(f"/proc/{n['proxy_pid']}/cmdline").read_bytes()
         assert b"sshd" in Path(f"/proc/{n['sshd_pid']}/cmdline").read_bytes().split(b"\0")[0]  # it rewrites its title
     # the VIP exists only inside the namespaces
@@ -75,7 +75,7 @@ def test_lab_exec_runs_with_the_node_environment(lab) -> None:
 
 @pytest.mark.parametrize("kind", ["engine-kill", "link-down"])
 def test_failure_outage_within_bound(lab, probe, kind: str) -> None:
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     r = labmod.measure(lab, probe, kind)
     print(labmod.fmt_result(r))
     assert r["failover_outage"] <= LIMIT_FAILURE, labmod.fmt_result(r)
@@ -87,7 +87,7 @@ def test_failure_outage_within_bound(lab, probe, kind: str) -> None:
 
 
 def test_demote_moves_the_vip_quickly(lab, probe) -> None:
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     r = labmod.measure(lab, probe, "demote")
     print(labmod.fmt_result(r))
     assert r["took_over"] == "fw2" and "fw2" in r["served"], labmod.fmt_result(r)
@@ -97,7 +97,7 @@ def test_demote_moves_the_vip_quickly(lab, probe) -> None:
 
 
 def test_killed_proxy_moves_the_vip(lab, probe) -> None:
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     r = labmod.measure(lab, probe, "proxy-kill")
     print(labmod.fmt_result(r))
     assert r["took_over"] == "fw2" and r["holders_after_failure"] == ["fw2"], labmod.fmt_result(r)
@@ -107,7 +107,7 @@ def test_killed_proxy_moves_the_vip(lab, probe) -> None:
 
 
 def test_random_fail_recover_cycles_leave_one_holder(lab, probe) -> None:
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     rng = random.Random(int(os.environ.get("HA_CYCLE_SEED", "4")))
     nodes = list(lab["nodes"])
     stop = threading.Event()
@@ -155,7 +155,7 @@ def test_random_fail_recover_cycles_leave_one_holder(lab, probe) -> None:
 
 def test_lab_down_cleans_up_after_a_crash(lab, tmp_path: Path) -> None:
     """A half-built second lab (coexisting with the first) is removed from its state file alone."""
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     name = f"cx{secrets.token_hex(3)}"
     half = {"name": name, "dir": str(labmod.lab_dir(name)), "created_netns": [], "nodes": {}, "origin_pid": None}
     Path(half["dir"]).mkdir(parents=True)

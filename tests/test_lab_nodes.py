@@ -31,7 +31,7 @@ def wait_holders(labmod, lab, want: dict[str, list[str]], timeout: float = 25.0)
 def lab3(tmp_path_factory: pytest.TempPathFactory):
     need_root()
     need_tool("ip", "arping", "ucarp")
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     tree = tmp_path_factory.mktemp("etc3")
     shutil.copytree(EXAMPLES, tree, dirs_exist_ok=True)
     data = yaml.safe_load((tree / "appliance.yaml").read_text())
@@ -61,7 +61,7 @@ def lab3(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_active_active_and_advskew_order(lab3) -> None:
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     assert wait_holders(labmod, lab3, {"1": ["fw1"], "2": ["fw2"]}) == {"1": ["fw1"], "2": ["fw2"]}
     engines = {v: labmod.engine_pid(lab3, "fw1", int(v)) for v in lab3["vips"]}
     assert all(engines.values()) and len(set(engines.values())) == 2  # one engine per vhid
@@ -78,7 +78,7 @@ def test_active_active_and_advskew_order(lab3) -> None:
 
 def test_sigkill_of_ucarp_drops_the_vip_at_once_and_restarts(lab3) -> None:
     """ucarp alone leaves the VIP on a SIGKILLed master (two holders); the supervisor removes it at once."""
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     assert wait_holders(labmod, lab3, {"1": ["fw1"], "2": ["fw2"]}) == {"1": ["fw1"], "2": ["fw2"]}
     pid = labmod.engine_pid(lab3, "fw1", 1)
     os.kill(pid, signal.SIGKILL)

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 def lab(tmp_path_factory: pytest.TempPathFactory):
     need_root()
     need_tool("ip", "arping", "ucarp", "sshd", "ssh", "ssh-keygen", "rsync")
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     try:
         with labmod.running(EXAMPLES / "appliance.yaml", tmp_path_factory.mktemp("labs"), "cs") as data:
             yield data
@@ -53,7 +53,7 @@ def live(lab: dict, node: str) -> int:
 
 
 def role(lab: dict, node: str) -> str | None:
-    from appliance.state import read_json
+    from appliance.core.state import read_json
     return (read_json(state(lab, node) / "role.json") or {}).get("role")
 
 
@@ -77,13 +77,13 @@ def wait_for(pred, timeout: float, step: float = 0.1):
 
 
 def engine_info(lab: dict, node: str) -> dict:
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     return (labmod.carp_status(lab, node).get("engines") or {}).get("1") or {}
 
 
 def test_lab_nodes_run_sshd_with_lab_keys(lab) -> None:
-    from appliance import keys as keymod
-    from appliance import lab as labmod
+    from sync import keys as keymod
+    from appliance.lab import lab as labmod
     for node, n in labmod.describe(lab)["nodes"].items():
         assert labmod._alive(n["sshd_pid"]), node
         tree = state(lab, node) / "current"
@@ -100,7 +100,7 @@ def test_lab_nodes_run_sshd_with_lab_keys(lab) -> None:
 
 
 def test_sync_from_the_master_is_enforced_by_the_backup_proxy(lab) -> None:
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     domain = f"lab-sync-{secrets.token_hex(3)}.example"
     url = f"http://{domain}/"
     assert labmod.client_get(lab, lan_ip(lab, "fw2"), url) != "403"
@@ -133,8 +133,8 @@ def test_sync_from_the_master_is_enforced_by_the_backup_proxy(lab) -> None:
 
 
 def test_carp_supervisor_keeps_its_engine_on_a_broken_config(lab) -> None:
-    from appliance import carp
-    from appliance import lab as labmod
+    from appliance.ha import supervisor as carp
+    from appliance.lab import lab as labmod
     cfg = state(lab, "fw2") / "current" / "appliance.yaml"
     good = cfg.read_text()
     before = engine_info(lab, "fw2")
@@ -159,7 +159,7 @@ def test_sync_on_the_backup_is_a_quiet_noop(lab) -> None:
 def test_old_master_back_after_failover_does_not_overwrite(lab) -> None:
     """fw1 drops off both links (its engine stops, fw2 takes the VIP); the admin changes fw2 and syncs (fw1 is
     unreachable, fw2 cuts generation 3); fw1 comes back and preempts; its sync is refused (exit 4)."""
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     ns = lab["nodes"]["fw1"]["netns"]
     domain = f"lab-stale-{secrets.token_hex(3)}.example"
     url = f"http://{domain}/"

@@ -182,8 +182,8 @@ def test_access_log_squid_format(proxy, origin):
 
 
 def test_metrics_counters(proxy, origin):
-    from appliance import config as cfgmod
-    from appliance import proxyctl
+    from appliance.core import config as cfgmod
+    from filters.proxy import control as proxyctl
 
     fetch(proxy.port, "http://count.blocked.test/")
     cfg = cfgmod.load(proxy.cfg_path)

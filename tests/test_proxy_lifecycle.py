@@ -175,8 +175,8 @@ def test_two_workers_share_the_port(tmp_path, origin):
         for i in range(40):
             assert fetch(p.port, f"http://127.0.0.1:{origin}/w{i}")[0] == 200
             assert fetch(p.port, f"http://w{i}.blocked.test/")[0] == 403
-        from appliance import config as cfgmod
-        from appliance import proxyctl
+        from appliance.core import config as cfgmod
+        from filters.proxy import control as proxyctl
 
         c_cfg = cfgmod.load(p.cfg_path)
         deadline = time.monotonic() + 5
@@ -282,7 +282,7 @@ def test_workers_die_with_a_sigkilled_main_process(tmp_path, origin):
 def test_die_with_parent_arms_pdeathsig_and_closes_the_fork_race():
     import ctypes
 
-    from appliance.proxy_worker import die_with_parent
+    from filters.proxy.worker import die_with_parent
 
     def child(parent: int) -> int:
         pid = os.fork()

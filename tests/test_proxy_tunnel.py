@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from filters import sni
-from filters.tunnel import parse_connect
+from filters.proxy import sni
+from filters.proxy.tunnel import parse_connect
 from tests.conftest import free_port
 from tests.test_proxy_support import Proxy, connect_tunnel, fetch, make_tree, start_origin
 

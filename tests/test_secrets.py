@@ -114,8 +114,8 @@ def test_image_outputs_and_overlay_holding_secrets_are_0600(tmp_path: Path):
 
 def test_carp_pass_file_narrowed_before_write(tmp_path: Path):
     """An existing world-readable carp.pass is made 0600 before the new pass goes in (no readable window)."""
-    from appliance import carp
-    from appliance.config import load
+    from appliance.ha import supervisor as carp
+    from appliance.core.config import load
 
     cfg, state = _tree(tmp_path)
     pf = carp.pass_file(state)
@@ -140,7 +140,7 @@ def test_carp_pass_file_narrowed_before_write(tmp_path: Path):
 def test_sync_cuts_and_pushes_the_cluster_file_only_as_0600(sync_lab) -> None:
     """A master whose cluster file is 0644 (e.g. copied in by hand): the cut narrows it first, so no release or
     staging copy on either node is readable by others (the tree hash carries modes, so peers keep 0600 too)."""
-    from appliance.config import load
+    from appliance.core.config import load
 
     lab = sync_lab
     cfg = lab.master.tree / "appliance.yaml"

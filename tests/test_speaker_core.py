@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from appliance import carp_proto as cp
-from appliance.speaker import BACKUP, MASTER, Core, main, parser, read_pass
+from appliance.ha import protocol as cp
+from appliance.ha.speaker import BACKUP, MASTER, Core, main, parser, read_pass
 
 
 def core(**kw) -> Core:
@@ -135,7 +135,7 @@ def test_slow_master_treated_as_dead():
 # --------------------------------------------------------------------------- command line
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance.speaker", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run([sys.executable, "-m", "appliance.ha.speaker", *args], capture_output=True, text=True, timeout=30)
 
 
 BASE = ["--interface=lo", "--srcip=127.0.0.1", "--vhid=1", "--addr=127.0.0.50"]

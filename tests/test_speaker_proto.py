@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from appliance import carp_proto as cp
+from appliance.ha import protocol as cp
 
 
 def ucarp_hmac(password: bytes, vhid: int, vip: bytes, counter: bytes) -> bytes:

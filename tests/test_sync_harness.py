@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance import keys as keymod
-from appliance.state import write_role
+from sync import keys as keymod
+from appliance.core.state import write_role
 from tests.conftest import APPLIANCE, EXAMPLES, free_port, need_root, need_tool
 
 SSHD = shutil.which("sshd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "/usr/sbin/sshd"
@@ -167,7 +167,7 @@ class SyncLab:
             node.role("MASTER" if n == "fw1" else "BACKUP")
 
     def cfg_obj(self, tree: Path | None = None):
-        from appliance.config import load
+        from appliance.core.config import load
 
         return load((tree or self.root / "seed") / "appliance.yaml")
 

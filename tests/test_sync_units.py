@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.state import write_role
+from appliance.core.state import write_role
 from sync import tree
 from sync.errors import BAD_INPUT, BUSY, SPLIT_BRAIN, STALE, SyncError
 from sync.lock import held
@@ -365,7 +365,7 @@ def test_sync_serve_as_unprivileged_user_gives_a_clear_error(tmp_path) -> None:
 
 def test_keys_init_elevation_lines(tmp_path) -> None:
     """An unprivileged sync.user gets `sudo -n` (Linux default) or `doas -n` in its forced command, plus the one rule."""
-    from appliance import keys
+    from sync import keys
 
     t = make_tree(tmp_path / "etc")
     r = cli(tmp_path, "keys", "init", cfg=t / "appliance.yaml")  # auto on Linux, sync.user appliance-sync: sudo

@@ -22,7 +22,7 @@ def _fmt(xs: list[float]) -> str:
 
 
 def _runs(engine: str | None, kinds: tuple[str, ...], runs: int) -> dict[str, dict[str, list[float]]]:
-    from appliance import lab as labmod
+    from appliance.lab import lab as labmod
     os.environ[labmod.LAB_ROOT_ENV] = tempfile.mkdtemp(prefix="bench-ha-")
     name = f"bh{secrets.token_hex(3)}"
     out: dict[str, dict[str, list[float]]] = {k: {"failover": [], "return": [], "misses": []} for k in kinds}
@@ -48,7 +48,7 @@ def main() -> None:
     if os.geteuid() != 0:
         print("bench_ha: skipped (needs root for network namespaces)")
         return
-    from appliance import carp
+    from appliance.ha import supervisor as carp
     print(f"advbase 1, failures 3, runs {RUNS} (ucarp {PEER_RUNS}); outage = first failed request to first good one (client every 50 ms)")
     ours = _runs(None, ("engine-kill", "link-down", "proxy-kill", "demote"), RUNS)
     peer = _runs("ucarp", PEER_KINDS, PEER_RUNS)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from appliance import config as cfgmod
-from appliance import keys as keymod
+from appliance.core import config as cfgmod
+from sync import keys as keymod
 from appliance.cli import Ctx, emit_json, fail, main
 
 CRON_FILE = "/etc/cron.d/appliance-sync"

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from appliance import config as cfgmod
-from appliance import proxyctl
+from appliance.core import config as cfgmod
+from filters.proxy import control as proxyctl
 from appliance.cli import Ctx, emit_json, fail, main
 
 
@@ -17,7 +17,7 @@ from appliance.cli import Ctx, emit_json, fail, main
 @click.pass_obj
 def proxy(ctx: Ctx, listen: str | None, access_log: str | None) -> None:
     """Run the filtering proxy (workers, SIGHUP reload, SIGUSR1 log reopen, /metrics on loopback)."""
-    from appliance import proxy_main
+    from filters.proxy import main as proxy_main
 
     sys.exit(proxy_main.run(ctx.config_path, listen, access_log))
 

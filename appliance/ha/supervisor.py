@@ -13,8 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance import netns, role, state, watchdog
-from appliance.config import Appliance, ConfigError, load, run_dir, state_dir
+from appliance.ha import ip as netns
+from appliance.ha import role
+from appliance.core import state
+from appliance.ha import watchdog
+from appliance.core.config import Appliance, ConfigError, load, run_dir, state_dir
 
 ENGINES = ("ucarp", "speaker")
 # One-line switch: the engine `appliance carp` uses when --engine is not given.
@@ -76,7 +79,7 @@ def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Pat
     the gratuitous ARP themselves (the speaker only while still MASTER), so the scripts pass --no-garp."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
-    head = [netns.tool("ucarp")] if engine == "ucarp" else [sys.executable, "-m", "appliance.speaker"]
+    head = [netns.tool("ucarp")] if engine == "ucarp" else [sys.executable, "-m", "appliance.ha.speaker"]
     args = [
         "--interface", iface, "--srcip", srcip, "--vhid", str(vhid), "--passfile", str(passfile),
         "--addr", vip, "--advbase", str(advbase), "--advskew", str(advskew), "--deadratio", str(deadratio),

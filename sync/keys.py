@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.config import Appliance
+from appliance.core.config import Appliance
 
 KEYS_DIR = "keys"
 SYNC_KEY = "sync_ed25519"  # the push key: the same on every node, so whichever node is master can push

@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import netns, state
-from appliance.config import Appliance, run_dir, state_dir
+from appliance.ha import ip as netns
+from appliance.core import state
+from appliance.core.config import Appliance, run_dir, state_dir
 
 log = logging.getLogger("appliance.ha")
 ROLES = ("MASTER", "BACKUP")

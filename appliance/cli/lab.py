@@ -7,8 +7,8 @@ import time
 
 import click
 
-from appliance import carp
-from appliance import lab as labmod
+from appliance.ha import supervisor as carp
+from appliance.lab import lab as labmod
 from appliance.cli import Ctx, emit_json, fail, main
 
 

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import click
 
-from appliance import carp, netns, proxyctl, role, state, watchdog
+from appliance.ha import supervisor as carp
+from appliance.ha import ip as netns
+from filters.proxy import control as proxyctl
+from appliance.ha import role
+from appliance.core import state
+from appliance.ha import watchdog
 from appliance.cli import Ctx, emit_json, fail, main
 
 IS_FREEBSD = sys.platform.startswith("freebsd")
@@ -30,7 +35,7 @@ def role_cmd(ctx: Ctx, new_role: str, vhid: int | None, iface: str | None, seq: 
     cfg, node = ctx.cfg, ctx.node
     if iface is not None:
         try:
-            from appliance.config import _iface
+            from appliance.core.config import _iface
             _iface(iface)
         except ValueError as e:
             fail(f"--iface {iface!r}: {e}")

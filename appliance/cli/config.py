@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import yaml
 
-from appliance import config as cfgmod
+from appliance.core import config as cfgmod
 from appliance.cli import Ctx, emit_json, fail, main
 
 LIST_FILES = ("domains", "urls", "expressions")
@@ -175,7 +175,7 @@ def render(ctx: Ctx, as_json: bool, show_secrets: bool) -> None:
 @click.option("--update", "readme", metavar="README", type=click.Path(exists=True, dir_okay=False), help="rewrite the generated block in this README")
 def config_reference(readme: str | None) -> None:
     """Print the config reference table (generated from the config model)."""
-    from appliance import reference
+    from appliance.core import reference
 
     if readme:
         changed = reference.update_readme(Path(readme))

@@ -13,12 +13,13 @@ from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers import modes
 from mitmproxy.tls import ClientHelloData
 
-from filters import blockpage, pac
-from filters.accesslog import AccessLog
+from filters.proxy import blockpage
+from filters.proxy import pac
+from filters.proxy.accesslog import AccessLog
 from filters.engine import Decision, Engine
-from filters.metrics import Counters
+from filters.proxy.metrics import Counters
 
-log = logging.getLogger("filters.addon")
+log = logging.getLogger("filters.proxy.addon")
 LOCAL_PATHS = ("/healthz", "/proxy.pac", "/wpad.dat", "/ca.pem", "/metrics")
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import config as cfgmod
-from appliance import proxyctl
+from appliance.core import config as cfgmod
+from filters.proxy import control as proxyctl
 
 log = logging.getLogger("appliance.proxy")
 MAX_RESTARTS = 10  # per minute, then the proxy gives up (a crash loop must not spin forever)
@@ -75,7 +75,7 @@ class Supervisor:
         self.reloads = 0
 
     def spawn(self, index: int) -> None:
-        from appliance import proxy_worker
+        from filters.proxy import worker as proxy_worker
 
         parent = os.getpid()
         pid = os.fork()
@@ -143,7 +143,7 @@ class Supervisor:
             self.spawn(index)
 
     def metrics(self) -> str:
-        from filters import metrics
+        from filters.proxy import metrics
 
         files = [metrics.worker_file(self.spec.run_dir, i) for i in range(self.nworkers)]
         total = metrics.aggregate(files)
@@ -244,7 +244,7 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
         return _err(str(e))
     base = config_path.resolve().parent
     if cfg.proxy.tls == "intercept":
-        from filters import ca
+        from filters.proxy import ca
 
         ca.ensure_ca(base)
     try:
@@ -257,7 +257,7 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
     import mitmproxy.addons.proxyserver  # noqa: F401
     import mitmproxy.master  # noqa: F401
 
-    import filters.addon  # noqa: F401
+    import filters.proxy.addon  # noqa: F401
 
     run_dir = cfgmod.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)

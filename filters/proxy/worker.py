@@ -75,12 +75,12 @@ def _lean_patches() -> None:
 
 
 class _Acceptor:
-    """Accepts on the shared socket itself; peeks at the first bytes: CONNECT -> filters.tunnel, else mitmproxy."""
+    """Accepts on the shared socket itself; peeks at the first bytes: CONNECT -> filters.proxy.tunnel, else mitmproxy."""
 
     PEEK_WAIT = 2.0  # a client that has sent a prefix of "CONNECT " is given this long to send the rest
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, state, handle_stream):
-        from filters import tunnel
+        from filters.proxy import tunnel
 
         self.tunnel = tunnel
         self.loop, self.sock, self.state, self.handle_stream = loop, sock, state, handle_stream
@@ -152,11 +152,11 @@ async def _serve(index: int, spec) -> None:
     from mitmproxy.master import Master
     from mitmproxy.proxy import mode_servers
 
-    from filters import ca as fca
+    from filters.proxy import ca as fca
     from filters import ruleset
-    from filters.accesslog import AccessLog
-    from filters.addon import FilterAddon, FilterNextLayer, State
-    from filters.metrics import worker_file
+    from filters.proxy.accesslog import AccessLog
+    from filters.proxy.addon import FilterAddon, FilterNextLayer, State
+    from filters.proxy.metrics import worker_file
 
     _lean_patches()
     cfg, engine = spec.cfg, spec.engine

@@ -6,7 +6,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from appliance.config import Appliance
+from appliance.core.config import Appliance
 
 
 def check_target(cfg: Appliance, override: str | None = None) -> tuple[str, int]:

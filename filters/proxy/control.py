@@ -6,7 +6,7 @@ import signal
 import urllib.request
 from pathlib import Path
 
-from appliance.config import Appliance, run_dir
+from appliance.core.config import Appliance, run_dir
 
 PIDFILE = "proxy.pid"
 

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from appliance.schedule import Schedule
+from appliance.core.schedule import Schedule
 
 # carp(4): the key is a char[CARP_KEY_LEN=20] copied with strlcpy, so 19 usable bytes;
 # a longer pass is silently truncated by ifconfig, which would break the pairing with ucarp.

@@ -10,17 +10,17 @@ from typing import Any, NoReturn
 
 import click
 
-from appliance import config as cfgmod
+from appliance.core import config as cfgmod
 
 # Each module registers its commands on `main` when imported. Heavy imports (mitmproxy,
 # fabric) stay inside the command functions so `appliance --help` is instant.
 COMMAND_MODULES = [
-    "appliance.cmd_config",  # check, render
-    "appliance.cmd_proxy",  # proxy, reload, explain
-    "appliance.cmd_ha",  # role, carp, status, demote, promote, watchdog
-    "appliance.cmd_lab",  # lab up|down|status|exec|failover
-    "appliance.cmd_sync",  # sync, sync-receive, releases, keys, cron
-    "appliance.cmd_image",  # image
+    "appliance.cli.config",  # check, render
+    "appliance.cli.proxy",  # proxy, reload, explain
+    "appliance.cli.ha",  # role, carp, status, demote, promote, watchdog
+    "appliance.cli.lab",  # lab up|down|status|exec|failover
+    "appliance.cli.sync",  # sync, sync-receive, releases, keys, cron
+    "appliance.cli.image",  # image
 ]
 
 EXIT_BAD_INPUT = 2

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from appliance.config import state_dir
+from appliance.core.config import state_dir
 
 ROLE_FILE = "role.json"
 

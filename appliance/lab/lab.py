@@ -18,10 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from appliance import config as cfgmod
-from appliance import keys as keymod
-from appliance import netns
-from appliance.state import read_json, write_json_atomic
+from appliance.core import config as cfgmod
+from sync import keys as keymod
+from appliance.ha import ip as netns
+from appliance.core.state import read_json, write_json_atomic
 
 LAB_ROOT_ENV = "APPLIANCE_LAB_DIR"
 VENV_BIN = str(Path(sys.executable).parent)
@@ -205,7 +205,7 @@ LogLevel VERBOSE
 
 
 def _setup_ssh(lab: dict, cfg: cfgmod.Appliance) -> None:
-    """Sync key pair (the same in every node's tree, appliance.keys layout), a host key per node in the lab dir,
+    """Sync key pair (the same in every node's tree, sync.keys layout), a host key per node in the lab dir,
     keys/known_hosts pinning every node's host key on its sync address, and each node's sshd_config and
     authorized_keys (the forced `sync-serve` with the node's state dir)."""
     d = Path(lab["dir"])
@@ -332,7 +332,7 @@ def _build(lab: dict, cfg: cfgmod.Appliance, config_path: Path, origin_ip, clien
     _setup_ssh(lab, cfgmod.load(Path(lab["nodes"][names[0]]["config"])))
     for node in names:
         start_sshd(lab, node)
-    lab["origin_pid"] = spawn(lan_ns, [sys.executable, "-m", "appliance.lab", "origin", str(origin_ip), str(origin_port)],
+    lab["origin_pid"] = spawn(lan_ns, [sys.executable, "-m", "appliance.lab.lab", "origin", str(origin_ip), str(origin_port)],
                               {}, Path(lab["dir"]) / "origin.log")
     save(lab)
     for node in names:
@@ -494,7 +494,7 @@ class Probe:
     def __init__(self, lab: dict, interval: float = 0.05, timeout: float = 1.0, duration: float = 900.0):
         self.lab, self.timeout = lab, timeout
         self.by_ip = _node_by_ip(lab)
-        argv = netns.in_ns(lab["client"]["netns"], [sys.executable, "-m", "appliance.lab", "probe", lab["vip"],
+        argv = netns.in_ns(lab["client"]["netns"], [sys.executable, "-m", "appliance.lab.lab", "probe", lab["vip"],
                            str(lab["proxy_port"]), lab["origin"], str(interval), str(timeout), str(duration)])
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                                      start_new_session=True)
@@ -737,7 +737,7 @@ def get_status(proxy: tuple[str, int], url: str, timeout: float) -> str:
 
 def client_get(lab: dict, proxy_host: str, url: str, timeout: float = 5.0) -> str:
     """A client request from the client namespace through proxy_host:proxy_port; returns the status code."""
-    argv = netns.in_ns(lab["client"]["netns"], [sys.executable, "-m", "appliance.lab", "get", proxy_host,
+    argv = netns.in_ns(lab["client"]["netns"], [sys.executable, "-m", "appliance.lab.lab", "get", proxy_host,
                                                 str(lab["proxy_port"]), url, str(timeout)])
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, stdin=subprocess.DEVNULL)
     return r.stdout.strip() or f"exit {r.returncode}: {r.stderr.strip()[-200:]}"
@@ -751,7 +751,7 @@ def _main(argv: list[str]) -> int:
     elif argv[:1] == ["probe"]:
         run_probe(argv[1], int(argv[2]), argv[3], float(argv[4]), float(argv[5]), float(argv[6]))
     else:
-        print("usage: python -m appliance.lab origin HOST PORT | get PROXYHOST PORT URL TIMEOUT | probe PROXYHOST PORT URL INTERVAL TIMEOUT DURATION",
+        print("usage: python -m appliance.lab.lab origin HOST PORT | get PROXYHOST PORT URL TIMEOUT | probe PROXYHOST PORT URL INTERVAL TIMEOUT DURATION",
               file=sys.stderr)
         return 2
     return 0

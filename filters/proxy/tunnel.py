@@ -7,9 +7,10 @@ import socket
 import time
 from typing import Any
 
-from filters import blockpage, sni
+from filters.proxy import blockpage
+from filters.proxy import sni
 
-log = logging.getLogger("filters.tunnel")
+log = logging.getLogger("filters.proxy.tunnel")
 MAX_HEAD = 8192  # CONNECT request line + headers
 HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
