@@ -1,34 +1,27 @@
-"""Shared test fixtures: paths, free loopback ports, the example config copied to a temp dir, root/tool skips."""
+"""Shared fixtures: the example tree, a state dir, one origin per module, the sync lab; the `root` marker."""
 from __future__ import annotations
 
 import os
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-APPLIANCE = str(Path(sys.executable).parent / "appliance")
+from tests.support.env import EXAMPLES
+from tests.support.proxy import start_origin
+from tests.support.sync_lab import SyncLab
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # the sync lab runs private sshd instances on 127.0.0.x: root, whatever test asks for it
+    for item in items:
+        if "sync_lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.root)
 
 
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces / privileged ports); CI runs as root")
-
-
-def need_tool(*names: str) -> None:
-    for n in names:
-        if not shutil.which(n, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
-            pytest.skip(f"needs {n} (make test installs it with apt-get when root)")
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") and os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces, sshd, privileged ports); CI runs as root")
 
 
 @pytest.fixture
@@ -49,8 +42,18 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="module")
 def origin():
     """A local 1 KB HTTP origin on loopback for one test module (the proxy tests); yields its port."""
-    from tests.test_proxy_support import start_origin
-
     srv, port = start_origin()
     yield port
     srv.shutdown()
+
+
+@pytest.fixture
+def sync_lab(tmp_path: Path):
+    lab = SyncLab(tmp_path)
+    lab.backup.start_sshd()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+

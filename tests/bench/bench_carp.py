@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.carp_netns import Lan
+from tests.support.carp_lan import Lan
 
 RUNS = 5
 ADVBASE, DEADRATIO = 1, 3

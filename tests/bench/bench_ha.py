@@ -7,7 +7,7 @@ import statistics
 import tempfile
 import time
 
-from tests.conftest import EXAMPLES
+from tests.support.env import EXAMPLES
 
 RUNS = int(os.environ.get("HA_BENCH_RUNS", "5"))
 PEER_KINDS = ("demote", "link-down")  # ucarp for comparison, on the kinds where the engines differ most

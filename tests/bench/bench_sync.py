@@ -21,7 +21,7 @@ def _sync(node) -> tuple[float, dict]:
 def main() -> None:
     import pytest
 
-    from tests.test_sync_harness import SyncLab
+    from tests.support.sync_lab import SyncLab
 
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as d:
         try:

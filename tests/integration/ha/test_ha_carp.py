@@ -1,0 +1,180 @@
+"""`appliance carp` pieces without a network: engine argv, pass file, scripts, lock, demote/promote, status, watchdog."""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.ha import supervisor as carp
+from appliance.ha import role
+from appliance.core import state
+from appliance.ha import watchdog
+from appliance.core import config as cfgmod
+from tests.support.env import APPLIANCE, free_port, make_config
+
+
+def argv_for(engine: str, cfg: cfgmod.Appliance, tmp: Path, advskew: int = 0) -> list[str]:
+    return carp.engine_argv(engine, iface="em0", srcip="192.168.1.2", vhid=1, passfile=tmp / "pass",
+                            vip="192.168.1.50", advbase=1, advskew=advskew, preempt=cfg.cluster.preempt,
+                            deadratio=2, upscript=tmp / "up", downscript=tmp / "down", xparam="1",
+                            state_file=tmp / "engine.json")
+
+
+def opt(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_engine_argv_is_the_same_for_both_engines(example_tree: Path, tmp_path: Path) -> None:
+    cfg = cfgmod.load(example_tree)
+    u, s = argv_for("ucarp", cfg, tmp_path), argv_for("speaker", cfg, tmp_path, advskew=240)
+    assert u[0].endswith("ucarp") and s[1:3] == ["-m", "appliance.ha.speaker"]
+    for a in (u, s):
+        assert opt(a, "--interface") == "em0" and opt(a, "--srcip") == "192.168.1.2" and opt(a, "--vhid") == "1"
+        assert opt(a, "--addr") == "192.168.1.50" and opt(a, "--passfile") == str(tmp_path / "pass")
+        assert "--preempt" in a and "--shutdown" in a and "--neutral" not in a
+        assert cfg.cluster.password.get_secret_value() not in " ".join(a)  # the pass never in argv
+    assert opt(u, "--advskew") == "0" and opt(s, "--advskew") == "240"
+    assert "--state-file" in s and "--state-file" not in u  # ucarp does not know it
+    cfg2 = cfgmod.load(make_config(example_tree, cluster={"preempt": False}))
+    assert "--preempt" not in argv_for("speaker", cfg2, tmp_path)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        argv_for("keepalived", cfg, tmp_path)
+    assert carp.DEFAULT_ENGINE in carp.ENGINES
+
+
+def test_pass_file_is_0600_and_scripts_call_role(example_tree: Path, state_dir: Path) -> None:
+    cfg = cfgmod.load(example_tree)
+    p = carp.write_pass(cfg)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600 and p.read_text() == "change-me"
+    up, down = carp.write_scripts(example_tree, "fw2")
+    assert os.access(up, os.X_OK) and os.access(down, os.X_OK)
+    text = up.read_text()
+    assert "role master --vhid \"$3\" --iface \"$1\"" in text and "--node fw2" in text and str(state_dir) in text
+    assert "change-me" not in text and "role backup" in down.read_text()
+    r = subprocess.run(["sh", "-n", str(up)])
+    assert r.returncode == 0
+
+
+def test_demoted_advskew_and_startup_order(example_tree: Path) -> None:
+    cfg = cfgmod.load(example_tree)
+    g1, g2 = role.groups(cfg, "fw1")[0], role.groups(cfg, "fw2")[0]
+    assert carp.effective_advskew(cfg, g1, False) == 0 and carp.effective_advskew(cfg, g1, True) == 240
+    assert carp.effective_advskew(cfg, g2, True) == 240
+    assert carp.startup_delay(cfg, "fw1") == 0 and carp.startup_delay(cfg, "fw2") > 0
+
+
+def test_never_two_supervisors(example_tree: Path, state_dir: Path) -> None:
+    cfg = cfgmod.load(example_tree)
+    a = carp.Supervisor(cfg, "fw1", example_tree)
+    a.lock()
+    try:
+        assert carp.supervisor_pid() == os.getpid()
+        b = carp.Supervisor(cfg, "fw1", example_tree)
+        with pytest.raises(RuntimeError, match="another `appliance carp` is running"):
+            b.lock()
+    finally:
+        a._lockf.close()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([APPLIANCE, *args], capture_output=True, text=True, timeout=60, env=os.environ.copy())
+
+
+def test_demote_refused_without_preempt(example_tree: Path, state_dir: Path) -> None:
+    make_config(example_tree, cluster={"preempt": False})
+    for verb in ("demote", "promote"):
+        r = cli("-c", str(example_tree), "--node", "fw1", verb)
+        assert r.returncode == 2
+        assert f"refusing to {verb}: preemption is off" in r.stderr and "cluster.preempt" in r.stderr
+    assert not (state_dir / "ha.json").exists()  # nothing half-applied
+
+
+def test_demote_persists_and_promote_undoes(example_tree: Path, state_dir: Path) -> None:
+    r = cli("-c", str(example_tree), "--node", "fw1", "demote")
+    assert r.returncode == 0, r.stderr
+    assert "not running" in r.stdout and state.read_ha()["demoted"] is True
+    s = json.loads(cli("-c", str(example_tree), "--node", "fw1", "status", "--json").stdout)
+    assert s["demoted"] is True and s["advskew"] == 240
+    r = cli("-c", str(example_tree), "--node", "fw1", "promote")
+    assert r.returncode == 0 and state.read_ha()["demoted"] is False
+
+
+def test_status_text_and_json(example_tree: Path, state_dir: Path) -> None:
+    state.write_role("MASTER", 1, "em0")
+    (state_dir / "releases" / "3").mkdir(parents=True)
+    os.symlink("releases/3", state_dir / "current")
+    r = cli("-c", str(example_tree), "--node", "fw1", "status")
+    assert r.returncode == 0, r.stderr
+    assert "carp: MASTER vhid 1 advbase 1 advskew 0" in r.stdout
+    assert "sync: generation 3" in r.stdout and "proxy: down" in r.stdout and "peer: fw2 192.168.200.2" in r.stdout
+    s = json.loads(cli("-c", str(example_tree), "--node", "fw2", "status", "--json").stdout)
+    assert s["role"] == "MASTER" and s["advskew"] == 100 and s["vip"] == "192.168.1.50/24"
+    assert s["sync_generation"] == 3 and s["proxy"]["up"] is False and s["carp"]["running"] is False
+    assert set(s["peers"]) == {"fw1"}
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = b"ok" if self.path == "/healthz" else b"no"
+        self.send_response(self.status if self.path == "/healthz" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a) -> None:
+        pass
+
+
+def test_watchdog_probe_and_failure_count(example_tree: Path) -> None:
+    cfg = cfgmod.load(example_tree)
+    assert watchdog.check_target(cfg) == ("127.0.0.1", 3128)
+    assert watchdog.check_target(cfg, "127.0.0.1:9") == ("127.0.0.1", 9)
+    with pytest.raises(ValueError):
+        watchdog.check_target(cfg, "nonsense")
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Health,), {}))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        port = srv.server_address[1]
+        assert watchdog.probe("127.0.0.1", port) == (True, "ok")
+        srv.RequestHandlerClass.status = 503
+        ok, why = watchdog.probe("127.0.0.1", port)
+        assert not ok and "503" in why
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    ok, why = watchdog.probe("127.0.0.1", free_port(), timeout=0.5)
+    assert not ok and "Refused" in why
+    h = watchdog.Health(failures=3)
+    assert h.healthy is False  # boot gate: demoted until the proxy answered once
+    assert h.record(True) is True
+    assert h.record(False) is None and h.record(False) is None
+    assert h.record(False) is False and not h.healthy
+    assert h.record(False) is None
+    assert h.record(True) is True and h.fails == 0
+
+
+def test_watchdog_confirms_a_failure_quickly() -> None:
+    h = watchdog.Health(failures=3)
+    assert h.interval(1.0) == 1.0  # booting (unhealthy): every advbase
+    h.record(True)
+    assert h.interval(1.0) == 1.0  # healthy: every advbase
+    h.record(False)
+    assert h.interval(1.0) == 0.25  # one failure: re-check at advbase/4 to confirm
+    h.record(False)
+    assert h.interval(2.0) == 0.5
+    h.record(False)
+    assert not h.healthy and h.interval(1.0) == 1.0  # demoted: back to every advbase until it answers
+
+
+def test_watchdog_once_cli(example_tree: Path) -> None:
+    r = cli("-c", str(example_tree), "--node", "fw1", "watchdog", "--once", "--check", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 1 and "Refused" in r.stdout

@@ -1,0 +1,181 @@
+"""Helpers for the filter proxy tests: a config tree with test lists, a local origin (HTTP and TLS), the proxy process."""
+from __future__ import annotations
+
+import http.client
+import http.server
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.support.env import APPLIANCE, free_port
+
+WEDNESDAY_10 = "2024-01-03 10:00"  # inside "mon-fri 08:00-17:00"
+
+
+class Origin(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = (f"origin says hello: {self.path}\n".encode() + b"x" * 1024)[:1024]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a) -> None:
+        pass
+
+
+def start_origin(tls_dir: Path | None = None) -> tuple[Origin, int]:
+    port = free_port()
+    srv = Origin(("127.0.0.1", port), _Handler)
+    if tls_dir is not None:
+        cert, key = make_cert(tls_dir)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, port
+
+
+def make_cert(d: Path) -> tuple[str, str]:
+    d.mkdir(parents=True, exist_ok=True)
+    cert, key = d / "origin.pem", d / "origin.key"
+    if not cert.exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                        "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+LISTS = {
+    "blocked/domains": "# test list\r\nblocked.test\r\nCALHOST\r\nUNSC\r\nExample-Caps.TEST.\r\nbücher.test\r\n10.9.8.7\r\n",
+    "blocked/urls": "127.0.0.1/private/\nwww.files.test:8080/payload/\n",
+    "blocked/expressions": r"secret-[0-9]+\.html" + "\n",
+    "allowlist/domains": "localhost\nok.blocked.test\n",
+    "social/domains": "vm\nsocial.test\n",
+    "nightly/domains": "runsc\n",
+    "exempt/domains": "exempt.test\n",
+}
+
+
+def make_tree(root: Path, proxy: dict | None = None, filt: dict | None = None, lists: dict | None = None) -> Path:
+    """A config tree under root/etc (appliance.yaml + lists/); returns the config path."""
+    etc = root / "etc"
+    for rel, text in {**LISTS, **(lists or {})}.items():
+        p = etc / "lists" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(text.encode())
+    cfg = {
+        "cluster": {"vip": "192.168.1.50/24", "vhid": 1, "password": "change-me", "interface": "em0"},
+        "nodes": {"fw1": {"lan": "192.168.1.2/24", "sync": "192.168.200.1/30", "advskew": 0},
+                  "fw2": {"lan": "192.168.1.3/24", "sync": "192.168.200.2/30", "advskew": 100}},
+        "proxy": {"port": 3128, "clients": ["127.0.0.1/32", "127.0.0.2/31", "127.0.0.4/32"], "workers": 1,
+                  "metrics_port": free_port(), "access_log": str(root / "access.log"), "admin_contact": "helpdesk@test",
+                  **(proxy or {})},
+        "filter": {"lists": "lists/", "block": ["blocked"], "allow": ["allowlist"],
+                   "policies": [
+                       {"name": "staff-hours", "clients": ["127.0.0.2/32"], "block": ["social"], "schedule": "mon-fri 08:00-17:00"},
+                       {"name": "weekend", "clients": ["127.0.0.4/32"], "block": ["social"], "schedule": "sat-sun"},
+                   ], **(filt or {})},
+    }
+    (etc / "appliance.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return etc / "appliance.yaml"
+
+
+class Proxy:
+    """`appliance proxy` as a real process on a free loopback port."""
+
+    def __init__(self, cfg_path: Path, state: Path, clock: str | None = WEDNESDAY_10, access_log: str | None = None):
+        self.cfg_path, self.state = cfg_path, state
+        self.port = free_port()
+        self.env = {**os.environ, "APPLIANCE_STATE_DIR": str(state)}
+        if clock:
+            self.env["APPLIANCE_FILTER_CLOCK"] = clock
+        self.stderr_path = state / "proxy.stderr"
+        args = [APPLIANCE, "-c", str(cfg_path), "proxy", "--listen", f"127.0.0.1:{self.port}"]
+        if access_log:
+            args += ["--access-log", access_log]
+        self.proc = subprocess.Popen(args, env=self.env, stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"))
+
+    def wait_ready(self, timeout: float = 30) -> "Proxy":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited {self.proc.returncode}: {self.stderr()}")
+            try:
+                status, body = get_local(self.port, "/healthz", timeout=1)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()  # callers enter their try/finally only after wait_ready(): never leave it running
+        raise RuntimeError(f"proxy not ready after {timeout}s: {self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def get_local(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def fetch(proxy_port: int, url: str, client: str = "127.0.0.1", accept: str | None = None,
+          timeout: float = 10) -> tuple[int, bytes, dict]:
+    """GET an absolute URL through the proxy from a chosen loopback source address."""
+    c = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=timeout, source_address=(client, 0))
+    try:
+        host = url.split("://", 1)[1].split("/", 1)[0]
+        headers = {"Host": host}
+        if accept:
+            headers["Accept"] = accept
+        c.request("GET", url, headers=headers)
+        r = c.getresponse()
+        return r.status, r.read(), dict(r.getheaders())
+    finally:
+        c.close()
+
+
+def connect_tunnel(proxy_port: int, target: str, client: str = "127.0.0.1", timeout: float = 10) -> tuple[int, socket.socket]:
+    """Send CONNECT target; returns (status, socket positioned after the response headers)."""
+    s = socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout, source_address=(client, 0))
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < 65536:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+    return status, s

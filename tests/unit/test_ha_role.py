@@ -1,0 +1,149 @@
+"""`appliance role`: idempotence, state file, hooks.d order/timeout/failure, stale script ordering, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance.core import config as cfgmod
+from appliance.ha import role
+from appliance.core import state
+from tests.support.env import APPLIANCE, make_config
+
+
+def hook(d: Path, name: str, body: str, executable: bool = True) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / name
+    p.write_text("#!/bin/sh\n" + body + "\n")
+    p.chmod(0o755 if executable else 0o644)
+    return p
+
+
+def test_role_is_idempotent_and_records_state(example_tree: Path, state_dir: Path) -> None:
+    cfg = cfgmod.load(example_tree)
+    log = state_dir / "hook.log"
+    hook(example_tree.parent / "hooks.d" / "master", "10-count", f'echo "$APPLIANCE_ROLE $APPLIANCE_VHID $APPLIANCE_PREVIOUS_ROLE" >> {log}')
+    first = role.apply(cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
+    assert first["changed"] and first["role"] == "MASTER" and first["vhid"] == 1 and first["iface"] == "em0"
+    since = first["since"]
+    time.sleep(0.02)
+    again = role.apply(cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
+    assert not again["changed"]
+    assert again["since"] == since  # a re-run does not move `since`
+    assert log.read_text().splitlines() == ["MASTER 1 INIT"]  # hooks ran once
+    on_disk = state.read_role()
+    assert on_disk["role"] == "MASTER" and on_disk["since"] == since and on_disk["vip"] == "192.168.1.50/24"
+    back = role.apply(cfg, "fw1", "backup", config_path=example_tree, manage_vip=False)
+    assert back["changed"] and state.read_role()["role"] == "BACKUP" and state.read_role()["since"] >= since
+    # one log line per transition, none for the idempotent re-run
+    lines = [l for l in (state_dir / "ha.log").read_text().splitlines() if "->" in l]
+    assert len(lines) == 2 and "INIT -> MASTER" in lines[0] and "MASTER -> BACKUP" in lines[1]
+
+
+def test_hooks_run_in_name_order_across_dirs_and_skip_non_executables(example_tree: Path, state_dir: Path) -> None:
+    cfg = cfgmod.load(example_tree)
+    out = state_dir / "order.log"
+    hook(example_tree.parent / "hooks.d" / "backup", "20-b", f"echo 20-b >> {out}")
+    hook(example_tree.parent / "hooks.d" / "backup", "05-a", f"echo 05-a >> {out}")
+    hook(state_dir / "hooks.d" / "backup", "10-local", f"echo 10-local >> {out}")
+    hook(state_dir / "hooks.d" / "backup", "00-not-exec", f"echo nope >> {out}", executable=False)
+    hook(example_tree.parent / "hooks.d" / "master", "01-master-only", f"echo master >> {out}")
+    role.apply(cfg, "fw2", "backup", config_path=example_tree, manage_vip=False)
+    assert out.read_text().split() == ["05-a", "10-local", "20-b"]
+    assert "00-not-exec is not executable" in (state_dir / "ha.log").read_text()
+
+
+def test_failing_and_hanging_hooks_do_not_block(tmp_path: Path, example_tree: Path, state_dir: Path) -> None:
+    cfg = cfgmod.load(make_config(example_tree, ha={"hook_timeout": 1}))
+    out = state_dir / "ran.log"
+    d = example_tree.parent / "hooks.d" / "master"
+    hook(d, "10-fails", "echo boom-message; exit 3")
+    hook(d, "20-hangs", "sleep 30")
+    hook(d, "30-runs", f"echo ran >> {out}")
+    t0 = time.monotonic()
+    res = role.apply(cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
+    took = time.monotonic() - t0
+    assert took < 10, f"a hanging hook held the transition for {took:.1f} s"
+    assert [h["rc"] for h in res["hooks"]] == [3, None, 0]
+    assert out.read_text().strip() == "ran"
+    assert state.read_role()["role"] == "MASTER"
+    log = (state_dir / "ha.log").read_text()
+    assert "10-fails exited 3: boom-message" in log and "20-hangs killed after 1 s timeout" in log
+
+
+def test_older_script_never_undoes_a_newer_one(example_tree: Path, state_dir: Path) -> None:
+    cfg = cfgmod.load(example_tree)
+    role.apply(cfg, "fw1", "master", config_path=example_tree, manage_vip=False, seq=2000)
+    stale = role.apply(cfg, "fw1", "backup", config_path=example_tree, manage_vip=False, seq=1000)
+    assert stale.get("stale") and state.read_role()["role"] == "MASTER"
+    role.apply(cfg, "fw1", "backup", config_path=example_tree, manage_vip=False, seq=3000)
+    assert state.read_role()["role"] == "BACKUP"
+
+
+def test_extra_vhid_has_its_own_state_file(example_tree: Path, state_dir: Path) -> None:
+    cfg = cfgmod.load(make_config(example_tree, cluster={"extra_vhids": [{"vhid": 2, "vip": "192.168.1.51/24", "advskew": {"fw1": 100, "fw2": 0}}]}))
+    assert [(g.vhid, g.advskew) for g in role.groups(cfg, "fw1")] == [(1, 0), (2, 100)]
+    assert [(g.vhid, g.advskew) for g in role.groups(cfg, "fw2")] == [(1, 100), (2, 0)]
+    role.apply(cfg, "fw2", "master", vhid=2, config_path=example_tree, manage_vip=False)
+    assert state.read_role(2)["role"] == "MASTER" and state.read_role(2)["vip"] == "192.168.1.51/24"
+    assert state.read_role() is None  # the main vhid's file is untouched
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([APPLIANCE, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_cli_role_and_bad_input(example_tree: Path, state_dir: Path) -> None:
+    r = run_cli("-c", str(example_tree), "--node", "fw2", "role", "backup", "--no-vip")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((state_dir / "role.json").read_text())["role"] == "BACKUP"
+    r = run_cli("-c", str(example_tree), "--node", "fw2", "role", "master", "--vhid", "9", "--no-vip")
+    assert r.returncode == 2 and "--vhid 9 is not a vhid of this cluster" in r.stderr
+    r = run_cli("-c", str(example_tree), "--node", "fw2", "role", "boss", "--no-vip")
+    assert r.returncode == 2 and "boss" in r.stderr
+    r = run_cli("-c", str(example_tree), "--node", "fw9", "role", "master", "--no-vip")
+    assert r.returncode == 2 and "fw9" in r.stderr
+    r = run_cli("-c", str(example_tree), "--node", "fw2", "role", "master", "--iface", "bad iface!", "--no-vip")
+    assert r.returncode == 2 and "--iface" in r.stderr
+    assert json.loads((state_dir / "role.json").read_text())["role"] == "BACKUP"  # nothing applied
+
+
+def test_ha_state_and_generation(state_dir: Path) -> None:
+    assert state.read_ha() == {"demoted": False, "health_demoted": False}
+    state.write_ha(demoted=True, reason="test")
+    assert state.read_ha()["demoted"] is True and state.read_ha()["health_demoted"] is False
+    assert state.sync_generation() is None
+    (state_dir / "releases" / "7").mkdir(parents=True)
+    os.symlink("releases/7", state_dir / "current")
+    assert state.sync_generation() == 7
+
+
+@pytest.mark.root
+def test_role_moves_the_vip_in_a_namespace(example_tree: Path, state_dir: Path) -> None:
+    """Real path: `appliance role` adds/removes the VIP with ip addr inside a namespace we create."""
+    from tests.support.env import need_tool
+    need_tool("ip", "arping")
+    from appliance.ha import ip as netns
+    ns = f"cgrole{os.getpid() % 100000}"
+    netns.netns_add(ns)
+    try:
+        netns.ip("link", "add", "em0", "type", "veth", "peer", "name", "em0p", netns=ns)
+        netns.ip("link", "set", "em0p", "up", netns=ns)
+        netns.ip("link", "set", "em0", "up", netns=ns)
+        netns.ip("addr", "add", "192.168.1.2/24", "dev", "em0", netns=ns)
+        argv = ["ip", "netns", "exec", ns, APPLIANCE, "-c", str(example_tree), "--node", "fw1", "role"]
+        for _ in range(2):  # twice: idempotent
+            r = subprocess.run(argv + ["master"], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert [str(a) for a in netns.addresses("em0", ns)].count("192.168.1.50/24") == 1
+        r = subprocess.run(argv + ["backup"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "192.168.1.50/24" not in [str(a) for a in netns.addresses("em0", ns)]
+        assert "192.168.1.2/24" in [str(a) for a in netns.addresses("em0", ns)]
+    finally:
+        netns.netns_del(ns)
