@@ -15,11 +15,11 @@ MAGIC = b"CGIDX\x02\x00\x00"  # format 2: slots hold record offsets (format 1: r
 HEADER = struct.Struct("<8sQQQQQQ")  # magic, nslots, slots_off, nrec, records_off, meta_off, meta_len
 HIT = struct.Struct("<HI")  # category id, line
 NHIT = struct.Struct("<HHI")  # a record's hit count, then its first hit
-_KLEN = [struct.pack("<H", n) for n in range(256)]  # a record's key length prefix
+_KEY_LENGTH_PREFIX = [struct.pack("<H", n) for n in range(256)]  # a record's key length prefix
 FORMAT = 2
 
 
-class IndexError_(Exception):
+class IndexFormatError(Exception):
     """The index file is missing, truncated or from another format."""
 
 
@@ -76,18 +76,18 @@ def read_meta(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(HEADER.size)
         if len(head) != HEADER.size:
-            raise IndexError_(f"{path}: truncated index")
+            raise IndexFormatError(f"{path}: truncated index")
         magic, nslots, so, nrec, ro, moff, mlen = HEADER.unpack(head)
         if magic != MAGIC:
-            raise IndexError_(f"{path}: not a carpguard list index")
+            raise IndexFormatError(f"{path}: not a carpguard list index")
         f.seek(moff)
         data = f.read(mlen)
     if len(data) != mlen:
-        raise IndexError_(f"{path}: truncated index")
+        raise IndexFormatError(f"{path}: truncated index")
     try:
         return json.loads(data)
     except ValueError:
-        raise IndexError_(f"{path}: corrupt index metadata") from None
+        raise IndexFormatError(f"{path}: corrupt index metadata") from None
 
 
 class DomainIndex:
@@ -99,10 +99,10 @@ class DomainIndex:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         mm = self._mm
         if len(mm) < HEADER.size:
-            raise IndexError_(f"{path}: truncated index")
+            raise IndexFormatError(f"{path}: truncated index")
         magic, nslots, so, nrec, ro, moff, mlen = HEADER.unpack_from(mm, 0)
         if magic != MAGIC or moff + mlen > len(mm):
-            raise IndexError_(f"{path}: not a complete carpguard list index")
+            raise IndexFormatError(f"{path}: not a complete carpguard list index")
         self.meta = json.loads(mm[moff:moff + mlen])
         self.entries = nrec
         self._mask = nslots - 1
@@ -126,7 +126,7 @@ class DomainIndex:
                 mm = self._mm
                 klen = mm[off] | (mm[off + 1] << 8)
                 if mm[off + 2:off + 2 + klen] == key:
-                    return self._hits(off + 2 + klen, host)
+                    return self._read_hits(off + 2 + klen, host)
             i = (i + 1) & mask
 
     def lookup_host(self, h: str, depths: tuple[int, ...]) -> tuple:
@@ -155,7 +155,7 @@ class DomainIndex:
                     off = v & 0xFFFFFFFF
                     kl = len(key)
                     p = off + 2 + kl
-                    if mm[off:p] == (_KLEN[kl] if kl < 256 else struct.pack("<H", kl)) + key:  # length + key
+                    if mm[off:p] == (_KEY_LENGTH_PREFIX[kl] if kl < 256 else struct.pack("<H", kl)) + key:  # length + key
                         n, cat, line = NHIT.unpack_from(mm, p)
                         if n == 1:
                             found = (self._cat_names[cat], self._cat_files[cat], line, h[i + 1:])
@@ -168,7 +168,7 @@ class DomainIndex:
                 j = (j + 1) & mask
         return res
 
-    def _hits(self, off: int, host: str) -> list[tuple[str, str, str]]:
+    def _read_hits(self, off: int, host: str) -> list[tuple[str, str, str]]:
         mm, names, files, unpack = self._mm, self._cat_names, self._cat_files, HIT.unpack_from
         n = mm[off] | (mm[off + 1] << 8)
         if n == 1:

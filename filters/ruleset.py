@@ -1,4 +1,4 @@
-"""Turn a validated appliance.yaml into an Engine: compile the lists into the index when stale, then map it."""
+"""Turn a validated appliance.yaml into a RuleEngine: compile the lists into the index when stale, then map it."""
 from __future__ import annotations
 
 import gc
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from appliance.core import config as cfgmod
 from filters import lists as flists
-from filters.engine import Engine, PolicyRule
-from filters.index import DomainIndex, IndexError_, read_meta, write_index
+from filters.engine import PolicyRule, RuleEngine, ipv4_network
+from filters.index import DomainIndex, IndexFormatError, read_meta, write_index
 
 log = logging.getLogger("filters")
 INDEX_NAME = "compiled/filter.idx"  # inside the config tree, so sync ships it with its lists
@@ -121,7 +121,7 @@ def compile_index(cfg: cfgmod.Appliance, base: Path, out: Path | None = None) ->
 def is_fresh(cfg: cfgmod.Appliance, base: Path) -> bool:
     try:
         return read_meta(index_path(base)).get("fingerprint") == fingerprint(cfg, base)
-    except (OSError, IndexError_):
+    except (OSError, IndexFormatError):
         return False
 
 
@@ -160,8 +160,8 @@ def ensure_index(cfg: cfgmod.Appliance, base: Path, in_child: bool = True) -> Co
     return CompileReport(path, msg["entries"], msg["bad"], msg["bad_count"], msg["seconds"], True, msg["size"])
 
 
-def build_engine(cfg: cfgmod.Appliance, base: Path, compile_in_child: bool = True, clock=None) -> tuple[Engine, CompileReport]:
-    """The engine the proxy and `appliance explain` use. Raises ListError (bad lists) or IndexError_."""
+def build_engine(cfg: cfgmod.Appliance, base: Path, compile_in_child: bool = True, clock=None) -> tuple[RuleEngine, CompileReport]:
+    """The engine the proxy and `appliance explain` use. Raises ListError (bad lists) or IndexFormatError."""
     report = ensure_index(cfg, base, compile_in_child)
     for b in report.bad:
         log.warning("bad list line skipped: %s", b)
@@ -173,23 +173,17 @@ def build_engine(cfg: cfgmod.Appliance, base: Path, compile_in_child: bool = Tru
     exprs = {c: [tuple(x) for x in v] for c, v in meta.get("expressions", {}).items()}
     f = cfg.filter
     policies = [
-        PolicyRule(p.name or f"policy[{i}]", tuple(_pnet(n) for n in p.clients), tuple(p.allow), tuple(p.block), p.schedule)
+        PolicyRule(p.name or f"policy[{i}]", tuple(ipv4_network(n) for n in p.clients), tuple(p.allow), tuple(p.block), p.schedule)
         for i, p in enumerate(f.policies)
     ]
-    eng = Engine(index=index, clients=cfg.proxy.clients, allow=f.allow, block=f.block, policies=policies,
+    eng = RuleEngine(index=index, clients=cfg.proxy.clients, allow=f.allow, block=f.block, policies=policies,
                  exempt=f.intercept_exempt, url_prefixes=urls, expressions=exprs, clock=clock)
     gc.collect()
     gc.freeze()  # full collections must not walk what we just loaded
     return eng, report
 
 
-def _pnet(n):
-    from filters.engine import _net
-
-    return _net(n)
-
-
-def load(config_path: Path, compile_in_child: bool = True) -> tuple[cfgmod.Appliance, Engine, CompileReport]:
+def load(config_path: Path, compile_in_child: bool = True) -> tuple[cfgmod.Appliance, RuleEngine, CompileReport]:
     """Config + engine, or raise cfgmod.ConfigError / ListError with a message naming the file."""
     cfg = cfgmod.load(config_path)
     base = Path(config_path).resolve().parent

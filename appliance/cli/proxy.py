@@ -52,7 +52,7 @@ def reload(ctx: Ctx) -> None:
 def explain(ctx: Ctx, url: str, client: str, at: str | None, sni: str | None, as_json: bool) -> None:
     """What would the proxy do with URL, and why (verdict, category, list file:line, policy). Sends no traffic."""
     from filters import ruleset
-    from filters.index import IndexError_
+    from filters.index import IndexFormatError
 
     when = None
     if at:
@@ -76,7 +76,7 @@ def explain(ctx: Ctx, url: str, client: str, at: str | None, sni: str | None, as
         cfg, engine, _ = ruleset.load(ctx.config_path)
     except cfgmod.ConfigError as e:
         fail(str(e))
-    except (ruleset.ListError, IndexError_) as e:
+    except (ruleset.ListError, IndexFormatError) as e:
         fail(str(e))
     if full.lower().startswith("https://") and cfg.proxy.tls == "sni":
         connect = True  # without interception the proxy sees only the CONNECT host and the SNI

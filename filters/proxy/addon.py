@@ -16,7 +16,7 @@ from mitmproxy.tls import ClientHelloData
 from filters.proxy import blockpage
 from filters.proxy import pac
 from filters.proxy.accesslog import AccessLog
-from filters.engine import Decision, Engine
+from filters.engine import Decision, RuleEngine
 from filters.proxy.metrics import Counters
 
 log = logging.getLogger("filters.proxy.addon")
@@ -27,7 +27,7 @@ LOCAL_PATHS = ("/healthz", "/proxy.pac", "/wpad.dat", "/ca.pem", "/metrics")
 class State:
     """What the hooks read; reload swaps `engine`/`cfg` in one assignment each (in-flight flows keep going)."""
 
-    engine: Engine
+    engine: RuleEngine
     cfg: Any
     base: Path
     access: AccessLog
@@ -37,7 +37,7 @@ class State:
     ca_pem: bytes | None = None
     pac: bytes = b""
 
-    def configure(self, cfg: Any, engine: Engine, listen_host: str) -> None:
+    def configure(self, cfg: Any, engine: RuleEngine, listen_host: str) -> None:
         self.cfg, self.engine = cfg, engine
         hosts = {"localhost", "127.0.0.1", str(cfg.cluster.vip.ip)}
         hosts |= {str(n.lan.ip) for n in cfg.nodes.values()}

@@ -229,14 +229,14 @@ class Supervisor:
 
 def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
     from filters import ruleset
-    from filters.index import IndexError_
+    from filters.index import IndexFormatError
 
     config_path = Path(config_path)
     try:
         cfg, engine, rep = ruleset.load(config_path)
     except cfgmod.ConfigError as e:
         return _err(str(e))
-    except (ruleset.ListError, IndexError_) as e:
+    except (ruleset.ListError, IndexFormatError) as e:
         return _err(str(e))
     try:
         host, port = parse_listen(listen, cfg)

@@ -12,7 +12,7 @@ import pytest
 from appliance.core import config as cfgmod
 from filters import lists as fl
 from filters import ruleset
-from filters.index import DomainIndex, IndexError_
+from filters.index import DomainIndex, IndexFormatError
 from tests.support.proxy import make_tree
 
 WED_10 = dt.datetime(2024, 1, 3, 10, 0)
@@ -139,7 +139,7 @@ def test_index_multi_category_and_corrupt_file(tmp_path):
     assert idx.lookup("nothere.test") is None
     bad = tmp_path / "bad.idx"
     bad.write_bytes(b"garbage" * 10)
-    with pytest.raises(IndexError_):
+    with pytest.raises(IndexFormatError):
         DomainIndex(bad)
 
 
@@ -161,7 +161,7 @@ def test_depth_pruned_lookups_match_probing_every_suffix(tmp_path):
     """The engine probes only suffixes whose label count occurs in the lists; the answers equal probing every suffix."""
     import random
 
-    from filters.engine import Engine
+    from filters.engine import RuleEngine
 
     doms = ["com", "b.example", "x.y.z.example", "deep.a.b.c.d.test", "10.1.2.3", "::1", "sub.b.example"]
     cfg = make_tree(tmp_path, lists={"big/domains": "\n".join(doms) + "\n"},
@@ -174,7 +174,7 @@ def test_depth_pruned_lookups_match_probing_every_suffix(tmp_path):
         meta = {k: v for k, v in eng.index.meta.items() if k != "depths"}
         lookup = eng.index.lookup
 
-    full = Engine(index=OldIndex(), clients=["127.0.0.0/8"], allow=eng.allow, block=eng.block)
+    full = RuleEngine(index=OldIndex(), clients=["127.0.0.0/8"], allow=eng.allow, block=eng.block)
     assert full._depths is None and full._lookup_host is None
     rnd = random.Random(3)
     labels = ["a", "b", "c", "d", "x", "y", "z", "deep", "sub", "www", "example", "test", "com", "blocked"]
