@@ -13,10 +13,9 @@ from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers import modes
 from mitmproxy.tls import ClientHelloData
 
-from filters.proxy import blockpage
-from filters.proxy import pac
-from filters.proxy.accesslog import AccessLog
 from filters.engine import Decision, RuleEngine
+from filters.proxy import pac, verdict
+from filters.proxy.accesslog import AccessLog
 from filters.proxy.metrics import Counters
 
 log = logging.getLogger("filters.proxy.addon")
@@ -81,17 +80,15 @@ class FilterNextLayer(NextLayer):
         host = context.server.address[0]
         client = context.client.peername[0]
         intercept = st.cfg.proxy.tls == "intercept"
-        if sni and sni.lower().rstrip(".") != host.lower().rstrip("."):
-            d = st.engine.decide(client, sni)
-            if d.blocked:
-                meta = getattr(context.client, "cg_tunnel", None)
-                if meta is not None:
-                    meta["decision"] = d
-                    meta["sni"] = sni
-                st.counters.block(d.category)
-                log.info("cut tunnel to %s: SNI %s blocked (%s, %s)", host, sni, d.category, d.source)
-                nextlayer.layer = Cut(context)
-                return
+        d = verdict.sni_block(st.engine, client, host, sni)
+        if d is not None:
+            meta = getattr(context.client, "cg_tunnel", None)
+            if meta is not None:
+                meta["decision"] = d
+                meta["sni"] = sni
+            verdict.cut(st, d, host, sni, log)
+            nextlayer.layer = Cut(context)
+            return
         if not intercept or hello is None or st.engine.exempt_host(sni or host) or st.engine.exempt_host(host):
             nextlayer.layer = layers.TCPLayer(context, ignore=True)
             return
@@ -119,13 +116,8 @@ class FilterAddon:
             self._block(flow, d, url, client)
 
     def _block(self, flow: http.HTTPFlow, d: Decision, url: str, client: str) -> None:
-        st = self.state
-        if d.verdict == "deny":
-            st.counters.denied += 1
-        else:
-            st.counters.block(d.category)
-        body, ctype = blockpage.render(d, url, client, st.cfg.proxy.admin_contact, flow.request.headers.get("accept"))
-        flow.response = http.Response.make(403, body, {"Content-Type": ctype, "Cache-Control": "no-store", "Connection": "close"})
+        resp = verdict.refuse(self.state, d, url, client, flow.request.headers.get("accept"))
+        flow.response = http.Response.make(403, resp.body, resp.headers())
         flow.metadata["cg_denied"] = d
 
     def _local(self, flow: http.HTTPFlow) -> None:
@@ -195,14 +187,11 @@ class FilterAddon:
         acc = self.state.access
         if meta is None or acc.fd is None:
             return
-        d = meta.get("decision")
-        elapsed = int((time.time() - meta["start"]) * 1000)
-        if d is not None:
-            acc.log(start=meta["start"], elapsed_ms=elapsed, client=meta["client"], code="TCP_DENIED", status=403, size=0,
-                    method="CONNECT", url=f"{meta['sni']}:{meta['hostport'].rsplit(':', 1)[1]}", peer="-", mime="-")
+        host, port = meta["hostport"].rsplit(":", 1)
+        if meta.get("decision") is not None:
+            verdict.log_connect(acc, meta["start"], meta["client"], "TCP_DENIED", 403, 0, f"{meta['sni']}:{port}")
         else:
-            acc.log(start=meta["start"], elapsed_ms=elapsed, client=meta["client"], code="TCP_TUNNEL", status=200, size=0,
-                    method="CONNECT", url=meta["hostport"], peer=meta["hostport"].rsplit(":", 1)[0], mime="-")
+            verdict.log_connect(acc, meta["start"], meta["client"], "TCP_TUNNEL", 200, 0, meta["hostport"], peer=host)
 
     def tls_clienthello(self, data: ClientHelloData) -> None:
         """tls: intercept: hosts of an intercept_exempt category are tunnelled untouched."""

@@ -5,10 +5,10 @@ import asyncio
 import logging
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from filters.proxy import blockpage
-from filters.proxy import sni
+from filters.proxy import sni, verdict
 
 log = logging.getLogger("filters.proxy.tunnel")
 MAX_HEAD = 8192  # CONNECT request line + headers
@@ -106,8 +106,10 @@ class _Pipe(asyncio.Protocol):
 
 
 class _Tunnel:
-    def __init__(self, state: Any, client: str, hostport: str, peer_ip: str, start: float):
-        self.state, self.client, self.hostport, self.peer_ip, self.start = state, client, hostport, peer_ip, start
+    """One spliced CONNECT tunnel: counts the bytes both ways, logs one TCP_TUNNEL record when both sides are done."""
+
+    def __init__(self, req: "_Request", peer_ip: str):
+        self.req, self.peer_ip = req, peer_ip
         self.up_bytes = self.down_bytes = 0
         self.done = False
 
@@ -115,17 +117,25 @@ class _Tunnel:
         if self.done:
             return
         self.done = True
-        acc = self.state.access
-        if acc.fd is not None:
-            acc.log(start=self.start, elapsed_ms=int((time.time() - self.start) * 1000), client=self.client,
-                    code="TCP_TUNNEL", status=200, size=self.down_bytes, method="CONNECT", url=self.hostport,
-                    peer=self.peer_ip, mime="-")
+        self.req.log("TCP_TUNNEL", 200, self.down_bytes, peer=self.peer_ip)
 
 
-def _log(state: Any, start: float, client: str, code: str, status: int, size: int, url: str) -> None:
-    if state.access.fd is not None:
-        state.access.log(start=start, elapsed_ms=int((time.time() - start) * 1000), client=client, code=code,
-                         status=status, size=size, method="CONNECT", url=url, peer="-", mime="-")
+@dataclass
+class _Request:
+    """The CONNECT being served: who asked, for what, since when."""
+
+    state: Any
+    start: float
+    client: str
+    host: str = ""
+    port: int = 0
+
+    @property
+    def hostport(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def log(self, code: str, status: int, size: int, url: str | None = None, peer: str = "-") -> None:
+        verdict.log_connect(self.state.access, self.start, self.client, code, status, size, url or self.hostport, peer)
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int, deadline: float) -> socket.socket:
@@ -157,78 +167,30 @@ async def handle(conn: socket.socket, state: Any) -> None:
 
 
 async def _handle(loop: asyncio.AbstractEventLoop, conn: socket.socket, state: Any) -> None:
-    start = time.time()
-    client = conn.getpeername()[0]
-    deadline = loop.time() + HEAD_TIMEOUT
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        if len(buf) > MAX_HEAD:
-            raise ValueError("CONNECT header too large")
-        chunk = await _recv(loop, conn, MAX_HEAD, deadline)
-        if not chunk:
-            raise ValueError("client closed before the CONNECT header ended")
-        buf += chunk
-    end = buf.index(b"\r\n\r\n") + 4
-    head, rest = buf[:end], buf[end:]
+    req = _Request(state, time.time(), conn.getpeername()[0])
+    head, rest = await _read_head(loop, conn)
     try:
-        host, port, accept = parse_connect(head)
+        req.host, req.port, accept = parse_connect(head)
     except ValueError:
         conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         raise
-    st = state
-    st.counters.requests += 1
-    st.counters.connects += 1
-    hostport = f"{host}:{port}"
-    d = st.engine.decide(client, host)
+    state.counters.requests += 1
+    state.counters.connects += 1
+    d = state.engine.decide(req.client, req.host)
     if d.blocked:
-        if d.verdict == "deny":
-            st.counters.denied += 1
-        else:
-            st.counters.block(d.category)
-        body, ctype = blockpage.render(d, hostport, client, st.cfg.proxy.admin_contact, accept)
-        resp = (f"HTTP/1.1 403 Forbidden\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                "Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode() + body
+        resp = verdict.refuse(state, d, req.hostport, req.client, accept).http11()
         await loop.sock_sendall(conn, resp)
-        _log(st, start, client, "TCP_DENIED", 403, len(resp), hostport)
+        req.log("TCP_DENIED", 403, len(resp))
         return _close_soon(conn)
-    try:
-        up = await _connect(loop, host, port, loop.time() + CONNECT_TIMEOUT)
-    except (OSError, asyncio.TimeoutError) as e:
-        st.counters.errors += 1
-        msg = f"cannot connect to {hostport}: {e or type(e).__name__}\n".encode()
-        await loop.sock_sendall(conn, b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-                                      b"Content-Length: %d\r\n\r\n" % len(msg) + msg)
-        _log(st, start, client, "TCP_MISS", 502, 0, hostport)
+    up = await _open_upstream(loop, conn, req)
+    if up is None:
         return _close_soon(conn)
     try:
         await loop.sock_sendall(conn, b"HTTP/1.1 200 Connection established\r\n\r\n")
-        # the ClientHello: decide again on its SNI (a client may CONNECT to an allowed host and name a blocked one)
-        deadline = loop.time() + HELLO_TIMEOUT
-        name = sni.NEED_MORE
-        while True:
-            name = sni.parse(rest) if rest else sni.NEED_MORE
-            if name is not sni.NEED_MORE or len(rest) >= sni.MAX_HELLO:
-                break
-            try:
-                chunk = await _recv(loop, conn, sni.MAX_HELLO, deadline)
-            except (TimeoutError, asyncio.TimeoutError):
-                break  # nothing from the client (a server-first protocol): pass it through
-            if not chunk:
-                up.close()
-                _log(st, start, client, "TCP_TUNNEL", 200, 0, hostport)
-                return _close_soon(conn)
-            rest += chunk
-        if isinstance(name, str) and name != host.lower().rstrip("."):
-            d = st.engine.decide(client, name)
-            if d.blocked:
-                st.counters.block(d.category)
-                log.info("cut tunnel to %s: SNI %s blocked (%s, %s)", hostport, name, d.category, d.source)
-                up.close()
-                _log(st, start, client, "TCP_DENIED", 403, 0, f"{name}:{port}")
-                conn.close()
-                return
-        peer_ip = up.getpeername()[0]
-        tun = _Tunnel(st, client, hostport, peer_ip, start)
+        rest = await _check_hello(loop, conn, up, req, rest)
+        if rest is None:
+            return
+        tun = _Tunnel(req, up.getpeername()[0])
         a, b = _Pipe(tun, down=False), _Pipe(tun, down=True)
         a.peer, b.peer = b, a
         await loop.connect_accepted_socket(lambda: b, sock=up)
@@ -241,6 +203,63 @@ async def _handle(loop: asyncio.AbstractEventLoop, conn: socket.socket, state: A
         b.transport.write(rest)
     a.transport.resume_reading()
     b.transport.resume_reading()
+
+
+async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[bytes, bytes]:
+    """(the CONNECT head up to its blank line, what the client sent behind it), within HEAD_TIMEOUT and MAX_HEAD."""
+    deadline = loop.time() + HEAD_TIMEOUT
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_HEAD:
+            raise ValueError("CONNECT header too large")
+        chunk = await _recv(loop, conn, MAX_HEAD, deadline)
+        if not chunk:
+            raise ValueError("client closed before the CONNECT header ended")
+        buf += chunk
+    end = buf.index(b"\r\n\r\n") + 4
+    return buf[:end], buf[end:]
+
+
+async def _open_upstream(loop: asyncio.AbstractEventLoop, conn: socket.socket, req: _Request) -> socket.socket | None:
+    """The connection to the CONNECT target; None after answering the client 502 (counted, logged)."""
+    try:
+        return await _connect(loop, req.host, req.port, loop.time() + CONNECT_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as e:
+        req.state.counters.errors += 1
+        msg = f"cannot connect to {req.hostport}: {e or type(e).__name__}\n".encode()
+        await loop.sock_sendall(conn, b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                                      b"Content-Length: %d\r\n\r\n" % len(msg) + msg)
+        req.log("TCP_MISS", 502, 0)
+        return None
+
+
+async def _check_hello(loop: asyncio.AbstractEventLoop, conn: socket.socket, up: socket.socket, req: _Request,
+                       rest: bytes) -> bytes | None:
+    """Read the ClientHello and decide again on its SNI (a client may CONNECT to an allowed host and name a blocked
+    one). Returns what the client sent so far, to forward; None when the tunnel ended here (client gone, or cut)."""
+    deadline = loop.time() + HELLO_TIMEOUT
+    while True:
+        name = sni.parse(rest) if rest else sni.NEED_MORE
+        if name is not sni.NEED_MORE or len(rest) >= sni.MAX_HELLO:
+            break
+        try:
+            chunk = await _recv(loop, conn, sni.MAX_HELLO, deadline)
+        except (TimeoutError, asyncio.TimeoutError):
+            break  # nothing from the client (a server-first protocol): pass it through
+        if not chunk:
+            up.close()
+            req.log("TCP_TUNNEL", 200, 0)
+            _close_soon(conn)
+            return None
+        rest += chunk
+    d = verdict.sni_block(req.state.engine, req.client, req.host, name) if isinstance(name, str) else None
+    if d is None:
+        return rest
+    verdict.cut(req.state, d, req.hostport, name, log)
+    up.close()
+    req.log("TCP_DENIED", 403, 0, f"{name}:{req.port}")
+    conn.close()
+    return None
 
 
 def _close_soon(conn: socket.socket) -> None:
