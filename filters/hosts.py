@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 import socket
 from dataclasses import dataclass
@@ -209,13 +208,3 @@ def _inet_aton(parts: list[str]) -> IPv4Address | None:
         n = (n << 8) | v
     return IPv4Address((n << (8 * (4 - len(values)))) | last)
 
-
-def parse_ip(text: str) -> IPv4Address | IPv6Address | None:
-    """A strict address as a resolver or getpeername() returns it (scope id dropped, IPv4-mapped unmapped); None if not."""
-    try:
-        ip = ipaddress.ip_address(text.partition("%")[0])
-    except ValueError:
-        return None
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip

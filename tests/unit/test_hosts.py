@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from filters.hosts import BadHost, Host, canonical_host, host_port, parse_ip, parse_port, shown
+from filters.hosts import BadHost, Host, canonical_host, host_port, parse_port, shown
 
 # (spelling, canonical name): the abuse suite's spellings of 127.0.0.2 and 127.0.0.1, and their relatives
 SPELLINGS = [
@@ -178,13 +178,6 @@ def test_host_port_bad(raw, why):
 def test_parse_port():
     assert [parse_port(x) for x in ("443", "1", "65535", "00080")] == [443, 1, 65535, 80]
     assert [parse_port(x) for x in ("", "0", "65536", "-1", " 1", "1e3", "\u00b9")] == [None] * 7
-
-
-def test_parse_ip():
-    assert parse_ip("127.0.0.1") == IPv4Address("127.0.0.1")
-    assert parse_ip("::ffff:127.0.0.1") == IPv4Address("127.0.0.1")
-    assert parse_ip("fe80::1%eth0") == IPv6Address("fe80::1")
-    assert parse_ip("127.1") is None and parse_ip("name") is None and parse_ip("") is None
 
 
 def test_shown_is_one_printable_line():
