@@ -21,7 +21,7 @@ def ensure_ca(base: Path, common_name: str = "carpguard appliance CA") -> Path:
     """Create the CA once (same on every node: it lives in the synced tree); returns the cert path."""
     d = ca_dir(base)
     if not (d / f"{BASENAME}-ca.pem").exists():
-        from mitmproxy import certs
+        from mitmproxy import certs  # deferred on purpose: only intercept mode needs it, and only on first start
 
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)

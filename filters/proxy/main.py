@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core import config as cfgmod
+from filters import ruleset
+from filters.index import IndexFormatError
+from filters.proxy import ca, metrics
 from filters.proxy import control as proxyctl
+from filters.proxy import worker as proxy_worker
 
 log = logging.getLogger("appliance.proxy")
 MAX_RESTARTS = 10  # per minute, then the proxy gives up (a crash loop must not spin forever)
 
 
 @dataclass
-class Spec:
+class WorkerSpec:
     """What a worker inherits through fork: rules already loaded (the index is mapped, shared pages)."""
 
     config_path: Path
@@ -63,8 +67,10 @@ def _reserve(host: str, port: int) -> socket.socket:
     return s
 
 
-class Supervisor:
-    def __init__(self, spec: Spec, workers: int):
+class WorkerSupervisor:
+    """The main process's loop: fork the workers, restart the ones that die, fan out signals, reload, serve /metrics."""
+
+    def __init__(self, spec: WorkerSpec, workers: int):
         self.spec = spec
         self.nworkers = workers
         self.children: dict[int, int] = {}  # pid -> worker index
@@ -75,8 +81,6 @@ class Supervisor:
         self.reloads = 0
 
     def spawn(self, index: int) -> None:
-        from filters.proxy import worker as proxy_worker
-
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
@@ -103,8 +107,6 @@ class Supervisor:
                 pass
 
     def reload(self) -> None:
-        from filters import ruleset
-
         t0 = time.monotonic()
         try:
             cfg, engine, rep = ruleset.load(self.spec.config_path)
@@ -143,8 +145,6 @@ class Supervisor:
             self.spawn(index)
 
     def metrics(self) -> str:
-        from filters.proxy import metrics
-
         files = [metrics.worker_file(self.spec.run_dir, i) for i in range(self.nworkers)]
         total = metrics.aggregate(files)
         total["reload_failures"] = max(total["reload_failures"], 0) + self.reload_failures
@@ -228,9 +228,6 @@ class Supervisor:
 
 
 def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
-    from filters import ruleset
-    from filters.index import IndexFormatError
-
     config_path = Path(config_path)
     try:
         cfg, engine, rep = ruleset.load(config_path)
@@ -244,8 +241,6 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
         return _err(str(e))
     base = config_path.resolve().parent
     if cfg.proxy.tls == "intercept":
-        from filters.proxy import ca
-
         ca.ensure_ca(base)
     try:
         reservation = _reserve(host, port)
@@ -253,21 +248,22 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
         hint = " (another program uses this port)" if e.errno == errno.EADDRINUSE else ""
         return _err(f"cannot listen on {host}:{port}: {e.strerror}{hint}", 1)
     reservation.close()
-    # warm the heavy imports once; forked workers share them
+    # Deferred on purpose: mitmproxy (and filters.proxy.lean, which imports it) loads only once the config, lists and port
+    # are known good, so a bad config fails fast; loaded here, before the fork, the workers share the pages.
     import mitmproxy.addons.proxyserver  # noqa: F401
     import mitmproxy.master  # noqa: F401
 
-    import filters.proxy.addon  # noqa: F401
+    import filters.proxy.lean  # noqa: F401  (the workers' Master, the addon, the trims)
 
     run_dir = cfgmod.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     pidfile = proxyctl.pidfile()
     pidfile.write_text(f"{os.getpid()}\n")
-    spec = Spec(config_path, base, cfg, engine, host, port, access_log or cfg.proxy.access_log, run_dir)
+    spec = WorkerSpec(config_path, base, cfg, engine, host, port, access_log or cfg.proxy.access_log, run_dir)
     n = cfg.proxy.worker_count()
     log.warning("proxy on %s:%d, %d worker(s), tls %s, %d list entries (%d bad lines skipped), metrics on 127.0.0.1:%d",
                 host, port, n, cfg.proxy.tls, rep.entries, rep.bad_count, cfg.proxy.metrics_port)
-    sup = Supervisor(spec, n)
+    sup = WorkerSupervisor(spec, n)
     try:
         return sup.loop()
     finally:

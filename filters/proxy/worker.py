@@ -7,9 +7,15 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
+from typing import Any
+
+from filters import ruleset
+from filters.proxy import tunnel
+from filters.proxy.accesslog import AccessLog
+from filters.proxy.metrics import worker_file
 
 log = logging.getLogger("appliance.proxy")
-TRIMS_ENV = "APPLIANCE_PROXY_TRIMS"  # "0": no mitmproxy hot-path trims (for comparison)
 _PARENT: int | None = None  # the main process's PID, set by run()
 LOOP_ENV = "APPLIANCE_PROXY_LOOP"  # "uvloop" (default when installed) or "asyncio" (for comparison)
 
@@ -28,61 +34,12 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return s
 
 
-def _lean_patches() -> None:
-    """Hot-path trims of mitmproxy 11.0 internals, each found with a profiler, none changing behaviour:
-
-    - `http.MessageData.__post_init__` only type-checks the fields, and mitmproxy defines it only `if __debug__`;
-    - `_Option.current` deep-copies the value on every `ctx.options.x` read; immutable values are returned as they
-      are (deepcopy would return the same object anyway), anything else is still deep-copied;
-    - `AddonManager.handle_lifecycle` walks every addon twice per hook (the hook, then an `update` hook for flows);
-      hooks that no addon implements are skipped (the set of implemented hooks is recomputed when addons change).
-
-    `APPLIANCE_PROXY_TRIMS=0` turns them off (for comparison)."""
-    if os.environ.get(TRIMS_ENV, "1") == "0":
-        return
-    import copy
-
-    from mitmproxy import addonmanager, flow, hooks, http, optmanager
-
-    http.MessageData.__post_init__ = lambda self: None
-    scalar = (str, int, float, bool, bytes, type(None))
-
-    def current(self):
-        v = self._default if self.value is optmanager.unset else self.value
-        if isinstance(v, scalar) or (type(v) is tuple and all(isinstance(x, scalar) for x in v)):
-            return v
-        return copy.deepcopy(v)
-
-    optmanager._Option.current = current
-
-    def implemented(mgr) -> frozenset:
-        key = (len(mgr.lookup), len(mgr.chain))
-        cached = mgr.__dict__.get("_cg_hooks")
-        if cached is None or cached[0] != key:
-            addons = list(addonmanager.traverse(mgr.chain))
-            names = frozenset(n for n in hooks.all_hooks if any(callable(getattr(a, n, None)) for a in addons))
-            cached = mgr.__dict__["_cg_hooks"] = (key, names)
-        return cached[1]
-
-    async def handle_lifecycle(self, event):
-        names = implemented(self)
-        if event.name in names:
-            await self.trigger_event(event)
-        if "update" in names and isinstance(event.args()[0], flow.Flow):
-            await self.trigger_event(hooks.UpdateHook([event.args()[0]]))
-
-    addonmanager.AddonManager.handle_lifecycle = handle_lifecycle
-
-
 class _Acceptor:
     """Accepts on the shared socket itself; peeks at the first bytes: CONNECT -> filters.proxy.tunnel, else mitmproxy."""
 
     PEEK_WAIT = 2.0  # a client that has sent a prefix of "CONNECT " is given this long to send the rest
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, state, handle_stream):
-        from filters.proxy import tunnel
-
-        self.tunnel = tunnel
         self.loop, self.sock, self.state, self.handle_stream = loop, sock, state, handle_stream
         self.tasks: set[asyncio.Task] = set()
         self.task = loop.create_task(self._accept())
@@ -105,7 +62,7 @@ class _Acceptor:
             t.add_done_callback(self.tasks.discard)
 
     async def _route(self, conn: socket.socket) -> None:
-        loop, tunnel = self.loop, self.tunnel
+        loop = self.loop
         head = b""
         deadline = loop.time() + self.PEEK_WAIT
         try:
@@ -147,59 +104,20 @@ class _Acceptor:
 
 
 async def _serve(index: int, spec) -> None:
-    from mitmproxy import options
-    from mitmproxy.addons import proxyserver, tlsconfig
-    from mitmproxy.master import Master
-    from mitmproxy.proxy import mode_servers
+    # Deferred on purpose: mitmproxy (imported by this module) loads in the main process only once the config checked
+    # out (main.run warms it before the fork), and main imports this module at start-up.
+    from filters.proxy import lean
 
-    from filters.proxy import ca as fca
-    from filters import ruleset
-    from filters.proxy.accesslog import AccessLog
-    from filters.proxy.addon import FilterAddon, FilterNextLayer, State
-    from filters.proxy.metrics import worker_file
-
-    _lean_patches()
-    cfg, engine = spec.cfg, spec.engine
-    state = State(engine=engine, cfg=cfg, base=spec.base, access=AccessLog(spec.access_log), port=spec.port)
-    state.configure(cfg, engine, spec.host)
-    intercept = cfg.proxy.tls == "intercept"
-    if intercept:
-        state.ca_pem = fca.cert_path(spec.base).read_bytes()
-
-    opts = options.Options(mode=[], listen_host=spec.host, listen_port=spec.port)
-    master = Master(opts)
-    ps = proxyserver.Proxyserver()
-    addons = [ps, FilterNextLayer(state)]
-    if intercept:
-        addons.append(tlsconfig.TlsConfig())
-    addons.append(FilterAddon(state))
-    master.addons.add(*addons)
-    # intercept: lazy, so a blocked host gets its block page inside TLS without any upstream connection
-    upd = {"server": False, "connection_strategy": "lazy" if intercept else "eager", "http2": True}
-    if intercept:  # certificates from the SNI, no upstream probe: a blocked host is never contacted
-        upd.update(confdir=str(fca.ca_dir(spec.base)), upstream_cert=False)
-    opts.update(**upd)
-
-    instance = mode_servers.ServerInstance.make("regular", ps)
+    lean.trims.apply()
+    state = lean.make_state(spec)
+    master, instance = lean.make_master(spec, state)
     sock = reuseport_socket(spec.host, spec.port)
     loop = asyncio.get_running_loop()
-    if intercept:
+    if spec.cfg.proxy.tls == "intercept":
         server = await asyncio.start_server(instance.handle_stream, sock=sock, backlog=1024)
     else:  # tls: sni: CONNECT tunnels take the asyncio fast path, everything else goes to mitmproxy untouched
         server = _Acceptor(loop, sock, state, instance.handle_stream)
     counters_path = worker_file(spec.run_dir, index)
-
-    def reload() -> None:
-        try:
-            new_cfg, new_engine, rep = ruleset.load(spec.config_path)
-            if new_cfg.proxy.tls != cfg.proxy.tls:
-                log.warning("worker %d: proxy.tls changed to %s; restart the proxy to apply it", index, new_cfg.proxy.tls)
-            state.configure(new_cfg, new_engine, spec.host)
-            state.counters.reloads += 1
-            log.warning("worker %d: reloaded %s (%d entries, %d bad lines skipped)", index, spec.config_path, rep.entries, rep.bad_count)
-        except Exception as e:  # noqa: BLE001 - a failed reload keeps the old rules
-            state.counters.reload_failures += 1
-            log.error("worker %d: reload failed, keeping the old rules: %s", index, e)
 
     def stop() -> None:
         server.close()
@@ -207,43 +125,59 @@ async def _serve(index: int, spec) -> None:
         if _PARENT is not None and os.getppid() != _PARENT:  # orphaned: no main process escalates to SIGKILL
             loop.call_later(5.0, os._exit, 0)
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, _reload, index, spec, state)
     loop.add_signal_handler(signal.SIGUSR1, state.access.reopen)
     loop.add_signal_handler(signal.SIGTERM, stop)
     loop.add_signal_handler(signal.SIGINT, stop)
-
-    async def dump_counters() -> None:
-        last = None
-        while True:
-            d = state.counters.to_dict()
-            if d != last:
-                try:
-                    state.counters.dump(counters_path)
-                    last = {**d, "blocks": dict(d["blocks"])}
-                except OSError:
-                    pass
-            await asyncio.sleep(0.2)
-
-    async def watch_parent() -> None:  # the portable fallback to die_with_parent(): bounded, one syscall a second
-        while _PARENT is not None:
-            await asyncio.sleep(PARENT_CHECK)
-            if os.getppid() != _PARENT:
-                log.warning("worker %d: the main process %d is gone, stopping", index, _PARENT)
-                stop()
-                return
-
-    task = asyncio.create_task(dump_counters())
-    watcher = asyncio.create_task(watch_parent())
+    tasks = [asyncio.create_task(_dump_counters(state, counters_path)), asyncio.create_task(_watch_parent(index, stop))]
     try:
         await master.run()
     finally:
-        task.cancel()
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()
         try:
             state.counters.dump(counters_path)
         except OSError:
             pass
         state.access.close()
+
+
+def _reload(index: int, spec, state) -> None:
+    """SIGHUP: load and check the config and lists again; a failed reload keeps the old rules."""
+    try:
+        new_cfg, new_engine, rep = ruleset.load(spec.config_path)
+        if new_cfg.proxy.tls != spec.cfg.proxy.tls:
+            log.warning("worker %d: proxy.tls changed to %s; restart the proxy to apply it", index, new_cfg.proxy.tls)
+        state.configure(new_cfg, new_engine, spec.host)
+        state.counters.reloads += 1
+        log.warning("worker %d: reloaded %s (%d entries, %d bad lines skipped)", index, spec.config_path, rep.entries, rep.bad_count)
+    except Exception as e:  # noqa: BLE001 - a failed reload keeps the old rules
+        state.counters.reload_failures += 1
+        log.error("worker %d: reload failed, keeping the old rules: %s", index, e)
+
+
+async def _dump_counters(state, path: Path) -> None:
+    """Write the counters for the main process's /metrics whenever they changed (checked every 0.2 s)."""
+    last = None
+    while True:
+        d = state.counters.to_dict()
+        if d != last:
+            try:
+                state.counters.dump(path)
+                last = {**d, "blocks": dict(d["blocks"])}
+            except OSError:
+                pass
+        await asyncio.sleep(0.2)
+
+
+async def _watch_parent(index: int, stop) -> None:
+    """The portable fallback to die_with_parent(): bounded, one syscall a second."""
+    while _PARENT is not None:
+        await asyncio.sleep(PARENT_CHECK)
+        if os.getppid() != _PARENT:
+            log.warning("worker %d: the main process %d is gone, stopping", index, _PARENT)
+            stop()
+            return
 
 
 PARENT_CHECK = 1.0  # seconds between the workers' portable getppid() checks

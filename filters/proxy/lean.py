@@ -1,0 +1,43 @@
+"""The worker's lean mitmproxy Master: only the proxy server, the filter hooks and (intercept) TLS config."""
+from __future__ import annotations
+
+from typing import Any
+
+from mitmproxy import options
+from mitmproxy.addons import proxyserver, tlsconfig
+from mitmproxy.master import Master
+from mitmproxy.proxy import mode_servers
+
+from filters.proxy import ca, trims
+from filters.proxy.accesslog import AccessLog
+from filters.proxy.addon import FilterAddon, FilterNextLayer, State
+
+__all__ = ["make_master", "make_state", "trims"]
+
+
+def make_state(spec: Any) -> State:
+    """What the hooks and the fast path read: rules, config, access log, counters (and the CA in intercept mode)."""
+    state = State(engine=spec.engine, cfg=spec.cfg, base=spec.base, access=AccessLog(spec.access_log), port=spec.port)
+    state.configure(spec.cfg, spec.engine, spec.host)
+    if spec.cfg.proxy.tls == "intercept":
+        state.ca_pem = ca.cert_path(spec.base).read_bytes()
+    return state
+
+
+def make_master(spec: Any, state: State) -> tuple[Master, mode_servers.ServerInstance]:
+    """The Master and the server instance whose handle_stream serves one accepted client connection."""
+    intercept = spec.cfg.proxy.tls == "intercept"
+    opts = options.Options(mode=[], listen_host=spec.host, listen_port=spec.port)
+    master = Master(opts)
+    ps = proxyserver.Proxyserver()
+    addons = [ps, FilterNextLayer(state)]
+    if intercept:
+        addons.append(tlsconfig.TlsConfig())
+    addons.append(FilterAddon(state))
+    master.addons.add(*addons)
+    # intercept: lazy, so a blocked host gets its block page inside TLS without any upstream connection
+    upd = {"server": False, "connection_strategy": "lazy" if intercept else "eager", "http2": True}
+    if intercept:  # certificates from the SNI, no upstream probe: a blocked host is never contacted
+        upd.update(confdir=str(ca.ca_dir(spec.base)), upstream_cert=False)
+    opts.update(**upd)
+    return master, mode_servers.ServerInstance.make("regular", ps)
