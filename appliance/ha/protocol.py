@@ -150,8 +150,8 @@ def parse_ip(data: bytes) -> Received:
                     advert=parse_carp(data[ihl:]))
 
 
-def verify(rx: Received, password: bytes, vhid: int, vip: str, mcast: str = CARP_MCAST) -> Advert:
-    """Apply ucarp's checks in its order (TTL, version, vhid, destination, digest); BadPacket names the failure."""
+def check_header(rx: Received, vhid: int, mcast: str = CARP_MCAST) -> Advert:
+    """ucarp's checks before the digest, in its order (TTL, version, type, vhid, destination)."""
     a = rx.advert
     if rx.ttl != CARP_TTL:
         raise BadPacket("badttl", str(rx.ttl))
@@ -163,10 +163,22 @@ def verify(rx: Received, password: bytes, vhid: int, vip: str, mcast: str = CARP
         raise BadPacket("badvhid", str(a.vhid))
     if rx.dst != mcast:
         raise BadPacket("baddst", rx.dst)
+    return a
+
+
+def check_auth(a: Advert, password: bytes, vhid: int, vip: str) -> Advert:
+    """The digest. It covers version, type, vhid, the VIP and the counter only: advbase, advskew, demote,
+    the IP source and TTL are outside it, so whoever replays a captured advert may change them freely."""
     want = carp_hmac(password, vhid, vip, struct.pack("!Q", a.counter))
     if not hmac.compare_digest(want, a.md):
         raise BadPacket("badauth", "check vhid, pass and VIP")
     return a
+
+
+def verify(rx: Received, password: bytes, vhid: int, vip: str, mcast: str = CARP_MCAST) -> Advert:
+    """ucarp's checks in its order (TTL, version, vhid, destination, digest); BadPacket names the failure.
+    This is all ucarp and carp(4) check; the speaker adds source, timing and counter checks (appliance.ha.guard)."""
+    return check_auth(check_header(rx, vhid, mcast), password, vhid, vip)
 
 
 def ucarp_src_less(a: str, b: str) -> bool:

@@ -4,12 +4,13 @@ Run as `python -m appliance.ha.speaker` with ucarp's options (see --help). Diffe
 the poll timeout is computed from the next deadline (no 1 s pcap-timeout lag), SIGTERM sends a leave
 advert (advbase 255/advskew 255) so backups take over at once, a master that sees a better master steps
 down silently, scripts run in a worker thread so adverts never stall, a downed link means BACKUP (not exit).
+Adverts pass appliance.ha.guard first (--peer sources only, configured advbase, advskew bounds, counters that
+only go forward per source); drops are counted by reason in the state file and logged at a bounded rate.
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
-import ipaddress
 import json
 import logging
 import os
@@ -24,209 +25,22 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.ha import guard
 from appliance.ha import protocol as cp
+from appliance.ha.fsm import BACKUP, INIT, MASTER, Core
+from appliance.ha.speaker_args import parser, read_pass
 
 log = logging.getLogger("carp-speaker")
 
-INIT, BACKUP, MASTER = "INIT", "BACKUP", "MASTER"
 LINK_POLL = 0.5             # seconds between interface-state checks
+STATE_EVERY = 10.0          # seconds between state-file rewrites while counters change
 ETH_P_ARP = 0x0806
 SIOCGIFFLAGS = 0x8913
 IFF_UP, IFF_RUNNING = 0x1, 0x40
 
-
-# --------------------------------------------------------------------------- protocol core (no I/O)
-
-@dataclass
-class Core:
-    """The CARP state machine over a caller-supplied monotonic clock; returns actions for the runner.
-
-    Actions: ("send",) an advert; ("leave",) a leave advert; ("up", why) / ("down", why) run a script;
-    ("garp",) a gratuitous ARP for the VIP (the runner decides whether it is enabled)."""
-
-    vhid: int
-    advbase: int
-    advskew: int
-    srcip: str
-    deadratio: int = 3
-    preempt: bool = False
-    initial_wait: float | None = None
-    state: str = INIT
-    ad_deadline: float | None = None
-    md_deadline: float | None = None
-    last_reason: str = ""
-    _last_reassert: float = field(default=-1e9, repr=False)
-
-    @property
-    def interval(self) -> float:
-        return self.advbase + self.advskew / 256.0
-
-    @property
-    def dead_interval(self) -> float:
-        """ucarp/FreeBSD: advbase x deadratio + own advskew/256."""
-        return self.advbase * self.deadratio + self.advskew / 256.0
-
-    def next_deadline(self) -> float | None:
-        return self.ad_deadline if self.state == MASTER else self.md_deadline
-
-    def _to(self, state: str, why: str) -> None:
-        self.last_reason = why
-        self.state = state
-
-    def start(self, now: float) -> list[tuple]:
-        """INIT -> BACKUP; the down script runs (as ucarp without --neutral) and a full dead interval
-        (or --initial-wait) passes before claiming MASTER, unless a master is heard first."""
-        wait = self.dead_interval if self.initial_wait is None else self.initial_wait
-        self._to(BACKUP, f"startup, waiting {wait:.2f} s for a master")
-        self.md_deadline = now + wait
-        self.ad_deadline = None
-        return [("down", self.last_reason)]
-
-    def _become_master(self, now: float, why: str) -> list[tuple]:
-        self._to(MASTER, why)
-        self.md_deadline = None
-        self.ad_deadline = now + self.interval
-        return [("send",), ("up", why), ("garp",)]
-
-    def _become_backup(self, now: float, why: str, hold: float | None = None) -> list[tuple]:
-        was = self.state
-        self._to(BACKUP, why)
-        self.ad_deadline = None
-        self.md_deadline = now + (self.dead_interval if hold is None else hold)
-        return [("down", why)] if was == MASTER else []
-
-    def on_timer(self, now: float) -> list[tuple]:
-        if self.state == MASTER and self.ad_deadline is not None and now >= self.ad_deadline:
-            self.ad_deadline += self.interval
-            if self.ad_deadline <= now:       # fell behind (stopped process, busy box): no burst
-                self.ad_deadline = now + self.interval
-            return [("send",)]
-        if self.state == BACKUP and self.md_deadline is not None and now >= self.md_deadline:
-            return self._become_master(now, f"master down (no advert for {self.dead_interval:.2f} s)")
-        return []
-
-    def on_advert(self, now: float, src: str, adv: cp.Advert) -> list[tuple]:
-        """A verified advert from another node (same vhid)."""
-        theirs, mine = adv.interval, self.interval
-        if self.state == MASTER:
-            if adv.is_leave:
-                return []
-            if mine > theirs or (mine == theirs and cp.ucarp_src_less(src, self.srcip)):
-                return self._become_backup(
-                    now, f"preferred master {src} (advbase {adv.advbase} advskew {adv.advskew})")
-            # a lesser master: answer at once so it steps down (rate-limited), and re-announce the VIP
-            if now - self._last_reassert >= self.advbase / 4:
-                self._last_reassert = now
-                return [("send",), ("garp",)]
-            return []
-        if self.state == BACKUP:
-            if self.md_deadline is None:       # link down: not participating
-                return []
-            if self.preempt and mine < theirs:
-                return self._become_master(
-                    now, f"preempting {src} (advbase {adv.advbase} advskew {adv.advskew})")
-            if self.advbase * self.deadratio + self.advskew / 256.0 < theirs:
-                why = "master left (leave advert)" if adv.is_leave else "master advertises too slowly"
-                return self._become_master(now, f"{why} from {src}")
-            self.md_deadline = now + self.dead_interval
-        return []
-
-    def leave(self, now: float) -> list[tuple]:
-        """Shutting down: a master bows out with a leave advert."""
-        acts = [("leave",)] if self.state == MASTER else []
-        self._to(INIT, "shutdown")
-        self.ad_deadline = self.md_deadline = None
-        return acts
-
-    def demote(self, now: float, hold: float = 3.0) -> list[tuple]:
-        """SIGUSR2 (ucarp: 'considering going down'): bow out and hold off for max(hold, dead interval)."""
-        acts = [("leave",)] if self.state == MASTER else []
-        return acts + self._become_backup(now, "asked to step down (SIGUSR2)", max(hold, self.dead_interval))
-
-    def link_down(self, now: float) -> list[tuple]:
-        acts = self._become_backup(now, "link down")
-        self.md_deadline = None
-        return acts
-
-    def link_up(self, now: float) -> list[tuple]:
-        self._to(BACKUP, "link up")
-        self.md_deadline = now + self.dead_interval
-        return []
-
-
-# --------------------------------------------------------------------------- options
-
-def _int_range(lo: int, hi: int, what: str):
-    def conv(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {s!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{what} must be {lo}-{hi}, got {v}")
-        return v
-    return conv
-
-
-def _ipv4(s: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(s.split("/")[0]))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an IPv4 address: {s!r}") from None
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m appliance.ha.speaker",
-        description="CARP speaker (ucarp-compatible options and wire format; monotonic timers; leave advert on SIGTERM)")
-    a = p.add_argument
-    a("-i", "--interface", required=True, help="interface to speak CARP on")
-    a("-s", "--srcip", required=True, type=_ipv4, help="this host's real address (advert source)")
-    a("-m", "--mcast", default=cp.CARP_MCAST, type=_ipv4, help="multicast group (default 224.0.0.18)")
-    a("-v", "--vhid", required=True, type=_int_range(1, 255, "--vhid"), help="virtual host id 1-255")
-    a("-p", "--pass", dest="password", help="pass (visible in ps; prefer --passfile)")
-    a("-o", "--passfile", help="read the pass from this file (first line; keep it mode 0600)")
-    a("-P", "--preempt", action="store_true", help="take over from a master that advertises slower")
-    a("-a", "--addr", required=True, type=_ipv4, help="the virtual IP (passed to the scripts, part of the HMAC)")
-    a("-b", "--advbase", default=1, type=_int_range(1, 254, "--advbase"), help="seconds between adverts")
-    a("-k", "--advskew", default=0, type=_int_range(0, 254, "--advskew"), help="skew 0-254 (lowest is master)")
-    a("-u", "--upscript", help="run on becoming MASTER: SCRIPT IFACE VIP [XPARAM]")
-    a("-d", "--downscript", help="run on becoming BACKUP: SCRIPT IFACE VIP [XPARAM]")
-    a("-r", "--deadratio", default=3, type=_int_range(1, 255, "--deadratio"), help="adverts missed before takeover")
-    a("-z", "--shutdown", action="store_true", help="run the down script on exit if MASTER")
-    a("-x", "--xparam", help="extra parameter for the scripts")
-    a("-D", "--debug", action="store_true", help="log every advert")
-    a("-S", "--ignoreifstate", action="store_true", help="ignore interface state (down, no carrier)")
-    a("-n", "--neutral", action="store_true", help=argparse.SUPPRESS)
-    a("--garp", action=argparse.BooleanOptionalAction, default=True,
-      help="send a gratuitous ARP for the VIP after the up script, as ucarp does (--no-garp: the up script does it)")
-    a("--initial-wait", type=float, default=None,
-      help="seconds to listen in BACKUP at start before claiming MASTER (default: one dead interval)")
-    a("--script-timeout", type=float, default=60.0, help="kill an up/down script after this many seconds")
-    a("--state-file", help="write {state, since, counters} JSON here on every transition and on SIGUSR1")
-    return p
-
-
-def read_pass(args: argparse.Namespace) -> bytes:
-    if args.password is not None and args.passfile:
-        raise ValueError("give --pass or --passfile, not both")
-    if args.passfile:
-        path = Path(args.passfile)
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise ValueError(f"--passfile {path}: {e.strerror}") from None
-        pw = raw.split(b"\n", 1)[0].rstrip(b"\r")
-        try:
-            return cp.check_pass(pw)
-        except ValueError as e:
-            raise ValueError(f"--passfile {path}: {e}") from None
-    if args.password is None:
-        raise ValueError("a pass is required: --passfile FILE (or --pass)")
-    return cp.check_pass(args.password.encode())
+__all__ = ["BACKUP", "INIT", "MASTER", "Core", "Speaker", "main", "parser", "read_pass"]
 
 
 # --------------------------------------------------------------------------- I/O runner
@@ -258,14 +72,17 @@ class Speaker:
         self.iface = args.interface
         self.core = Core(vhid=args.vhid, advbase=args.advbase, advskew=args.advskew, srcip=args.srcip,
                          deadratio=args.deadratio, preempt=args.preempt, initial_wait=args.initial_wait)
-        self.counter = random.getrandbits(64)
+        self.guard = guard.Guard(password=password, vhid=args.vhid, vip=args.addr, srcip=args.srcip,
+                                 advbase=args.advbase, mcast=args.mcast, peers=args.peer, resync=args.counter_resync)
+        self.bad = guard.BadLog(log, burst=args.log_burst)
         self.counters: dict[str, int] = {"sent": 0, "send_errors": 0, "received": 0, "transitions": 0}
+        self.counter = guard.initial_counter(self._restore())
+        self._state_at = 0.0
         self.since = time.time()
         self.stop_sig = 0
         self.usr1 = self.usr2 = False
         self.jobs: queue.Queue = queue.Queue()
         self.vip_script = ""          # last script queued: "up" or "down"
-        self._bad_logged: dict[str, float] = {}
         self._delayed_garp: int | None = None
 
     # -- setup
@@ -383,13 +200,38 @@ class Speaker:
             log.warning("%s -> %s: %s", old_state, self.core.state, self.core.last_reason)
             self.write_state()
 
+    def _restore(self) -> int | None:
+        """Counters from the state file an earlier run of this vhid left: our own (so a restarted us continues
+        above it even if the clock went back) and each peer's (so a replay stays a replay across a restart)."""
+        if not self.args.state_file:
+            return None
+        try:
+            old = json.loads(Path(self.args.state_file).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(old, dict) or old.get("vhid") != self.args.vhid or old.get("vip") != self.args.addr:
+            return None
+        self.guard.restore(old.get("peers") or {}, time.monotonic())
+        tx = old.get("tx_counter")
+        return tx if isinstance(tx, int) and 0 <= tx <= guard.COUNTER_MASK else None
+
+    def all_counters(self) -> dict[str, int]:
+        c = dict(self.counters)
+        c.update({f"bad_{k}": v for k, v in self.bad.counts.items()})
+        c["log_suppressed"] = self.bad.suppressed
+        c["counter_resets"] = self.guard.counter_resets
+        return c
+
     def write_state(self) -> None:
+        self._state_at = time.monotonic()
         if not self.args.state_file:
             return
         path = Path(self.args.state_file)
         data = {"state": self.core.state, "vhid": self.args.vhid, "iface": self.iface, "vip": self.args.addr,
                 "advbase": self.args.advbase, "advskew": self.args.advskew, "since": self.since,
-                "pid": os.getpid(), "engine": "speaker", "counters": dict(self.counters)}
+                "pid": os.getpid(), "engine": "speaker", "counters": self.all_counters(),
+                "tx_counter": self.counter, "peers_configured": sorted(self.guard.peers),
+                "peers": self.guard.snapshot(), "bad": self.bad.snapshot()}
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
             with os.fdopen(fd, "w") as f:
@@ -400,16 +242,6 @@ class Speaker:
             log.warning("cannot write state file %s: %s", path, e.strerror)
 
     # -- input
-    def _bad(self, reason: str, src: str) -> None:
-        key = f"bad_{reason}"
-        self.counters[key] = self.counters.get(key, 0) + 1
-        now = time.monotonic()
-        if reason in ("badvhid",) and not self.args.debug:
-            return
-        if now - self._bad_logged.get(reason + src, -1e9) >= 60:
-            self._bad_logged[reason + src] = now
-            log.warning("dropped advert from %s: %s (%d so far)", src, reason, self.counters[key])
-
     def receive(self) -> None:
         for _ in range(64):                      # bounded drain per wake-up
             try:
@@ -423,14 +255,12 @@ class Speaker:
             try:
                 rx = cp.parse_ip(data)
             except cp.BadPacket as e:
-                self._bad(e.reason, "?")
-                continue
-            if rx.src == self.args.srcip:
+                self.bad.record(e.reason, "?", now)
                 continue
             try:
-                adv = cp.verify(rx, self._pw, self.args.vhid, self.args.addr, self.args.mcast)
+                adv = self.guard.admit(rx, now)
             except cp.BadPacket as e:
-                self._bad(e.reason, rx.src)
+                self.bad.record(e.reason, rx.src, now, str(e).partition(": ")[2])
                 continue
             self.counters["received"] += 1
             if self.args.debug:
@@ -441,9 +271,13 @@ class Speaker:
     # -- loop
     def run(self) -> int:
         a = self.args
-        log.warning("vhid %d on %s: srcip %s vip %s advbase %d advskew %d deadratio %d preempt %s garp %s",
+        log.warning("vhid %d on %s: srcip %s vip %s advbase %d advskew %d deadratio %d preempt %s garp %s peers %s",
                     a.vhid, self.iface, a.srcip, a.addr, a.advbase, a.advskew, a.deadratio,
-                    "on" if a.preempt else "off", "on" if a.garp else "off")
+                    "on" if a.preempt else "off", "on" if a.garp else "off",
+                    " ".join(f"{p.ip}(advskew>={p.min_advskew})" for p in a.peer) or "any")
+        if not a.peer:
+            log.warning("no --peer given: adverts from any LAN address are heard (ucarp's behaviour); "
+                        "give each other node's address with --peer")
         self.apply(self.core.start(time.monotonic()), INIT)
         link_ok = True
         next_link_check = 0.0
@@ -463,8 +297,11 @@ class Speaker:
             if self.usr1:
                 self.usr1 = False
                 log.warning("%s on %s vhid %d %s", self.core.state, self.iface, a.vhid,
-                            " ".join(f"{k}={v}" for k, v in sorted(self.counters.items())))
+                            " ".join(f"{k}={v}" for k, v in sorted(self.all_counters().items())))
                 self.write_state()
+            elif now - self._state_at >= STATE_EVERY:
+                self.write_state()                  # counters (and the peers' last counters) for status/restart
+            self.bad.flush(now)
             if self.usr2:
                 self.usr2 = False
                 old = self.core.state
@@ -491,6 +328,7 @@ class Speaker:
     def shutdown(self, code: int) -> int:
         old = self.core.state
         self.apply(self.core.leave(time.monotonic()), old)
+        self.write_state()                          # the last counters, for the next run
         self.jobs.put(("quit",))
         self.worker.join(timeout=self.args.script_timeout + 5)
         if self.args.shutdown and self.vip_script == "up":

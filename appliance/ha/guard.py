@@ -1,0 +1,226 @@
+"""Who may steer this node's CARP: source allowlist, advbase/advskew bounds, forward-only counters, bad-advert accounting.
+
+The CARP digest (ucarp, FreeBSD carp(4)) covers version, type, vhid, the VIP and the 8-byte counter only.
+A LAN host without the pass can therefore replay any advert it captured with another source address,
+advbase or advskew. `Guard.admit` closes that: the source must be a configured peer, advbase must be the
+configured one (or the leave pair 255/255, from a peer), advskew must be 0-254 and not below the peer's
+configured advskew, and the counter (inside the digest) must be above the last one accepted from that
+source. `BadLog` counts every drop by reason and logs at a bounded rate with bounded memory.
+
+Counters on the wire differ by engine: the speaker's only go up, across restarts too (`initial_counter`);
+ucarp 1.5.2 sends a fresh random counter in every advert; FreeBSD carp(4) counts up from the last counter it
+heard. So "forward only" is the rule for speaker peers (`counter=forward`, the default); for a ucarp or
+kernel-CARP peer (`counter=any`) and without --peer, an advert whose counter was already seen from that
+source (a bounded cache) is a replay.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from appliance.ha import protocol as cp
+
+MAX_SOURCES = 64            # per-source counter state kept when no peers are configured (LRU)
+MAX_BAD_SOURCES = 16        # recent senders of dropped adverts kept for the status (LRU)
+SEEN_MAX = 8192             # (source, counter) pairs remembered for peers whose counters are random (LRU)
+COUNTER_MODES = ("forward", "any")
+COUNTER_TIME_SHIFT = 20     # our counters start at wall-clock ms << 20: a restart always continues above
+COUNTER_MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A configured node that may send adverts for this vhid, and the lowest advskew it is configured with."""
+
+    ip: str
+    min_advskew: int = 0
+    counter: str = "forward"    # forward: a speaker (counters only go up); any: ucarp/carp(4) (replays by cache)
+
+
+def parse_peer(spec: str) -> Peer:
+    """`IP[,advskew=N][,counter=forward|any]` (the supervisor passes every other node's LAN address and its
+    advskew for the vhid)."""
+    import ipaddress
+    parts = [p.strip() for p in spec.split(",")]
+    try:
+        ip = str(ipaddress.IPv4Address(parts[0].split("/")[0]))
+    except ValueError:
+        raise ValueError(f"--peer {spec!r}: not an IPv4 address") from None
+    skew, mode = 0, "forward"
+    for p in parts[1:]:
+        k, _, v = p.partition("=")
+        if k == "advskew" and v.isdigit() and 0 <= int(v) <= 254:
+            skew = int(v)
+        elif k == "counter" and v in COUNTER_MODES:
+            mode = v
+        else:
+            raise ValueError(f"--peer {spec!r}: expected IP[,advskew=0-254][,counter=forward|any], got {p!r}")
+    return Peer(ip, skew, mode)
+
+
+def initial_counter(saved: int | None = None, now_ns: int | None = None) -> int:
+    """Where our advert counter starts: wall-clock milliseconds << 20 plus a random low part, and above the
+    last counter we saved (in the state file), so peers that remember our last counter accept a restarted us."""
+    ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
+    c = (ms << COUNTER_TIME_SHIFT) | random.getrandbits(16)
+    if saved is not None:
+        c = max(c, saved + (1 << COUNTER_TIME_SHIFT))
+    return c & COUNTER_MASK
+
+
+@dataclass
+class _Source:
+    counter: int
+    last: float                 # monotonic time of the last accepted advert
+    accepted: int = 0
+
+
+class Guard:
+    """Admission of a parsed advert; raises cp.BadPacket(reason) or returns the Advert for the state machine.
+
+    Checks in order (cheap ones first, the digest only for a plausible sender, the counter only after the
+    digest, so a forged counter can never move the high-water mark): own source, header (ucarp's), source
+    allowlist, advbase, advskew, digest, counter."""
+
+    def __init__(self, *, password: bytes, vhid: int, vip: str, srcip: str, advbase: int,
+                 mcast: str = cp.CARP_MCAST, peers: Iterable[Peer] = (), resync: float = 0.0,
+                 max_sources: int = MAX_SOURCES) -> None:
+        self._pw = password
+        self.vhid, self.vip, self.srcip, self.advbase, self.mcast = vhid, vip, srcip, advbase, mcast
+        self.peers = {p.ip: p for p in peers}
+        self.resync = resync
+        self.max_sources = len(self.peers) if self.peers else max_sources
+        self.sources: OrderedDict[str, _Source] = OrderedDict()
+        self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.counter_resets = 0
+
+    def admit(self, rx: cp.Received, now: float) -> cp.Advert:
+        if rx.src == self.srcip:
+            raise cp.BadPacket("ownsrc", "an advert with this node's own address")
+        a = cp.check_header(rx, self.vhid, self.mcast)
+        peer = self.peers.get(rx.src)
+        if self.peers and peer is None:
+            raise cp.BadPacket("badsrc", "not a configured peer")
+        if a.advbase == 0:
+            raise cp.BadPacket("badadvbase", "advbase 0")
+        if a.is_leave:
+            pass                                    # the leave pair; sources are already limited to peers
+        elif a.advbase != self.advbase:
+            raise cp.BadPacket("badadvbase", f"advbase {a.advbase}, configured {self.advbase}")
+        elif a.advskew > 254:
+            raise cp.BadPacket("badadvskew", f"advskew {a.advskew} without advbase 255")
+        elif peer is not None and a.advskew < peer.min_advskew:
+            raise cp.BadPacket("badadvskew", f"advskew {a.advskew}, below the peer's {peer.min_advskew}")
+        cp.check_auth(a, self._pw, self.vhid, self.vip)
+        self._count(rx.src, a.counter, now, peer.counter if peer is not None else "any")
+        return a
+
+    def _count(self, src: str, counter: int, now: float, mode: str) -> None:
+        s = self.sources.get(src)
+        if mode == "any":
+            key = (src, counter)
+            if key in self.seen:
+                raise cp.BadPacket("replay", f"counter {counter} already seen")
+            self.seen[key] = None
+            while len(self.seen) > SEEN_MAX:
+                self.seen.popitem(last=False)
+        elif s is not None and counter <= s.counter:
+            if not (self.resync > 0 and now - s.last >= self.resync):
+                raise cp.BadPacket("replay", f"counter {counter} not above {s.counter}")
+            self.counter_resets += 1                # opt-in: a ucarp/carp(4) peer restarted with a random counter
+        if s is None:
+            s = self.sources[src] = _Source(counter, now)
+            while len(self.sources) > max(self.max_sources, 1):
+                self.sources.popitem(last=False)
+        self.sources.move_to_end(src)
+        s.counter, s.last = counter, now
+        s.accepted += 1
+
+    def snapshot(self) -> dict[str, dict]:
+        """Per source: the last accepted counter and how many were accepted (for the state file)."""
+        return {ip: {"counter": s.counter, "accepted": s.accepted} for ip, s in self.sources.items()}
+
+    def restore(self, saved: Mapping, now: float) -> int:
+        """Counters saved by an earlier run (its state file): replays stay refused across a restart.
+        Only sources this guard would accept; returns how many were restored."""
+        n = 0
+        for ip, d in (saved or {}).items():
+            peer = self.peers.get(ip)
+            if peer is None or peer.counter != "forward" or not isinstance(d, Mapping):
+                continue
+            c = d.get("counter")
+            if isinstance(c, int) and 0 <= c <= COUNTER_MASK and len(self.sources) < max(self.max_sources, 1):
+                self.sources[ip] = _Source(c, now - 1e6)   # as if silent for long (matters only with resync)
+                n += 1
+        return n
+
+
+class BadLog:
+    """Dropped adverts: counted by reason, logged through a token bucket (`burst` lines, refilled at
+    burst/per per second) with a "K more suppressed" note, the last few senders kept in a small LRU."""
+
+    def __init__(self, logger: logging.Logger, *, burst: int = 10, per: float = 60.0,
+                 quiet: Iterable[str] = ("badvhid",), max_sources: int = MAX_BAD_SOURCES) -> None:
+        self.log = logger
+        self.burst, self.rate = float(burst), burst / per
+        self.tokens = float(burst)
+        self.t = None
+        self.quiet = set(quiet)
+        self.counts: dict[str, int] = {}
+        self.suppressed = 0                          # lines not logged, in all
+        self.pending: dict[str, int] = {}            # not logged since the last line, by reason
+        self.sources: OrderedDict[str, list] = OrderedDict()
+        self.max_sources = max_sources
+
+    def _refill(self, now: float) -> None:
+        if self.t is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+
+    def _pending_note(self) -> str:
+        if not self.pending:
+            return ""
+        n = sum(self.pending.values())
+        why = ", ".join(f"{k} {v}" for k, v in sorted(self.pending.items()))
+        self.pending.clear()
+        return f"; {n} more dropped since the last line ({why})"
+
+    def record(self, reason: str, src: str, now: float, detail: str = "", mac: str = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if src != "?":
+            e = self.sources.pop(src, None) or [0, "", 0.0, ""]
+            e[0] += 1
+            e[1], e[2], e[3] = reason, time.time(), mac or e[3]
+            self.sources[src] = e
+            while len(self.sources) > self.max_sources:
+                self.sources.popitem(last=False)
+        if reason in self.quiet and not self.log.isEnabledFor(logging.DEBUG):
+            return
+        self._refill(now)
+        if self.tokens < 1.0:
+            self.suppressed += 1
+            self.pending[reason] = self.pending.get(reason, 0) + 1
+            return
+        self.tokens -= 1.0
+        who = f"{src} ({mac})" if mac else src
+        self.log.warning("dropped advert from %s: %s%s (%d so far)%s", who, reason, f" [{detail}]" if detail else "",
+                         self.counts[reason], self._pending_note())
+
+    def flush(self, now: float) -> None:
+        """A quiet moment after suppression: one summary line, so the log shows how many were dropped."""
+        if not self.pending:
+            return
+        self._refill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.log.warning("dropped adverts%s", self._pending_note().replace("; ", ": ", 1))
+
+    def snapshot(self) -> dict:
+        return {"by_reason": dict(sorted(self.counts.items())), "log_suppressed": self.suppressed,
+                "recent_sources": [{"src": s, "count": e[0], "reason": e[1], "last": round(e[2], 3),
+                                    **({"mac": e[3]} if e[3] else {})}
+                                   for s, e in reversed(self.sources.items())]}

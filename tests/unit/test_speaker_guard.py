@@ -1,0 +1,160 @@
+"""The speaker's admission checks (appliance.ha.guard): the fields outside the CARP digest, counters, bad-advert log."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from appliance.ha import guard
+from appliance.ha import protocol as cp
+
+PW, VHID, VIP = b"s3cret-pass", 1, "10.0.0.100"
+FW1, FW2, SELF = "10.0.0.1", "10.0.0.2", "10.0.0.3"
+
+
+def pkt(src=FW1, advbase=1, advskew=0, counter=1000, pw=PW) -> cp.Received:
+    return cp.parse_ip(cp.build_packet(pw, VHID, VIP, src, advbase, advskew, counter))
+
+
+def make(peers=(guard.Peer(FW1, 0), guard.Peer(FW2, 100)), **kw) -> guard.Guard:
+    d = dict(password=PW, vhid=VHID, vip=VIP, srcip=SELF, advbase=1, peers=peers)
+    d.update(kw)
+    return guard.Guard(**d)
+
+
+def reason(g: guard.Guard, rx: cp.Received, now: float = 0.0) -> str:
+    with pytest.raises(cp.BadPacket) as e:
+        g.admit(rx, now)
+    return e.value.reason
+
+
+def test_a_peers_advert_is_accepted():
+    g = make()
+    assert g.admit(pkt(), 0.0).counter == 1000
+    assert g.admit(pkt(src=FW2, advskew=100, counter=5), 0.1).advskew == 100
+    assert g.snapshot() == {FW1: {"counter": 1000, "accepted": 1}, FW2: {"counter": 5, "accepted": 1}}
+
+
+def test_the_review_replay_advbase0_from_a_stranger_is_refused():
+    # the issue's attack: fw1's advert, advbase/advskew rewritten to 0 (outside the digest), another source
+    g = make()
+    assert reason(g, pkt(src="10.0.0.77", advbase=0, advskew=0)) == "badsrc"
+    assert reason(g, pkt(advbase=0, advskew=0, counter=2000)) == "badadvbase"      # even from fw1's address
+    assert g.sources == {}                                                            # nothing learnt
+
+
+@pytest.mark.parametrize("advbase,advskew,why", [
+    (0, 0, "badadvbase"),
+    (2, 0, "badadvbase"),             # not the configured advbase
+    (254, 0, "badadvbase"),
+    (255, 0, "badadvbase"),           # advbase 255 only as the leave pair
+    (1, 255, "badadvskew"),           # advskew 255 only as the leave pair
+])
+def test_timing_fields_outside_the_digest_are_bounded(advbase, advskew, why):
+    assert reason(make(), pkt(advbase=advbase, advskew=advskew)) == why
+
+
+def test_advskew_below_the_peers_configured_one_is_refused():
+    g = make()
+    assert reason(g, pkt(src=FW2, advskew=0)) == "badadvskew"          # fw2 pretending to be preferred
+    assert reason(g, pkt(src=FW2, advskew=99)) == "badadvskew"
+    assert g.admit(pkt(src=FW2, advskew=240, counter=7), 0.0)          # demoted: higher is fine
+
+
+def test_leave_only_from_a_peer_and_only_with_a_fresh_counter():
+    g = make()
+    assert reason(g, pkt(src="10.0.0.77", advbase=255, advskew=255)) == "badsrc"
+    g.admit(pkt(counter=50), 0.0)
+    assert reason(g, pkt(advbase=255, advskew=255, counter=50), 1.0) == "replay"   # captured, rewritten to leave
+    assert reason(g, pkt(advbase=255, advskew=255, counter=49), 1.0) == "replay"
+    assert g.admit(pkt(advbase=255, advskew=255, counter=51), 1.0).is_leave
+
+
+def test_counters_only_go_forward_per_source():
+    g = make()
+    g.admit(pkt(counter=10), 0.0)
+    g.admit(pkt(counter=11), 1.0)
+    assert reason(g, pkt(counter=11), 1.5) == "replay"
+    assert reason(g, pkt(counter=3), 1.5) == "replay"
+    assert g.admit(pkt(src=FW2, advskew=100, counter=3), 1.5)            # per source: fw2 has its own
+    assert reason(g, pkt(counter=5), 1000.0) == "replay"                   # silence alone does not reset it
+    g2 = make(resync=5.0)
+    g2.admit(pkt(counter=10), 0.0)
+    assert reason(g2, pkt(counter=3), 4.0) == "replay"                    # opt-in: only after the silence
+    assert g2.admit(pkt(counter=3), 9.5) and g2.counter_resets == 1
+
+
+def test_digest_is_checked_before_the_counter_moves():
+    g = make()
+    g.admit(pkt(counter=10), 0.0)
+    assert reason(g, pkt(counter=2 ** 63, pw=b"wrong")) == "badauth"      # a forged huge counter...
+    assert g.admit(pkt(counter=11), 1.0)                                  # ...does not lock fw1 out
+    assert reason(g, pkt(src=SELF)) == "ownsrc"
+
+
+def test_random_counter_peers_and_open_mode_drop_exact_replays():
+    g = make(peers=(guard.Peer(FW1, 0, "any"),))
+    g.admit(pkt(counter=900), 0.0)
+    g.admit(pkt(counter=100), 1.0)                                       # ucarp: random each time
+    assert reason(g, pkt(counter=900), 2.0) == "replay"
+    open_ = make(peers=())
+    open_.admit(pkt(src="10.0.0.9", counter=5), 0.0)
+    assert reason(open_, pkt(src="10.0.0.9", counter=5), 0.1) == "replay"
+    for i in range(guard.SEEN_MAX + 10):                                   # bounded
+        open_._count("10.0.0.9", 10_000 + i, 0.2, "any")
+    assert len(open_.seen) == guard.SEEN_MAX
+
+
+def test_per_source_state_is_bounded_without_peers():
+    g = make(peers=(), max_sources=8)
+    for i in range(50):
+        g.admit(pkt(src=f"10.0.1.{i}", counter=i + 1), float(i))
+    assert len(g.sources) == 8 and list(g.sources)[-1] == "10.0.1.49"
+
+
+def test_restore_keeps_replays_out_after_a_restart():
+    g = make()
+    assert g.restore({FW1: {"counter": 500}, "10.0.0.77": {"counter": 1}, FW2: "junk"}, 0.0) == 1
+    assert reason(g, pkt(counter=500)) == "replay"
+    assert g.admit(pkt(counter=501), 0.0)
+
+
+def test_peer_spec():
+    assert guard.parse_peer("10.0.0.2") == guard.Peer("10.0.0.2", 0, "forward")
+    assert guard.parse_peer("10.0.0.2/24,advskew=100,counter=any") == guard.Peer("10.0.0.2", 100, "any")
+    for bad in ("nope", "10.0.0.2,advskew=255", "10.0.0.2,mac=x", "10.0.0.2,counter=up"):
+        with pytest.raises(ValueError):
+            guard.parse_peer(bad)
+
+
+def test_initial_counter_goes_up_across_restarts():
+    a = guard.initial_counter(now_ns=1_700_000_000_000_000_000)
+    b = guard.initial_counter(now_ns=1_700_000_000_001_000_000)          # 1 ms later
+    assert b > a + 1_000_000                                               # room for a million adverts
+    assert guard.initial_counter(saved=b + 5, now_ns=0) > b + 5            # clock gone back: the saved one wins
+
+
+def test_bad_log_is_rate_limited_and_bounded(caplog):
+    lg = logging.getLogger("test-badlog")
+    bl = guard.BadLog(lg, burst=5, per=60.0)
+    with caplog.at_level(logging.WARNING, logger="test-badlog"):
+        for i in range(20000):
+            bl.record("badauth" if i % 2 else "badsrc", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", i * 1e-4)
+        bl.flush(2.0)
+        lines = len(caplog.records)
+        bl.flush(30.0)                                                     # 28 s later: tokens for one summary
+    assert lines == 5
+    assert len(caplog.records) == 6 and "19995 more dropped" in caplog.records[-1].getMessage()
+    assert bl.counts == {"badauth": 10000, "badsrc": 10000} and bl.suppressed == 19995
+    assert len(bl.sources) == guard.MAX_BAD_SOURCES
+    snap = bl.snapshot()
+    assert snap["by_reason"]["badauth"] == 10000 and len(snap["recent_sources"]) == guard.MAX_BAD_SOURCES
+
+
+def test_bad_log_keeps_other_vhids_quiet(caplog):
+    lg = logging.getLogger("test-badlog2")
+    lg.setLevel(logging.INFO)
+    bl = guard.BadLog(lg)
+    with caplog.at_level(logging.WARNING, logger="test-badlog2"):
+        bl.record("badvhid", "10.0.0.5", 0.0)
+    assert bl.counts == {"badvhid": 1} and not caplog.records
