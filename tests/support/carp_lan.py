@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]       # the repo root (cwd of the children: -m appliance..., -m tests...)
 PY = sys.executable
 SUBNET = "10.231.{}.{}"
 
