@@ -74,7 +74,7 @@ def write_scripts(config_path: Path, node: str, base: Path | None = None) -> tup
 
 def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Path, vip: str, advbase: int,
                 advskew: int, preempt: bool, deadratio: int, upscript: Path, downscript: Path,
-                xparam: str, state_file: Path | None = None) -> list[str]:
+                xparam: str, state_file: Path | None = None, peers: list[str] | tuple = ()) -> list[str]:
     """The one argument builder for both engines (the speaker takes ucarp's options). Both engines send
     the gratuitous ARP themselves (the speaker only while still MASTER), so the scripts pass --no-garp."""
     if engine not in ENGINES:
@@ -89,11 +89,19 @@ def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Pat
         args.append("--preempt")
     if engine == "speaker" and state_file is not None:
         args += ["--state-file", str(state_file)]
+    if engine == "speaker":
+        args += [x for p in peers for x in ("--peer", p)]   # adverts from these addresses only (issue 12)
     return head + args
 
 
 def effective_advskew(cfg: Appliance, g: role.Group, demoted: bool) -> int:
     return max(g.advskew, cfg.ha.demote_advskew) if demoted else g.advskew
+
+
+def peer_specs(cfg: Appliance, node: str, vhid: int) -> list[str]:
+    """The speaker's --peer values for a vhid: every other node's LAN address and its configured advskew there."""
+    return [f"{cfg.nodes[n].lan.ip},advskew={g.advskew}" for n in sorted(cfg.nodes) if n != node
+            for g in role.groups(cfg, n) if g.vhid == vhid]
 
 
 def carp_params(cfg: Appliance, node: str) -> dict:
@@ -103,13 +111,14 @@ def carp_params(cfg: Appliance, node: str) -> dict:
         "interface": c.interface, "srcip": str(cfg.nodes[node].lan.ip), "advbase": c.advbase, "preempt": c.preempt,
         "password": hashlib.sha256(c.password.get_secret_value().encode()).hexdigest(),
         "vhids": {g.vhid: {"vip": str(g.vip), "advskew": g.advskew} for g in role.groups(cfg, node)},
+        "peers": [f"vhid {g.vhid} {p}" for g in role.groups(cfg, node) for p in peer_specs(cfg, node, g.vhid)],
     }
 
 
 def carp_changes(old: dict, new: dict) -> list[str]:
     """What differs between two carp_params(), readable for the log (the pass only as "password changed")."""
     out = []
-    for k in ("interface", "srcip", "advbase", "preempt"):
+    for k in ("interface", "srcip", "advbase", "preempt", "peers"):
         if old[k] != new[k]:
             out.append(f"{k} {old[k]} -> {new[k]}")
     if old["password"] != new["password"]:
@@ -219,7 +228,8 @@ class Supervisor:
             self.engine, iface=self.iface, srcip=str(self.cfg.nodes[self.node].lan.ip), vhid=e.group.vhid,
             passfile=self.passfile, vip=str(e.group.vip.ip), advbase=self.cfg.cluster.advbase, advskew=e.advskew,
             preempt=self.cfg.cluster.preempt, deadratio=self.deadratio, upscript=self.up, downscript=self.down,
-            xparam=str(e.group.vhid), state_file=self.run / f"carp-{e.group.vhid}.engine.json")
+            xparam=str(e.group.vhid), state_file=self.run / f"carp-{e.group.vhid}.engine.json",
+            peers=peer_specs(self.cfg, self.node, e.group.vhid))
         e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
         e.started = time.monotonic()
         (self.run / f"carp-{e.group.vhid}.engine.pid").write_text(f"{e.proc.pid}\n")
