@@ -167,6 +167,20 @@ def fetch(proxy_port: int, url: str, client: str = "127.0.0.1", accept: str | No
         c.close()
 
 
+def client_hello(name: str | None) -> bytes:
+    """The real ClientHello bytes Python's ssl sends for this SNI (None: no server_name extension)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=name)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass  # waiting for the ServerHello: the ClientHello is in `out`
+    return out.read()
+
+
 def connect_tunnel(proxy_port: int, target: str, client: str = "127.0.0.1", timeout: float = 10) -> tuple[int, socket.socket]:
     """Send CONNECT target; returns (status, socket positioned after the response headers)."""
     s = socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout, source_address=(client, 0))

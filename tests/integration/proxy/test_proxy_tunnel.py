@@ -12,21 +12,9 @@ import pytest
 from filters.proxy import sni
 from filters.proxy.tunnel import parse_connect
 from tests.support.env import free_port
-from tests.support.proxy import Proxy, connect_tunnel, fetch, make_tree, start_origin
+from tests.support.proxy import Proxy, client_hello, connect_tunnel, fetch, make_tree, start_origin
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def client_hello(name: str | None) -> bytes:
-    """The real ClientHello bytes Python's ssl sends for this SNI."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(inc, out, server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return out.read()
 
 
 def test_sni_parser_real_hello_and_every_prefix():
