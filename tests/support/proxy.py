@@ -9,12 +9,12 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import yaml
 
 from tests.support.env import APPLIANCE, free_port
+from tests.support.wait import Timeout, wait_until
 
 WEDNESDAY_10 = "2024-01-03 10:00"  # inside "mon-fri 08:00-17:00"
 
@@ -111,19 +111,20 @@ class Proxy:
         self.proc = subprocess.Popen(args, env=self.env, stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"))
 
     def wait_ready(self, timeout: float = 30) -> "Proxy":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"proxy exited {self.proc.returncode}: {self.stderr()}")
             try:
-                status, body = get_local(self.port, "/healthz", timeout=1)
-                if status == 200:
-                    return self
+                return get_local(self.port, "/healthz", timeout=1)[0] == 200
             except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()  # callers enter their try/finally only after wait_ready(): never leave it running
-        raise RuntimeError(f"proxy not ready after {timeout}s: {self.stderr()}")
+                return False
+
+        try:
+            wait_until(healthy, timeout, "proxy answering /healthz")
+        except Timeout:
+            self.stop()  # callers enter their try/finally only after wait_ready(): never leave it running
+            raise RuntimeError(f"proxy not ready after {timeout}s: {self.stderr()}") from None
+        return self
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

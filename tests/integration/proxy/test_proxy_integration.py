@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 import ssl
-import time
 
 import pytest
 
@@ -15,6 +14,7 @@ from tests.support.proxy import (
     make_tree,
     start_origin,
 )
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -151,9 +151,7 @@ def test_sni_mismatch_cut(proxy, tls_origin):
                 raise ConnectionError("closed")
     s.close()
     log = proxy.root / "access.log"
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and "CONNECT www.blocked.test:" not in log.read_text():
-        time.sleep(0.05)
+    wait_until(lambda: "CONNECT www.blocked.test:" in log.read_text(), 5, "the cut tunnel in the access log")
     assert re.search(r" TCP_DENIED/403 0 CONNECT www\.blocked\.test:\d+ ", log.read_text())
 
 
@@ -169,9 +167,7 @@ def test_access_log_squid_format(proxy, origin):
     fetch(proxy.port, f"http://127.0.0.1:{origin}/logged")
     fetch(proxy.port, "http://blocked.test/logged-block")
     log = proxy.root / "access.log"
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and "logged-block" not in log.read_text():
-        time.sleep(0.05)
+    wait_until(lambda: "logged-block" in log.read_text(), 5, "the blocked request in the access log")
     lines = log.read_text().splitlines()
     line_re = re.compile(r"^\d+\.\d{3} +\d+ \S+ [A-Z_]+/\d{3} \d+ [A-Z]+ \S+ \S+ (HIER_DIRECT|HIER_NONE)/\S+ \S+$")
     assert all(line_re.match(l) for l in lines), lines
@@ -187,15 +183,12 @@ def test_metrics_counters(proxy, origin):
 
     fetch(proxy.port, "http://count.blocked.test/")
     cfg = cfgmod.load(proxy.cfg_path)
-    deadline = time.monotonic() + 5
-    c = None
-    while time.monotonic() < deadline:
+
+    def counted() -> dict | None:
         c = proxyctl.counters(cfg)
-        if c and c.get('appliance_proxy_blocks_total{category="blocked"}', 0) >= 1:
-            break
-        time.sleep(0.1)
-    assert c is not None
-    assert c['appliance_proxy_blocks_total{category="blocked"}'] >= 1
+        return c if c and c.get('appliance_proxy_blocks_total{category="blocked"}', 0) >= 1 else None
+
+    c = wait_until(counted, 5, "the block counted in /metrics")
     assert c["appliance_proxy_requests_total"] >= 2
     assert c["appliance_proxy_workers"] == 1
 

@@ -8,11 +8,13 @@ import ssl
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.support.env import APPLIANCE
 from tests.support.proxy import Proxy, connect_tunnel, fetch, get_local, make_tree
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -76,14 +78,12 @@ def test_reload_under_load_without_failures(tmp_path, origin):
             t.start()
         assert fetch(p.port, "http://newly.test/")[0] != 403
         lists = tmp_path / "etc" / "lists" / "blocked" / "domains"
-        for i in range(3):
-            time.sleep(0.4)
+        for i in range(3):  # three reloads in a row under load, each waited for until it applies
+            name = f"newly{i}.test" if i else "newly.test"
             with open(lists, "a") as f:
-                f.write(f"newly{i}.test\n" if i else "newly.test\n")
+                f.write(f"{name}\n")
             p.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and fetch(p.port, "http://newly2.test/")[0] != 403:
-            time.sleep(0.1)
+            wait_until(lambda: fetch(p.port, f"http://{name}/")[0] == 403, 10, f"reload {i + 1} blocking {name}")
         done.set()
         for t in threads:
             t.join(15)
@@ -96,10 +96,7 @@ def test_reload_under_load_without_failures(tmp_path, origin):
             f.write("bycommand.test\n")
         r = subprocess.run([APPLIANCE, "-c", str(p.cfg_path), "reload"], env=p.env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and fetch(p.port, "http://bycommand.test/")[0] != 403:
-            time.sleep(0.1)
-        assert fetch(p.port, "http://bycommand.test/")[0] == 403
+        wait_until(lambda: fetch(p.port, "http://bycommand.test/")[0] == 403, 10, "`appliance reload` blocking bycommand.test")
     finally:
         p.stop()
 
@@ -113,9 +110,7 @@ def test_failed_reload_keeps_old_rules(tmp_path, origin):
         r = subprocess.run([APPLIANCE, "-c", str(cfg_path), "reload"], env=p.env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "bogus_key" in r.stderr and "keeps its current rules" in r.stderr
         p.signal(signal.SIGHUP)  # the signal path too
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "reload failed" not in p.stderr():
-            time.sleep(0.1)
+        wait_until(lambda: "reload failed" in p.stderr(), 10, "the failed reload reported")
         assert "reload failed, keeping the old rules" in p.stderr() and "bogus_key" in p.stderr()
         assert fetch(p.port, "http://blocked.test/")[0] == 403
         assert fetch(p.port, f"http://127.0.0.1:{origin}/")[0] == 200
@@ -179,13 +174,12 @@ def test_two_workers_share_the_port(tmp_path, origin):
         from filters.proxy import control as proxyctl
 
         c_cfg = cfgmod.load(p.cfg_path)
-        deadline = time.monotonic() + 5
-        c = {}
-        while time.monotonic() < deadline:
+
+        def counted() -> dict | None:
             c = proxyctl.counters(c_cfg) or {}
-            if c.get('appliance_proxy_blocks_total{category="blocked"}', 0) >= 40:
-                break
-            time.sleep(0.1)
+            return c if c.get('appliance_proxy_blocks_total{category="blocked"}', 0) >= 40 else None
+
+        c = wait_until(counted, 5, "40 blocks summed over both workers in /metrics")
         assert c["appliance_proxy_workers"] == 2
         assert c['appliance_proxy_blocks_total{category="blocked"}'] == 40
         assert c["appliance_proxy_requests_total"] >= 80
@@ -193,26 +187,32 @@ def test_two_workers_share_the_port(tmp_path, origin):
         log = tmp_path / "access.log"
         log.rename(tmp_path / "access.log.1")
         p.signal(signal.SIGUSR1)
-        time.sleep(0.5)
+        wait_until(lambda: all(_writes_to(int(k), log) for k in kids), 5, "every worker reopening the access log")
         for i in range(10):
             fetch(p.port, f"http://r{i}.blocked.test/")
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and (not log.exists() or log.read_text().count("TCP_DENIED") < 10):
-            time.sleep(0.1)
+        wait_until(lambda: log.exists() and log.read_text().count("TCP_DENIED") >= 10, 5, "10 blocks in the new log")
         assert log.read_text().count("TCP_DENIED") == 10
         # a killed worker is replaced
         os.kill(int(kids[0]), signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def replaced() -> bool:
             now = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.proc.pid)], capture_output=True, text=True).stdout.split()
-            if len(now) == 2 and kids[0] not in now:
-                break
-            time.sleep(0.1)
-        assert len(now) == 2 and kids[0] not in now
+            return len(now) == 2 and kids[0] not in now
+
+        wait_until(replaced, 10, "the killed worker replaced")
         assert fetch(p.port, f"http://127.0.0.1:{origin}/after")[0] == 200
     finally:
         p.stop()
     assert not (tmp_path / "state" / "run" / "proxy.pid").exists()
+
+
+def _writes_to(pid: int, path) -> bool:
+    """Has process `pid` a descriptor open on `path` (by name: a renamed file no longer matches)?"""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.readlink(fd) == os.path.realpath(path) for fd in fds.iterdir())
+    except FileNotFoundError:
+        return False
 
 
 def _explain(cfg, *args):
@@ -265,10 +265,7 @@ def test_workers_die_with_a_sigkilled_main_process(tmp_path, origin):
         assert fetch(p.port, f"http://127.0.0.1:{origin}/before")[0] == 200
         os.kill(p.proc.pid, signal.SIGKILL)
         p.proc.wait(5)
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline and any(_alive(k) for k in kids):
-            time.sleep(0.05)
-        assert not [k for k in kids if _alive(k)], "workers outlived their main process"
+        wait_until(lambda: not any(_alive(k) for k in kids), 8, "every worker gone after its main process")
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", p.port), timeout=2).close()
     finally:

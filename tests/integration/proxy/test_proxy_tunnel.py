@@ -13,6 +13,7 @@ from filters.proxy import sni
 from filters.proxy.tunnel import parse_connect
 from tests.support.env import free_port
 from tests.support.proxy import Proxy, client_hello, connect_tunnel, fetch, make_tree, start_origin
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,13 +70,10 @@ def env(tmp_path_factory):
 
 
 def _log_line(p, pattern: str, timeout: float = 5) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in (p.root / "access.log").read_text().splitlines():
-            if re.search(pattern, line):
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no access log line matching {pattern!r}")
+    def matching() -> str | None:
+        return next((line for line in (p.root / "access.log").read_text().splitlines() if re.search(pattern, line)), None)
+
+    return wait_until(matching, timeout, f"an access log line matching {pattern!r}")
 
 
 def _insecure() -> ssl.SSLContext:
@@ -107,11 +105,11 @@ def test_connect_and_hello_in_pieces_blocked_sni_cut(env):
     s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
     for piece in (b"CONN", b"ECT 127.0.0.1:", f"{tls_port} HTTP/1.1\r\nHost: x\r\n".encode(), b"\r\n"):
         s.sendall(piece)
-        time.sleep(0.05)
+        time.sleep(0.05)  # pacing, not waiting: each piece leaves in its own segment
     assert s.recv(4096).startswith(b"HTTP/1.1 200")
     hello = client_hello("www.blocked.test")
     s.sendall(hello[:30])
-    time.sleep(0.2)
+    time.sleep(0.2)  # pacing: the proxy reads a partial ClientHello first
     s.sendall(hello[30:])
     try:
         assert s.recv(4096) == b""  # cut: no ServerHello from the origin
@@ -203,10 +201,7 @@ def test_reload_applies_to_the_fast_path(tmp_path):
         lst = cfg.parent / "lists" / "blocked" / "domains"
         lst.write_text(lst.read_text() + "newly.test\n")
         p.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and _sni_passes(p.port, tls_port, "newly.test"):
-            time.sleep(0.1)
-        assert not _sni_passes(p.port, tls_port, "newly.test")
+        wait_until(lambda: not _sni_passes(p.port, tls_port, "newly.test"), 15, "the reloaded list cutting newly.test")
         assert _sni_passes(p.port, tls_port, "localhost")
     finally:
         p.stop()
