@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tests.support.carp_lan import Lan
+from tests.support.wait import wait_until
 
 RUNS = 5
 ADVBASE, DEADRATIO = 1, 3
@@ -34,14 +35,16 @@ def _engine_runs(engine: str) -> dict:
         master, backup = lan.nodes
         lan.start(engine, master, advskew=SKEW_MASTER, **kw)
         lan.start(engine, backup, advskew=SKEW_BACKUP, **kw)
-        first_ad = obs.wait_for(lambda x: x["src"] == master.ip, time.monotonic(), 12)
-        if not first_ad:
-            raise RuntimeError(f"{engine}: no master after 12 s")
+        t_start = time.monotonic()
+        first_ad = wait_until(lambda: obs.first(lambda x: x["src"] == master.ip, t_start), 12,
+                              f"{engine}: an advert from the master", step=0.02)
         steady = [first_ad["t"]]                                  # start of each steady mastership window
         windows = []
-        time.sleep(4)                                            # one longer steady window for regularity
+        # pacing, not synchronisation: one longer steady window for advert regularity, then every signal lands
+        # 1.2 s after the (preempting) master's first advert, 0.2 s into an advert interval, the same in every run
+        time.sleep(4)
         for kind in ["kill"] * RUNS + ["term"] * RUNS:
-            time.sleep(1.2)                                      # the backup has heard adverts
+            time.sleep(1.2)
             ads = [x for x in obs.adverts if x["src"] == master.ip]
             t_sig = time.monotonic()
             windows.append((steady[-1], t_sig))
@@ -49,9 +52,8 @@ def _engine_runs(engine: str) -> dict:
                 os.kill(master.proc.pid, signal.SIGKILL)
             else:
                 master.proc.send_signal(signal.SIGTERM)
-            first = obs.wait_for(lambda x: x["src"] == backup.ip and x["advbase"] != 255, t_sig, 10)
-            if first is None:
-                raise RuntimeError(f"{engine}: no takeover within 10 s after {kind}")
+            first = wait_until(lambda: obs.first(lambda x: x["src"] == backup.ip and x["advbase"] != 255, t_sig), 10,
+                               f"{engine}: the backup's takeover after {kind}", step=0.02)
             last = max(x["t"] for x in ads if x["t"] <= t_sig) if ads else t_sig
             if kind == "kill":
                 res["kill_since_last"].append(first["t"] - last)
@@ -64,9 +66,8 @@ def _engine_runs(engine: str) -> dict:
                 master.proc.kill()
             t_back = time.monotonic()
             lan.start(engine, master, advskew=SKEW_MASTER, **kw)  # returns and preempts
-            back = obs.wait_for(lambda x: x["src"] == master.ip and x["advbase"] != 255, t_back, 10)
-            if not back:
-                raise RuntimeError(f"{engine}: returning master did not preempt within 10 s")
+            back = wait_until(lambda: obs.first(lambda x: x["src"] == master.ip and x["advbase"] != 255, t_back), 10,
+                              f"{engine}: the returning master preempting", step=0.02)
             steady.append(back["t"])
         # advert intervals of the (advskew 0) master inside its steady windows, transitions excluded
         for w0, w1 in windows:

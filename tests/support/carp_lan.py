@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -11,6 +12,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from appliance.ha import protocol as cp
+from tests.support.wait import poll
 
 ROOT = Path(__file__).resolve().parents[2]       # the repo root (cwd of the children: -m appliance..., -m tests...)
 PY = sys.executable
@@ -156,8 +160,11 @@ class Observer:
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
         self.adverts: list[dict] = []
         self._lock = threading.Lock()
-        first = self.proc.stdout.readline()            # "ready" once the socket is bound
+        # "ready" once the socket is bound (bounded: a child that hangs fails here, not forever)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        first = self.proc.stdout.readline() if ready else ""
         if not first.startswith("ready"):
+            self.close()
             raise RuntimeError(f"observer did not start: {first!r}")
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -174,16 +181,13 @@ class Observer:
         with self._lock:
             return [a for a in self.adverts if a["t"] >= t]
 
+    def first(self, pred, t0: float) -> dict | None:
+        """The first advert seen since t0 that matches pred, or None (yet)."""
+        return next((a for a in self.since(t0) if pred(a)), None)
+
     def wait_for(self, pred, t0: float, timeout: float) -> dict | None:
-        """First advert after t0 matching pred, waiting at most `timeout` seconds."""
-        end = time.monotonic() + timeout
-        while True:
-            for a in self.since(t0):
-                if pred(a):
-                    return a
-            if time.monotonic() > end:
-                return None
-            time.sleep(0.02)
+        """First advert after t0 matching pred, waiting at most `timeout` seconds; None if none came."""
+        return poll(lambda: self.first(pred, t0), timeout, step=0.02)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -193,7 +197,6 @@ class Observer:
 
 def _observe(iface: str) -> None:
     """Child process: AF_PACKET on the bridge, print one JSON line per CARP packet (bounded by the parent's kill)."""
-    from appliance.ha import protocol as cp
     s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
     s.bind((iface, 0x0800))
     print("ready", flush=True)
