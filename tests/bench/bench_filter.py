@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.support.wait import Timeout, wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 APPLIANCE = str(Path(PY).parent / "appliance")
@@ -83,14 +85,14 @@ def free_port() -> int:
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
+            return True
         except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"port {port} not listening after {timeout}s")
+            return False
+
+    wait_until(listening, timeout, f"port {port} listening", step=0.02)
 
 
 def tree_rss_peak(pid: int) -> int:
@@ -242,19 +244,23 @@ def first_response(cmd: list[str], port: int, origin_port: int, env: dict | None
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     req = f"GET http://127.0.0.1:{origin_port}/ HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode()
-    while time.monotonic() - t0 < timeout:
+
+    def answered() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
                 s.sendall(req)
-                if s.recv(64).startswith(b"HTTP/1.1 200"):
-                    return time.monotonic() - t0, proc
+                return s.recv(64).startswith(b"HTTP/1.1 200")
         except OSError:
-            pass
-        time.sleep(0.01)
-    stop(proc)
-    raise RuntimeError(f"{cmd[0]}: no proxied response within {timeout}s")
+            return False
+
+    try:
+        wait_until(answered, timeout, f"{cmd[0]}: a proxied response", step=0.01)
+    except Timeout:
+        stop(proc)
+        raise
+    return time.monotonic() - t0, proc
 
 
 def engine_bench(cfg_path: Path, domains: list[str]) -> dict:
