@@ -65,3 +65,11 @@ lab: venv apt-lab
 
 clean:
 	rm -rf $(OUT) build *.egg-info .pytest_cache
+
+# dist/carpguard_<version>_amd64.deb: a venv on Debian's /usr/bin/python3 in /opt/carpguard, wheels cached in
+# ~/.cache/carpguard/wheels (the second build is offline); built from the last commit (packaging/build_deb.py)
+.PHONY: deb
+deb: venv
+	@/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends python3-venv >/dev/null; }
+	$(PY) packaging/build_deb.py --out $(OUT)
