@@ -7,9 +7,14 @@ import time
 
 import click
 
-from appliance.ha import supervisor as carp
-from appliance.lab import lab as labmod
 from appliance.cli import Ctx, emit_json, fail, main
+from appliance.ha import ip as netns
+from appliance.ha import supervisor as carp
+from appliance.lab import lifecycle
+from appliance.lab.daemons import node_env
+from appliance.lab.faults import KINDS
+from appliance.lab.measure import Probe, fmt_result, measure
+from appliance.lab.model import Lab, LabError, lab_dir, load
 
 
 @main.group("lab")
@@ -17,10 +22,10 @@ def lab_group() -> None:
     """A whole cluster on this machine in network namespaces (root): nodes, client, LAN bridge, sync link, origin."""
 
 
-def _load(name: str | None) -> dict:
+def _load(name: str | None) -> Lab:
     try:
-        return labmod.load(name)
-    except labmod.LabError as e:
+        return load(name)
+    except LabError as e:
         fail(str(e))
 
 
@@ -35,10 +40,10 @@ def up_cmd(ctx: Ctx, name: str | None, engine: str | None, deadratio: int | None
     ctx.cfg  # validate first: a bad config fails with its file:line message
     t0 = time.monotonic()
     try:
-        lab = labmod.up(ctx.config_path, name, engine, deadratio)
-    except labmod.LabError as e:
+        lab = lifecycle.up(ctx.config_path, name, engine, deadratio)
+    except LabError as e:
         fail(str(e), 1)
-    d = labmod.describe(lab)
+    d = lifecycle.describe(lab)
     if as_json:
         emit_json(d)
         return
@@ -55,13 +60,13 @@ def up_cmd(ctx: Ctx, name: str | None, engine: str | None, deadratio: int | None
 @click.pass_obj
 def down_cmd(ctx: Ctx, name: str | None) -> None:
     """Stop everything and delete the namespaces (also after a crash: works from the lab state file)."""
-    known = name is None or labmod.lab_dir(name).exists()
+    known = name is None or lab_dir(name).exists()
     try:
-        spaces = labmod.down(name)
-    except labmod.LabError as e:
+        spaces = lifecycle.down(name)
+    except LabError as e:
         fail(str(e))
     if not known and not spaces:
-        fail(f"--name {name!r}: no such lab (no {labmod.lab_dir(name)}, no namespaces {name}-*); nothing removed")
+        fail(f"--name {name!r}: no such lab (no {lab_dir(name)}, no namespaces {name}-*); nothing removed")
     click.echo(f"removed {len(spaces)} namespaces: {' '.join(spaces) or '-'}")
 
 
@@ -72,21 +77,12 @@ def down_cmd(ctx: Ctx, name: str | None) -> None:
 def status_cmd(ctx: Ctx, name: str | None, as_json: bool) -> None:
     """Who holds the VIP (ip addr in each namespace), each node's role and process PIDs."""
     lab = _load(name)
-    d = labmod.describe(lab)
-    vip_holders = {v: labmod.holders(lab, ip) for v, ip in lab["vips"].items()}
-    for node, n in d["nodes"].items():
-        st = labmod.carp_status(lab, node)
-        n["role_state"] = (labmod.read_json(labmod.Path(lab["nodes"][node]["state"]) / "role.json") or {}).get("role")
-        n["healthy"] = st.get("healthy")
-        n["proxy_alive"] = labmod._alive(n["proxy_pid"])
-        n["carp_alive"] = labmod._alive(lab["nodes"][node]["carp_pid"])
-        n["sshd_alive"] = labmod._alive(n["sshd_pid"])
-    d["holders"] = vip_holders
+    d = lifecycle.status(lab)
     if as_json:
         emit_json(d)
         return
-    for v, h in vip_holders.items():
-        click.echo(f"vhid {v} vip {lab['vips'][v]}: held by {', '.join(h) or 'nobody'}")
+    for v, h in d["holders"].items():
+        click.echo(f"vhid {v} vip {lab.vips[v]}: held by {', '.join(h) or 'nobody'}")
     for node, n in d["nodes"].items():
         click.echo(f"{node}: role {n['role_state']} engine {n['engine_pid']} proxy {n['proxy_pid']}"
                    f"{'' if n['proxy_alive'] else ' (dead)'} sshd {n['sshd_pid']}{'' if n['sshd_alive'] else ' (dead)'}"
@@ -101,21 +97,21 @@ def status_cmd(ctx: Ctx, name: str | None, as_json: bool) -> None:
 def exec_cmd(ctx: Ctx, name: str | None, node_name: str, argv: tuple[str, ...]) -> None:
     """Run a command in NODE's namespace with its environment: appliance lab exec fw1 -- appliance status"""
     lab = _load(name)
-    node = node_name
-    if node not in lab["nodes"]:
-        fail(f"no node {node!r} in lab {lab['name']} ({', '.join(lab['nodes'])})")
+    try:
+        n = lab.node(node_name)
+    except LabError as e:
+        fail(str(e))
     args = list(argv[1:] if argv and argv[0] == "--" else argv)
     if not args:
         fail("nothing to run: appliance lab exec NODE -- CMD ...")
-    n = lab["nodes"][node]
-    env = {**os.environ, **labmod.node_env(lab, node)}
+    env = {**os.environ, **node_env(lab, node_name)}
     sys.stdout.flush()
-    os.execvpe(labmod.netns.tool("ip"), ["ip", "netns", "exec", n["netns"]] + args, env)
+    os.execvpe(netns.tool("ip"), ["ip", "netns", "exec", n.netns] + args, env)
 
 
 @lab_group.command("failover")
 @click.option("--name", help="which lab (default: the only one)")
-@click.option("--kind", "kinds", multiple=True, type=click.Choice(labmod.KINDS), help="failures to run (default: all)")
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(KINDS), help="failures to run (default: all)")
 @click.option("--runs", type=click.IntRange(1, 20), default=1, help="repetitions of each kind")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
@@ -123,15 +119,15 @@ def failover_cmd(ctx: Ctx, name: str | None, kinds: tuple[str, ...], runs: int, 
     """Client loop through the VIP while the master fails in each way and comes back; prints every outage."""
     lab = _load(name)
     results = []
-    with labmod.Probe(lab) as probe:
+    with Probe(lab) as probe:
         for _ in range(runs):
-            for kind in kinds or labmod.KINDS:
+            for kind in kinds or KINDS:
                 try:
-                    r = labmod.measure(lab, probe, kind)
-                except labmod.LabError as e:
+                    r = measure(lab, probe, kind)
+                except LabError as e:
                     fail(str(e), 1)
                 results.append(r)
                 if not as_json:
-                    click.echo(labmod.fmt_result(r))
+                    click.echo(fmt_result(r))
     if as_json:
         emit_json(results)

@@ -1,1 +1,2 @@
-"""The namespace lab: two nodes, a client and an origin in network namespaces, faults and measurement."""
+"""The namespace lab: a whole cluster in network namespaces (model, topology, nodes, daemons, lifecycle), the faults
+it injects and what clients see of them (faults, measure), and the helper programs run inside it (helpers)."""

@@ -1,0 +1,174 @@
+"""The lab's state: a typed Lab (LAN, client, nodes, PIDs, namespaces it made), saved as <lab dir>/lab.json."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.core.errors import ApplianceError
+from appliance.core.fsio import read_json, write_json_atomic
+
+LAB_ROOT_ENV = "APPLIANCE_LAB_DIR"
+STATE_FILE = "lab.json"
+
+
+class LabError(ApplianceError):
+    """A lab that cannot be built, found or measured."""
+
+
+def lab_root() -> Path:
+    return Path(os.environ.get(LAB_ROOT_ENV, "/run/appliance-lab"))
+
+
+def lab_dir(name: str) -> Path:
+    return lab_root() / name
+
+
+@dataclass
+class LanSegment:
+    """The LAN: a bridge in a namespace of its own, which also carries the origin's address."""
+
+    netns: str = ""
+    bridge: str = "br0"
+    origin_ip: str = ""
+
+
+@dataclass
+class Client:
+    """The LAN client's namespace and its address on the LAN."""
+
+    netns: str = ""
+    ip: str = ""
+    lan_if: str = "eth0"
+
+
+@dataclass
+class LabNode:
+    """One appliance node: its namespace, interfaces, addresses, files and the PIDs of its daemons."""
+
+    netns: str
+    lan_if: str
+    sync_if: str
+    lan: str        # interface address, e.g. 192.168.1.2/24
+    sync: str
+    config: Path    # the live cluster file (through the `current` release link)
+    state: Path     # the node's APPLIANCE_STATE_DIR
+    dir: Path       # the node's directory in the lab dir (logs, sshd)
+    engine_pid: int | None = None
+    proxy_pid: int | None = None
+    carp_pid: int | None = None
+    sshd_pid: int | None = None
+
+    @property
+    def lan_ip(self) -> str:
+        return self.lan.split("/")[0]
+
+    @property
+    def sync_ip(self) -> str:
+        return self.sync.split("/")[0]
+
+    @property
+    def sshd_dir(self) -> Path:
+        return self.dir / "sshd"
+
+
+@dataclass
+class Lab:
+    """A whole cluster in namespaces; `save()` after every change, so `down` works from the file after a crash."""
+
+    name: str
+    dir: Path
+    source_config: str = ""
+    engine: str | None = None
+    deadratio: int | None = None
+    vip: str = ""
+    vips: dict[str, str] = field(default_factory=dict)   # vhid (as text) -> VIP address
+    proxy_port: int = 0
+    origin: str = ""                                       # the origin's URL
+    lan: LanSegment = field(default_factory=LanSegment)
+    client: Client = field(default_factory=Client)
+    nodes: dict[str, LabNode] = field(default_factory=dict)
+    created_netns: list[str] = field(default_factory=list)
+    origin_pid: int | None = None
+    proxy_cmd: list[str] | None = None                     # $APPLIANCE_LAB_PROXY instead of `appliance proxy`
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def main_vhid(self) -> int:
+        return int(next(iter(self.vips)))
+
+    def node(self, name: str) -> LabNode:
+        if name not in self.nodes:
+            raise LabError(f"no node {name!r} in lab {self.name} ({', '.join(self.nodes)})")
+        return self.nodes[name]
+
+    def node_by_ip(self) -> dict[str, str]:
+        return {n.lan_ip: name for name, n in self.nodes.items()}
+
+    def save(self) -> None:
+        write_json_atomic(self.state_file, self.to_json())
+
+    def to_json(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Lab":
+        try:
+            lab = _build(cls, data)
+            lab.lan = _build(LanSegment, data.get("lan") or {})
+            lab.client = _build(Client, data.get("client") or {})
+            lab.nodes = {k: _build(LabNode, v) for k, v in (data.get("nodes") or {}).items()}
+        except (TypeError, AttributeError) as e:
+            raise LabError(f"{data.get('name', '?')}: not a lab state file ({e})") from None
+        return lab
+
+
+def _plain(v: Any) -> Any:
+    """JSON-ready: dataclasses as dicts of their fields, paths as text."""
+    if is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name)) for f in fields(v)}
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """cls from the known keys of data (unknown keys ignored), text made a Path where the field is one."""
+    kw = {}
+    for f in fields(cls):
+        if f.name in data:
+            v = data[f.name]
+            kw[f.name] = Path(v) if str(f.type).startswith("Path") and isinstance(v, str) else v
+    return cls(**kw)
+
+
+def list_labs() -> list[str]:
+    root = lab_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / STATE_FILE).exists())
+
+
+def load(name: str | None = None) -> Lab:
+    """The lab's state file; with no name ($APPLIANCE_LAB or) the only lab there is, else an error listing them."""
+    if not name:
+        name = os.environ.get("APPLIANCE_LAB")
+    if not name:
+        labs = list_labs()
+        if not labs:
+            raise LabError(f"no lab is up (nothing in {lab_root()}); run `appliance lab up`")
+        if len(labs) > 1:
+            raise LabError(f"several labs are up ({', '.join(labs)}); pass --name")
+        name = labs[0]
+    data = read_json(lab_dir(name) / STATE_FILE)
+    if data is None:
+        raise LabError(f"no lab named {name!r} (no {lab_dir(name) / STATE_FILE})")
+    return Lab.from_json(data)

@@ -1,0 +1,95 @@
+"""Each lab node's files: release 1 of its config tree (the lab's cluster file, 0600), its identity, the sync key
+pair and known_hosts, and its private sshd's host key, config and authorized_keys."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from appliance.core.fsio import write_secret
+from appliance.core.model import Appliance
+from appliance.ha import ip as netns
+from appliance.lab.daemons import VENV_BIN
+from appliance.lab.model import Lab, LabError
+from sync import keys as keymod
+
+SSHD_CONFIG = """\
+# the lab's private sshd for {node}: only the sync key, only its forced command
+Port {port}
+ListenAddress {addr}
+HostKey {host_key}
+PidFile none
+AuthorizedKeysFile {authorized_keys}
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin forced-commands-only
+AllowUsers root
+StrictModes no
+AllowTcpForwarding no
+AllowAgentForwarding no
+X11Forwarding no
+PermitTTY no
+MaxStartups 20
+LogLevel VERBOSE
+"""
+
+
+def keygen(path: Path, comment: str) -> str:
+    """A fresh ed25519 key pair (private 0600); returns the public line."""
+    try:
+        return keymod.keygen(path, comment, netns.tool("ssh-keygen"))
+    except keymod.KeygenError as e:
+        raise LabError(str(e)) from None
+
+
+def render_config(text: str) -> str:
+    """The lab's copy of the cluster file: sync logs in as root (the lab runs as root; the forced command
+    is the only thing the key may run, PermitRootLogin forced-commands-only)."""
+    data = yaml.safe_load(text)
+    data.setdefault("sync", {})
+    data["sync"]["user"] = "root"
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def seed_tree(state: Path, config_path: Path, node: str) -> Path:
+    """The node's state dir with release 1 (the source tree, the lab's cluster file) live; returns the live cluster file."""
+    release = state / "releases" / "1"
+    (state / "releases").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(config_path.parent, release, symlinks=True, ignore=shutil.ignore_patterns(
+        "node.yaml", "hooks.d", ".git", "__pycache__", "keys", config_path.name))
+    # the cluster file holds the CARP pass: never copied with the source's mode, written 0600 from creation
+    write_secret(release / config_path.name, render_config(config_path.read_text()))
+    os.symlink("releases/1", state / "current")
+    (state / "node.yaml").write_text(f"node: {node}\n")
+    return state / "current" / config_path.name
+
+
+def setup_ssh(lab: Lab, cfg: Appliance) -> None:
+    """The sync key pair (the same in every node's tree, sync.keys layout), a host key per node in the lab dir,
+    keys/known_hosts pinning every node's host key on its sync address, and each node's sshd files."""
+    sync_pub = keygen(lab.dir / "keys" / keymod.SYNC_KEY, "appliance-sync")
+    private = (lab.dir / "keys" / keymod.SYNC_KEY).read_bytes()
+    host_pubs = {node: keygen(n.sshd_dir / "ssh_host_ed25519_key", f"root@{node}") for node, n in lab.nodes.items()}
+    kh = "\n".join(keymod.known_hosts_lines(cfg, host_pubs)) + "\n"
+    for node, n in lab.nodes.items():
+        tree = n.state / "releases" / "1"
+        write_secret(keymod.sync_key(tree), private)
+        keymod.sync_key(tree).with_name(keymod.SYNC_KEY + ".pub").write_text(sync_pub)
+        keymod.known_hosts(tree).write_text(kh)
+        _write_sshd_files(lab, cfg, node, sync_pub)
+
+
+def _write_sshd_files(lab: Lab, cfg: Appliance, node: str, sync_pub: str) -> None:
+    """authorized_keys (the forced `sync-serve` with the node's state dir) and sshd_config on the sync address."""
+    n = lab.nodes[node]
+    sd = n.sshd_dir
+    env = f"APPLIANCE_STATE_DIR={n.state} APPLIANCE_NODE={node} APPLIANCE_CONFIG={n.config}"
+    line = keymod.authorized_keys_line(cfg, node, sync_pub, appliance_bin=f"/usr/bin/env {env} {VENV_BIN}/appliance")
+    write_secret(sd / "authorized_keys", line + "\n")
+    write_secret(sd / "sshd_config", SSHD_CONFIG.format(
+        node=node, port=cfg.sync.ssh_port, addr=n.sync_ip, host_key=sd / "ssh_host_ed25519_key",
+        authorized_keys=sd / "authorized_keys"))
