@@ -7,6 +7,10 @@ import statistics
 import tempfile
 import time
 
+from appliance.ha import supervisor as carp
+from appliance.lab import lifecycle
+from appliance.lab.measure import Probe, fmt_result, measure
+from appliance.lab.model import LAB_ROOT_ENV
 from tests.support.env import EXAMPLES
 
 RUNS = int(os.environ.get("HA_BENCH_RUNS", "5"))
@@ -22,25 +26,24 @@ def _fmt(xs: list[float]) -> str:
 
 
 def _runs(engine: str | None, kinds: tuple[str, ...], runs: int) -> dict[str, dict[str, list[float]]]:
-    from appliance.lab import lab as labmod
-    os.environ[labmod.LAB_ROOT_ENV] = tempfile.mkdtemp(prefix="bench-ha-")
+    os.environ[LAB_ROOT_ENV] = tempfile.mkdtemp(prefix="bench-ha-")
     name = f"bh{secrets.token_hex(3)}"
     out: dict[str, dict[str, list[float]]] = {k: {"failover": [], "return": [], "misses": []} for k in kinds}
     t0 = time.monotonic()
-    lab = labmod.up(EXAMPLES / "appliance.yaml", name, engine=engine)
+    lab = lifecycle.up(EXAMPLES / "appliance.yaml", name, engine=engine)
     try:
         print(f"  lab {name} ({engine or 'default engine'}) up in {time.monotonic() - t0:.1f} s", flush=True)
-        with labmod.Probe(lab) as probe:
+        with Probe(lab) as probe:
             for i in range(runs):
                 for kind in kinds:
-                    r = labmod.measure(lab, probe, kind)
+                    r = measure(lab, probe, kind)
                     out[kind]["failover"].append(r["failover_outage"])
                     out[kind]["return"].append(r["return_outage"])
                     if not r["returned"] or r["holders_after"] != ["fw1"]:
                         out[kind]["misses"].append(i)
-                    print(f"  run {i + 1}: {labmod.fmt_result(r)}", flush=True)
+                    print(f"  run {i + 1}: {fmt_result(r)}", flush=True)
     finally:
-        labmod.down(name)
+        lifecycle.down(name)
     return out
 
 
@@ -48,7 +51,6 @@ def main() -> None:
     if os.geteuid() != 0:
         print("bench_ha: skipped (needs root for network namespaces)")
         return
-    from appliance.ha import supervisor as carp
     print(f"advbase 1, failures 3, runs {RUNS} (ucarp {PEER_RUNS}); outage = first failed request to first good one (client every 50 ms)")
     ours = _runs(None, ("engine-kill", "link-down", "proxy-kill", "demote"), RUNS)
     peer = _runs("ucarp", PEER_KINDS, PEER_RUNS)

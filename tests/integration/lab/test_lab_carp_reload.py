@@ -7,8 +7,10 @@ from pathlib import Path
 
 import yaml
 
+from appliance.cli import ha as cmd_ha
+from appliance.core.loader import load
+from appliance.core.paths import Paths
 from appliance.ha import supervisor as carp
-from appliance.core.config import load
 from tests.support.env import free_port
 
 
@@ -39,16 +41,18 @@ def test_carp_changes_lists_what_differs_without_the_pass(example_tree: Path) ->
     assert "vhid 2 added (vip 192.168.1.51/24 advskew 0)" in changes
     assert not any("new-secret-pass" in c or "change-me" in c for c in changes)
     assert carp.carp_changes(new, old)[-1] == "vhid 2 removed"
-    # another node's advskew is not this node's business
+    # another node's advskew is not this node's own advskew: only its peer list (the speaker's --peer) changes
     _edit(example_tree, lambda d: d["nodes"]["fw1"].update(advskew=7))
-    assert not [c for c in carp.carp_changes(new, carp.carp_params(load(example_tree), "fw2")) if "advskew" in c]
+    got = carp.carp_changes(new, carp.carp_params(load(example_tree), "fw2"))
+    assert not [c for c in got if c.startswith("vhid") and "advskew" in c], got
+    assert [c for c in got if c.startswith("peers") and "advskew=7" in c], got
 
 
 def test_reload_config_applies_changes_and_keeps_engines_on_a_bad_file(example_tree: Path, tmp_path: Path) -> None:
     base = tmp_path / "state"
-    sup = carp.Supervisor(load(example_tree), "fw2", example_tree, use_watchdog=False, base=base)
-    sup.passfile = carp.write_pass(sup.cfg, base)
-    sup.engines = [carp.Engine(g) for g in carp.role.groups(sup.cfg, "fw2")]
+    sup = carp.CarpSupervisor(load(example_tree), "fw2", example_tree, Paths(base), use_watchdog=False)
+    sup.passfile = carp.write_pass(sup.cfg, sup.paths)
+    sup.engines = [carp.CarpProcess(g) for g in carp.role.groups(sup.cfg, "fw2")]
     assert sup.reload_config() == []  # nothing changed: engines untouched
     before = sup.engines
     _edit(example_tree, lambda d: d["nodes"]["fw2"].update(advskew=130))
@@ -75,8 +79,6 @@ def test_reload_config_applies_changes_and_keeps_engines_on_a_bad_file(example_t
 
 
 def test_status_probe_on_loopback_and_never_without_our_sync_address(example_tree: Path) -> None:
-    from appliance.cli import ha as cmd_ha
-
     port = free_port()
     ok, what = cmd_ha.probe_peer("127.0.0.1", "127.0.0.1", port, timeout=1.0)
     assert ok and "nothing listens" in what  # a refusal still proves the peer is up

@@ -11,26 +11,28 @@ from pathlib import Path
 import pytest
 import yaml
 
+from appliance.ha import ip as netns
+from appliance.lab import daemons, lifecycle, topology
+from appliance.lab.model import LAB_ROOT_ENV, Lab, LabError
 from tests.support.env import EXAMPLES, need_tool
+from tests.support.wait import poll
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
-def wait_holders(labmod, lab, want: dict[str, list[str]], timeout: float = 25.0) -> dict[str, list[str]]:
-    deadline = time.monotonic() + timeout
-    got: dict[str, list[str]] = {}
-    while time.monotonic() < deadline:
-        got = {v: labmod.holders(lab, ip) for v, ip in lab["vips"].items()}
-        if got == want:
-            return got
-        time.sleep(0.1)
-    return got
+def vip_holders(lab: Lab) -> dict[str, list[str]]:
+    return {v: topology.holders(lab, ip) for v, ip in lab.vips.items()}
+
+
+def wait_holders(lab: Lab, want: dict[str, list[str]], timeout: float = 25.0) -> dict[str, list[str]]:
+    """The VIP holders per vhid once they are `want`, or as they are after `timeout`."""
+    poll(lambda: vip_holders(lab) == want, timeout, step=0.1)
+    return vip_holders(lab)
 
 
 @pytest.fixture(scope="module")
 def lab3(tmp_path_factory: pytest.TempPathFactory):
     need_tool("ip", "arping", "ucarp")
-    from appliance.lab import lab as labmod
     tree = tmp_path_factory.mktemp("etc3")
     shutil.copytree(EXAMPLES, tree, dirs_exist_ok=True)
     data = yaml.safe_load((tree / "appliance.yaml").read_text())
@@ -43,52 +45,49 @@ def lab3(tmp_path_factory: pytest.TempPathFactory):
     data["proxy"]["workers"] = 1
     (tree / "appliance.yaml").write_text(yaml.safe_dump(data))
     root = tmp_path_factory.mktemp("labs3")
-    old = os.environ.get(labmod.LAB_ROOT_ENV)
-    os.environ[labmod.LAB_ROOT_ENV] = str(root)
+    old = os.environ.get(LAB_ROOT_ENV)
+    os.environ[LAB_ROOT_ENV] = str(root)
     name = f"cn{secrets.token_hex(3)}"
     try:
         try:
-            yield labmod.up(tree / "appliance.yaml", name, engine="ucarp")
-        except labmod.LabError as e:
+            yield lifecycle.up(tree / "appliance.yaml", name, engine="ucarp")
+        except LabError as e:
             pytest.fail(f"lab up failed: {e}")
     finally:
-        labmod.down(name)
+        lifecycle.down(name)
         if old is None:
-            os.environ.pop(labmod.LAB_ROOT_ENV, None)
+            os.environ.pop(LAB_ROOT_ENV, None)
         else:
-            os.environ[labmod.LAB_ROOT_ENV] = old
+            os.environ[LAB_ROOT_ENV] = old
 
 
 def test_active_active_and_advskew_order(lab3) -> None:
-    from appliance.lab import lab as labmod
-    assert wait_holders(labmod, lab3, {"1": ["fw1"], "2": ["fw2"]}) == {"1": ["fw1"], "2": ["fw2"]}
-    engines = {v: labmod.engine_pid(lab3, "fw1", int(v)) for v in lab3["vips"]}
+    assert wait_holders(lab3, {"1": ["fw1"], "2": ["fw2"]}) == {"1": ["fw1"], "2": ["fw2"]}
+    engines = {v: daemons.engine_pid(lab3, "fw1", int(v)) for v in lab3.vips}
     assert all(engines.values()) and len(set(engines.values())) == 2  # one engine per vhid
     assert Path(f"/proc/{engines['1']}/cmdline").read_bytes().split(b"\0")[0].endswith(b"ucarp")
     # fw1 cut off: vhid 1 goes to the next by advskew (fw2, not fw3); vhid 2 stays on fw2
-    n = lab3["nodes"]["fw1"]
-    labmod.netns.ip("link", "set", n["lan_if"], "down", netns=n["netns"])
+    n = lab3.nodes["fw1"]
+    netns.ip("link", "set", n.lan_if, "down", netns=n.netns)
     try:
-        assert wait_holders(labmod, lab3, {"1": ["fw2"], "2": ["fw2"]}) == {"1": ["fw2"], "2": ["fw2"]}
+        assert wait_holders(lab3, {"1": ["fw2"], "2": ["fw2"]}) == {"1": ["fw2"], "2": ["fw2"]}
     finally:
-        labmod.netns.ip("link", "set", n["lan_if"], "up", netns=n["netns"])
-    assert wait_holders(labmod, lab3, {"1": ["fw1"], "2": ["fw2"]}) == {"1": ["fw1"], "2": ["fw2"]}
+        netns.ip("link", "set", n.lan_if, "up", netns=n.netns)
+    assert wait_holders(lab3, {"1": ["fw1"], "2": ["fw2"]}) == {"1": ["fw1"], "2": ["fw2"]}
 
 
 def test_sigkill_of_ucarp_drops_the_vip_at_once_and_restarts(lab3) -> None:
     """ucarp alone leaves the VIP on a SIGKILLed master (two holders); the supervisor removes it at once."""
-    from appliance.lab import lab as labmod
-    assert wait_holders(labmod, lab3, {"1": ["fw1"], "2": ["fw2"]}) == {"1": ["fw1"], "2": ["fw2"]}
-    pid = labmod.engine_pid(lab3, "fw1", 1)
+    assert wait_holders(lab3, {"1": ["fw1"], "2": ["fw2"]}) == {"1": ["fw1"], "2": ["fw2"]}
+    pid = daemons.engine_pid(lab3, "fw1", 1)
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 2.0 and "fw1" in labmod.holders(lab3):
-        time.sleep(0.02)
+    poll(lambda: "fw1" not in topology.holders(lab3), 2.0, step=0.02)
     dropped = time.monotonic() - t0
     assert dropped < 1.0, f"fw1 kept the VIP {dropped:.2f} s after its engine died"
-    got = wait_holders(labmod, lab3, {"1": ["fw1"], "2": ["fw2"]})
+    got = wait_holders(lab3, {"1": ["fw1"], "2": ["fw2"]})
     assert got == {"1": ["fw1"], "2": ["fw2"]}
-    new = labmod.engine_pid(lab3, "fw1", 1)
+    new = daemons.engine_pid(lab3, "fw1", 1)
     assert new and new != pid
-    log = (Path(lab3["nodes"]["fw1"]["state"]) / "ha.log").read_text()
+    log = (lab3.nodes["fw1"].state / "ha.log").read_text()
     assert "exited (-9)" in log and "vip dropped" in log
