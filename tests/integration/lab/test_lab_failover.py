@@ -121,7 +121,7 @@ def test_random_fail_recover_cycles_leave_one_holder(lab, probe) -> None:
                 double["longest"] = max(double["longest"], now - since)
             else:
                 since = None
-            time.sleep(0.05)
+            time.sleep(0.05)  # the sampling interval (pacing, not waiting for anything)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -131,6 +131,7 @@ def test_random_fail_recover_cycles_leave_one_holder(lab, probe) -> None:
             node, kind = rng.choice(nodes), rng.choice(KINDS)
             if kind == "engine-kill" and daemons.engine_pid(lab, node) is None:
                 kind = "link-down"
+            # random fault and pause lengths are the point of this test (pacing, not synchronisation)
             inject_fault(lab, kind, node)
             time.sleep(rng.uniform(0.1, 1.2))
             recover(lab, kind, node)
