@@ -10,7 +10,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.core import config as cfgmod
+from appliance.core.errors import ApplianceError
+from appliance.core.loader import load as load_config
+from appliance.core.model import Appliance
 from filters import lists as flists
 from filters.engine import PolicyRule, RuleEngine, ipv4_network
 from filters.index import DomainIndex, IndexFormatError, read_meta, write_index
@@ -20,8 +22,10 @@ INDEX_NAME = "compiled/filter.idx"  # inside the config tree, so sync ships it w
 MAX_BAD_SHOWN = 20
 
 
-class ListError(Exception):
+class ListError(ApplianceError):
     """Lists rejected (filter.bad_lines: reject) or unreadable; the message names file:line."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -39,16 +43,16 @@ def index_path(base: Path) -> Path:
     return Path(base) / INDEX_NAME
 
 
-def _cat_order(cfg: cfgmod.Appliance) -> list[str]:
+def _cat_order(cfg: Appliance) -> list[str]:
     return sorted(cfg.filter.categories())
 
 
-def _shown(cfg: cfgmod.Appliance, base: Path, cat: str, kind: str) -> str:
+def _shown(cfg: Appliance, base: Path, cat: str, kind: str) -> str:
     lists = Path(cfg.filter.lists)
     return str(lists / cat / kind) if not lists.is_absolute() else str(lists / cat / kind)
 
 
-def fingerprint(cfg: cfgmod.Appliance, base: Path) -> str:
+def fingerprint(cfg: Appliance, base: Path) -> str:
     """Changes whenever a referenced list file, the category set or the bad-line policy changes."""
     lists_dir = cfg.lists_dir(base)
     parts: list = [cfg.filter.bad_lines, _cat_order(cfg), "depths"]  # "depths": indexes without them are recompiled
@@ -63,7 +67,7 @@ def fingerprint(cfg: cfgmod.Appliance, base: Path) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def compile_index(cfg: cfgmod.Appliance, base: Path, out: Path | None = None) -> CompileReport:
+def compile_index(cfg: Appliance, base: Path, out: Path | None = None) -> CompileReport:
     """Parse every referenced list and write the index; raises ListError under bad_lines: reject."""
     t0 = time.monotonic()
     out = out or index_path(base)
@@ -118,14 +122,14 @@ def compile_index(cfg: cfgmod.Appliance, base: Path, out: Path | None = None) ->
     return report
 
 
-def is_fresh(cfg: cfgmod.Appliance, base: Path) -> bool:
+def is_fresh(cfg: Appliance, base: Path) -> bool:
     try:
         return read_meta(index_path(base)).get("fingerprint") == fingerprint(cfg, base)
     except (OSError, IndexFormatError):
         return False
 
 
-def ensure_index(cfg: cfgmod.Appliance, base: Path, in_child: bool = True) -> CompileReport:
+def ensure_index(cfg: Appliance, base: Path, in_child: bool = True) -> CompileReport:
     """Compile when stale. in_child: do it in a forked process so its peak memory is returned to the OS."""
     path = index_path(base)
     if is_fresh(cfg, base):
@@ -160,7 +164,7 @@ def ensure_index(cfg: cfgmod.Appliance, base: Path, in_child: bool = True) -> Co
     return CompileReport(path, msg["entries"], msg["bad"], msg["bad_count"], msg["seconds"], True, msg["size"])
 
 
-def build_engine(cfg: cfgmod.Appliance, base: Path, compile_in_child: bool = True, clock=None) -> tuple[RuleEngine, CompileReport]:
+def build_engine(cfg: Appliance, base: Path, compile_in_child: bool = True, clock=None) -> tuple[RuleEngine, CompileReport]:
     """The engine the proxy and `appliance explain` use. Raises ListError (bad lists) or IndexFormatError."""
     report = ensure_index(cfg, base, compile_in_child)
     for b in report.bad:
@@ -183,9 +187,9 @@ def build_engine(cfg: cfgmod.Appliance, base: Path, compile_in_child: bool = Tru
     return eng, report
 
 
-def load(config_path: Path, compile_in_child: bool = True) -> tuple[cfgmod.Appliance, RuleEngine, CompileReport]:
-    """Config + engine, or raise cfgmod.ConfigError / ListError with a message naming the file."""
-    cfg = cfgmod.load(config_path)
+def load(config_path: Path, compile_in_child: bool = True) -> tuple[Appliance, RuleEngine, CompileReport]:
+    """Config + engine, or raise ConfigError / ListError with a message naming the file."""
+    cfg = load_config(config_path)
     base = Path(config_path).resolve().parent
     eng, rep = build_engine(cfg, base, compile_in_child)
     return cfg, eng, rep

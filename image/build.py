@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.core.config import Appliance
+from appliance.core.model import Appliance
 
 from image import checks, disk, dist, keygen, manifest, mtree, render, tarball, ufs
 from image.errors import BadInput, BuildError

@@ -1,11 +1,11 @@
 """Errors the image build reports: bad input (exit 2), a missing tool, a bad FreeBSD dist, a failed check."""
 from __future__ import annotations
 
+from appliance.core.errors import ApplianceError
 
-class BuildError(Exception):
-    """Something the build cannot do; the message says what and where."""
 
-    exit_code = 1
+class BuildError(ApplianceError):
+    """Something the build cannot do; the message says what and where (exit 1 unless a subclass says)."""
 
 
 class MissingTool(BuildError):

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
-from sync import keys
-from appliance.core.config import Appliance
-
+from appliance.core.model import Appliance
 from image.errors import BuildError, MissingTool
+from sync import keys
 
 
 def _keygen(path: Path, comment: str) -> None:
@@ -18,11 +16,10 @@ def _keygen(path: Path, comment: str) -> None:
         raise MissingTool("ssh-keygen", "openssh-client", f"to create {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    r = subprocess.run([exe, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise BuildError(f"ssh-keygen failed for {path}: {r.stderr.strip()}")
-    os.chmod(path, 0o600)
+    try:
+        keys.keygen(path, comment, exe)
+    except keys.KeygenError as e:
+        raise BuildError(str(e)) from None
 
 
 def _check_pair(path: Path) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import jinja2
 
-import appliance
+from appliance.core import model as config_model
+from appliance.core.model import Appliance
 from sync import keys
-from appliance.core.config import Appliance
 
 from image.errors import BuildError
 from image.keygen import public_key
@@ -140,7 +140,7 @@ def _requirements() -> list[str]:
 
 def _source_tree(tree: Tree) -> None:
     """The appliance's own Python source, installed into the venv on first boot."""
-    repo = Path(appliance.__file__).resolve().parent.parent
+    repo = Path(config_model.__file__).resolve().parents[2]  # <repo>/appliance/core/model.py
     for pkg in ("appliance", "filters", "sync", "image"):
         base = repo / pkg
         if not base.is_dir():

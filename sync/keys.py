@@ -1,15 +1,49 @@
 """Where the sync keys live in a config tree, and the authorized_keys / known_hosts lines built from them."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from appliance.core.config import Appliance
+from appliance.core.errors import ApplianceError
+from appliance.core.model import Appliance
 
 KEYS_DIR = "keys"
 SYNC_KEY = "sync_ed25519"  # the push key: the same on every node, so whichever node is master can push
 KNOWN_HOSTS = "known_hosts"  # pinned host keys of every node's sync address (never trust-on-first-use)
 HOST_KEYS_DIR = "hosts"  # keys/hosts/<node>/ssh_host_ed25519_key[.pub]: node-local, never synced
 SERVE_COMMAND = "sync-serve"  # the only command a sync key may run on a peer
+
+
+class KeygenError(ApplianceError):
+    """ssh-keygen is missing or failed."""
+
+
+def keygen(path: Path, comment: str, exe: str | None = None) -> str:
+    """A fresh ed25519 key pair without passphrase (private 0600 from creation, public 0644); the public line.
+
+    An existing pair at `path` is replaced (ssh-keygen would otherwise stop and ask)."""
+    exe = exe or shutil.which("ssh-keygen")
+    if exe is None:
+        raise KeygenError(f"ssh-keygen not found (needed to create {path}); install openssh-client")
+    path = Path(path)
+    pub = path.with_name(path.name + ".pub")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for p in (path, pub):
+        p.unlink(missing_ok=True)
+    old = os.umask(0o077)
+    try:
+        r = subprocess.run([exe, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    finally:
+        os.umask(old)
+    if r.returncode != 0:
+        raise KeygenError(f"ssh-keygen failed for {path}: {r.stderr.strip()}")
+    os.chmod(path, 0o600)
+    os.chmod(pub, 0o644)
+    return pub.read_text()
 
 
 def keys_dir(config_dir: Path) -> Path:
@@ -38,8 +72,6 @@ PASSED_ENV = ("SSH_ORIGINAL_COMMAND", "SSH_CLIENT")
 
 def default_elevate(user: str, platform: str | None = None) -> str:
     """root needs nothing; otherwise doas on FreeBSD (what the image ships), sudo elsewhere."""
-    import sys
-
     platform = sys.platform if platform is None else platform
     if user == "root":
         return "none"

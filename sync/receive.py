@@ -7,56 +7,58 @@ import signal
 import time
 from pathlib import Path
 
-from filters.proxy import control as proxyctl
-from appliance.core.state import read_role
+from appliance.core import pids
+from appliance.core.paths import Paths
+from appliance.core.state import read_role, role_of
 from sync import lock, tree
 from sync.check import validate_tree
 from sync.errors import BAD_INPUT, SPLIT_BRAIN, STALE, SyncError
 from sync.journal import note
-from sync.releases import Releases
+from sync.releases import Releases, mirror
 
 
-def status(state: Path) -> dict:
+def status(paths: Paths) -> dict:
     """What the master asks before pushing: our role, live generation and its hash."""
-    rel = Releases(state)
+    rel = Releases(paths.state)
     live = rel.live()
     m = rel.meta(live) if live is not None else {}
-    role = (read_role(base=state) or {}).get("role") or "UNKNOWN"
-    return {"role": role, "generation": live, "hash": m.get("hash"), "meta": bool(m.get("meta")),
+    role = role_of(paths) or "UNKNOWN"
+    return {"ok": True, "role": role, "generation": live, "hash": m.get("hash"), "meta": bool(m.get("meta")),
             "generations": rel.generations()}
 
 
-def reload_proxy(state: Path) -> str:
+def reload_proxy(paths: Paths) -> str:
+    """SIGHUP the proxy (it re-reads config and lists, keeping the old rules if they fail)."""
     try:
-        pid = proxyctl.reload()
+        pid = pids.signal_pidfile(paths.proxy_pid, signal.SIGHUP)
+        if pid is None:
+            raise OSError(f"the proxy is not running (no live PID in {paths.proxy_pid})")
         return f"reloaded proxy pid {pid}"
-    except (RuntimeError, OSError) as e:
-        note(state, f"proxy not reloaded: {e}; it reads the new release when it (re)starts", logging.WARNING)
+    except OSError as e:
+        note(paths.state, f"proxy not reloaded: {e}; it reads the new release when it (re)starts", logging.WARNING)
         return f"proxy not reloaded ({e})"
 
 
-def reload_carp(state: Path) -> str:
+def reload_carp(paths: Paths) -> str:
     """SIGHUP the CARP supervisor if one runs: it re-reads the config and restarts its engines only when
     this node's CARP settings changed (advbase, advskew, pass, VIP...)."""
-    from appliance.ha.supervisor import supervisor_pid
-
     try:
-        pid = supervisor_pid(Path(state))
+        pid = pids.signal_pidfile(paths.carp_pid, signal.SIGHUP)
         if pid is None:
             return "carp supervisor not running"
-        os.kill(pid, signal.SIGHUP)
         return f"signalled carp supervisor pid {pid}"
     except OSError as e:
-        note(state, f"carp supervisor not signalled: {e}", logging.WARNING)
+        note(paths.state, f"carp supervisor not signalled: {e}", logging.WARNING)
         return f"carp supervisor not signalled ({e})"
 
 
-def receive(state: Path, gen: int, digest: str, force: bool = False, source: str = "?", reload: bool = True) -> dict:
+def receive(paths: Paths, gen: int, digest: str, force: bool = False, source: str = "?", reload: bool = True) -> dict:
     """Check the staged tree and make it live as <gen>. On any failure the live release is untouched."""
     t0 = time.monotonic()
+    state = paths.state
     rel = Releases(state)
-    with lock.held(Path(state) / "run", wait=30):
-        role = read_role(base=state) or {}
+    with lock.held(paths.run, wait=30):
+        role = read_role(paths) or {}
         if role.get("role") == "MASTER":
             msg = f"split brain: this node is MASTER too (since {role.get('since')}); refusing generation {gen} from {source}"
             note(state, msg, logging.ERROR)
@@ -89,29 +91,27 @@ def receive(state: Path, gen: int, digest: str, force: bool = False, source: str
         rel.activate(gen)
         rel.write_staging_meta(gen, digest)
         pruned = rel.prune(cfg.sync.keep_releases)
-        reloaded = reload_proxy(state) if reload else "not asked"
-        carp = reload_carp(state) if reload else "not asked"
+        reloaded = reload_proxy(paths) if reload else "not asked"
+        carp = reload_carp(paths) if reload else "not asked"
         note(state, f"generation {gen} from {source} is live (was {live}); {reloaded}; {carp}")
         return {"ok": True, "action": "swapped", "generation": gen, "previous": live, "pruned": pruned,
                 "proxy": reloaded, "carp": carp, "seconds": round(time.monotonic() - t0, 3)}
 
 
-def rollback(state: Path, gen: int, reload: bool = True) -> dict:
+def rollback(paths: Paths, gen: int, reload: bool = True) -> dict:
     """Make an older release live again (on the master the next sync pushes it as a new generation)."""
-    rel = Releases(state)
-    with lock.held(Path(state) / "run", wait=30):
+    rel = Releases(paths.state)
+    with lock.held(paths.run, wait=30):
         if gen not in rel.generations():
             raise SyncError(f"--rollback {gen}: no such release (have: {', '.join(map(str, rel.generations())) or 'none'})", BAD_INPUT)
         validate_tree(rel.path(gen), compile_lists=False)
         old = rel.activate(gen)
         m = rel.meta(gen)
-        from sync.releases import mirror
-
         mirror(rel.path(gen), rel.staging)
         rel.write_staging_meta(gen, m["hash"])
-        reloaded = reload_proxy(state) if reload else "not asked"
-        carp = reload_carp(state) if reload else "not asked"
-        note(state, f"rollback: generation {gen} is live (was {old}); {reloaded}; {carp}", logging.WARNING)
+        reloaded = reload_proxy(paths) if reload else "not asked"
+        carp = reload_carp(paths) if reload else "not asked"
+        note(paths.state, f"rollback: generation {gen} is live (was {old}); {reloaded}; {carp}", logging.WARNING)
         return {"ok": True, "action": "rollback", "generation": gen, "previous": old, "proxy": reloaded, "carp": carp}
 
 

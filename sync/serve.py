@@ -1,17 +1,18 @@
 """The forced command of the sync key: dispatch SSH_ORIGINAL_COMMAND to status, a staging-only rsync server, or receive."""
 from __future__ import annotations
 
-import json
 import logging
 import os
+import pwd
 import re
 import shlex
 import shutil
 import sys
 from pathlib import Path
 
+from appliance.core.paths import Paths
 from sync import receive as rcv
-from sync.errors import BAD_INPUT, SyncError
+from sync.errors import BAD_INPUT, PEER_FAILED, SyncError
 from sync.journal import note
 from sync.releases import Releases, mirror, parse_generation, parse_hash
 
@@ -91,8 +92,6 @@ def seed_staging(rel: Releases) -> None:
 
 def running_as() -> str:
     """Who this process is (by effective uid, not $USER), and who it runs for under doas/sudo: for messages."""
-    import pwd
-
     try:
         me = pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
@@ -103,52 +102,55 @@ def running_as() -> str:
     return me
 
 
-def dispatch(command: str | None, state: Path) -> int:
-    """Run one sync command for a peer; the process exit code is returned (errors go to stderr).
+def _parse(command: str | None) -> list[str]:
+    """The peer's SSH_ORIGINAL_COMMAND as argv, refusing anything that is not one short sync command line."""
+    if command is None:
+        raise SyncError("SSH_ORIGINAL_COMMAND is not set: sync-serve runs only as the forced command of the sync key, "
+                        "for the sync commands (status, rsync --server, receive); no shell. Through doas or sudo the "
+                        "rule must keep it (doas.conf: setenv { SSH_ORIGINAL_COMMAND }, sudoers: "
+                        "env_keep += SSH_ORIGINAL_COMMAND)", BAD_INPUT)
+    if not command.strip():
+        raise SyncError("this key runs only sync commands (status, rsync --server, receive); no shell", BAD_INPUT)
+    if len(command) > 4096:
+        raise SyncError("command too long", BAD_INPUT)
+    try:
+        return shlex.split(command)
+    except ValueError as e:
+        raise SyncError(f"cannot parse the command: {e}", BAD_INPUT) from None
+
+
+def _run(argv: list[str], paths: Paths) -> dict:
+    verb = argv[0]
+    if verb == "status" and len(argv) == 1:
+        return rcv.status(paths)
+    if verb == "rsync":
+        rel = Releases(paths.state)
+        new_argv = rsync_server_argv(argv, rel.staging)
+        seed_staging(rel)
+        sys.stdout.flush()
+        os.execv(new_argv[0], new_argv)  # rsync speaks its own protocol on stdout from here
+    if verb in ("receive", "sync-receive"):
+        gen, digest, force = parse_receive(argv)
+        return rcv.receive(paths, gen, digest, force, source=rcv.source_of_connection())
+    raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive|sync-receive)", BAD_INPUT)
+
+
+def dispatch(command: str | None, paths: Paths) -> dict:
+    """Run one sync command for a peer; returns its JSON reply, raises SyncError (with the exit code) when refused.
 
     Only `command` (the peer's SSH_ORIGINAL_COMMAND) decides what runs; nothing depends on which user logged in
     or whether doas/sudo made this process root, so the whitelist is the same either way."""
+    state = paths.state
     try:
-        if command is None:
-            raise SyncError("SSH_ORIGINAL_COMMAND is not set: sync-serve runs only as the forced command of the sync key, "
-                            "for the sync commands (status, rsync --server, receive); no shell. Through doas or sudo the "
-                            "rule must keep it (doas.conf: setenv { SSH_ORIGINAL_COMMAND }, sudoers: "
-                            "env_keep += SSH_ORIGINAL_COMMAND)", BAD_INPUT)
-        if not command.strip():
-            raise SyncError("this key runs only sync commands (status, rsync --server, receive); no shell", BAD_INPUT)
-        if len(command) > 4096:
-            raise SyncError("command too long", BAD_INPUT)
-        try:
-            argv = shlex.split(command)
-        except ValueError as e:
-            raise SyncError(f"cannot parse the command: {e}", BAD_INPUT) from None
-        verb = argv[0]
-        if verb == "status" and len(argv) == 1:
-            print(json.dumps(rcv.status(state)))
-            return 0
-        if verb == "rsync":
-            rel = Releases(state)
-            new_argv = rsync_server_argv(argv, rel.staging)
-            seed_staging(rel)
-            sys.stdout.flush()
-            os.execv(new_argv[0], new_argv)
-        if verb in ("receive", "sync-receive"):
-            gen, digest, force = parse_receive(argv)
-            result = rcv.receive(state, gen, digest, force, source=rcv.source_of_connection())
-            print(json.dumps(result))
-            return 0
-        raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive|sync-receive)", BAD_INPUT)
+        return _run(_parse(command), paths)
     except PermissionError as e:
         msg = (f"sync-serve runs as {running_as()} and cannot write {e.filename}: {e.strerror} "
                f"(it needs {state} and the right to signal the proxy: run the forced command through "
                f"`doas -n` / `sudo -n` with the one-command rule `appliance keys init` prints, or use sync.user: root)")
         note(state, msg, logging.ERROR)
-        print(f"appliance: error: {msg}", file=sys.stderr)
-        return 1
+        raise SyncError(msg, PEER_FAILED) from None
     except SyncError as e:
-        if e.code == BAD_INPUT:
+        if e.exit_code == BAD_INPUT:
             note(state, f"refused sync command {str(command)[:200]!r} from {rcv.source_of_connection()} "
                         f"as {running_as()}: {str(e).splitlines()[0]}", logging.WARNING)
-        for line in str(e).splitlines():
-            print(f"appliance: error: {line}", file=sys.stderr)
-        return e.code
+        raise

@@ -10,7 +10,11 @@ from typing import Any, NoReturn
 
 import click
 
-from appliance.core import config as cfgmod
+from appliance.core import paths as pathmod
+from appliance.core.errors import EXIT_BAD_INPUT, ApplianceError
+from appliance.core.loader import load
+from appliance.core.model import Appliance
+from appliance.core.paths import Paths
 
 # Each module registers its commands on `main` when imported. Heavy imports (mitmproxy,
 # fabric) stay inside the command functions so `appliance --help` is instant.
@@ -19,12 +23,10 @@ COMMAND_MODULES = [
     "appliance.cli.proxy",  # proxy, reload, explain
     "appliance.cli.ha",  # role, carp, status, demote, promote, watchdog
     "appliance.cli.lab",  # lab up|down|status|exec|failover
-    "appliance.cli.sync",  # sync, sync-receive, releases, keys, cron
+    "appliance.cli.sync",  # sync, sync-receive, sync-serve, releases, cron
+    "appliance.cli.keys",  # keys init, keys known-hosts
     "appliance.cli.image",  # image
 ]
-
-EXIT_BAD_INPUT = 2
-
 
 class Ctx:
     """What every command gets: where the config is, which node this is, verbosity."""
@@ -33,20 +35,22 @@ class Ctx:
         self.config_arg = config
         self.node_arg = node
         self.verbose = verbose
-        self._cfg: cfgmod.Appliance | None = None
+        self._cfg: Appliance | None = None
 
     @property
     def config_path(self) -> Path:
-        return cfgmod.config_path(self.config_arg)
+        return pathmod.config_path(self.config_arg)
 
     @property
-    def cfg(self) -> cfgmod.Appliance:
+    def cfg(self) -> Appliance:
         if self._cfg is None:
-            try:
-                self._cfg = cfgmod.load(self.config_path)
-            except cfgmod.ConfigError as e:
-                fail(str(e))
+            self._cfg = load(self.config_path)  # ConfigError: file:line messages, exit 2
         return self._cfg
+
+    @property
+    def paths(self) -> Paths:
+        """This node's state dir ($APPLIANCE_STATE_DIR or the platform default)."""
+        return Paths.default()
 
     @property
     def base_dir(self) -> Path:
@@ -54,17 +58,20 @@ class Ctx:
 
     @property
     def node(self) -> str:
-        try:
-            return cfgmod.node_name(self.cfg, self.config_path, self.node_arg)
-        except cfgmod.ConfigError as e:
-            fail(str(e))
+        return pathmod.node_name(self.cfg, self.config_path, self.node_arg)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print one clear error line (or several, one per problem) to stderr and exit."""
-    for line in str(message).splitlines() or ["error"]:
-        click.echo(f"appliance: error: {line}", err=True)
-    sys.exit(code)
+    """Stop the command with an error for the user (printed and turned into the exit status by the group)."""
+    raise ApplianceError(str(message), code)
+
+
+def report(e: ApplianceError) -> int:
+    """The one place an error becomes `appliance: error: ...` lines on stderr; returns the exit status."""
+    if not e.reported:
+        for line in str(e).splitlines() or ["error"]:
+            click.echo(f"appliance: error: {line}", err=True)
+    return e.exit_code
 
 
 def emit_json(obj: Any) -> None:
@@ -96,6 +103,12 @@ class ApplianceGroup(click.Group):
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         _add_shared(cmd)
         super().add_command(cmd, name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ApplianceError as e:
+            ctx.exit(report(e))
 
 
 def _add_shared(cmd: click.Command) -> None:

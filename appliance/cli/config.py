@@ -7,20 +7,18 @@ from pathlib import Path
 import click
 import yaml
 
-from appliance.core import config as cfgmod
 from appliance.cli import Ctx, emit_json, fail, main
+from appliance.core import reference
+from appliance.core.loader import to_data
+from appliance.core.model import Appliance
+from filters import ruleset
+from filters.lists import count_file
 
 LIST_FILES = ("domains", "urls", "expressions")
 
 
-def expected_master(cfg: cfgmod.Appliance) -> str:
-    return min(cfg.nodes, key=lambda n: cfg.nodes[n].advskew)
-
-
-def list_summary(cfg: cfgmod.Appliance, base: Path) -> dict:
+def list_summary(cfg: Appliance, base: Path) -> dict:
     """Per category: entries and bad lines per list file, counted by the rule engine's own parser (as the proxy sees them)."""
-    from filters.lists import count_file
-
     lists_dir = cfg.lists_dir(base)
     out: dict = {}
     for cat in sorted(cfg.filter.categories()):
@@ -37,7 +35,7 @@ def list_summary(cfg: cfgmod.Appliance, base: Path) -> dict:
     return out
 
 
-def summary(cfg: cfgmod.Appliance, path: Path) -> dict:
+def summary(cfg: Appliance, path: Path) -> dict:
     c = cfg.cluster
     return {
         "ok": True,
@@ -50,7 +48,7 @@ def summary(cfg: cfgmod.Appliance, path: Path) -> dict:
             "interface": c.interface,
             "sync_interface": c.sync_interface,
             "freebsd": c.freebsd,
-            "expected_master": expected_master(cfg),
+            "expected_master": cfg.expected_master(),
             "extra_vhids": [{"vhid": x.vhid, "vip": str(x.vip)} for x in c.extra_vhids],
         },
         "nodes": {
@@ -113,8 +111,6 @@ def check(ctx: Ctx, as_json: bool, compile_: bool) -> None:
     cfg = ctx.cfg
     s = summary(cfg, ctx.config_path)
     if compile_:
-        from filters import ruleset
-
         try:
             rep = ruleset.compile_index(cfg, ctx.base_dir)
         except (ruleset.ListError, OSError) as e:
@@ -135,9 +131,9 @@ def check(ctx: Ctx, as_json: bool, compile_: bool) -> None:
         print_summary(s)
 
 
-def effective(cfg: cfgmod.Appliance, node: str, reveal: bool) -> dict:
+def effective(cfg: Appliance, node: str, reveal: bool) -> dict:
     """This node's view: its own addresses and skew, its peers, and every section with defaults filled in."""
-    data = cfgmod.to_data(cfg, reveal_secrets=reveal)
+    data = to_data(cfg, reveal_secrets=reveal)
     n = cfg.nodes[node]
     cluster = data.pop("cluster")
     nodes = data.pop("nodes")
@@ -145,7 +141,7 @@ def effective(cfg: cfgmod.Appliance, node: str, reveal: bool) -> dict:
     return {
         "node": node,
         "hostname": n.hostname or node,
-        "role_expected": "MASTER" if expected_master(cfg) == node else "BACKUP",
+        "role_expected": "MASTER" if cfg.expected_master() == node else "BACKUP",
         "carp": {**{k: cluster[k] for k in ("vip", "vhid", "password", "advbase", "preempt", "interface")},
                  "advskew": n.advskew, "srcip": str(n.lan.ip), "extra_vhids": [
                      {"vhid": x.vhid, "vip": str(x.vip), "advskew": x.advskew.get(node, n.advskew)} for x in cfg.cluster.extra_vhids]},
@@ -175,8 +171,6 @@ def render(ctx: Ctx, as_json: bool, show_secrets: bool) -> None:
 @click.option("--update", "readme", metavar="README", type=click.Path(exists=True, dir_okay=False), help="rewrite the generated block in this README")
 def config_reference(readme: str | None) -> None:
     """Print the config reference table (generated from the config model)."""
-    from appliance.core import reference
-
     if readme:
         changed = reference.update_readme(Path(readme))
         click.echo(f"{readme}: {'updated' if changed else 'already current'}")

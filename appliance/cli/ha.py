@@ -10,13 +10,12 @@ from pathlib import Path
 
 import click
 
-from appliance.ha import supervisor as carp
-from appliance.ha import ip as netns
-from filters.proxy import control as proxyctl
-from appliance.ha import role
-from appliance.core import state
-from appliance.ha import watchdog
 from appliance.cli import Ctx, emit_json, fail, main
+from appliance.core import pids, state
+from appliance.core.model import check_iface
+from appliance.ha import ip as netns
+from appliance.ha import role, watchdog
+from appliance.ha import supervisor as carp
 
 IS_FREEBSD = sys.platform.startswith("freebsd")
 
@@ -35,12 +34,11 @@ def role_cmd(ctx: Ctx, new_role: str, vhid: int | None, iface: str | None, seq: 
     cfg, node = ctx.cfg, ctx.node
     if iface is not None:
         try:
-            from appliance.core.config import _iface
-            _iface(iface)
+            check_iface(iface)
         except ValueError as e:
             fail(f"--iface {iface!r}: {e}")
     try:
-        role.apply(cfg, node, new_role, vhid, iface, ctx.config_path, seq=seq,
+        role.apply(ctx.paths, cfg, node, new_role, vhid, iface, ctx.config_path, seq=seq,
                    manage_vip=False if (no_vip or IS_FREEBSD) else None, send_garp=garp)
     except ValueError as e:
         fail(str(e))
@@ -61,8 +59,8 @@ def carp_cmd(ctx: Ctx, engine: str | None, deadratio: int | None, no_watchdog: b
         fail("on FreeBSD CARP is in the kernel (ifconfig ... vhid); devd calls `appliance role`", 2)
     cfg, node = ctx.cfg, ctx.node
     try:
-        sup = carp.Supervisor(cfg, node, Path(os.path.abspath(ctx.config_path)), engine or carp.DEFAULT_ENGINE, deadratio,
-                              not no_watchdog, check)
+        sup = carp.CarpSupervisor(cfg, node, Path(os.path.abspath(ctx.config_path)), ctx.paths,
+                                  engine or carp.DEFAULT_ENGINE, deadratio, not no_watchdog, check)
         sys.exit(sup.run_forever())
     except (RuntimeError, ValueError) as e:
         fail(str(e), 1 if isinstance(e, RuntimeError) else 2)
@@ -120,11 +118,12 @@ def probe_peers(cfg, node: str, others: dict) -> dict[str, tuple[bool | None, st
 
 def collect_status(ctx: Ctx, probe: bool = True) -> dict:
     cfg, node = ctx.cfg, ctx.node
-    info = carp.status_info() or {}
-    ha = state.read_ha()
+    paths = ctx.paths
+    info = carp.status_info(paths) or {}
+    ha = state.read_ha(paths)
     vhids = []
     for g in role.groups(cfg, node):
-        r = state.read_role(None if g.main else g.vhid) or {}
+        r = state.read_role(paths, None if g.main else g.vhid) or {}
         eng = (info.get("engines") or {}).get(str(g.vhid), {})
         demoted = bool(ha.get("demoted") or info.get("demoted"))
         vhids.append({
@@ -143,7 +142,7 @@ def collect_status(ctx: Ctx, probe: bool = True) -> dict:
         if seen is None:  # not probed: fall back to what the kernel already knows
             seen = bool(st and "FAILED" not in st and "INCOMPLETE" not in st)
         peers[name] = {"sync": str(n.sync.ip), "seen": seen, "probe": what, "neighbour": st}
-    ppid = proxyctl.pid()
+    ppid = pids.read_pid(paths.proxy_pid)
     return {
         "node": node, **{k: vhids[0][k] for k in ("role", "vhid", "advbase", "advskew", "vip", "since")},
         "preempt": cfg.cluster.preempt,
@@ -152,7 +151,7 @@ def collect_status(ctx: Ctx, probe: bool = True) -> dict:
                  "healthy": info.get("healthy"), "health": info.get("health_last")},
         "vhids": vhids, "peers": peers,
         "proxy": {"up": ppid is not None, "pid": ppid},
-        "sync_generation": state.sync_generation(),
+        "sync_generation": state.sync_generation(paths),
     }
 
 
@@ -206,17 +205,17 @@ def _set_demoted(ctx: Ctx, demote: bool) -> None:
         fail(f"refusing to {verb}: preemption is off (cluster.preempt: false in {ctx.config_path}), so a changed "
              f"advskew would not move the VIP; set preempt: true (net.inet.carp.preempt=1 / ucarp --preempt)", 2)
     node = ctx.node
-    state.write_ha(demoted=demote, reason=f"appliance {verb}")
-    role.log_line(f"carp: {verb}d by admin (advskew {cfg.ha.demote_advskew if demote else 'as configured'})")
+    state.write_ha(ctx.paths, demoted=demote, reason=f"appliance {verb}")
+    role.log_line(f"carp: {verb}d by admin (advskew {cfg.ha.demote_advskew if demote else 'as configured'})", ctx.paths)
     if IS_FREEBSD:
         _freebsd_advskew(ctx, demote)
         return
-    pid = carp.supervisor_pid()
+    # re-arm with the new advskew (SIGHUP would also re-read the config)
+    pid = pids.signal_pidfile(ctx.paths.carp_pid, signal.SIGUSR1)
     if pid is None:
         click.echo(f"{node}: {verb}d; `appliance carp` is not running, it will start "
                    f"{'demoted' if demote else 'with the configured advskew'}")
         return
-    os.kill(pid, signal.SIGUSR1)  # re-arm with the new advskew (SIGHUP would also re-read the config)
     click.echo(f"{node}: {verb}d; engine re-armed (supervisor pid {pid})")
 
 
@@ -257,9 +256,7 @@ def watchdog_cmd(ctx: Ctx, check: str | None, once: bool) -> None:
         ok, why = watchdog.probe(*target, timeout=min(1.0, cfg.cluster.advbase))
         change = health.record(ok, why)
         if change is not None:
-            state.write_ha(health_demoted=not change, health_reason=why)
-            role.log_line(f"watchdog: proxy {'healthy' if change else 'unhealthy: ' + why}")
-            pid = carp.supervisor_pid()
-            if pid:
-                os.kill(pid, signal.SIGUSR1)
+            state.write_ha(ctx.paths, health_demoted=not change, health_reason=why)
+            role.log_line(f"watchdog: proxy {'healthy' if change else 'unhealthy: ' + why}", ctx.paths)
+            pids.signal_pidfile(ctx.paths.carp_pid, signal.SIGUSR1)
         time.sleep(max(0.05, health.interval(cfg.cluster.advbase) - (time.monotonic() - t0)))

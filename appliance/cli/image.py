@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from appliance.cli import Ctx, emit_json, fail, main
+from appliance.cli import Ctx, emit_json, main
+from image.build import Options, build
 
 
 @main.command()
@@ -18,14 +19,9 @@ from appliance.cli import Ctx, emit_json, fail, main
 @click.pass_obj
 def image(ctx: Ctx, out: Path, freebsd_dist: Path | None, only: tuple[str, ...], ufs_version: str, as_json: bool, quiet: bool) -> None:
     """Render each node's overlay from the cluster file and build reproducible images into --out."""
-    from image.build import Options, build
-    from image.errors import BuildError
-
     cfg = ctx.cfg  # a bad config exits 2 with the config error
-    try:
-        res = build(cfg, ctx.config_path, Options(out=out, freebsd_dist=freebsd_dist, only=list(only), ufs_version=int(ufs_version), quiet=quiet))
-    except BuildError as e:
-        fail(str(e), getattr(e, "exit_code", 1))
+    # a BuildError carries its exit code (2 bad input, 3 missing tool, 1 otherwise) to the group's handler
+    res = build(cfg, ctx.config_path, Options(out=out, freebsd_dist=freebsd_dist, only=list(only), ufs_version=int(ufs_version), quiet=quiet))
     if as_json:
         emit_json(res)
         return

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import sys
 
 import click
 
-from appliance.core import config as cfgmod
-from filters.proxy import control as proxyctl
 from appliance.cli import Ctx, emit_json, fail, main
+from appliance.core.errors import ConfigError
+from appliance.core.loader import load
+from filters import ruleset
+from filters.index import IndexFormatError
+from filters.lists import norm_host
+from filters.proxy import control as proxyctl
+from filters.proxy import main as proxy_main
 
 
 @main.command()
@@ -17,8 +23,6 @@ from appliance.cli import Ctx, emit_json, fail, main
 @click.pass_obj
 def proxy(ctx: Ctx, listen: str | None, access_log: str | None) -> None:
     """Run the filtering proxy (workers, SIGHUP reload, SIGUSR1 log reopen, /metrics on loopback)."""
-    from filters.proxy import main as proxy_main
-
     sys.exit(proxy_main.run(ctx.config_path, listen, access_log))
 
 
@@ -26,12 +30,10 @@ def proxy(ctx: Ctx, listen: str | None, access_log: str | None) -> None:
 @click.pass_obj
 def reload(ctx: Ctx) -> None:
     """Check the config and lists, then tell the running proxy to reload them (old rules stay if they fail)."""
-    from filters import ruleset
-
     try:
-        cfg = cfgmod.load(ctx.config_path)
+        cfg = load(ctx.config_path)
         ruleset.ensure_index(cfg, ctx.base_dir)
-    except cfgmod.ConfigError as e:
+    except ConfigError as e:
         fail(f"{e}\nnot reloading: the proxy keeps its current rules")
     except ruleset.ListError as e:
         fail(f"{e}\nnot reloading: the proxy keeps its current rules")
@@ -51,9 +53,6 @@ def reload(ctx: Ctx) -> None:
 @click.pass_obj
 def explain(ctx: Ctx, url: str, client: str, at: str | None, sni: str | None, as_json: bool) -> None:
     """What would the proxy do with URL, and why (verdict, category, list file:line, policy). Sends no traffic."""
-    from filters import ruleset
-    from filters.index import IndexFormatError
-
     when = None
     if at:
         try:
@@ -61,8 +60,6 @@ def explain(ctx: Ctx, url: str, client: str, at: str | None, sni: str | None, as
         except ValueError:
             fail(f'--at {at!r}: expected "YYYY-MM-DD HH:MM"')
     try:
-        import ipaddress
-
         ipaddress.IPv4Address(client)
     except ValueError:
         fail(f"--client {client!r}: not an IPv4 address")
@@ -74,7 +71,7 @@ def explain(ctx: Ctx, url: str, client: str, at: str | None, sni: str | None, as
         fail(f"{url!r}: port {port!r} is not 1-65535")
     try:
         cfg, engine, _ = ruleset.load(ctx.config_path)
-    except cfgmod.ConfigError as e:
+    except ConfigError as e:
         fail(str(e))
     except (ruleset.ListError, IndexFormatError) as e:
         fail(str(e))
@@ -105,8 +102,6 @@ def explain(ctx: Ctx, url: str, client: str, at: str | None, sni: str | None, as
 
 def _target(url: str) -> tuple[str | None, str, bool]:
     """(host, full URL, is a CONNECT target) from 'http://h/p', 'https://h/p', 'h:443' or 'h'."""
-    from filters.lists import norm_host
-
     u = url.strip()
     if "://" in u:
         scheme, rest = u.split("://", 1)

@@ -12,9 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.ha import ip as netns
 from appliance.core import state
-from appliance.core.config import Appliance, run_dir, state_dir
+from appliance.core.errors import BadInput
+from appliance.core.model import Appliance
+from appliance.core.paths import Paths
+from appliance.ha import ip as netns
 
 log = logging.getLogger("appliance.ha")
 ROLES = ("MASTER", "BACKUP")
@@ -44,18 +46,17 @@ def group_for(cfg: Appliance, node: str, vhid: int | None) -> Group:
         if vhid is None or g.vhid == vhid:
             return g
     known = ", ".join(str(g.vhid) for g in groups(cfg, node))
-    raise ValueError(f"--vhid {vhid} is not a vhid of this cluster (known: {known}; see cluster.vhid and cluster.extra_vhids)")
+    raise BadInput(f"--vhid {vhid} is not a vhid of this cluster (known: {known}; see cluster.vhid and cluster.extra_vhids)")
 
 
-def log_line(message: str, base: Path | None = None) -> None:
+def log_line(message: str, paths: Paths) -> None:
     """One line to stderr (captured by the supervisor/syslog) and to <state>/ha.log."""
     line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}"
     log.info(message)
     print(f"appliance: {message}", file=sys.stderr, flush=True)
     try:
-        d = base or state_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / "ha.log", "a") as f:
+        paths.state.mkdir(parents=True, exist_ok=True)
+        with open(paths.ha_log, "a") as f:
             f.write(line + "\n")
     except OSError:
         pass
@@ -64,17 +65,17 @@ def log_line(message: str, base: Path | None = None) -> None:
 # ---------------------------------------------------------------- hooks
 
 
-def hook_dirs(config_path: Path | None, role: str, base: Path | None = None) -> list[Path]:
+def hook_dirs(config_path: Path | None, role: str, paths: Paths) -> list[Path]:
     """hooks.d/<role>/ beside the config file, then in the state dir."""
     sub = Path("hooks.d") / role.lower()
     dirs = []
     if config_path is not None:
         dirs.append(Path(config_path).resolve().parent / sub)
-    dirs.append((base or state_dir()) / sub)
+    dirs.append(paths.state / sub)
     return dirs
 
 
-def list_hooks(dirs: list[Path]) -> list[Path]:
+def list_hooks(dirs: list[Path], paths: Paths) -> list[Path]:
     """Executable regular files from all dirs, in name order (a name in a later dir runs after the same name earlier)."""
     found: list[tuple[str, int, Path]] = []
     for i, d in enumerate(dirs):
@@ -84,13 +85,13 @@ def list_hooks(dirs: list[Path]) -> list[Path]:
             if p.name.startswith(".") or not p.is_file():
                 continue
             if not os.access(p, os.X_OK):
-                log_line(f"hook {p} is not executable; skipped")
+                log_line(f"hook {p} is not executable; skipped", paths)
                 continue
             found.append((p.name, i, p))
     return [p for _, _, p in sorted(found)]
 
 
-def run_hooks(hooks: list[Path], env: dict[str, str], timeout: float, base: Path | None = None) -> list[dict]:
+def run_hooks(hooks: list[Path], env: dict[str, str], timeout: float, paths: Paths) -> list[dict]:
     """Run each hook with a timeout; a failing or hanging hook is logged and does not stop the others."""
     results = []
     for h in hooks:
@@ -100,7 +101,7 @@ def run_hooks(hooks: list[Path], env: dict[str, str], timeout: float, base: Path
             p = subprocess.Popen([str(h)], env={**os.environ, **env}, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
-            log_line(f"hook {h} failed to start: {e}", base)
+            log_line(f"hook {h} failed to start: {e}", paths)
             results.append({"hook": str(h), "rc": None, "error": str(e)})
             continue
         try:
@@ -116,9 +117,9 @@ def run_hooks(hooks: list[Path], env: dict[str, str], timeout: float, base: Path
         dt = time.monotonic() - t0
         tail = (out or b"").decode(errors="replace").strip().splitlines()[-1:] if out else []
         if rc is None:
-            log_line(f"hook {h} killed after {timeout:g} s timeout", base)
+            log_line(f"hook {h} killed after {timeout:g} s timeout", paths)
         elif rc != 0:
-            log_line(f"hook {h} exited {rc}{': ' + tail[0] if tail else ''}", base)
+            log_line(f"hook {h} exited {rc}{': ' + tail[0] if tail else ''}", paths)
         results.append({"hook": str(h), "rc": rc, "seconds": round(dt, 3)})
     return results
 
@@ -126,56 +127,58 @@ def run_hooks(hooks: list[Path], env: dict[str, str], timeout: float, base: Path
 # ---------------------------------------------------------------- the transition
 
 
-def _lock(vhid: int, base: Path | None = None):
-    d = (base / "run") if base else run_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    f = open(d / f"role-{vhid}.lock", "w")
+def _lock(vhid: int, paths: Paths):
+    paths.run.mkdir(parents=True, exist_ok=True)
+    f = open(paths.role_lock(vhid), "w")
     fcntl.flock(f, fcntl.LOCK_EX)
     return f
 
 
-def gratuitous_arp(iface: str, vip: ipaddress.IPv4Interface) -> None:
+def gratuitous_arp(iface: str, vip: ipaddress.IPv4Interface, paths: Paths) -> None:
     """Gratuitous ARP for the VIP, in the background (the role change does not wait for it)."""
     try:
         subprocess.Popen([netns.tool("arping"), "-q", "-U", "-c", "1", "-I", iface, str(vip.ip)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     except OSError as e:
-        log_line(f"arping not run: {e}")
+        log_line(f"arping not run: {e}", paths)
 
 
-def apply(cfg: Appliance, node: str, role: str, vhid: int | None = None, iface: str | None = None,
+def _move_vip(paths: Paths, role: str, iface: str, vip: ipaddress.IPv4Interface, send_garp: bool) -> bool:
+    """Add (MASTER, with gratuitous ARP unless the engine sends it) or remove the VIP; True when it changed."""
+    if role == "MASTER":
+        changed = netns.add_address(iface, vip)
+        if send_garp:
+            gratuitous_arp(iface, vip, paths)
+        return changed
+    return netns.del_address(iface, vip)
+
+
+def apply(paths: Paths, cfg: Appliance, node: str, role: str, vhid: int | None = None, iface: str | None = None,
           config_path: Path | None = None, seq: int | None = None, manage_vip: bool | None = None,
-          base: Path | None = None, reason: str = "", send_garp: bool = True) -> dict:
+          reason: str = "", send_garp: bool = True) -> dict:
     """Make this node MASTER or BACKUP of one vhid. Idempotent: hooks run and a line is logged only on a change."""
     role = role.upper()
     if role not in ROLES:
-        raise ValueError(f"role must be master or backup (got {role.lower()!r})")
+        raise BadInput(f"role must be master or backup (got {role.lower()!r})")
     g = group_for(cfg, node, vhid)
     iface = iface or cfg.cluster.interface
     manage_vip = IS_LINUX if manage_vip is None else manage_vip
-    with _lock(g.vhid, base):
-        old = state.read_role(None if g.main else g.vhid, base) or {}
+    with _lock(g.vhid, paths):
+        old = state.read_role(paths, None if g.main else g.vhid) or {}
         if seq is not None and isinstance(old.get("seq"), int) and old["seq"] > seq:
             # an older up/down script (seq = its start time in ns) that lost the race to a newer one:
             # the newer one's decision stands
             return {**old, "stale": True}
-        vip_changed = False
-        if manage_vip:
-            if role == "MASTER":
-                vip_changed = netns.add_address(iface, g.vip)
-                if send_garp:
-                    gratuitous_arp(iface, g.vip)
-            else:
-                vip_changed = netns.del_address(iface, g.vip)
+        vip_changed = _move_vip(paths, role, iface, g.vip, send_garp) if manage_vip else False
         extra = {"vip": str(g.vip), "node": node}
         if seq is not None:
             extra["seq"] = seq
-        data = state.write_role(role, g.vhid, iface, main_vhid=g.main, base=base, **extra)
+        data = state.write_role(paths, role, g.vhid, iface, main_vhid=g.main, **extra)
         changed = old.get("role") != role
         if changed:
             why = f" ({reason})" if reason else ""
-            log_line(f"carp: {old.get('role', 'INIT')} -> {role} vhid {g.vhid} vip {g.vip} on {iface}{why}", base)
+            log_line(f"carp: {old.get('role', 'INIT')} -> {role} vhid {g.vhid} vip {g.vip} on {iface}{why}", paths)
     # hooks run outside the lock: a slow hook never delays the next transition's VIP move
     data["changed"] = changed
     data["vip_changed"] = vip_changed
@@ -183,6 +186,6 @@ def apply(cfg: Appliance, node: str, role: str, vhid: int | None = None, iface: 
         env = {"APPLIANCE_ROLE": role, "APPLIANCE_PREVIOUS_ROLE": old.get("role", "INIT"),
                "APPLIANCE_VHID": str(g.vhid), "APPLIANCE_VIP": str(g.vip), "APPLIANCE_IFACE": iface,
                "APPLIANCE_NODE": node}
-        hooks = list_hooks(hook_dirs(config_path, role, base))
-        data["hooks"] = run_hooks(hooks, env, cfg.ha.hook_timeout, base)
+        hooks = list_hooks(hook_dirs(config_path, role, paths), paths)
+        data["hooks"] = run_hooks(hooks, env, cfg.ha.hook_timeout, paths)
     return data

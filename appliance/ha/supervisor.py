@@ -13,11 +13,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.core import pids, state
+from appliance.core.errors import ApplianceError, ConfigError
+from appliance.core.fsio import read_json, write_json_atomic, write_secret, write_text_atomic
+from appliance.core.loader import load
+from appliance.core.model import Appliance
+from appliance.core.paths import Paths, appliance_bin
 from appliance.ha import ip as netns
-from appliance.ha import role
-from appliance.core import state
-from appliance.ha import watchdog
-from appliance.core.config import Appliance, ConfigError, load, run_dir, state_dir
+from appliance.ha import role, watchdog
 
 ENGINES = ("ucarp", "speaker")
 # One-line switch: the engine `appliance carp` uses when --engine is not given.
@@ -26,48 +29,28 @@ DEFAULT_ENGINE = "speaker"
 # to every takeover; deadratio 2 keeps takeovers under 3 x advbase + 0.5 s with either engine, the
 # up script (`appliance role master`, ~0.3 s of Python start-up) included (measured in the lab).
 DEFAULT_DEADRATIO = {"ucarp": 2, "speaker": 2}
-PIDFILE = "carp.pid"
-STATUS_FILE = "carp.json"
 
 
-def pass_file(base: Path | None = None) -> Path:
-    return (base / "run" if base else run_dir()) / "carp.pass"
-
-
-def write_pass(cfg: Appliance, base: Path | None = None) -> Path:
+def write_pass(cfg: Appliance, paths: Paths) -> Path:
     """The CARP pass in a 0600 file (never in argv, never logged)."""
-    p = pass_file(base)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an older, wider file keeps its mode through O_TRUNC: narrow it before the pass goes in
-    with os.fdopen(fd, "w") as f:
-        f.write(cfg.cluster.password.get_secret_value())
-    return p
+    return write_secret(paths.carp_pass, cfg.cluster.password.get_secret_value())
 
 
-def appliance_exe() -> str:
-    exe = Path(sys.executable).parent / "appliance"
-    return str(exe) if exe.exists() else "appliance"
-
-
-def write_scripts(config_path: Path, node: str, base: Path | None = None) -> tuple[Path, Path]:
+def write_scripts(config_path: Path, node: str, paths: Paths) -> tuple[Path, Path]:
     """up/down scripts for the engine: `appliance role master|backup --vhid $3 --iface $1` (ucarp's $1 iface, $2 VIP, $3 xparam)."""
-    d = base / "run" if base else run_dir()
+    d = paths.run
     d.mkdir(parents=True, exist_ok=True)
-    sdir = str(base or state_dir())
+    sdir = str(paths.state)
     out = []
     for r in ("master", "backup"):
         p = d / f"carp-{'up' if r == 'master' else 'down'}.sh"
         text = (
             "#!/bin/sh\n"
             f"# written by `appliance carp`: the engine calls it with $1 interface, $2 VIP, $3 vhid\n"
-            f"APPLIANCE_STATE_DIR={shlex.quote(sdir)} exec {shlex.quote(appliance_exe())} "
+            f"APPLIANCE_STATE_DIR={shlex.quote(sdir)} exec {shlex.quote(appliance_bin())} "
             f"-c {shlex.quote(str(config_path))} --node {shlex.quote(node)} role {r} --vhid \"$3\" --iface \"$1\" --seq \"$(date +%s%N)\" --no-garp\n"
         )
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, p)
+        write_text_atomic(p, text, 0o755)
         out.append(p)
     return out[0], out[1]
 
@@ -137,29 +120,24 @@ def carp_changes(old: dict, new: dict) -> list[str]:
 def startup_delay(cfg: Appliance, node: str) -> float:
     """Nodes start in advskew order: the n-th preferred node waits n x 0.5 x advbase, so a backup
     that boots together with the master never grabs the VIP first."""
-    order = sorted(cfg.nodes, key=lambda n: cfg.nodes[n].advskew)
-    return order.index(node) * 0.5 * cfg.cluster.advbase
+    return cfg.by_preference().index(node) * 0.5 * cfg.cluster.advbase
 
 
-def supervisor_pid(base: Path | None = None) -> int | None:
-    p = (base / "run" if base else run_dir()) / PIDFILE
-    try:
-        pid = int(p.read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
+def supervisor_pid(paths: Paths) -> int | None:
+    return pids.read_pid(paths.carp_pid)
 
 
-def status_info(base: Path | None = None) -> dict | None:
+def status_info(paths: Paths) -> dict | None:
     """What the running supervisor last wrote: engine, per-vhid engine pid and advskew, health."""
-    if supervisor_pid(base) is None:
+    if supervisor_pid(paths) is None:
         return None
-    return state.read_json((base / "run" if base else run_dir()) / STATUS_FILE)
+    return read_json(paths.carp_status)
 
 
 @dataclass
-class Engine:
+class CarpProcess:
+    """One CARP engine process (ucarp or the speaker) for one vhid, with its restart backoff."""
+
     group: role.Group
     proc: subprocess.Popen | None = None
     advskew: int = 0
@@ -171,21 +149,23 @@ class Engine:
 
 
 @dataclass
-class Supervisor:
+class CarpSupervisor:
+    """`appliance carp`: keeps one CarpProcess per vhid running, tied to the proxy's health and the link."""
+
     cfg: Appliance
     node: str
     config_path: Path
+    paths: Paths
     engine: str = DEFAULT_ENGINE
     deadratio: int | None = None
     use_watchdog: bool = True
     check: str | None = None
-    base: Path | None = None
-    engines: list[Engine] = field(default_factory=list)
+    engines: list[CarpProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.deadratio = self.deadratio or DEFAULT_DEADRATIO[self.engine]
         self.iface = self.cfg.cluster.interface
-        self.run = self.base / "run" if self.base else run_dir()
+        self.run = self.paths.run
         self.stop = threading.Event()
         self.rearm = threading.Event()
         self.reload = threading.Event()
@@ -196,14 +176,14 @@ class Supervisor:
     # -- lifecycle
     def lock(self):
         self.run.mkdir(parents=True, exist_ok=True)
-        f = open(self.run / PIDFILE, "a+")
+        f = open(self.paths.carp_pid, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             other = f.read().strip() or "?"
             f.close()
-            raise RuntimeError(f"another `appliance carp` is running (pid {other}, lock {self.run / PIDFILE})")
+            raise ApplianceError(f"another `appliance carp` is running (pid {other}, lock {self.paths.carp_pid})")
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -212,7 +192,7 @@ class Supervisor:
         return f
 
     def demoted(self) -> tuple[bool, str]:
-        ha = state.read_ha(self.base)
+        ha = state.read_ha(self.paths)
         if ha.get("demoted"):
             return True, "admin demote"
         if self.use_watchdog and not self.health.healthy:
@@ -221,22 +201,22 @@ class Supervisor:
             return True, "proxy unhealthy (standalone watchdog)"
         return False, ""
 
-    def start_engine(self, e: Engine) -> None:
+    def start_engine(self, e: CarpProcess) -> None:
         demoted, _ = self.demoted()
         e.advskew = effective_advskew(self.cfg, e.group, demoted)
         argv = engine_argv(
             self.engine, iface=self.iface, srcip=str(self.cfg.nodes[self.node].lan.ip), vhid=e.group.vhid,
             passfile=self.passfile, vip=str(e.group.vip.ip), advbase=self.cfg.cluster.advbase, advskew=e.advskew,
             preempt=self.cfg.cluster.preempt, deadratio=self.deadratio, upscript=self.up, downscript=self.down,
-            xparam=str(e.group.vhid), state_file=self.run / f"carp-{e.group.vhid}.engine.json",
+            xparam=str(e.group.vhid), state_file=self.paths.engine_state(e.group.vhid),
             peers=peer_specs(self.cfg, self.node, e.group.vhid))
         e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
         e.started = time.monotonic()
-        (self.run / f"carp-{e.group.vhid}.engine.pid").write_text(f"{e.proc.pid}\n")
-        role.log_line(f"carp: started {self.engine} pid {e.proc.pid} vhid {e.group.vhid} advskew {e.advskew}", self.base)
+        self.paths.engine_pid(e.group.vhid).write_text(f"{e.proc.pid}\n")
+        role.log_line(f"carp: started {self.engine} pid {e.proc.pid} vhid {e.group.vhid} advskew {e.advskew}", self.paths)
         self.write_status()
 
-    def stop_engine(self, e: Engine, why: str) -> None:
+    def stop_engine(self, e: CarpProcess, why: str) -> None:
         if e.proc is None:
             return
         if e.proc.poll() is None:
@@ -249,16 +229,16 @@ class Supervisor:
         self.drop(e, why)
         e.proc = None
 
-    def drop(self, e: Engine, why: str) -> None:
+    def drop(self, e: CarpProcess, why: str) -> None:
         """The VIP leaves this node now: never two holders because an engine died silently."""
         try:
-            role.apply(self.cfg, self.node, "backup", e.group.vhid, self.iface, self.config_path, base=self.base, reason=why)
+            role.apply(self.paths, self.cfg, self.node, "backup", e.group.vhid, self.iface, self.config_path, reason=why)
         except Exception as ex:  # keep supervising even if `ip` hiccups
-            role.log_line(f"carp: dropping vip for vhid {e.group.vhid} failed: {ex}", self.base)
+            role.log_line(f"carp: dropping vip for vhid {e.group.vhid} failed: {ex}", self.paths)
 
     def write_status(self) -> None:
         demoted, why = self.demoted()
-        state.write_json_atomic(self.run / STATUS_FILE, {
+        write_json_atomic(self.paths.carp_status, {
             "pid": os.getpid(), "engine": self.engine, "deadratio": self.deadratio, "demoted": demoted,
             "demoted_reason": why, "healthy": self.health.healthy if self.use_watchdog else None,
             "health_last": self.health.last, "watchdog": self.use_watchdog,
@@ -277,22 +257,22 @@ class Supervisor:
                 raise ConfigError(f"{self.config_path}: nodes: this node ({self.node}) is not in it any more")
         except (ConfigError, ValueError, OSError) as e:
             why = "; ".join(getattr(e, "problems", None) or [str(e)])
-            role.log_line(f"carp: config reload refused, the running engines stay as they are: {why}", self.base)
+            role.log_line(f"carp: config reload refused, the running engines stay as they are: {why}", self.paths)
             return None
         changes = carp_changes(carp_params(self.cfg, self.node), carp_params(new, self.node))
         if not changes:
             self.cfg = new
             self.target = watchdog.check_target(new, self.check)
-            role.log_line("carp: config re-read, CARP settings unchanged", self.base)
+            role.log_line("carp: config re-read, CARP settings unchanged", self.paths)
             return []
-        role.log_line(f"carp: CARP settings changed ({'; '.join(changes)}); restarting the engines", self.base)
+        role.log_line(f"carp: CARP settings changed ({'; '.join(changes)}); restarting the engines", self.paths)
         for e in self.engines:
             self.stop_engine(e, "carp settings changed")
         self.cfg = new
         self.iface = new.cluster.interface
         self.target = watchdog.check_target(new, self.check)
-        self.passfile = write_pass(new, self.base)
-        self.engines = [Engine(g) for g in role.groups(new, self.node)]
+        self.passfile = write_pass(new, self.paths)
+        self.engines = [CarpProcess(g) for g in role.groups(new, self.node)]
         self.write_status()
         return changes
 
@@ -304,30 +284,30 @@ class Supervisor:
             ok, why = watchdog.probe(*self.target, timeout=min(1.0, period))
             change = self.health.record(ok, why)
             if change is not None:
-                state.write_ha(self.base, health_demoted=not change, health_reason=why)
+                state.write_ha(self.paths, health_demoted=not change, health_reason=why)
                 role.log_line(f"watchdog: proxy {'healthy' if change else 'unhealthy: ' + why}"
-                              f"{'' if change else f' ({self.health.fails} failed checks)'}", self.base)
+                              f"{'' if change else f' ({self.health.fails} failed checks)'}", self.paths)
                 self.rearm.set()
             self.stop.wait(max(0.05, self.health.interval(period) - (time.monotonic() - t0)))
 
     # -- main loop
     def run_forever(self) -> int:
         self.lock()
-        self.passfile = write_pass(self.cfg, self.base)
-        self.up, self.down = write_scripts(self.config_path, self.node, self.base)
-        self.env = {"APPLIANCE_STATE_DIR": str(self.base or state_dir())}
+        self.passfile = write_pass(self.cfg, self.paths)
+        self.up, self.down = write_scripts(self.config_path, self.node, self.paths)
+        self.env = {"APPLIANCE_STATE_DIR": str(self.paths.state)}
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: (self.reload.set(), self.rearm.set()))
         signal.signal(signal.SIGUSR1, lambda *_: self.rearm.set())
-        self.engines = [Engine(g) for g in role.groups(self.cfg, self.node)]
+        self.engines = [CarpProcess(g) for g in role.groups(self.cfg, self.node)]
         # startup order: no stale VIP from a previous life, then wait our turn
         for e in self.engines:
             self.drop(e, "carp start")
         if self.use_watchdog:
             ok, why = watchdog.probe(*self.target, timeout=1.0)
             self.health.record(ok, why)
-            state.write_ha(self.base, health_demoted=not ok, health_reason=why)
+            state.write_ha(self.paths, health_demoted=not ok, health_reason=why)
             threading.Thread(target=self.watch, name="watchdog", daemon=True).start()
         self.stop.wait(startup_delay(self.cfg, self.node))
         try:
@@ -337,7 +317,7 @@ class Supervisor:
                 self.stop_engine(e, "carp stop")
             self.write_status()
             try:
-                (self.run / PIDFILE).unlink()
+                self.paths.carp_pid.unlink()
             except FileNotFoundError:
                 pass
 
@@ -359,7 +339,7 @@ class Supervisor:
                     want = effective_advskew(self.cfg, e.group, demoted)
                     if e.proc is not None and e.proc.poll() is None and want != e.advskew:
                         role.log_line(f"carp: re-arming vhid {e.group.vhid} with advskew {want}"
-                                      f" ({why or 'promoted'})", self.base)
+                                      f" ({why or 'promoted'})", self.paths)
                         self.stop_engine(e, f"re-arm advskew {want}")
                         e.next_start = 0.0
                 self.write_status()
@@ -367,7 +347,7 @@ class Supervisor:
                 if e.proc is not None:
                     rc = e.proc.poll()
                     if rc is None and not link_ok:
-                        role.log_line(f"carp: {self.iface} is down; stopping the engine of vhid {e.group.vhid}", self.base)
+                        role.log_line(f"carp: {self.iface} is down; stopping the engine of vhid {e.group.vhid}", self.paths)
                         self.stop_engine(e, "link down")
                         e.next_start = 0.0
                     elif rc is not None:
@@ -378,12 +358,12 @@ class Supervisor:
                         e.next_start = now + (0.0 if ran > 30 else e.backoff)
                         e.restarts += 1
                         role.log_line(f"carp: engine of vhid {e.group.vhid} exited ({rc}) after {ran:.1f} s;"
-                                      f" vip dropped, restart #{e.restarts}", self.base)
+                                      f" vip dropped, restart #{e.restarts}", self.paths)
                         self.write_status()
                 if e.proc is None and now >= e.next_start:
                     if not link_ok:
                         if not e.waiting_link:
-                            role.log_line(f"carp: waiting for {self.iface} to come up", self.base)
+                            role.log_line(f"carp: waiting for {self.iface} to come up", self.paths)
                         e.waiting_link = True
                         continue
                     e.waiting_link = False

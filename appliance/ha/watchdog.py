@@ -6,7 +6,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from appliance.core.config import Appliance
+from appliance.core.errors import BadInput
+from appliance.core.model import Appliance
 
 
 def check_target(cfg: Appliance, override: str | None = None) -> tuple[str, int]:
@@ -14,7 +15,7 @@ def check_target(cfg: Appliance, override: str | None = None) -> tuple[str, int]
     if override:
         host, _, port = override.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"--check {override!r}: expected HOST:PORT")
+            raise BadInput(f"--check {override!r}: expected HOST:PORT")
         return host, int(port)
     listen = cfg.proxy.listen
     if listen == "any":

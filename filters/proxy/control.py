@@ -1,40 +1,28 @@
 """Talk to the running proxy: its pidfile, reload (SIGHUP), log reopen (SIGUSR1) and counters (/metrics)."""
 from __future__ import annotations
 
-import os
 import signal
 import urllib.request
 from pathlib import Path
 
-from appliance.core.config import Appliance, run_dir
-
-PIDFILE = "proxy.pid"
+from appliance.core import pids
+from appliance.core.model import Appliance
+from appliance.core.paths import Paths
 
 
 def pidfile() -> Path:
-    return run_dir() / PIDFILE
+    return Paths.default().proxy_pid
 
 
 def pid() -> int | None:
     """The proxy's main PID if its pidfile names a live process, else None."""
-    try:
-        value = int(pidfile().read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    try:
-        os.kill(value, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return value
+    return pids.read_pid(pidfile())
 
 
 def _signal(sig: int) -> int:
-    p = pid()
+    p = pids.signal_pidfile(pidfile(), sig)
     if p is None:
         raise RuntimeError(f"the proxy is not running (no live PID in {pidfile()})")
-    os.kill(p, sig)
     return p
 
 

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from mitmproxy import http
-from appliance.core import config as cfgmod
+from appliance.core import loader as cfgmod
 from filters import ruleset
 _cfg = cfgmod.load({cfg!r})
 engine, _ = ruleset.build_engine(_cfg, Path({cfg!r}).parent, compile_in_child=False)
@@ -267,7 +267,7 @@ def engine_bench(cfg_path: Path, domains: list[str]) -> dict:
     code = f"""
 import sys, time, random, resource, json
 sys.path.insert(0, {str(ROOT)!r})
-from appliance.core import config as cfgmod
+from appliance.core import loader as cfgmod
 from filters import ruleset
 from filters.index import DomainIndex
 cfg = cfgmod.load({str(cfg_path)!r})

@@ -114,10 +114,11 @@ def test_image_outputs_and_overlay_holding_secrets_are_0600(tmp_path: Path):
 def test_carp_pass_file_narrowed_before_write(tmp_path: Path):
     """An existing world-readable carp.pass is made 0600 before the new pass goes in (no readable window)."""
     from appliance.ha import supervisor as carp
-    from appliance.core.config import load
+    from appliance.core.loader import load
+    from appliance.core.paths import Paths
 
     cfg, state = _tree(tmp_path)
-    pf = carp.pass_file(state)
+    pf = Paths(state).carp_pass
     pf.parent.mkdir(parents=True)
     pf.write_text("old")
     pf.chmod(0o644)
@@ -130,7 +131,7 @@ def test_carp_pass_file_narrowed_before_write(tmp_path: Path):
 
     os.fdopen = spy
     try:
-        carp.write_pass(load(cfg), state)
+        carp.write_pass(load(cfg), Paths(state))
     finally:
         os.fdopen = real_fdopen
     assert seen == [0o600] and pf.read_text() == PW and stat.S_IMODE(pf.stat().st_mode) == 0o600
@@ -139,7 +140,7 @@ def test_carp_pass_file_narrowed_before_write(tmp_path: Path):
 def test_sync_cuts_and_pushes_the_cluster_file_only_as_0600(sync_lab) -> None:
     """A master whose cluster file is 0644 (e.g. copied in by hand): the cut narrows it first, so no release or
     staging copy on either node is readable by others (the tree hash carries modes, so peers keep 0600 too)."""
-    from appliance.core.config import load
+    from appliance.core.loader import load
 
     lab = sync_lab
     cfg = lab.master.tree / "appliance.yaml"

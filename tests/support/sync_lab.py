@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sync import keys as keymod
+from appliance.core.loader import load
+from appliance.core.paths import Paths
 from appliance.core.state import write_role
+from sync import keys as keymod
 from tests.support.env import APPLIANCE, EXAMPLES, free_port, need_tool
 
 SSHD = shutil.which("sshd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "/usr/sbin/sshd"
@@ -83,7 +85,7 @@ class Node:
         return r.returncode, data
 
     def role(self, role: str) -> None:
-        write_role(role, 1, "lo", base=self.state)
+        write_role(Paths(self.state), role, 1, "lo")
 
     def live(self) -> int | None:
         try:
@@ -127,13 +129,13 @@ class Node:
 class SyncLab:
     """A master (fw1, 127.0.0.1) and backups (fw2 127.0.0.2, ...) sharing one port on loopback."""
 
-    def __init__(self, root: Path, peers: int = 1, mutate=None):
+    def __init__(self, root: Path, peers: int = 1, mutate=None, examples: Path = EXAMPLES):
         need_tool("sshd", "rsync", "ssh-keygen")
         self.root = root
         self.port = _common_port([f"127.0.0.{i + 1}" for i in range(peers + 1)])
         names = ["fw1"] + [f"fw{i + 2}" for i in range(peers)]
         self.nodes = {n: Node(self, n, f"127.0.0.{i + 1}") for i, n in enumerate(names)}
-        data = yaml.safe_load((EXAMPLES / "appliance.yaml").read_text())
+        data = yaml.safe_load((examples / "appliance.yaml").read_text())
         data["nodes"] = {n: {"lan": f"192.168.1.{i + 2}/24", "sync": f"127.0.0.{i + 1}/29", "advskew": i * 50}
                          for i, n in enumerate(names)}
         data["sync"].update({"user": "root", "ssh_port": self.port, "timeout": 20, "keep_releases": 3})
@@ -143,11 +145,11 @@ class SyncLab:
             mutate(data)
         self.data = data
         seed = root / "seed"
-        shutil.copytree(EXAMPLES, seed)
+        # the lab makes its own keys: examples/keys/ (which `make image` leaves behind) stays out of the seed
+        shutil.copytree(examples, seed, ignore=lambda d, names: [keymod.KEYS_DIR] if Path(d) == Path(examples) else [])
         (seed / "appliance.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         self.key = keymod.sync_key(seed)
-        self.key.parent.mkdir(parents=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
+        keymod.keygen(self.key, "appliance-sync")
         self.host_keys = {}
         pubs = {}
         for n in names:
@@ -166,8 +168,6 @@ class SyncLab:
             node.role("MASTER" if n == "fw1" else "BACKUP")
 
     def cfg_obj(self, tree: Path | None = None):
-        from appliance.core.config import load
-
         return load((tree or self.root / "seed") / "appliance.yaml")
 
     @property

@@ -12,7 +12,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.core import config as c
+from appliance.core import loader as c
+from appliance.core import paths
+from appliance.core.errors import ConfigError
+from appliance.core.model import Appliance
 from appliance.cli import main
 from tests.support.env import APPLIANCE, EXAMPLES
 
@@ -158,10 +161,10 @@ def test_config_path_from_env(example_tree: Path):
 
 def test_default_config_path_is_platform_specific(monkeypatch):
     monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
-    monkeypatch.setattr(c.sys, "platform", "freebsd14")
-    assert c.config_path() == Path("/usr/local/etc/appliance/appliance.yaml")
-    monkeypatch.setattr(c.sys, "platform", "linux")
-    assert c.config_path() == Path("/etc/appliance/appliance.yaml")
+    monkeypatch.setattr(paths.sys, "platform", "freebsd14")
+    assert paths.config_path() == Path("/usr/local/etc/appliance/appliance.yaml")
+    monkeypatch.setattr(paths.sys, "platform", "linux")
+    assert paths.config_path() == Path("/etc/appliance/appliance.yaml")
 
 
 def test_render_picks_node_by_flag_env_and_file(example_tree: Path, state_dir: Path):
@@ -204,11 +207,11 @@ def test_every_command_has_help():
         assert r.exit_code == 0 and "Usage" in r.output, name
 
 
-def test_readme_config_reference_is_current():
+def test_config_reference_doc_is_current():
     from appliance.core import reference
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert reference.markdown() in readme, "README config reference is stale: run `appliance config-reference --update README.md`"
+    doc = (Path(__file__).resolve().parents[2] / reference.DEFAULT_PATH).read_text()
+    assert reference.markdown() in doc, f"config reference is stale: run `appliance config-reference --update {reference.DEFAULT_PATH}`"
 
 
 def test_schedule_parsing_and_matching():
@@ -278,7 +281,7 @@ def cluster_configs(draw) -> dict:
 def test_accepted_config_round_trips_through_yaml(data: dict):
     try:
         cfg = c.validate(data)
-    except c.ConfigError:
+    except ConfigError:
         return  # the generator may produce a rejected config; the property is about accepted ones
     text = c.dump_yaml(cfg)
     again = c.validate(c.parse_yaml(text, "<rendered>"), "<rendered>", text)
@@ -290,12 +293,12 @@ def test_generator_mostly_produces_valid_configs():
     from hypothesis import find
 
     # the round-trip property is only meaningful if accepted configs are common
-    found = find(cluster_configs(), lambda d: isinstance(_try(d), c.Appliance), settings=settings(max_examples=50))
-    assert isinstance(_try(found), c.Appliance)
+    found = find(cluster_configs(), lambda d: isinstance(_try(d), Appliance), settings=settings(max_examples=50))
+    assert isinstance(_try(found), Appliance)
 
 
 def _try(d: dict):
     try:
         return c.validate(d)
-    except c.ConfigError as e:
+    except ConfigError as e:
         return e

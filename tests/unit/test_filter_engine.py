@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core import config as cfgmod
+from appliance.core import loader as cfgmod
 from filters import lists as fl
 from filters import ruleset
 from filters.index import DomainIndex, IndexFormatError

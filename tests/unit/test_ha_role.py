@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance.core import config as cfgmod
-from appliance.ha import role
+from appliance.core import loader as cfgmod
 from appliance.core import state
+from appliance.core.paths import Paths
+from appliance.ha import role
 from tests.support.env import APPLIANCE, make_config
 
 
@@ -28,18 +29,18 @@ def test_role_is_idempotent_and_records_state(example_tree: Path, state_dir: Pat
     cfg = cfgmod.load(example_tree)
     log = state_dir / "hook.log"
     hook(example_tree.parent / "hooks.d" / "master", "10-count", f'echo "$APPLIANCE_ROLE $APPLIANCE_VHID $APPLIANCE_PREVIOUS_ROLE" >> {log}')
-    first = role.apply(cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
+    first = role.apply(Paths(state_dir), cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
     assert first["changed"] and first["role"] == "MASTER" and first["vhid"] == 1 and first["iface"] == "em0"
     since = first["since"]
     time.sleep(0.02)
-    again = role.apply(cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
+    again = role.apply(Paths(state_dir), cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
     assert not again["changed"]
     assert again["since"] == since  # a re-run does not move `since`
     assert log.read_text().splitlines() == ["MASTER 1 INIT"]  # hooks ran once
-    on_disk = state.read_role()
+    on_disk = state.read_role(Paths(state_dir))
     assert on_disk["role"] == "MASTER" and on_disk["since"] == since and on_disk["vip"] == "192.168.1.50/24"
-    back = role.apply(cfg, "fw1", "backup", config_path=example_tree, manage_vip=False)
-    assert back["changed"] and state.read_role()["role"] == "BACKUP" and state.read_role()["since"] >= since
+    back = role.apply(Paths(state_dir), cfg, "fw1", "backup", config_path=example_tree, manage_vip=False)
+    assert back["changed"] and state.read_role(Paths(state_dir))["role"] == "BACKUP" and state.read_role(Paths(state_dir))["since"] >= since
     # one log line per transition, none for the idempotent re-run
     lines = [l for l in (state_dir / "ha.log").read_text().splitlines() if "->" in l]
     assert len(lines) == 2 and "INIT -> MASTER" in lines[0] and "MASTER -> BACKUP" in lines[1]
@@ -53,7 +54,7 @@ def test_hooks_run_in_name_order_across_dirs_and_skip_non_executables(example_tr
     hook(state_dir / "hooks.d" / "backup", "10-local", f"echo 10-local >> {out}")
     hook(state_dir / "hooks.d" / "backup", "00-not-exec", f"echo nope >> {out}", executable=False)
     hook(example_tree.parent / "hooks.d" / "master", "01-master-only", f"echo master >> {out}")
-    role.apply(cfg, "fw2", "backup", config_path=example_tree, manage_vip=False)
+    role.apply(Paths(state_dir), cfg, "fw2", "backup", config_path=example_tree, manage_vip=False)
     assert out.read_text().split() == ["05-a", "10-local", "20-b"]
     assert "00-not-exec is not executable" in (state_dir / "ha.log").read_text()
 
@@ -66,32 +67,32 @@ def test_failing_and_hanging_hooks_do_not_block(tmp_path: Path, example_tree: Pa
     hook(d, "20-hangs", "sleep 30")
     hook(d, "30-runs", f"echo ran >> {out}")
     t0 = time.monotonic()
-    res = role.apply(cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
+    res = role.apply(Paths(state_dir), cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
     took = time.monotonic() - t0
     assert took < 10, f"a hanging hook held the transition for {took:.1f} s"
     assert [h["rc"] for h in res["hooks"]] == [3, None, 0]
     assert out.read_text().strip() == "ran"
-    assert state.read_role()["role"] == "MASTER"
+    assert state.read_role(Paths(state_dir))["role"] == "MASTER"
     log = (state_dir / "ha.log").read_text()
     assert "10-fails exited 3: boom-message" in log and "20-hangs killed after 1 s timeout" in log
 
 
 def test_older_script_never_undoes_a_newer_one(example_tree: Path, state_dir: Path) -> None:
     cfg = cfgmod.load(example_tree)
-    role.apply(cfg, "fw1", "master", config_path=example_tree, manage_vip=False, seq=2000)
-    stale = role.apply(cfg, "fw1", "backup", config_path=example_tree, manage_vip=False, seq=1000)
-    assert stale.get("stale") and state.read_role()["role"] == "MASTER"
-    role.apply(cfg, "fw1", "backup", config_path=example_tree, manage_vip=False, seq=3000)
-    assert state.read_role()["role"] == "BACKUP"
+    role.apply(Paths(state_dir), cfg, "fw1", "master", config_path=example_tree, manage_vip=False, seq=2000)
+    stale = role.apply(Paths(state_dir), cfg, "fw1", "backup", config_path=example_tree, manage_vip=False, seq=1000)
+    assert stale.get("stale") and state.read_role(Paths(state_dir))["role"] == "MASTER"
+    role.apply(Paths(state_dir), cfg, "fw1", "backup", config_path=example_tree, manage_vip=False, seq=3000)
+    assert state.read_role(Paths(state_dir))["role"] == "BACKUP"
 
 
 def test_extra_vhid_has_its_own_state_file(example_tree: Path, state_dir: Path) -> None:
     cfg = cfgmod.load(make_config(example_tree, cluster={"extra_vhids": [{"vhid": 2, "vip": "192.168.1.51/24", "advskew": {"fw1": 100, "fw2": 0}}]}))
     assert [(g.vhid, g.advskew) for g in role.groups(cfg, "fw1")] == [(1, 0), (2, 100)]
     assert [(g.vhid, g.advskew) for g in role.groups(cfg, "fw2")] == [(1, 100), (2, 0)]
-    role.apply(cfg, "fw2", "master", vhid=2, config_path=example_tree, manage_vip=False)
-    assert state.read_role(2)["role"] == "MASTER" and state.read_role(2)["vip"] == "192.168.1.51/24"
-    assert state.read_role() is None  # the main vhid's file is untouched
+    role.apply(Paths(state_dir), cfg, "fw2", "master", vhid=2, config_path=example_tree, manage_vip=False)
+    assert state.read_role(Paths(state_dir), 2)["role"] == "MASTER" and state.read_role(Paths(state_dir), 2)["vip"] == "192.168.1.51/24"
+    assert state.read_role(Paths(state_dir)) is None  # the main vhid's file is untouched
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -114,13 +115,13 @@ def test_cli_role_and_bad_input(example_tree: Path, state_dir: Path) -> None:
 
 
 def test_ha_state_and_generation(state_dir: Path) -> None:
-    assert state.read_ha() == {"demoted": False, "health_demoted": False}
-    state.write_ha(demoted=True, reason="test")
-    assert state.read_ha()["demoted"] is True and state.read_ha()["health_demoted"] is False
-    assert state.sync_generation() is None
+    assert state.read_ha(Paths(state_dir)) == {"demoted": False, "health_demoted": False}
+    state.write_ha(Paths(state_dir), demoted=True, reason="test")
+    assert state.read_ha(Paths(state_dir))["demoted"] is True and state.read_ha(Paths(state_dir))["health_demoted"] is False
+    assert state.sync_generation(Paths(state_dir)) is None
     (state_dir / "releases" / "7").mkdir(parents=True)
     os.symlink("releases/7", state_dir / "current")
-    assert state.sync_generation() == 7
+    assert state.sync_generation(Paths(state_dir)) == 7
 
 
 @pytest.mark.root

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance.core import config as cfgmod
+from appliance.core import loader as cfgmod
+from appliance.core.model import Appliance
 from sync import keys
 from image import checks, keygen, render
 from image.errors import CheckFailed
 from tests.support.env import need_tool
 
 
-def _load(cfg_path: Path, **changes) -> cfgmod.Appliance:
+def _load(cfg_path: Path, **changes) -> Appliance:
     data = yaml.safe_load(cfg_path.read_text())
     for dotted, value in changes.items():
         d = data

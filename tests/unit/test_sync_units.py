@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from appliance.core.paths import Paths
 from appliance.core.state import write_role
 from sync import tree
-from sync.errors import BAD_INPUT, BUSY, SPLIT_BRAIN, STALE, SyncError
+from sync.errors import BAD_INPUT, BUSY, SPLIT_BRAIN, STALE, SyncError, failure_reply, from_reply
 from sync.lock import held
-from sync.push import parse_rsync_output, plan_cut, stale_peers
+from sync.peer import parse_rsync_output
+from sync.push import plan_cut, stale_peers
 from sync.receive import receive, rollback, status
 from sync.releases import Releases, mirror, parse_generation, parse_hash
 from sync.serve import dispatch, parse_receive, rsync_server_argv
@@ -54,7 +56,7 @@ def test_rsync_args_ok_and_target_rewritten() -> None:
 def test_rsync_args_refused(argv, needle) -> None:
     with pytest.raises(SyncError) as e:
         rsync_server_argv(argv, STAGING)
-    assert needle in str(e.value) and e.value.code == BAD_INPUT
+    assert needle in str(e.value) and e.value.exit_code == BAD_INPUT
 
 
 # ---------------------------------------------------------------- generations, hashes, receive args
@@ -64,7 +66,7 @@ def test_rsync_args_refused(argv, needle) -> None:
 def test_bad_generation_numbers(text) -> None:
     with pytest.raises(SyncError, match="not a generation number") as e:
         parse_generation(text)
-    assert e.value.code == BAD_INPUT
+    assert e.value.exit_code == BAD_INPUT
 
 
 def test_good_generation_and_hash() -> None:
@@ -81,24 +83,31 @@ def test_receive_args() -> None:
     for bad in (["receive"], ["receive", "3"], ["receive", "3", "a" * 64, "--yes"], ["receive", "3", "a" * 64, "x", "y"]):
         with pytest.raises(SyncError) as e:
             parse_receive(bad)
-        assert e.value.code == BAD_INPUT
+        assert e.value.exit_code == BAD_INPUT
 
 
-def test_dispatch_refuses_shells_and_unknown_commands(tmp_path, capsys) -> None:
-    assert dispatch(None, tmp_path) == BAD_INPUT
-    assert "no shell" in capsys.readouterr().err
-    assert dispatch("sh -c 'id'", tmp_path) == BAD_INPUT
-    assert "unknown sync command 'sh'" in capsys.readouterr().err
-    assert dispatch("status 'unterminated", tmp_path) == BAD_INPUT
-    assert "cannot parse" in capsys.readouterr().err
-    assert dispatch("receive 1 ../../../etc", tmp_path) == BAD_INPUT
-    assert "not a SHA-256" in capsys.readouterr().err
+def test_dispatch_refuses_shells_and_unknown_commands(tmp_path) -> None:
+    paths = Paths(tmp_path)
+    for command, needle in ((None, "no shell"), ("sh -c 'id'", "unknown sync command 'sh'"),
+                            ("status 'unterminated", "cannot parse"), ("receive 1 ../../../etc", "not a SHA-256"),
+                            ("sync-receive 0 " + "a" * 64, "not a generation number")):
+        with pytest.raises(SyncError, match=needle) as e:
+            dispatch(command, paths)
+        assert e.value.exit_code == BAD_INPUT
+        assert failure_reply(e.value) == {"ok": False, "code": BAD_INPUT, "error": str(e.value)}
     assert "refused sync command \"sh -c 'id'\"" in (tmp_path / "sync" / "sync.log").read_text()
-    assert dispatch("sync-receive 0 " + "a" * 64, tmp_path) == BAD_INPUT
-    assert "not a generation number" in capsys.readouterr().err
-    assert dispatch("status", tmp_path) == 0
-    st = json.loads(capsys.readouterr().out)
-    assert st == {"role": "UNKNOWN", "generation": None, "hash": None, "meta": False, "generations": []}
+    st = dispatch("status", paths)
+    assert st == {"ok": True, "role": "UNKNOWN", "generation": None, "hash": None, "meta": False, "generations": []}
+
+
+def test_peer_replies_are_read_as_json_not_as_error_text() -> None:
+    assert from_reply({"ok": True, "role": "BACKUP"}, 0, "x") == {"ok": True, "role": "BACKUP"}
+    with pytest.raises(SyncError, match="^staged tree is bad$") as e:
+        from_reply({"ok": False, "code": STALE, "error": "staged tree is bad"}, STALE, "exit 4")
+    assert e.value.exit_code == STALE
+    with pytest.raises(SyncError, match="^exit 9: boom$") as e:  # no reply: the exit status and what it said
+        from_reply(None, 9, "exit 9: boom")
+    assert e.value.exit_code == 1
 
 
 # ---------------------------------------------------------------- tree content
@@ -194,7 +203,7 @@ def test_image_release_without_metadata_is_valid(tmp_path) -> None:
     assert rel.live() == 1 and rel.generations() == [1]
     m = rel.meta(1)
     assert not m["meta"] and m["hash"] == tree.tree_hash(rel.path(1))
-    assert status(state)["generation"] == 1
+    assert status(Paths(state))["generation"] == 1
 
 
 def test_receive_swaps_prunes_and_carries_node_local(tmp_path) -> None:
@@ -204,12 +213,12 @@ def test_receive_swaps_prunes_and_carries_node_local(tmp_path) -> None:
     (src / "appliance.yaml").write_text((src / "appliance.yaml").read_text().replace("keep_releases: 5", "keep_releases: 2"))
     for gen in (2, 3, 4):
         (src / "lists" / "adult" / "domains").write_text(f"gen{gen}.example\n")
-        r = receive(state, gen, stage(rel, src), reload=False)
+        r = receive(Paths(state), gen, stage(rel, src), reload=False)
         assert r["action"] == "swapped" and r["previous"] == gen - 1
     assert rel.live() == 4 and rel.generations() == [3, 4]
     assert (rel.path(4) / "node.yaml").read_text() == "node: fw2\n"
     assert rel.meta(4)["hash"] == tree.tree_hash(rel.path(4))
-    assert receive(state, 4, rel.meta(4)["hash"], reload=False)["action"] == "up-to-date"
+    assert receive(Paths(state), 4, rel.meta(4)["hash"], reload=False)["action"] == "up-to-date"
 
 
 def test_receive_refuses_and_leaves_live_untouched(tmp_path) -> None:
@@ -219,20 +228,20 @@ def test_receive_refuses_and_leaves_live_untouched(tmp_path) -> None:
     (src / "appliance.yaml").write_text((src / "appliance.yaml").read_text().replace("vhid: 1", "vhid: 0"))
     digest = stage(rel, src)
     with pytest.raises(SyncError, match=r"appliance.yaml:\d+: cluster.vhid") as e:
-        receive(state, 2, digest, reload=False)
-    assert e.value.code == BAD_INPUT
+        receive(Paths(state), 2, digest, reload=False)
+    assert e.value.exit_code == BAD_INPUT
     with pytest.raises(SyncError, match="does not match the master's") as e:
-        receive(state, 2, "0" * 64, reload=False)
+        receive(Paths(state), 2, "0" * 64, reload=False)
     with pytest.raises(SyncError, match="older than the live generation") as e:
         good = make_tree(tmp_path / "good")
-        receive(state, 3, stage(rel, good), reload=False)
-        receive(state, 2, stage(rel, good), reload=False)
-    assert e.value.code == STALE
+        receive(Paths(state), 3, stage(rel, good), reload=False)
+        receive(Paths(state), 2, stage(rel, good), reload=False)
+    assert e.value.exit_code == STALE
     assert rel.live() == 3
-    write_role("MASTER", 1, "lo", base=state)
+    write_role(Paths(state), "MASTER", 1, "lo")
     with pytest.raises(SyncError, match="split brain") as e:
-        receive(state, 4, stage(rel, good), reload=False)
-    assert e.value.code == SPLIT_BRAIN and rel.live() == 3
+        receive(Paths(state), 4, stage(rel, good), reload=False)
+    assert e.value.exit_code == SPLIT_BRAIN and rel.live() == 3
     assert tree.tree_hash(rel.path(1)) == before
 
 
@@ -246,7 +255,7 @@ def test_interrupted_install_is_cleaned_and_redone(tmp_path) -> None:
     rel.install(rel.staging, 2, digest, "test")
     shutil.rmtree(rel.path(2) / "lists")
     assert rel.live() == 1
-    r = receive(state, 2, digest, reload=False)
+    r = receive(Paths(state), 2, digest, reload=False)
     assert r["action"] == "swapped" and rel.live() == 2
     assert (rel.path(2) / "lists" / "adult" / "domains").read_text() == "two.example\n"
     assert not list(rel.dir.glob(".incoming-*"))
@@ -255,11 +264,11 @@ def test_interrupted_install_is_cleaned_and_redone(tmp_path) -> None:
 def test_rollback_and_unknown_generation(tmp_path) -> None:
     state, rel = node_state(tmp_path)
     src = make_tree(tmp_path / "src")
-    receive(state, 2, stage(rel, src), reload=False)
-    assert rollback(state, 1, reload=False)["previous"] == 2 and rel.live() == 1
+    receive(Paths(state), 2, stage(rel, src), reload=False)
+    assert rollback(Paths(state), 1, reload=False)["previous"] == 2 and rel.live() == 1
     with pytest.raises(SyncError, match="no such release") as e:
-        rollback(state, 7, reload=False)
-    assert e.value.code == BAD_INPUT and rel.live() == 1
+        rollback(Paths(state), 7, reload=False)
+    assert e.value.exit_code == BAD_INPUT and rel.live() == 1
 
 
 def test_lock_is_exclusive(tmp_path) -> None:
@@ -267,7 +276,7 @@ def test_lock_is_exclusive(tmp_path) -> None:
         with pytest.raises(SyncError, match=f"another sync is running \\(pid {os.getpid()}") as e:
             with held(tmp_path):
                 pass
-        assert e.value.code == BUSY
+        assert e.value.exit_code == BUSY
     with held(tmp_path):  # released
         pass
 

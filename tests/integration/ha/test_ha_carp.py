@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from appliance.ha import supervisor as carp
-from appliance.ha import role
+from appliance.core import loader as cfgmod
 from appliance.core import state
-from appliance.ha import watchdog
-from appliance.core import config as cfgmod
+from appliance.core.errors import ApplianceError
+from appliance.core.model import Appliance
+from appliance.core.paths import Paths
+from appliance.ha import role, watchdog
+from appliance.ha import supervisor as carp
 from tests.support.env import APPLIANCE, free_port, make_config
 
 
-def argv_for(engine: str, cfg: cfgmod.Appliance, tmp: Path, advskew: int = 0) -> list[str]:
+def argv_for(engine: str, cfg: Appliance, tmp: Path, advskew: int = 0) -> list[str]:
     return carp.engine_argv(engine, iface="em0", srcip="192.168.1.2", vhid=1, passfile=tmp / "pass",
                             vip="192.168.1.50", advbase=1, advskew=advskew, preempt=cfg.cluster.preempt,
                             deadratio=2, upscript=tmp / "up", downscript=tmp / "down", xparam="1",
@@ -50,9 +52,9 @@ def test_engine_argv_is_the_same_for_both_engines(example_tree: Path, tmp_path: 
 
 def test_pass_file_is_0600_and_scripts_call_role(example_tree: Path, state_dir: Path) -> None:
     cfg = cfgmod.load(example_tree)
-    p = carp.write_pass(cfg)
+    p = carp.write_pass(cfg, Paths(state_dir))
     assert stat.S_IMODE(p.stat().st_mode) == 0o600 and p.read_text() == "change-me"
-    up, down = carp.write_scripts(example_tree, "fw2")
+    up, down = carp.write_scripts(example_tree, "fw2", Paths(state_dir))
     assert os.access(up, os.X_OK) and os.access(down, os.X_OK)
     text = up.read_text()
     assert "role master --vhid \"$3\" --iface \"$1\"" in text and "--node fw2" in text and str(state_dir) in text
@@ -71,12 +73,12 @@ def test_demoted_advskew_and_startup_order(example_tree: Path) -> None:
 
 def test_never_two_supervisors(example_tree: Path, state_dir: Path) -> None:
     cfg = cfgmod.load(example_tree)
-    a = carp.Supervisor(cfg, "fw1", example_tree)
+    a = carp.CarpSupervisor(cfg, "fw1", example_tree, Paths(state_dir))
     a.lock()
     try:
-        assert carp.supervisor_pid() == os.getpid()
-        b = carp.Supervisor(cfg, "fw1", example_tree)
-        with pytest.raises(RuntimeError, match="another `appliance carp` is running"):
+        assert carp.supervisor_pid(Paths(state_dir)) == os.getpid()
+        b = carp.CarpSupervisor(cfg, "fw1", example_tree, Paths(state_dir))
+        with pytest.raises(ApplianceError, match="another `appliance carp` is running"):
             b.lock()
     finally:
         a._lockf.close()
@@ -98,15 +100,15 @@ def test_demote_refused_without_preempt(example_tree: Path, state_dir: Path) -> 
 def test_demote_persists_and_promote_undoes(example_tree: Path, state_dir: Path) -> None:
     r = cli("-c", str(example_tree), "--node", "fw1", "demote")
     assert r.returncode == 0, r.stderr
-    assert "not running" in r.stdout and state.read_ha()["demoted"] is True
+    assert "not running" in r.stdout and state.read_ha(Paths(state_dir))["demoted"] is True
     s = json.loads(cli("-c", str(example_tree), "--node", "fw1", "status", "--json").stdout)
     assert s["demoted"] is True and s["advskew"] == 240
     r = cli("-c", str(example_tree), "--node", "fw1", "promote")
-    assert r.returncode == 0 and state.read_ha()["demoted"] is False
+    assert r.returncode == 0 and state.read_ha(Paths(state_dir))["demoted"] is False
 
 
 def test_status_text_and_json(example_tree: Path, state_dir: Path) -> None:
-    state.write_role("MASTER", 1, "em0")
+    state.write_role(Paths(state_dir), "MASTER", 1, "em0")
     (state_dir / "releases" / "3").mkdir(parents=True)
     os.symlink("releases/3", state_dir / "current")
     r = cli("-c", str(example_tree), "--node", "fw1", "status")

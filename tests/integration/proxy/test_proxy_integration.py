@@ -178,7 +178,7 @@ def test_access_log_squid_format(proxy, origin):
 
 
 def test_metrics_counters(proxy, origin):
-    from appliance.core import config as cfgmod
+    from appliance.core import loader as cfgmod
     from filters.proxy import control as proxyctl
 
     fetch(proxy.port, "http://count.blocked.test/")

@@ -170,7 +170,7 @@ def test_two_workers_share_the_port(tmp_path, origin):
         for i in range(40):
             assert fetch(p.port, f"http://127.0.0.1:{origin}/w{i}")[0] == 200
             assert fetch(p.port, f"http://w{i}.blocked.test/")[0] == 403
-        from appliance.core import config as cfgmod
+        from appliance.core import loader as cfgmod
         from filters.proxy import control as proxyctl
 
         c_cfg = cfgmod.load(p.cfg_path)

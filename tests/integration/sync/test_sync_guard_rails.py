@@ -35,7 +35,7 @@ def test_unpinned_host_key_is_refused(lab: SyncLab) -> None:
 
 
 def test_forced_command_refuses_shell_and_foreign_rsync(lab: SyncLab) -> None:
-    from sync.push import make_peers
+    from sync.peer import make_peers
 
     peer = make_peers(lab.cfg_obj(lab.master.tree), "fw1", lab.master.tree)[0]
     base = peer.ssh_argv() + [f"root@{peer.address}"]

@@ -62,7 +62,7 @@ def test_invalid_config_on_master_is_refused_and_nothing_moves(lab: SyncLab) -> 
 
 
 def test_invalid_staged_tree_is_refused_by_the_peer_with_the_validators_message(lab: SyncLab, tmp_path: Path) -> None:
-    from sync.push import make_peers, peer_error, rsync_to
+    from sync.peer import make_peers, rsync_to
 
     assert lab.master.sync()[0] == 0
     bad = tmp_path / "bad"
@@ -74,8 +74,10 @@ def test_invalid_staged_tree_is_refused_by_the_peer_with_the_validators_message(
     rsync_to(peer, bad)
     code, out, err = peer.run(f"receive 9 {tree.tree_hash(bad)}")
     assert code == 2, (out, err)
-    msg = peer_error(err, "")
-    assert "filter.block" in msg and "malware" in msg, msg
+    reply = json.loads(out)  # the peer answers in JSON; its stderr is for people
+    assert reply["ok"] is False and reply["code"] == 2, reply
+    assert "filter.block" in reply["error"] and "malware" in reply["error"], reply
+    assert "filter.block" in err
     assert lab.backup.live() == 2 and (lab.backup.tree / "lists" / "malware").is_dir()
     # a hash that does not match what was staged (cut-off transfer) is refused too
     code, out, err = peer.run(f"receive 9 {'0' * 64}")

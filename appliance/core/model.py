@@ -1,21 +1,19 @@
-"""The cluster model: one appliance.yaml for every node, validated with pydantic v2."""
+"""The cluster model: one appliance.yaml for every node, as typed pydantic v2 models with their own checks."""
 from __future__ import annotations
 
 import ipaddress
 import os
 import re
-import sys
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_serializer,
     field_validator,
@@ -32,23 +30,13 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 CATEGORY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 CRON_FIELD_RE = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
 
-LINUX_CONFIG = Path("/etc/appliance/appliance.yaml")
-FREEBSD_CONFIG = Path("/usr/local/etc/appliance/appliance.yaml")
-
-
-class ConfigError(Exception):
-    """A config problem, already formatted as `file:line: field: message (got value)`."""
-
-    def __init__(self, message: str, problems: list[str] | None = None):
-        super().__init__(message)
-        self.problems = problems or [message]
-
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-def _iface(v: str) -> str:
+def check_iface(v: str) -> str:
+    """An interface name as ifconfig/ip take it; ValueError saying why not."""
     if not IFACE_RE.match(v) or len(v) > 15:
         raise ValueError("not an interface name (letters, digits, '.', '_', '-', at most 15 characters)")
     return v
@@ -81,7 +69,7 @@ class Cluster(_Model):
     freebsd: str = Field("14.3", description="image target release; below 10 selects the legacy carp0 syntax")
     extra_vhids: list[ExtraVhid] = Field(default_factory=list, description="more CARP groups (active/active)")
 
-    _check_iface = field_validator("interface", "sync_interface")(classmethod(lambda cls, v: _iface(v)))
+    _check_iface = field_validator("interface", "sync_interface")(classmethod(lambda cls, v: check_iface(v)))
 
     @field_validator("password")
     @classmethod
@@ -122,19 +110,6 @@ class Node(_Model):
     hostname: Optional[str] = Field(None, description="defaults to the node's name")
 
 
-class Policy(_Model):
-    name: Optional[str] = Field(None, description="shown in logs and explain; defaults to policy[N]")
-    clients: list[IPv4Network] = Field(min_length=1, description="subnets this policy applies to")
-    block: list[str] = Field(default_factory=list, description="categories blocked for these clients")
-    allow: list[str] = Field(default_factory=list, description="categories always allowed for these clients")
-    schedule: Optional[Schedule] = Field(None, description='when it applies, e.g. "mon-fri 08:00-17:00"; always if unset')
-
-    @field_validator("clients", mode="before")
-    @classmethod
-    def _strict_nets(cls, v: Any) -> Any:
-        return [_network(x) for x in v] if isinstance(v, list) else v
-
-
 def _network(x: Any) -> Any:
     if isinstance(x, str):
         try:
@@ -146,21 +121,93 @@ def _network(x: Any) -> Any:
     return x
 
 
+def _strict_nets(v: Any) -> Any:
+    return [_network(x) for x in v] if isinstance(v, list) else v
+
+
+def _any_network(x: Any) -> Any:
+    """An IPv4/IPv6 network or address (a /32 or /128) for proxy.deny_destinations; ValueError saying why not."""
+    if isinstance(x, str):
+        try:
+            return ipaddress.ip_network(x.strip(), strict=True)
+        except ValueError as e:
+            if "has host bits set" in str(e):
+                raise ValueError(f"{x} has host bits set (did you mean {ipaddress.ip_network(x.strip(), strict=False)}?)")
+            raise ValueError(f"{x!r} is not an IP address or network (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/8)") from None
+    return x
+
+
+def _port_spec(x: Any) -> Any:
+    """A port (1-65535) or a range 'a-b' for proxy.connect_ports / safe_ports; ValueError saying why not."""
+    if isinstance(x, bool) or not isinstance(x, (int, str)):
+        raise ValueError(f"{x!r} is not a port or a port range 'a-b'")
+    if isinstance(x, int) or x.strip().isdigit():
+        port = int(x)
+        if not 0 < port < 65536:
+            raise ValueError(f"port {x!r} is not within 1-65535")
+        return port
+    a, sep, b = x.strip().partition("-")
+    if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+        raise ValueError(f"{x!r} is not a port or a port range 'a-b'")
+    lo, hi = int(a), int(b)
+    if not 0 < lo <= hi < 65536:
+        raise ValueError(f"port range {x!r} must be low-high within 1-65535")
+    return f"{lo}-{hi}"
+
+
+# client subnets are written as networks: 192.168.1.5/24 (host bits set) is refused, with the fix in the message
+StrictNetworks = Annotated[list[IPv4Network], BeforeValidator(_strict_nets)]
+
+
+class Policy(_Model):
+    name: Optional[str] = Field(None, description="shown in logs and explain; defaults to policy[N]")
+    clients: StrictNetworks = Field(min_length=1, description="subnets this policy applies to")
+    block: list[str] = Field(default_factory=list, description="categories blocked for these clients")
+    allow: list[str] = Field(default_factory=list, description="categories always allowed for these clients")
+    schedule: Optional[Schedule] = Field(None, description='when it applies, e.g. "mon-fri 08:00-17:00"; always if unset')
+
+
+
 class Proxy(_Model):
     port: int = Field(3128, ge=1, le=65535, description="proxy port on the VIP")
     listen: Union[Literal["any", "vip"], IPv4Address] = Field("any", description="any | vip | an address")
-    clients: list[IPv4Network] = Field(min_length=1, description="who may use the proxy (never an open proxy)")
+    clients: StrictNetworks = Field(min_length=1, description="who may use the proxy (never an open proxy)")
     open_proxy: bool = Field(False, description="must be true to allow 0.0.0.0/0 in clients")
     tls: Literal["sni", "intercept"] = Field("sni", description="sni: filter CONNECT by host/SNI; intercept: appliance CA")
     workers: Union[Literal["auto"], int] = Field("auto", description="worker processes; auto = number of cores")
     access_log: str = Field("/var/log/appliance/access.log", description="Squid native format; reopened on SIGUSR1")
     admin_contact: str = Field("your network administrator", description="shown on the block page")
     metrics_port: int = Field(9128, ge=1, le=65535, description="Prometheus /metrics, bound to 127.0.0.1")
+    # timeouts and limits (issue 11): Squid-like defaults; docs/filter.md#timeouts-and-limits says where each applies
+    header_timeout: float = Field(30.0, gt=0, le=3600, description="seconds to receive a whole request header "
+                                  "(Squid request_timeout is 5 min; 30 s is ample for any real client and frees a "
+                                  "slowloris connection 10x sooner); then the connection is closed")
+    idle_timeout: float = Field(120.0, gt=0, le=86400, description="seconds a keep-alive client connection may sit "
+                                "idle between requests (Squid client_idle_pconn_timeout)")
+    tunnel_idle_timeout: float = Field(900.0, gt=0, le=86400, description="seconds a CONNECT tunnel may pass no byte "
+                                       "either way before it is closed (Squid read_timeout)")
+    hello_timeout: float = Field(10.0, gt=0, le=600, description="tls: sni: seconds to receive the whole TLS "
+                                 "ClientHello after 200 Connection established; a partial one is cut then")
+    max_header_size: int = Field(65536, ge=1024, le=1 << 20, description="bytes of request line plus headers "
+                                 "(Squid request_header_max_size); more gets 431")
+    max_url_length: int = Field(8192, ge=256, le=1 << 20, description="bytes of the request target (Squid's "
+                                "MAX_URL); longer gets 414")
+    max_client_connections: int = Field(256, ge=1, le=1 << 20, description="open connections per client address "
+                                        "(each worker allows its share, rounded up); more are answered 503 and closed "
+                                        "(counted)")
+    max_worker_connections: Union[Literal["auto"], int] = Field("auto", description="open client connections per "
+                                                                "worker; auto = half the file-descriptor limit less "
+                                                                "64 (a connection may need an upstream socket too)")
+    # destinations and ports the proxy refuses (issue 11): docs/filter.md#what-the-proxy-refuses-by-default
+    deny_destinations: list[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]] = Field(
+        default_factory=list, description="more networks never proxied (an address is its /32 or /128), on top of "
+        "loopback, link-local, multicast, unspecified and every cluster address; checked after DNS")
+    connect_ports: list[Union[int, str]] = Field(
+        default_factory=lambda: [443], description="ports CONNECT may reach: numbers or ranges 'a-b' (Squid SSL_ports)")
+    safe_ports: list[Union[int, str]] = Field(
+        default_factory=lambda: [80, 21, 443, 70, 210, "1025-65535", 280, 488, 591, 777],
+        description="ports plain HTTP may reach: numbers or ranges 'a-b' (default: Squid's Safe_ports)")
 
-    @field_validator("clients", mode="before")
-    @classmethod
-    def _strict_nets(cls, v: Any) -> Any:
-        return [_network(x) for x in v] if isinstance(v, list) else v
 
     @field_validator("workers")
     @classmethod
@@ -168,6 +215,23 @@ class Proxy(_Model):
         if isinstance(v, int) and not 1 <= v <= 256:
             raise ValueError("must be auto or 1-256")
         return v
+
+    @field_validator("max_worker_connections")
+    @classmethod
+    def _max_worker_connections(cls, v: Union[str, int]) -> Union[str, int]:
+        if isinstance(v, int) and not 16 <= v <= 1 << 20:
+            raise ValueError("must be auto or 16-1048576")
+        return v
+
+    @field_validator("deny_destinations", mode="before")
+    @classmethod
+    def _deny_destinations(cls, v: Any) -> Any:
+        return [_any_network(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("connect_ports", "safe_ports", mode="before")
+    @classmethod
+    def _port_specs(cls, v: Any) -> Any:
+        return [_port_spec(x) for x in v] if isinstance(v, list) else v
 
     def worker_count(self) -> int:
         return os.cpu_count() or 1 if self.workers == "auto" else int(self.workers)
@@ -250,12 +314,22 @@ class Appliance(_Model):
 
     @model_validator(mode="after")
     def _cluster_rules(self, info: ValidationInfo) -> "Appliance":
-        c, nodes = self.cluster, self.nodes
-        problems: list[tuple[str, str]] = []
-        seen_skew: dict[int, str] = {}
         seen_addr: dict[IPv4Address, str] = {}
-        sync_nets = {str(n.sync.network) for n in nodes.values()}
-        for name, n in nodes.items():
+        problems = self._node_rules(seen_addr) + self._sync_link_rules() + self._vhid_rules(seen_addr)
+        problems += self._proxy_rules() + self._policy_rules()
+        base = (info.context or {}).get("base_dir") if info and info.context else None
+        if base is not None:
+            problems.extend(self._check_lists(Path(base)))
+        if problems:
+            raise ClusterRuleError(problems)
+        return self
+
+    def _node_rules(self, seen_addr: dict[IPv4Address, str]) -> list[tuple[str, str]]:
+        """Each node on the VIP's subnet, unique advskew and addresses, a sync address off the LAN.
+        Fills `seen_addr` (address -> node) for the vhid rules."""
+        c, problems = self.cluster, []
+        seen_skew: dict[int, str] = {}
+        for name, n in self.nodes.items():
             if c.vip.ip not in n.lan.network:
                 problems.append((f"nodes.{name}.lan", f"{n.lan} is not on the VIP's subnet ({c.vip.ip} not in {n.lan.network})"))
             if n.lan.ip == c.vip.ip:
@@ -272,45 +346,57 @@ class Appliance(_Model):
             for f, iface in (("lan", n.lan), ("sync", n.sync)):
                 if iface.ip in (iface.network.network_address, iface.network.broadcast_address) and iface.network.prefixlen < 31:
                     problems.append((f"nodes.{name}.{f}", f"{iface} is the subnet's network or broadcast address"))
-        if len(sync_nets) > 1:
+        return problems
+
+    def _sync_link_rules(self) -> list[tuple[str, str]]:
+        nodes, problems = self.nodes, []
+        if len({str(n.sync.network) for n in nodes.values()}) > 1:
             first = next(iter(nodes))
             for name, n in nodes.items():
                 if str(n.sync.network) != str(nodes[first].sync.network):
                     problems.append((f"nodes.{name}.sync", f"{n.sync} is not in {first}'s sync subnet {nodes[first].sync.network}"))
                     break
-        if c.interface == c.sync_interface:
-            problems.append(("cluster.sync_interface", f"{c.sync_interface} is also the LAN interface; the sync link must be dedicated"))
+        if self.cluster.interface == self.cluster.sync_interface:
+            problems.append(("cluster.sync_interface", f"{self.cluster.sync_interface} is also the LAN interface; the sync link must be dedicated"))
+        return problems
+
+    def _vhid_rules(self, seen_addr: dict[IPv4Address, str]) -> list[tuple[str, str]]:
+        c, problems = self.cluster, []
         vhids = {c.vhid: "cluster.vhid"}
         for i, x in enumerate(c.extra_vhids):
             if x.vhid in vhids:
                 problems.append((f"cluster.extra_vhids[{i}].vhid", f"{x.vhid} is already used by {vhids[x.vhid]}"))
             vhids.setdefault(x.vhid, f"cluster.extra_vhids[{i}]")
             for name in x.advskew:
-                if name not in nodes:
+                if name not in self.nodes:
                     problems.append((f"cluster.extra_vhids[{i}].advskew.{name}", "no such node"))
-            for name, n in nodes.items():
+            for name, n in self.nodes.items():
                 if x.vip.ip not in n.lan.network or x.vip.ip in seen_addr or x.vip.ip == c.vip.ip:
                     problems.append((f"cluster.extra_vhids[{i}].vip", f"{x.vip} must be a free address on {n.lan.network}"))
                     break
+        return problems
+
+    def _proxy_rules(self) -> list[tuple[str, str]]:
+        problems = []
         if not self.proxy.open_proxy:
             for i, net in enumerate(self.proxy.clients):
                 if net.prefixlen == 0:
                     problems.append((f"proxy.clients[{i}]", f"{net} makes an open proxy; set proxy.open_proxy: true if you really mean it"))
-        if isinstance(self.proxy.listen, IPv4Address):
-            ok = self.proxy.listen == c.vip.ip or any(self.proxy.listen == n.lan.ip for n in nodes.values())
-            if not ok and not self.proxy.listen.is_loopback:
-                problems.append(("proxy.listen", f"{self.proxy.listen} is neither the VIP, a node's LAN address nor loopback"))
+        listen = self.proxy.listen
+        if isinstance(listen, IPv4Address):
+            ok = listen == self.cluster.vip.ip or any(listen == n.lan.ip for n in self.nodes.values())
+            if not ok and not listen.is_loopback:
+                problems.append(("proxy.listen", f"{listen} is neither the VIP, a node's LAN address nor loopback"))
+        return problems
+
+    def _policy_rules(self) -> list[tuple[str, str]]:
+        problems = []
         for i, p in enumerate(self.filter.policies):
             for f in ("block", "allow"):
                 for cat in getattr(p, f):
                     if not CATEGORY_RE.match(cat):
                         problems.append((f"filter.policies[{i}].{f}", f"{cat!r} is not a category directory name"))
-        base = (info.context or {}).get("base_dir") if info and info.context else None
-        if base is not None:
-            problems.extend(self._check_lists(Path(base)))
-        if problems:
-            raise ClusterRuleError(problems)
-        return self
+        return problems
 
     def _check_lists(self, base: Path) -> list[tuple[str, str]]:
         lists = self.lists_dir(base)
@@ -340,6 +426,14 @@ class Appliance(_Model):
     def peers(self, name: str) -> dict[str, Node]:
         return {k: v for k, v in self.nodes.items() if k != name}
 
+    def expected_master(self) -> str:
+        """The node CARP elects when every node is up: the lowest advskew (unique, checked above)."""
+        return min(self.nodes, key=lambda n: self.nodes[n].advskew)
+
+    def by_preference(self) -> list[str]:
+        """Node names from the preferred master down (ascending advskew)."""
+        return sorted(self.nodes, key=lambda n: self.nodes[n].advskew)
+
 
 class ClusterRuleError(ValueError):
     """Cross-field problems found after the fields themselves validated: [(path, message)]."""
@@ -349,220 +443,3 @@ class ClusterRuleError(ValueError):
         self.problems = problems
 
 
-# ---------------------------------------------------------------- loading
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (a second `fw1:` must not silently win)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    out: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in out:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        out[key] = loader.construct_object(value_node, deep=deep)
-    return out
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _line_map(node: yaml.Node | None, prefix: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    """Field path (as a tuple of keys/indexes) -> 1-based line in the YAML source."""
-    out = {} if out is None else out
-    if node is None:
-        return out
-    out.setdefault(prefix, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = k.value if isinstance(k, yaml.ScalarNode) else str(k)
-            out[prefix + (key,)] = k.start_mark.line + 1
-            _line_map(v, prefix + (key,), out)
-            out[prefix + (key,)] = k.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            out[prefix + (i,)] = v.start_mark.line + 1
-            _line_map(v, prefix + (i,), out)
-    return out
-
-
-def _fmt_path(loc: tuple) -> str:
-    s = ""
-    for part in loc:
-        if isinstance(part, int):
-            s += f"[{part}]"
-        else:
-            s += ("." if s else "") + str(part)
-    return s
-
-
-def _parse_path(path: str) -> tuple:
-    parts: list = []
-    for m in re.finditer(r"([^.\[\]]+)|\[(\d+)\]", path):
-        parts.append(int(m.group(2)) if m.group(2) is not None else m.group(1))
-    return tuple(parts)
-
-
-def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
-    while loc:
-        if loc in lines:
-            return lines[loc]
-        loc = loc[:-1]
-    return lines.get(())
-
-
-def _shown(value: Any, loc: tuple) -> str:
-    if any(str(p) == "password" for p in loc):
-        return "(hidden)"
-    s = repr(value)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def _clean_loc(loc: tuple) -> tuple:
-    # pydantic adds the union member / validator names to the location; drop them
-    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("function-after", "literal['any','vip']", "IPv4Address", "int", "str", "literal['auto']"))))
-
-
-def validate(data: Any, source: str = "<config>", text: str | None = None, base_dir: Path | None = None) -> Appliance:
-    """Validate parsed YAML; raise ConfigError with one `file:line: path: message (got value)` per problem."""
-    lines: dict[tuple, int] = {}
-    if text is not None:
-        try:
-            lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
-        except yaml.YAMLError:
-            lines = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}:1: the file must be a mapping with cluster, nodes, proxy, ... (got {type(data).__name__})")
-    ctx = {"base_dir": base_dir} if base_dir is not None else None
-    try:
-        return Appliance.model_validate(data, context=ctx)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            ctx_err = (err.get("ctx") or {}).get("error")
-            if isinstance(ctx_err, ClusterRuleError):
-                for path, msg in ctx_err.problems:
-                    loc = _parse_path(path)
-                    line = _line_for(lines, loc)
-                    problems.append(_problem(source, line, path, msg, _value_at(data, loc)))
-                continue
-            loc = _clean_loc(tuple(err["loc"]))
-            line = _line_for(lines, loc)
-            msg = err["msg"]
-            if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (typo?)"
-            problems.append(_problem(source, line, _fmt_path(loc) or "(top)", msg, err.get("input")))
-        raise ConfigError("\n".join(problems), problems) from None
-
-
-def _problem(source: str, line: int | None, path: str, msg: str, value: Any) -> str:
-    where = f"{source}:{line}" if line else source
-    got = "" if value is None or isinstance(value, (dict,)) else f" (got {_shown(value, _parse_path(path))})"
-    return f"{where}: {path}: {msg}{got}"
-
-
-def _value_at(data: Any, loc: tuple) -> Any:
-    for p in loc:
-        try:
-            data = data[p]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: YAML error: {e}") from None
-
-
-def load(path: str | os.PathLike, check_lists: bool = True) -> Appliance:
-    """Read and validate a cluster file; list directories are checked relative to it."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read: {e}") from None
-    data = parse_yaml(text, str(p))
-    return validate(data, str(p), text, p.resolve().parent if check_lists else None)
-
-
-def to_data(cfg: Appliance, reveal_secrets: bool = True) -> dict:
-    data = cfg.model_dump(mode="json", exclude_defaults=False)
-    if not reveal_secrets:
-        data["cluster"]["password"] = "**********"
-    return data
-
-
-def dump_yaml(cfg: Appliance, reveal_secrets: bool = True) -> str:
-    return yaml.safe_dump(to_data(cfg, reveal_secrets), sort_keys=False, default_flow_style=False)
-
-
-# ---------------------------------------------------------------- where things are
-
-
-def default_config_path() -> Path:
-    return FREEBSD_CONFIG if sys.platform.startswith("freebsd") else LINUX_CONFIG
-
-
-def config_path(explicit: str | None = None) -> Path:
-    """-c FILE, else $APPLIANCE_CONFIG, else the platform default."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("APPLIANCE_CONFIG")
-    return Path(env) if env else default_config_path()
-
-
-def node_identity_file(cfg_path: Path) -> Path:
-    return cfg_path.parent / "node.yaml"
-
-
-def node_name(cfg: Appliance, cfg_path: Path, explicit: str | None = None) -> str:
-    """--node NAME, else $APPLIANCE_NODE, else node.yaml (`node: fw1`) beside the config, else in the state dir."""
-    source = "--node"
-    name = explicit
-    if not name and os.environ.get("APPLIANCE_NODE"):
-        name, source = os.environ["APPLIANCE_NODE"], "APPLIANCE_NODE"
-    if not name:
-        ident = node_identity_file(cfg_path)
-        if not ident.exists():
-            ident = state_dir() / "node.yaml"
-        if ident.exists():
-            source = str(ident)
-            data = parse_yaml(ident.read_text(encoding="utf-8"), str(ident))
-            if not isinstance(data, dict) or set(data) - {"node"} or not isinstance(data.get("node"), str):
-                raise ConfigError(f"{ident}:1: node: the identity file must hold exactly `node: NAME`")
-            name = data["node"]
-    if not name:
-        raise ConfigError(
-            f"cannot tell which node this is: pass --node NAME, set APPLIANCE_NODE, or write `node: NAME` to {node_identity_file(cfg_path)}"
-        )
-    if name not in cfg.nodes:
-        raise ConfigError(f"{source}: node: {name!r} is not one of the nodes in {cfg_path} ({', '.join(cfg.nodes)})")
-    return name
-
-
-def state_dir() -> Path:
-    """Where node-local state lives (role, releases, pidfiles): $APPLIANCE_STATE_DIR or the platform default."""
-    env = os.environ.get("APPLIANCE_STATE_DIR")
-    if env:
-        return Path(env)
-    return Path("/var/db/appliance") if sys.platform.startswith("freebsd") else Path("/var/lib/appliance")
-
-
-def run_dir() -> Path:
-    return state_dir() / "run"

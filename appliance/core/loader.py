@@ -1,0 +1,175 @@
+"""Reading appliance.yaml: YAML with duplicate keys refused, validation errors as `file:line: path: message (got value)`."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from appliance.core.errors import ConfigError
+from appliance.core.model import Appliance, ClusterRuleError
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (a second `fw1:` must not silently win)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    out: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=deep)
+    return out
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_map(node: yaml.Node | None, prefix: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Field path (as a tuple of keys/indexes) -> 1-based line in the YAML source."""
+    out = {} if out is None else out
+    if node is None:
+        return out
+    out.setdefault(prefix, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else str(k)
+            out[prefix + (key,)] = k.start_mark.line + 1
+            _line_map(v, prefix + (key,), out)
+            out[prefix + (key,)] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out[prefix + (i,)] = v.start_mark.line + 1
+            _line_map(v, prefix + (i,), out)
+    return out
+
+
+def _fmt_path(loc: tuple) -> str:
+    s = ""
+    for part in loc:
+        if isinstance(part, int):
+            s += f"[{part}]"
+        else:
+            s += ("." if s else "") + str(part)
+    return s
+
+
+def _parse_path(path: str) -> tuple:
+    parts: list = []
+    for m in re.finditer(r"([^.\[\]]+)|\[(\d+)\]", path):
+        parts.append(int(m.group(2)) if m.group(2) is not None else m.group(1))
+    return tuple(parts)
+
+
+def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get(())
+
+
+def _shown(value: Any, loc: tuple) -> str:
+    if any(str(p) == "password" for p in loc):
+        return "(hidden)"
+    s = repr(value)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # pydantic adds the union member / validator names to the location; drop them
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("function-after", "literal['any','vip']", "IPv4Address", "int", "str", "literal['auto']"))))
+
+
+def validate(data: Any, source: str = "<config>", text: str | None = None, base_dir: Path | None = None) -> Appliance:
+    """Validate parsed YAML; raise ConfigError with one `file:line: path: message (got value)` per problem."""
+    lines: dict[tuple, int] = {}
+    if text is not None:
+        try:
+            lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
+        except yaml.YAMLError:
+            lines = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: the file must be a mapping with cluster, nodes, proxy, ... (got {type(data).__name__})")
+    ctx = {"base_dir": base_dir} if base_dir is not None else None
+    try:
+        return Appliance.model_validate(data, context=ctx)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            ctx_err = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_err, ClusterRuleError):
+                for path, msg in ctx_err.problems:
+                    loc = _parse_path(path)
+                    line = _line_for(lines, loc)
+                    problems.append(_problem(source, line, path, msg, _value_at(data, loc)))
+                continue
+            loc = _clean_loc(tuple(err["loc"]))
+            line = _line_for(lines, loc)
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (typo?)"
+            problems.append(_problem(source, line, _fmt_path(loc) or "(top)", msg, err.get("input")))
+        raise ConfigError("\n".join(problems), problems) from None
+
+
+def _problem(source: str, line: int | None, path: str, msg: str, value: Any) -> str:
+    where = f"{source}:{line}" if line else source
+    got = "" if value is None or isinstance(value, (dict,)) else f" (got {_shown(value, _parse_path(path))})"
+    return f"{where}: {path}: {msg}{got}"
+
+
+def _value_at(data: Any, loc: tuple) -> Any:
+    for p in loc:
+        try:
+            data = data[p]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: YAML error: {e}") from None
+
+
+def load(path: str | os.PathLike, check_lists: bool = True) -> Appliance:
+    """Read and validate a cluster file; list directories are checked relative to it."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+    data = parse_yaml(text, str(p))
+    return validate(data, str(p), text, p.resolve().parent if check_lists else None)
+
+
+def to_data(cfg: Appliance, reveal_secrets: bool = True) -> dict:
+    data = cfg.model_dump(mode="json", exclude_defaults=False)
+    if not reveal_secrets:
+        data["cluster"]["password"] = "**********"
+    return data
+
+
+def dump_yaml(cfg: Appliance, reveal_secrets: bool = True) -> str:
+    return yaml.safe_dump(to_data(cfg, reveal_secrets), sort_keys=False, default_flow_style=False)
+
+

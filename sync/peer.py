@@ -1,0 +1,148 @@
+"""The master's side of one peer: the SSH/fabric connection with the pinned host key, its JSON replies, and rsync."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.core.model import Appliance
+from sync import keys as keymod
+from sync import tree
+from sync.errors import PEER_FAILED, SyncError, from_reply
+from sync.serve import STAGING_TOKEN
+
+
+@dataclass
+class Peer:
+    """How to reach one peer on the sync link, with the pinned host key and the sync key."""
+
+    name: str
+    address: str
+    port: int
+    user: str
+    key: Path
+    known_hosts: Path
+    bind: str | None
+    timeout: int
+
+    def ssh_argv(self) -> list[str]:
+        argv = ["ssh", "-F", "/dev/null", "-i", str(self.key), "-p", str(self.port),
+                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+                "-o", f"ConnectTimeout={self.timeout}", "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]
+        if self.bind:
+            argv += ["-b", self.bind]
+        return argv
+
+    def connection(self):
+        """A fabric Connection that only accepts the pinned host key (RejectPolicy, our known_hosts only)."""
+        import paramiko
+        from fabric import Config, Connection
+
+        sock = socket.create_connection((self.address, self.port), timeout=self.timeout,
+                                        source_address=(self.bind, 0) if self.bind else None)
+        conn = Connection(self.address, user=self.user, port=self.port, connect_timeout=self.timeout,
+                          config=Config(overrides={"load_ssh_configs": False}),
+                          connect_kwargs={"key_filename": str(self.key), "look_for_keys": False, "allow_agent": False,
+                                          "sock": sock, "banner_timeout": self.timeout, "auth_timeout": self.timeout})
+        client = paramiko.SSHClient()
+        client.load_host_keys(str(self.known_hosts))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        conn.client = client
+        return conn
+
+    def run(self, command: str) -> tuple[int, str, str]:
+        """Run one sync command on the peer (its forced command dispatches it)."""
+        conn = self.connection()
+        try:
+            r = conn.run(command, hide=True, warn=True, in_stream=False, timeout=self.timeout * 10)
+            return r.exited, r.stdout, r.stderr
+        finally:
+            conn.close()
+
+
+def make_peers(cfg: Appliance, node: str, config_dir: Path) -> list[Peer]:
+    me = cfg.nodes[node]
+    return [Peer(name, str(n.sync.ip), cfg.sync.ssh_port, cfg.sync.user, keymod.sync_key(config_dir),
+                 keymod.known_hosts(config_dir), str(me.sync.ip), cfg.sync.timeout)
+            for name, n in cfg.peers(node).items()]
+
+
+def _tail(text: str) -> str:
+    """What a failed command last said on stderr, for the message (never parsed)."""
+    lines = [l.strip() for l in (text or "").strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def ask(peer: Peer, command: str, what: str) -> dict:
+    """Run one sync command on the peer and return its JSON reply; SyncError with the peer's code when it refused."""
+    code, out, err = peer.run(command)
+    try:
+        data = json.loads(out) if out.strip() else None
+    except ValueError:
+        data = None
+    if data is None and code == 0:
+        raise SyncError(f"{peer.name}: {what} answer is not JSON: {out[:200]!r}", PEER_FAILED)
+    tail = _tail(err)
+    try:
+        return from_reply(data, code, f"exit {code}" + (f": {tail}" if tail else ""))
+    except SyncError as e:
+        raise SyncError(f"{peer.name}: {what} failed: {e}" if what == "status" else f"{peer.name} {what}: {e}",
+                        e.exit_code) from None
+
+
+def remote_status(peer: Peer) -> dict:
+    try:
+        return ask(peer, "status", "status")
+    except SyncError:
+        raise
+    except Exception as e:  # network, auth or host key failure: this peer only
+        raise SyncError(f"{peer.name} ({peer.address}:{peer.port}): cannot ask its status: {type(e).__name__}: {e}", PEER_FAILED) from None
+
+
+_ITEM = re.compile(r"^([<>ch.*][fdLDS]\S{9}|\*deleting)\s+(.*)$")
+_SENT = re.compile(r"Total bytes sent:\s*([\d,.]+)")
+_RECV = re.compile(r"Total bytes received:\s*([\d,.]+)")
+
+
+def parse_rsync_output(text: str) -> dict:
+    """Files added / changed / removed from --itemize-changes lines, bytes from --stats."""
+    added, changed, removed = [], [], []
+    for line in text.splitlines():
+        m = _ITEM.match(line.rstrip())
+        if not m:
+            continue
+        flags, name = m.group(1), m.group(2)
+        if flags == "*deleting":
+            if not name.endswith("/"):
+                removed.append(name)
+        elif flags[1] == "f" and flags[0] in "<>c":
+            (added if "+++++++" in flags else changed).append(name)
+    num = lambda rx: int(rx.search(text).group(1).replace(",", "").replace(".", "")) if rx.search(text) else None
+    return {"added": added, "changed": changed, "removed": removed, "bytes_sent": num(_SENT), "bytes_received": num(_RECV)}
+
+
+def rsync_to(peer: Peer, src: Path, dry_run: bool = False, bwlimit: int | None = None) -> dict:
+    """rsync (built through sysrsync) the release into the peer's staging dir; --partial keeps cut-off files."""
+    from sysrsync.command_maker import get_rsync_command
+
+    options = ["-a", "--itemize-changes", "--stats", "--delete", "--partial", f"--timeout={peer.timeout}",
+               "-e", shlex.join(peer.ssh_argv())]
+    if dry_run:
+        options.append("--dry-run")
+    if bwlimit:
+        options.append(f"--bwlimit={int(bwlimit)}")
+    cmd = get_rsync_command(source=str(src), destination=STAGING_TOKEN, destination_ssh=f"{peer.user}@{peer.address}",
+                            options=options, exclusions=tree.rsync_excludes(), sync_source_contents=True)
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise SyncError(f"{peer.name}: rsync exited {r.returncode}: {r.stderr.strip() or 'no message'}", PEER_FAILED)
+    out = parse_rsync_output(r.stdout)
+    out["transfer_seconds"] = round(time.monotonic() - t0, 3)
+    return out
