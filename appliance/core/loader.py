@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from appliance.core.errors import ConfigError
-from appliance.core.model import Appliance, ClusterRuleError
+from appliance.core.model import Appliance
+from appliance.core.rules import ClusterRuleError
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

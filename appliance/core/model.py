@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from appliance.core import rules
+from appliance.core.rules import CATEGORY_RE, ClusterRuleError
 from appliance.core.schedule import Schedule
 
 # carp(4): the key is a char[CARP_KEY_LEN=20] copied with strlcpy, so 19 usable bytes;
@@ -27,7 +29,6 @@ from appliance.core.schedule import Schedule
 CARP_PASS_MAX = 19
 IFACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*[0-9]+(\.[0-9]+)?$|^[A-Za-z][A-Za-z0-9_.-]{0,14}$")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-CATEGORY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 CRON_FIELD_RE = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
 
 
@@ -314,107 +315,11 @@ class Appliance(_Model):
 
     @model_validator(mode="after")
     def _cluster_rules(self, info: ValidationInfo) -> "Appliance":
-        seen_addr: dict[IPv4Address, str] = {}
-        problems = self._node_rules(seen_addr) + self._sync_link_rules() + self._vhid_rules(seen_addr)
-        problems += self._proxy_rules() + self._policy_rules()
         base = (info.context or {}).get("base_dir") if info and info.context else None
-        if base is not None:
-            problems.extend(self._check_lists(Path(base)))
+        problems = rules.cluster_rules(self, Path(base) if base is not None else None)
         if problems:
             raise ClusterRuleError(problems)
         return self
-
-    def _node_rules(self, seen_addr: dict[IPv4Address, str]) -> list[tuple[str, str]]:
-        """Each node on the VIP's subnet, unique advskew and addresses, a sync address off the LAN.
-        Fills `seen_addr` (address -> node) for the vhid rules."""
-        c, problems = self.cluster, []
-        seen_skew: dict[int, str] = {}
-        for name, n in self.nodes.items():
-            if c.vip.ip not in n.lan.network:
-                problems.append((f"nodes.{name}.lan", f"{n.lan} is not on the VIP's subnet ({c.vip.ip} not in {n.lan.network})"))
-            if n.lan.ip == c.vip.ip:
-                problems.append((f"nodes.{name}.lan", f"{n.lan.ip} equals the VIP"))
-            if n.advskew in seen_skew:
-                problems.append((f"nodes.{name}.advskew", f"{n.advskew} is also {seen_skew[n.advskew]}'s advskew (ambiguous master)"))
-            seen_skew.setdefault(n.advskew, name)
-            for field, addr in (("lan", n.lan.ip), ("sync", n.sync.ip)):
-                if addr in seen_addr:
-                    problems.append((f"nodes.{name}.{field}", f"{addr} is already used by {seen_addr[addr]}"))
-                seen_addr.setdefault(addr, f"{name}")
-            if n.sync.network.overlaps(n.lan.network) or n.sync.ip == c.vip.ip:
-                problems.append((f"nodes.{name}.sync", f"{n.sync} is on the LAN; the sync link must be its own subnet"))
-            for f, iface in (("lan", n.lan), ("sync", n.sync)):
-                if iface.ip in (iface.network.network_address, iface.network.broadcast_address) and iface.network.prefixlen < 31:
-                    problems.append((f"nodes.{name}.{f}", f"{iface} is the subnet's network or broadcast address"))
-        return problems
-
-    def _sync_link_rules(self) -> list[tuple[str, str]]:
-        nodes, problems = self.nodes, []
-        if len({str(n.sync.network) for n in nodes.values()}) > 1:
-            first = next(iter(nodes))
-            for name, n in nodes.items():
-                if str(n.sync.network) != str(nodes[first].sync.network):
-                    problems.append((f"nodes.{name}.sync", f"{n.sync} is not in {first}'s sync subnet {nodes[first].sync.network}"))
-                    break
-        if self.cluster.interface == self.cluster.sync_interface:
-            problems.append(("cluster.sync_interface", f"{self.cluster.sync_interface} is also the LAN interface; the sync link must be dedicated"))
-        return problems
-
-    def _vhid_rules(self, seen_addr: dict[IPv4Address, str]) -> list[tuple[str, str]]:
-        c, problems = self.cluster, []
-        vhids = {c.vhid: "cluster.vhid"}
-        for i, x in enumerate(c.extra_vhids):
-            if x.vhid in vhids:
-                problems.append((f"cluster.extra_vhids[{i}].vhid", f"{x.vhid} is already used by {vhids[x.vhid]}"))
-            vhids.setdefault(x.vhid, f"cluster.extra_vhids[{i}]")
-            for name in x.advskew:
-                if name not in self.nodes:
-                    problems.append((f"cluster.extra_vhids[{i}].advskew.{name}", "no such node"))
-            for name, n in self.nodes.items():
-                if x.vip.ip not in n.lan.network or x.vip.ip in seen_addr or x.vip.ip == c.vip.ip:
-                    problems.append((f"cluster.extra_vhids[{i}].vip", f"{x.vip} must be a free address on {n.lan.network}"))
-                    break
-        return problems
-
-    def _proxy_rules(self) -> list[tuple[str, str]]:
-        problems = []
-        if not self.proxy.open_proxy:
-            for i, net in enumerate(self.proxy.clients):
-                if net.prefixlen == 0:
-                    problems.append((f"proxy.clients[{i}]", f"{net} makes an open proxy; set proxy.open_proxy: true if you really mean it"))
-        listen = self.proxy.listen
-        if isinstance(listen, IPv4Address):
-            ok = listen == self.cluster.vip.ip or any(listen == n.lan.ip for n in self.nodes.values())
-            if not ok and not listen.is_loopback:
-                problems.append(("proxy.listen", f"{listen} is neither the VIP, a node's LAN address nor loopback"))
-        return problems
-
-    def _policy_rules(self) -> list[tuple[str, str]]:
-        problems = []
-        for i, p in enumerate(self.filter.policies):
-            for f in ("block", "allow"):
-                for cat in getattr(p, f):
-                    if not CATEGORY_RE.match(cat):
-                        problems.append((f"filter.policies[{i}].{f}", f"{cat!r} is not a category directory name"))
-        return problems
-
-    def _check_lists(self, base: Path) -> list[tuple[str, str]]:
-        lists = self.lists_dir(base)
-        out: list[tuple[str, str]] = []
-        if not lists.is_dir():
-            return [("filter.lists", f"directory {lists} does not exist")]
-        refs: list[tuple[str, list[str]]] = [
-            ("filter.block", self.filter.block),
-            ("filter.allow", self.filter.allow),
-            ("filter.intercept_exempt", self.filter.intercept_exempt),
-        ]
-        for i, p in enumerate(self.filter.policies):
-            refs += [(f"filter.policies[{i}].block", p.block), (f"filter.policies[{i}].allow", p.allow)]
-        for path, cats in refs:
-            for j, cat in enumerate(cats):
-                if not (lists / cat).is_dir():
-                    out.append((f"{path}[{j}]", f"category {cat!r} has no directory {lists / cat}"))
-        return out
 
     def lists_dir(self, base: Path) -> Path:
         p = Path(self.filter.lists)
@@ -433,13 +338,3 @@ class Appliance(_Model):
     def by_preference(self) -> list[str]:
         """Node names from the preferred master down (ascending advskew)."""
         return sorted(self.nodes, key=lambda n: self.nodes[n].advskew)
-
-
-class ClusterRuleError(ValueError):
-    """Cross-field problems found after the fields themselves validated: [(path, message)]."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
-        self.problems = problems
-
-
