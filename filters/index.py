@@ -9,7 +9,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from appliance.core.state import write_atomic
+from appliance.core.fsio import write_atomic
 
 MAGIC = b"CGIDX\x02\x00\x00"  # format 2: slots hold record offsets (format 1: record numbers)
 HEADER = struct.Struct("<8sQQQQQQ")  # magic, nslots, slots_off, nrec, records_off, meta_off, meta_len
