@@ -1,16 +1,25 @@
-"""Access log in Squid's native format, one os.write per line (O_APPEND, shared by workers), reopened on SIGUSR1."""
+"""Access log in Squid's native format (fields escaped: one record is one line), one os.write per line (O_APPEND, shared by workers), reopened on SIGUSR1."""
 from __future__ import annotations
 
 import os
 import time
 
 
+def field(value: str) -> str:
+    """One log field that can never split a line or a field: spaces, control characters (CR, LF, tab, NUL, DEL) and
+    non-ASCII are percent-encoded (UTF-8, lone surrogates kept as their bytes); '%' itself is left as written."""
+    if value.isascii() and value.isprintable() and " " not in value:
+        return value or "-"
+    raw = value.encode("utf-8", "surrogateescape") if value else b"-"
+    return "".join(chr(b) if 0x20 < b < 0x7F else f"%{b:02X}" for b in raw)
+
+
 def squid_line(start: float, elapsed_ms: int, client: str, code: str, status: int, size: int, method: str,
                url: str, peer: str, mime: str, user: str = "-") -> str:
-    """`%ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt`"""
-    hier = "HIER_NONE/-" if not peer or peer == "-" else f"HIER_DIRECT/{peer}"
-    return (f"{int(start)}.{int(start * 1000) % 1000:03d} {elapsed_ms:6d} {client} {code}/{status:03d} {size} "
-            f"{method} {url.replace(' ', '%20')} {user} {hier} {mime or '-'}\n")
+    """`%ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt`; every text field through field()."""
+    hier = "HIER_NONE/-" if not peer or peer == "-" else f"HIER_DIRECT/{field(peer)}"
+    return (f"{int(start)}.{int(start * 1000) % 1000:03d} {elapsed_ms:6d} {field(client)} {field(code)}/{status:03d} "
+            f"{size} {field(method)} {field(url)} {field(user)} {hier} {field(mime or '-')}\n")
 
 
 class AccessLog:

@@ -40,6 +40,8 @@ def render(decision, url: str, client: str, admin: str, accept: str | None = Non
         category = "(client not allowed)"
     else:
         reason = "The page you asked for is blocked by the network's content filter."
+        if decision.category == "appliance":  # a guard refusal: no list can allow it
+            reason = "The proxy never goes to this destination, whatever the lists say."
         category = decision.category or "-"
     source = decision.source or "-"
     if decision.policy:

@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+from filters.proxy.guard import REASONS
+
 
 class Counters:
     def __init__(self) -> None:
@@ -14,6 +16,7 @@ class Counters:
         self.denied = 0
         self.errors = 0
         self.blocks: dict[str, int] = {}
+        self.refused: dict[str, int] = {}  # by guard reason: requests the appliance refuses whatever the lists say
         self.reloads = 0
         self.reload_failures = 0
         self._dirty = True
@@ -22,9 +25,12 @@ class Counters:
         c = category or "none"
         self.blocks[c] = self.blocks.get(c, 0) + 1
 
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
     def to_dict(self) -> dict:
         return {"requests": self.requests, "connects": self.connects, "denied": self.denied, "errors": self.errors,
-                "blocks": self.blocks, "reloads": self.reloads, "reload_failures": self.reload_failures}
+                "blocks": self.blocks, "refused": dict(self.refused), "reloads": self.reloads, "reload_failures": self.reload_failures}
 
     def dump(self, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
@@ -37,7 +43,8 @@ def worker_file(run: Path, index: int) -> Path:
 
 
 def aggregate(files: list[Path]) -> dict:
-    total = {"requests": 0, "connects": 0, "denied": 0, "errors": 0, "blocks": {}, "reloads": 0, "reload_failures": 0}
+    total = {"requests": 0, "connects": 0, "denied": 0, "errors": 0, "blocks": {}, "refused": dict.fromkeys(REASONS, 0),
+             "reloads": 0, "reload_failures": 0}
     for f in files:
         try:
             d = json.loads(f.read_text())
@@ -47,6 +54,8 @@ def aggregate(files: list[Path]) -> dict:
             total[k] += int(d.get(k, 0))
         for cat, n in d.get("blocks", {}).items():
             total["blocks"][cat] = total["blocks"].get(cat, 0) + int(n)
+        for reason, n in d.get("refused", {}).items():
+            total["refused"][reason] = total["refused"].get(reason, 0) + int(n)
     return total
 
 
@@ -67,6 +76,13 @@ def prometheus(total: dict, workers: int, extra: dict | None = None) -> str:
         "# HELP appliance_proxy_denied_total requests from clients outside proxy.clients",
         "# TYPE appliance_proxy_denied_total counter",
         f"appliance_proxy_denied_total {total['denied']}",
+        "# HELP appliance_proxy_refused_total requests the appliance refuses whatever the lists say, by reason",
+        "# TYPE appliance_proxy_refused_total counter",
+    ]
+    refused = {**dict.fromkeys(REASONS, 0), **total.get("refused", {})}  # every reason shows, 0 until it happens
+    for reason, n in refused.items():
+        out.append(f'appliance_proxy_refused_total{{reason="{reason}"}} {n}')
+    out += [
         "# HELP appliance_proxy_errors_total upstream or protocol errors",
         "# TYPE appliance_proxy_errors_total counter",
         f"appliance_proxy_errors_total {total['errors']}",

@@ -8,7 +8,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from filters.hosts import BadHost, Host, host_port, shown
 from filters.proxy import sni, verdict
+from filters.proxy.guard import Refusal, bad_host
 
 log = logging.getLogger("filters.proxy.tunnel")
 MAX_HEAD = 8192  # CONNECT request line + headers
@@ -41,26 +43,35 @@ async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, de
         await asyncio.wait_for(readable(loop, sock), left)
 
 
-def parse_connect(head: bytes) -> tuple[str, int, str | None]:
-    """b"CONNECT host:port HTTP/1.1\\r\\nAccept: ...\\r\\n\\r\\n" -> (host, port, accept header); ValueError if bad."""
+def read_connect(head: bytes) -> tuple[str, str | None]:
+    """b"CONNECT target HTTP/1.1\\r\\nAccept: ...\\r\\n\\r\\n" -> (target as written, accept header); ValueError for
+    a request line that is not a CONNECT. The target is not yet a host: connect_target() reads it."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[0] != "CONNECT" or not parts[2].startswith("HTTP/1."):
+    if len(parts) != 3 or parts[0] != "CONNECT" or not parts[2].startswith("HTTP/1.") or not parts[1]:
         raise ValueError("bad CONNECT request line")
-    target = parts[1]
-    if target.startswith("["):
-        host, _, rest = target[1:].partition("]")
-        port_s = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port_s = target.rpartition(":")
-    if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536 or len(host) > 255:
-        raise ValueError("bad CONNECT target")
     accept = None
     for line in lines[1:]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "accept":
             accept = value.strip()
-    return host, int(port_s), accept
+    return parts[1], accept
+
+
+def connect_target(target: str) -> tuple[Host, int]:
+    """A CONNECT target through the one host model (hosts.host_port): (canonical Host, port); BadHost if unreadable
+    or without a port."""
+    host, port = host_port(target)
+    if port is None:
+        raise BadHost(target, "a CONNECT target needs a port")
+    return host, port
+
+
+def parse_connect(head: bytes) -> tuple[str, int, str | None]:
+    """read_connect + connect_target: (canonical host name, port, accept header); ValueError (BadHost) if bad."""
+    target, accept = read_connect(head)
+    host, port = connect_target(target)
+    return host.name, port, accept
 
 
 class _Pipe(asyncio.Protocol):
@@ -138,14 +149,16 @@ class _Request:
         verdict.log_connect(self.state.access, self.start, self.client, code, status, size, url or self.hostport, peer)
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int, deadline: float) -> socket.socket:
-    infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), max(0.1, deadline - loop.time()))
-    err: Exception = OSError(f"no address for {host}")
-    for family, stype, proto, _, addr in infos:
-        s = socket.socket(family, stype, proto)
+async def _connect(loop: asyncio.AbstractEventLoop, addrs: list[str], port: int, deadline: float) -> socket.socket:
+    """A connection to the first of `addrs` (checked addresses, no names: nothing is resolved here) that answers."""
+    err: Exception = OSError("no address")
+    for ip in addrs:
+        v6 = ":" in ip
+        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         s.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(s, addr), max(0.1, deadline - loop.time()))
+            await asyncio.wait_for(loop.sock_connect(s, (ip, port, 0, 0) if v6 else (ip, port)),
+                                   max(0.1, deadline - loop.time()))
             return s
         except (OSError, asyncio.TimeoutError) as e:
             s.close()
@@ -170,19 +183,29 @@ async def _handle(loop: asyncio.AbstractEventLoop, conn: socket.socket, state: A
     req = _Request(state, time.time(), conn.getpeername()[0])
     head, rest = await _read_head(loop, conn)
     try:
-        req.host, req.port, accept = parse_connect(head)
+        target, accept = read_connect(head)
     except ValueError:
         conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         raise
     state.counters.requests += 1
     state.counters.connects += 1
-    d = state.engine.decide(req.client, req.host)
+    # the target through the one check the mitmproxy path makes too: host model, client ACL, guard, lists
+    try:
+        host, req.port = connect_target(target)
+    except BadHost as e:
+        req.host = shown(target, 200)[1:-1]
+        return await _refuse(loop, conn, req, bad_host(e), accept)
+    req.host = host.authority
+    d = state.engine.decide(req.client, host.name)
+    r = None if d.verdict == "deny" else state.dest.check_target(host, req.port, True)
+    if r is not None:
+        return await _refuse(loop, conn, req, r, accept)
     if d.blocked:
         resp = verdict.refuse(state, d, req.hostport, req.client, accept).http11()
         await loop.sock_sendall(conn, resp)
         req.log("TCP_DENIED", 403, len(resp))
         return _close_soon(conn)
-    up = await _open_upstream(loop, conn, req)
+    up = await _open_upstream(loop, conn, req, host, accept)
     if up is None:
         return _close_soon(conn)
     try:
@@ -220,11 +243,29 @@ async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tu
     return buf[:end], buf[end:]
 
 
-async def _open_upstream(loop: asyncio.AbstractEventLoop, conn: socket.socket, req: _Request) -> socket.socket | None:
-    """The connection to the CONNECT target; None after answering the client 502 (counted, logged)."""
+async def _refuse(loop: asyncio.AbstractEventLoop, conn: socket.socket, req: _Request, r: Refusal,
+                  accept: str | None) -> None:
+    """A guard refusal: the block page with the Refusal's status, counted by reason, logged TCP_DENIED/<status>."""
+    resp = verdict.refuse_guard(req.state, r, req.hostport, req.client, accept).http11()
+    log.info("CONNECT %s from %s refused: %s", req.hostport, req.client, r.text)
+    await loop.sock_sendall(conn, resp)
+    req.log("TCP_DENIED", r.status, len(resp))
+    return _close_soon(conn)
+
+
+async def _open_upstream(loop: asyncio.AbstractEventLoop, conn: socket.socket, req: _Request, host: Host,
+                         accept: str | None = None) -> socket.socket | None:
+    """The connection to the CONNECT target: every address the name resolves to passes the guard, and only those are
+    connected to (DNS rebinding cannot slip another in). None after answering: the block page for a refused address,
+    502 when nothing answers (counted, logged)."""
+    deadline = loop.time() + CONNECT_TIMEOUT
     try:
-        return await _connect(loop, req.host, req.port, loop.time() + CONNECT_TIMEOUT)
-    except (OSError, asyncio.TimeoutError) as e:
+        addrs, r = await asyncio.wait_for(req.state.dest.resolve(host, req.port), CONNECT_TIMEOUT)
+        if r is not None:
+            await _refuse(loop, conn, req, r, accept)
+            return None
+        return await _connect(loop, addrs, req.port, deadline)
+    except (OSError, asyncio.TimeoutError, UnicodeError) as e:
         req.state.counters.errors += 1
         msg = f"cannot connect to {req.hostport}: {e or type(e).__name__}\n".encode()
         await loop.sock_sendall(conn, b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n"

@@ -1,4 +1,5 @@
-"""A decision that blocks, handled once for both front ends (mitmproxy addon, CONNECT fast path): counters, 403, log."""
+"""A decision that blocks or a refusal, handled once for both front ends (mitmproxy addon, CONNECT fast path):
+counters, the block page with its status, the log record."""
 from __future__ import annotations
 
 import logging
@@ -6,18 +7,24 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from http import HTTPStatus
+
 from filters.engine import Decision
 from filters.proxy import blockpage
+from filters.hosts import BadHost, canonical_host, shown
+from filters.proxy.guard import Refusal, bad_host
 from filters.proxy.accesslog import AccessLog
 from filters.proxy.metrics import Counters
 
 
 @dataclass(frozen=True)
 class BlockResponse:
-    """The 403 for a blocked or denied request: the block page and the headers both front ends send with it."""
+    """The answer to a blocked, denied or refused request: the block page, its status (403, or a Refusal's: 400,
+    409) and the headers both front ends send with it."""
 
     body: bytes
     content_type: str
+    status: int = 403
 
     def headers(self) -> dict[str, str]:
         """For mitmproxy's Response.make (which adds Content-Length)."""
@@ -25,8 +32,15 @@ class BlockResponse:
 
     def http11(self) -> bytes:
         """The whole response as the CONNECT fast path writes it to the client socket."""
-        return (f"HTTP/1.1 403 Forbidden\r\nContent-Type: {self.content_type}\r\nContent-Length: {len(self.body)}\r\n"
+        return (f"HTTP/1.1 {self.status} {_phrase(self.status)}\r\nContent-Type: {self.content_type}\r\nContent-Length: {len(self.body)}\r\n"
                 "Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode() + self.body
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Refused"
 
 
 def count(counters: Counters, d: Decision) -> None:
@@ -44,18 +58,38 @@ def refuse(state: Any, d: Decision, url: str, client: str, accept: str | None) -
     return BlockResponse(body, ctype)
 
 
-def sni_block(engine: Any, client: str, host: str, sni: str | None) -> Decision | None:
-    """The blocking decision for a TLS SNI that names another host than the CONNECT target; None when it passes."""
-    if not sni or sni.lower().rstrip(".") == host.lower().rstrip("."):
+def refuse_guard(state: Any, r: Refusal, url: str, client: str, accept: str | None) -> BlockResponse:
+    """Count a refusal by reason (appliance_proxy_refused_total) and render its block page (category `appliance`,
+    the reason named) with the Refusal's status. `url` is shown escaped; pass a canonical or shown() form."""
+    state.counters.refuse(r.reason)
+    body, ctype = blockpage.render(r.as_decision(), url, client, state.cfg.proxy.admin_contact, accept)
+    return BlockResponse(body, ctype, r.status)
+
+
+def sni_block(engine: Any, client: str, host: str, sni: str | None) -> Decision | Refusal | None:
+    """The blocking decision for a TLS SNI that names another host than the CONNECT target (compared and decided
+    canonically); a Refusal (bad-host) for a name the host model cannot read; None when it passes."""
+    if not sni:
         return None
-    d = engine.decide(client, sni)
+    try:
+        name = canonical_host(sni).name
+    except BadHost as e:
+        return bad_host(e)
+    if name == host.lower().rstrip(".").strip("[]"):
+        return None
+    d = engine.decide(client, name)
     return d if d.blocked else None
 
 
-def cut(state: Any, d: Decision, target: str, sni: str, log: logging.Logger) -> None:
-    """A tunnel whose SNI is blocked: count it and say so on the caller's logger (the caller closes the connection)."""
+def cut(state: Any, d: Decision | Refusal, target: str, sni: str, log: logging.Logger) -> None:
+    """A tunnel whose SNI is blocked or unreadable: count it and say so on the caller's logger (the caller closes
+    the connection)."""
+    if isinstance(d, Refusal):
+        state.counters.refuse(d.reason)
+        log.info("cut tunnel to %s: %s", shown(target), d.text)
+        return
     state.counters.block(d.category)
-    log.info("cut tunnel to %s: SNI %s blocked (%s, %s)", target, sni, d.category, d.source)
+    log.info("cut tunnel to %s: SNI %s blocked (%s, %s)", shown(target), shown(sni), d.category, d.source)
 
 
 def log_connect(access: AccessLog, start: float, client: str, code: str, status: int, size: int, url: str,

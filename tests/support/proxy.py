@@ -17,6 +17,27 @@ from tests.support.env import APPLIANCE, free_port
 from tests.support.wait import Timeout, wait_until
 
 WEDNESDAY_10 = "2024-01-03 10:00"  # inside "mon-fri 08:00-17:00"
+# The proxy refuses loopback (issue 11), and the tests' origins live there: origins take their ports from a pool drawn
+# at first use, and every proxy a test starts gets the whole pool as test-only reachable destinations
+# (APPLIANCE_PROXY_TEST_REACH), whatever the order origins and proxies start in; any other loopback port stays refused.
+ORIGIN_PORTS: list[int] = []  # the pool, handed out in order by start_origin()
+_POOL = 24
+REACH_ENV = "APPLIANCE_PROXY_TEST_REACH"
+
+
+_used = [0]  # how many pool ports start_origin() handed out
+
+
+def _pool() -> list[int]:
+    if not ORIGIN_PORTS:
+        ORIGIN_PORTS.extend(free_port() for _ in range(_POOL))
+    return ORIGIN_PORTS
+
+
+def _origin_port() -> int:
+    port = _pool()[_used[0] % _POOL]  # a port is reused only after _POOL origins (module fixtures shut theirs down)
+    _used[0] += 1
+    return port
 
 
 class Origin(http.server.ThreadingHTTPServer):
@@ -39,7 +60,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def start_origin(tls_dir: Path | None = None) -> tuple[Origin, int]:
-    port = free_port()
+    port = _origin_port()
     srv = Origin(("127.0.0.1", port), _Handler)
     if tls_dir is not None:
         cert, key = make_cert(tls_dir)
@@ -82,7 +103,9 @@ def make_tree(root: Path, proxy: dict | None = None, filt: dict | None = None, l
         "cluster": {"vip": "192.168.1.50/24", "vhid": 1, "password": "change-me", "interface": "em0"},
         "nodes": {"fw1": {"lan": "192.168.1.2/24", "sync": "192.168.200.1/30", "advskew": 0},
                   "fw2": {"lan": "192.168.1.3/24", "sync": "192.168.200.2/30", "advskew": 100}},
+        # connect_ports: the tests' TLS origins listen on ephemeral ports (the default is [443])
         "proxy": {"port": 3128, "clients": ["127.0.0.1/32", "127.0.0.2/31", "127.0.0.4/32"], "workers": 1,
+                  "connect_ports": [443, "1024-65535"],
                   "metrics_port": free_port(), "access_log": str(root / "access.log"), "admin_contact": "helpdesk@test",
                   **(proxy or {})},
         "filter": {"lists": "lists/", "block": ["blocked"], "allow": ["allowlist"],
@@ -98,10 +121,13 @@ def make_tree(root: Path, proxy: dict | None = None, filt: dict | None = None, l
 class Proxy:
     """`appliance proxy` as a real process on a free loopback port."""
 
-    def __init__(self, cfg_path: Path, state: Path, clock: str | None = WEDNESDAY_10, access_log: str | None = None):
+    def __init__(self, cfg_path: Path, state: Path, clock: str | None = WEDNESDAY_10, access_log: str | None = None,
+                 env: dict | None = None):
         self.cfg_path, self.state = cfg_path, state
         self.port = free_port()
-        self.env = {**os.environ, "APPLIANCE_STATE_DIR": str(state)}
+        self.closed_port = free_port()  # reachable for the guard, nothing listens: the upstream-refused case
+        reach = ",".join(f"127.0.0.1:{p}" for p in [*_pool(), self.closed_port])
+        self.env = {**os.environ, "APPLIANCE_STATE_DIR": str(state), REACH_ENV: reach, **(env or {})}
         if clock:
             self.env["APPLIANCE_FILTER_CLOCK"] = clock
         self.stderr_path = state / "proxy.stderr"

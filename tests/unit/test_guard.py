@@ -178,16 +178,45 @@ def test_from_config_without_new_keys_uses_defaults(guard):
 
 
 def test_from_config_with_new_keys(cfg):
-    proxy = SimpleNamespace(**dict(cfg.proxy), deny_destinations=[IPv4Network("10.9.0.0/16"), "2001:db8::/32", "203.0.113.7"],
-                            connect_ports=[443, "8443-8444"], safe_ports=[80])
+    proxy = SimpleNamespace(**{**dict(cfg.proxy), "deny_destinations": [IPv4Network("10.9.0.0/16"), "2001:db8::/32",
+                                                                        "203.0.113.7"],
+                               "connect_ports": [443, "8443-8444"], "safe_ports": [80]})
     g = Guard.from_config(SimpleNamespace(cluster=cfg.cluster, nodes=cfg.nodes, proxy=proxy))
     assert reason(g, "10.9.3.4") == reason(g, "[2001:db8::5]") == reason(g, "203.0.113.7") == "denied-destination"
     assert reason(g, "203.0.113.8") is None
     assert reason(g, "a.example", 8444, True) is None and reason(g, "a.example", 8445, True) == "connect-port"
     assert reason(g, "a.example", 8080) == "port"
     none = Guard.from_config(SimpleNamespace(cluster=cfg.cluster, nodes=cfg.nodes,
-                                             proxy=SimpleNamespace(**dict(cfg.proxy), connect_ports=[])))
+                                             proxy=SimpleNamespace(**{**dict(cfg.proxy), "connect_ports": []})))
     assert reason(none, "a.example", 443, True) == "connect-port"  # an empty list means no CONNECT, not the default
+
+
+def test_the_model_keys_reach_the_guard():
+    """proxy.deny_destinations / connect_ports / safe_ports as the config model reads and checks them."""
+    data = {**CLUSTER, "proxy": {**CLUSTER["proxy"], "deny_destinations": ["10.9.0.0/16", "2001:db8::/32", "203.0.113.7"],
+                                 "connect_ports": [443, "8443-8444"], "safe_ports": ["80", "1025-65535"]}}
+    g = Guard.from_config(c.validate(data))
+    assert reason(g, "10.9.3.4") == reason(g, "[2001:db8::5]") == reason(g, "203.0.113.7") == "denied-destination"
+    assert reason(g, "a.example", 8444, True) is None and reason(g, "a.example", 8445, True) == "connect-port"
+    assert reason(g, "a.example", 8080) is None and reason(g, "a.example", 25) == "port"
+    d = c.validate(CLUSTER).proxy
+    assert (d.deny_destinations, d.connect_ports) == ([], [443]) and list(g.safe_ports.specs) != list(DEFAULT_SAFE_PORTS)
+    assert tuple(d.safe_ports) == DEFAULT_SAFE_PORTS
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("deny_destinations", ["10.0.0.1/8"], "has host bits set (did you mean 10.0.0.0/8?)"),
+    ("deny_destinations", ["intranet"], "is not an IP address or network"),
+    ("connect_ports", [0], "not within 1-65535"),
+    ("connect_ports", ["9-3"], "must be low-high within 1-65535"),
+    ("safe_ports", ["http"], "is not a port or a port range"),
+    ("safe_ports", [True], "is not a port or a port range"),
+])
+def test_the_model_keys_are_checked_with_clear_errors(key, value, message):
+    data = {**CLUSTER, "proxy": {**CLUSTER["proxy"], key: value}}
+    with pytest.raises(Exception) as e:
+        c.validate(data)
+    assert f"proxy.{key}" in str(e.value) and message in str(e.value)
 
 
 def test_plain_arguments():

@@ -21,12 +21,11 @@ CACHE = Path(os.environ.get("CARPGUARD_CACHE") or Path.home() / ".cache" / "carp
 CHROOT_TAR = CACHE / "bookworm-chroot.tar"
 CHROOT_DEPS = ("python3.11,libc6,adduser,init-system-helpers,sudo,openssh-server,openssh-client,rsync,iproute2,"
                "iputils-arping,util-linux,systemd,logrotate")
-COMMIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 UNITS = ("appliance-proxy.service", "appliance-carp.service", "appliance-sync.service", "appliance-sync.timer")
 
 
-def build(out: Path, commit: str, offline: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(BUILD), "--out", str(out), "--commit", commit]
+def build(out: Path, offline: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BUILD), "--out", str(out)]
     if offline:  # a new network namespace with no interface up: any download attempt fails
         cmd = ["unshare", "--net", "--", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
@@ -38,7 +37,7 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not Path("/usr/bin/python3").exists():
         pytest.skip("needs Debian's /usr/bin/python3 (python3-venv)")
     out = tmp_path_factory.mktemp("dist1")
-    r = build(out, COMMIT)
+    r = build(out)
     assert r.returncode == 0, r.stderr
     debs = list(out.glob("carpguard_*_amd64.deb"))
     assert len(debs) == 1, list(out.iterdir())
@@ -169,7 +168,7 @@ def test_install_and_purge_offline_in_chroot(deb: Path, tmp_path: Path):
 
 def test_second_build_offline_same_bytes(deb: Path, tmp_path: Path):
     need_tool("unshare")
-    r = build(tmp_path, COMMIT, offline=True)
+    r = build(tmp_path, offline=True)
     assert r.returncode == 0, r.stderr
     assert "offline" in r.stdout
     again = tmp_path / deb.name
