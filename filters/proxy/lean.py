@@ -6,9 +6,9 @@ from typing import Any
 from mitmproxy import options
 from mitmproxy.addons import proxyserver, tlsconfig
 from mitmproxy.master import Master
-from mitmproxy.proxy import mode_servers
+from mitmproxy.proxy import mode_servers, server
 
-from filters.proxy import ca, trims
+from filters.proxy import ca, front, gate, trims
 from filters.proxy.accesslog import AccessLog
 from filters.proxy.addon import FilterAddon, FilterNextLayer, State
 
@@ -19,9 +19,22 @@ def make_state(spec: Any) -> State:
     """What the hooks and the fast path read: rules, config, access log, counters (and the CA in intercept mode)."""
     state = State(engine=spec.engine, cfg=spec.cfg, base=spec.base, access=AccessLog(spec.access_log), port=spec.port)
     state.configure(spec.cfg, spec.engine, spec.host)
+    state.limits = gate.Limits.from_config(spec.cfg, spec.cfg.proxy.worker_count())
     if spec.cfg.proxy.tls == "intercept":
         state.ca_pem = ca.cert_path(spec.base).read_bytes()
     return state
+
+
+class GateAddon:
+    """Tells a client's front gate (front.GATES) that one of its requests got its answer: the keep-alive idle timer
+    (proxy.idle_timeout) runs only while no request is waiting for the origin."""
+
+    def response(self, flow: Any) -> None:
+        g = front.GATES.get(flow.client_conn.peername)
+        if g is not None:
+            g.responded()
+
+    error = response
 
 
 def make_master(spec: Any, state: State) -> tuple[Master, mode_servers.ServerInstance]:
@@ -33,8 +46,11 @@ def make_master(spec: Any, state: State) -> tuple[Master, mode_servers.ServerIns
     addons = [ps, FilterNextLayer(state)]
     if intercept:
         addons.append(tlsconfig.TlsConfig())
-    addons.append(FilterAddon(state))
+    addons += [FilterAddon(state), GateAddon()]
     master.addons.add(*addons)
+    # mitmproxy's inactivity timer per client connection (module constant, 600 s) = proxy.tunnel_idle_timeout: it
+    # closes tunnels mitmproxy carries and requests whose origin stays silent; front.GateReader does the rest
+    server.TCP_TIMEOUT = max(0.1, getattr(state, "limits", gate.DEFAULTS).tunnel_idle_timeout)
     # intercept: lazy, so a blocked host gets its block page inside TLS without any upstream connection
     upd = {"server": False, "connection_strategy": "lazy" if intercept else "eager", "http2": True}
     if intercept:  # certificates from the SNI, no upstream probe: a blocked host is never contacted

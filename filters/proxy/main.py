@@ -7,17 +7,16 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.core.errors import ApplianceError, ConfigError
-from appliance.core.model import Appliance
-from appliance.core.paths import run_dir as state_run_dir
+from appliance.core import config as cfgmod
 from filters import ruleset
 from filters.index import IndexFormatError
-from filters.proxy import ca, metrics
+from filters.proxy import ca, gate, metrics
 from filters.proxy import control as proxyctl
 from filters.proxy import worker as proxy_worker
 
@@ -39,7 +38,7 @@ class WorkerSpec:
     run_dir: Path
 
 
-def parse_listen(value: str | None, cfg: Appliance) -> tuple[str, int]:
+def parse_listen(value: str | None, cfg: cfgmod.Appliance) -> tuple[str, int]:
     if value:
         host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -232,7 +231,7 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
     config_path = Path(config_path)
     try:
         cfg, engine, rep = ruleset.load(config_path)
-    except ConfigError as e:
+    except cfgmod.ConfigError as e:
         return _err(str(e))
     except (ruleset.ListError, IndexFormatError) as e:
         return _err(str(e))
@@ -249,6 +248,7 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
         hint = " (another program uses this port)" if e.errno == errno.EADDRINUSE else ""
         return _err(f"cannot listen on {host}:{port}: {e.strerror}{hint}", 1)
     reservation.close()
+    nofile, _ = gate.raise_nofile()  # the workers' connection ceilings (gate.worker_ceiling) are taken from this
     # Deferred on purpose: mitmproxy (and filters.proxy.lean, which imports it) loads only once the config, lists and port
     # are known good, so a bad config fails fast; loaded here, before the fork, the workers share the pages.
     import mitmproxy.addons.proxyserver  # noqa: F401
@@ -256,14 +256,15 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
 
     import filters.proxy.lean  # noqa: F401  (the workers' Master, the addon, the trims)
 
-    run_dir = state_run_dir()
+    run_dir = cfgmod.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     pidfile = proxyctl.pidfile()
     pidfile.write_text(f"{os.getpid()}\n")
     spec = WorkerSpec(config_path, base, cfg, engine, host, port, access_log or cfg.proxy.access_log, run_dir)
     n = cfg.proxy.worker_count()
-    log.warning("proxy on %s:%d, %d worker(s), tls %s, %d list entries (%d bad lines skipped), metrics on 127.0.0.1:%d",
-                host, port, n, cfg.proxy.tls, rep.entries, rep.bad_count, cfg.proxy.metrics_port)
+    log.warning("proxy on %s:%d, %d worker(s), tls %s, %d list entries (%d bad lines skipped), metrics on 127.0.0.1:%d, "
+                "%d fds, at most %d client connections per worker", host, port, n, cfg.proxy.tls, rep.entries,
+                rep.bad_count, cfg.proxy.metrics_port, nofile, gate.Limits.from_config(cfg, n, nofile).per_worker)
     sup = WorkerSupervisor(spec, n)
     try:
         return sup.loop()
@@ -276,4 +277,6 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
 
 
 def _err(msg: str, code: int = 2) -> int:
-    raise ApplianceError(msg, code)  # the CLI prints it and exits with `code`
+    for line in msg.splitlines():
+        print(f"appliance: error: {line}", file=sys.stderr)
+    return code

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 MAX_HELLO = 65536  # a ClientHello larger than this (over several records) is not waited for
 NEED_MORE = object()  # parse() result: the ClientHello is not complete yet
-NOT_TLS = object()  # parse() result: the bytes are not a TLS handshake (pass the tunnel through unfiltered)
+NOT_TLS = object()  # parse() result: the bytes are not a TLS ClientHello (tls: sni cuts the tunnel)
+TOO_LARGE = object()  # parse() result: the ClientHello says it is longer than MAX_HELLO (cut, never waited for)
 
 
 def _handshake(data: bytes) -> bytes | object:
@@ -25,14 +26,15 @@ def _handshake(data: bytes) -> bytes | object:
                 return NOT_TLS
             need = 4 + ((out[1] << 16) | (out[2] << 8) | out[3])
             if need > MAX_HELLO:
-                return NOT_TLS
+                return TOO_LARGE
             if len(out) >= need:
                 return bytes(out[4:need])
 
 
 def parse(data: bytes) -> str | None | object:
     """The SNI (lower case, no trailing dot) of the ClientHello at the start of `data`; None when it has no
-    server_name; NEED_MORE when more bytes are needed; NOT_TLS when this is not a TLS ClientHello."""
+    server_name; NEED_MORE when more bytes are needed; NOT_TLS when this is not a TLS ClientHello; TOO_LARGE when
+    its handshake length is over MAX_HELLO."""
     body = _handshake(data)
     if not isinstance(body, bytes):
         return body

@@ -7,11 +7,12 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from filters import ruleset
-from filters.proxy import tunnel
+from filters.proxy import front, gate, tunnel
 from filters.proxy.accesslog import AccessLog
 from filters.proxy.metrics import worker_file
 
@@ -35,20 +36,41 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 class _Acceptor:
-    """Accepts on the shared socket itself; peeks at the first bytes: CONNECT -> filters.proxy.tunnel, else mitmproxy."""
+    """Accepts on the shared socket itself. Holds each client to its connection slots (gate.Slots: per address and
+    per worker; excess answered 503 and closed, counted). Peeks at the first bytes: CONNECT -> filters.proxy.tunnel
+    (tls: sni), else mitmproxy behind the front gate (front.GateReader: header limits and timeouts)."""
 
     PEEK_WAIT = 2.0  # a client that has sent a prefix of "CONNECT " is given this long to send the rest
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, state, handle_stream):
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, state, handle_stream,
+                 fast_connect: bool = True):
         self.loop, self.sock, self.state, self.handle_stream = loop, sock, state, handle_stream
+        self.fast_connect = fast_connect
+        lim = tunnel.limits(state)
+        self.slots = gate.Slots(lim.per_client, lim.per_worker)
         self.tasks: set[asyncio.Task] = set()
         self.task = loop.create_task(self._accept())
+
+    def _refuse_conn(self, conn: socket.socket, client: str, reason: str) -> None:
+        """Over a connection limit: a 503 if the socket takes it at once, then close; counted and logged."""
+        tunnel.refused(self.state, reason)
+        why = ("too many connections from this address (proxy.max_client_connections)" if reason == "client-connections"
+               else "this proxy worker is at its connection ceiling (proxy.max_worker_connections)")
+        try:
+            conn.send(tunnel.answer_bytes(503, why))
+        except OSError:
+            pass
+        conn.close()
+        acc = self.state.access
+        if acc.fd is not None:
+            acc.log(start=time.time(), elapsed_ms=0, client=client, code="TCP_DENIED", status=503, size=0, method="-",
+                    url="-", peer="-", mime="-")
 
     async def _accept(self) -> None:
         loop, sock = self.loop, self.sock
         while True:
             try:
-                conn, _ = await loop.sock_accept(sock)
+                conn, addr = await loop.sock_accept(sock)
             except (ConnectionAbortedError, InterruptedError):
                 continue
             except OSError as e:  # EMFILE and the like: back off instead of spinning
@@ -56,12 +78,37 @@ class _Acceptor:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
+            client = addr[0]
+            lim = tunnel.limits(self.state)
+            self.slots.per_client, self.slots.per_worker = lim.per_client, lim.per_worker  # a reload may change them
+            reason = self.slots.take(client)
+            if reason is not None:
+                self._refuse_conn(conn, client, reason)
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t = loop.create_task(self._route(conn))
+            t = loop.create_task(self._route(conn, client))
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
 
-    async def _route(self, conn: socket.socket) -> None:
+    async def _route(self, conn: socket.socket, client: str) -> None:
+        """Serve one accepted connection; its slot is given back exactly once, when the connection is over."""
+        given = False
+
+        def done() -> None:
+            nonlocal given
+            if not given:
+                given = True
+                self.slots.give(client)
+
+        handed = False
+        try:
+            handed = await self._serve_conn(conn, done)
+        finally:
+            if not handed:
+                done()
+
+    async def _serve_conn(self, conn: socket.socket, done) -> bool:
+        """True when `done` was handed on to the CONNECT fast path (it calls it when the tunnel ends)."""
         loop = self.loop
         head = b""
         deadline = loop.time() + self.PEEK_WAIT
@@ -73,7 +120,7 @@ class _Acceptor:
                     head = None
                 if head == b"":
                     conn.close()  # closed before sending anything
-                    return
+                    return False
                 if head is not None and (len(head) >= 8 or not b"CONNECT "[:len(head)] == head):
                     break
                 if loop.time() >= deadline:
@@ -87,20 +134,48 @@ class _Acceptor:
                     await asyncio.sleep(0.005)  # a partial "CONNECT": the socket stays readable, do not spin
         except OSError:
             conn.close()
-            return
-        if head == b"CONNECT ":
-            await tunnel.handle(conn, self.state)
-            return
+            return False
+        if head == b"CONNECT " and self.fast_connect:
+            await tunnel.handle(conn, self.state, done)
+            return True
         try:
-            reader, writer = await asyncio.open_connection(sock=conn, limit=2 ** 16)
+            peer = conn.getpeername()
+            reader = asyncio.StreamReader(limit=2 ** 16, loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         except OSError:
             conn.close()
-            return
-        await self.handle_stream(reader, writer)
+            return False
+        gr = front.GateReader(reader, writer, tunnel.limits(self.state), self._head_refused(peer[0]), key=peer)
+        try:
+            await self.handle_stream(gr, writer)
+        finally:
+            gr.close()
+        return False
+
+    def _head_refused(self, client: str):
+        def refuse(reason: str, status: int, why: str, head: bytes) -> None:
+            tunnel.refused(self.state, reason)
+            log.info("request from %s refused: %s: %s", client, reason, why)
+            acc = self.state.access
+            if acc.fd is not None:
+                line = head.split(b"\r\n", 1)[0].split(b" ")
+                method = _printable(line[0][:32]) if line and line[0] else "-"
+                url = _printable(line[1][:512]) if len(line) > 1 else "-"
+                acc.log(start=time.time(), elapsed_ms=0, client=client, code="TCP_DENIED", status=status, size=0,
+                        method=method, url=url, peer="-", mime="-")
+
+        return refuse
 
     def close(self) -> None:
         self.task.cancel()
         self.sock.close()
+
+
+def _printable(b: bytes) -> str:
+    """Bytes from a refused head as one safe log field: printable ASCII kept, anything else %XX."""
+    return "".join(chr(c) if 0x20 < c < 0x7F and c != 0x25 else f"%{c:02X}" for c in b) or "-"
 
 
 async def _serve(index: int, spec) -> None:
@@ -113,10 +188,9 @@ async def _serve(index: int, spec) -> None:
     master, instance = lean.make_master(spec, state)
     sock = reuseport_socket(spec.host, spec.port)
     loop = asyncio.get_running_loop()
-    if spec.cfg.proxy.tls == "intercept":
-        server = await asyncio.start_server(instance.handle_stream, sock=sock, backlog=1024)
-    else:  # tls: sni: CONNECT tunnels take the asyncio fast path, everything else goes to mitmproxy untouched
-        server = _Acceptor(loop, sock, state, instance.handle_stream)
+    # tls: sni: CONNECT tunnels take the asyncio fast path; everything else (and everything in intercept mode) goes
+    # to mitmproxy behind the front gate; both under the connection slots
+    server = _Acceptor(loop, sock, state, instance.handle_stream, fast_connect=spec.cfg.proxy.tls != "intercept")
     counters_path = worker_file(spec.run_dir, index)
 
     def stop() -> None:
@@ -149,6 +223,7 @@ def _reload(index: int, spec, state) -> None:
         if new_cfg.proxy.tls != spec.cfg.proxy.tls:
             log.warning("worker %d: proxy.tls changed to %s; restart the proxy to apply it", index, new_cfg.proxy.tls)
         state.configure(new_cfg, new_engine, spec.host)
+        state.limits = gate.Limits.from_config(new_cfg, new_cfg.proxy.worker_count())
         state.counters.reloads += 1
         log.warning("worker %d: reloaded %s (%d entries, %d bad lines skipped)", index, spec.config_path, rep.entries, rep.bad_count)
     except Exception as e:  # noqa: BLE001 - a failed reload keeps the old rules

@@ -147,8 +147,9 @@ HELLOS = client_hello()
 
 
 def check_sni_result(r: object) -> str:
-    assert r is None or r is sni.NEED_MORE or r is sni.NOT_TLS or isinstance(r, str), r
-    return "no sni" if r is None else "need more" if r is sni.NEED_MORE else "not tls" if r is sni.NOT_TLS else "sni"
+    assert r is None or r is sni.NEED_MORE or r is sni.NOT_TLS or r is sni.TOO_LARGE or isinstance(r, str), r
+    return ("no sni" if r is None else "need more" if r is sni.NEED_MORE else "not tls" if r is sni.NOT_TLS
+            else "too large" if r is sni.TOO_LARGE else "sni")
 
 
 def test_fuzz_sni(capsys):
