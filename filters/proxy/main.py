@@ -7,13 +7,14 @@ import os
 import selectors
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.core import config as cfgmod
+from appliance.core.errors import ApplianceError, ConfigError
+from appliance.core.model import Appliance
+from appliance.core.paths import run_dir as state_run_dir
 from filters import ruleset
 from filters.index import IndexFormatError
 from filters.proxy import ca, gate, metrics
@@ -38,7 +39,7 @@ class WorkerSpec:
     run_dir: Path
 
 
-def parse_listen(value: str | None, cfg: cfgmod.Appliance) -> tuple[str, int]:
+def parse_listen(value: str | None, cfg: Appliance) -> tuple[str, int]:
     if value:
         host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -231,7 +232,7 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
     config_path = Path(config_path)
     try:
         cfg, engine, rep = ruleset.load(config_path)
-    except cfgmod.ConfigError as e:
+    except ConfigError as e:
         return _err(str(e))
     except (ruleset.ListError, IndexFormatError) as e:
         return _err(str(e))
@@ -256,7 +257,7 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
 
     import filters.proxy.lean  # noqa: F401  (the workers' Master, the addon, the trims)
 
-    run_dir = cfgmod.run_dir()
+    run_dir = state_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     pidfile = proxyctl.pidfile()
     pidfile.write_text(f"{os.getpid()}\n")
@@ -277,6 +278,4 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
 
 
 def _err(msg: str, code: int = 2) -> int:
-    for line in msg.splitlines():
-        print(f"appliance: error: {line}", file=sys.stderr)
-    return code
+    raise ApplianceError(msg, code)  # the CLI prints it and exits with `code`

@@ -121,7 +121,7 @@ def test_connect_and_hello_in_pieces_blocked_sni_cut(env):
 
 def test_connect_upstream_refused_is_502(env):
     p, _, _ = env
-    status, s = connect_tunnel(p.port, f"127.0.0.1:{free_port()}")
+    status, s = connect_tunnel(p.port, f"127.0.0.1:{p.closed_port}")
     s.close()
     assert status == 502
 
