@@ -12,9 +12,10 @@ from appliance.core.errors import ConfigError
 from appliance.core.loader import load
 from filters import ruleset
 from filters.index import IndexFormatError
-from filters.lists import norm_host
+from filters.hosts import BadHost, canonical_host, host_port
 from filters.proxy import control as proxyctl
 from filters.proxy import main as proxy_main
+from filters.proxy.guard import Guard, bad_host
 
 
 @main.command()
@@ -63,28 +64,18 @@ def explain(ctx: Ctx, url: str, client: str, at: str | None, sni: str | None, as
         ipaddress.IPv4Address(client)
     except ValueError:
         fail(f"--client {client!r}: not an IPv4 address")
-    host, full, connect = _target(url)
-    if host is None:
-        fail(f"{url!r}: not a URL or host name")
-    port = _port(url)
-    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
-        fail(f"{url!r}: port {port!r} is not 1-65535")
     try:
         cfg, engine, _ = ruleset.load(ctx.config_path)
     except ConfigError as e:
         fail(str(e))
     except (ruleset.ListError, IndexFormatError) as e:
         fail(str(e))
-    if full.lower().startswith("https://") and cfg.proxy.tls == "sni":
-        connect = True  # without interception the proxy sees only the CONNECT host and the SNI
-    d = engine.decide(client, host, None if connect else full, when)
-    step = "CONNECT" if connect else "request"
-    if connect and not d.blocked and sni:
-        d2 = engine.decide(client, sni, None, when)
-        if d2.blocked:
-            d, step = d2, "TLS SNI"
+    guard = Guard.from_config(cfg)
+    d, step, host, port, connect, refused = _decide(url, client, sni, when, cfg, engine, guard)
     out = {"url": url, "client": client, "at": (when or engine.clock()).strftime("%Y-%m-%d %H:%M"), "step": step,
-           "tls": cfg.proxy.tls, **d.to_json()}
+           "tls": cfg.proxy.tls, "host": host, "port": port, "method": "CONNECT" if connect else "GET", **d.to_json(),
+           "reason": refused.reason if refused else None, "status": refused.status if refused else
+           (403 if d.verdict != "allow" else None)}
     if as_json:
         emit_json(out)
         return
@@ -93,34 +84,75 @@ def explain(ctx: Ctx, url: str, client: str, at: str | None, sni: str | None, as
     if d.category:
         click.echo(f"  category: {d.category}")
     if d.source:
-        click.echo(f"  source:   {d.source}" + (f"  (entry {d.rule})" if d.rule else ""))
+        click.echo(f"  source:   {d.source}" + (f"  (entry {d.rule})" if d.rule and refused is None else ""))
     if d.policy:
         click.echo(f"  policy:   {d.policy}" + (f" (schedule {d.schedule})" if d.schedule else ""))
+    if refused is not None:
+        click.echo(f"  reason:   {refused.reason} (HTTP {refused.status}, logged {refused.log_status})")
     if d.verdict == "allow" and not d.category:
         click.echo("  no list matched")
+    if d.verdict == "allow" and host and not _is_ip(host):
+        click.echo(f"  the proxy also checks every address {host} resolves to (not done here: explain sends no traffic)")
 
 
-def _target(url: str) -> tuple[str | None, str, bool]:
-    """(host, full URL, is a CONNECT target) from 'http://h/p', 'https://h/p', 'h:443' or 'h'."""
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _split(url: str, tls: str) -> tuple[str, int | None, str | None, bool]:
+    """(authority, default port, full URL or None, is a CONNECT) from 'http://h/p', 'https://h/p', 'h:443' or 'h/p'."""
     u = url.strip()
     if "://" in u:
         scheme, rest = u.split("://", 1)
-        hostport = rest.split("/", 1)[0].rsplit("@", 1)[-1]
-        host = norm_host(hostport)
-        return host, u, False
-    if "/" in u:
-        hostport = u.split("/", 1)[0]
-        return norm_host(hostport), "http://" + u, False
-    host = norm_host(u)
-    connect = u.rsplit(":", 1)[-1] == "443" if ":" in u else False
-    return host, f"http://{u}/", connect
+        scheme = scheme.lower()
+        authority, _, path = rest.partition("/")
+        authority = authority.rsplit("@", 1)[-1]
+        default = 443 if scheme == "https" else 80
+        if scheme == "https" and tls == "sni":
+            return authority, default, None, True  # without interception the proxy sees the CONNECT host and the SNI
+        return authority, default, "/" + path, False
+    authority, slash, path = u.partition("/")
+    if slash:
+        return authority, 80, "/" + path, False
+    return authority, None, None, True  # host:port, as a CONNECT target
 
 
-def _port(url: str) -> str | None:
-    """The port written in URL's authority ('h:8080', 'http://h:8080/p', '[v6]:443'), else None."""
-    u = url.strip()
-    hostport = u.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
-    if hostport.startswith("["):
-        rest = hostport.partition("]")[2]
-        return rest[1:] if rest.startswith(":") else None
-    return hostport.rpartition(":")[2] if hostport.count(":") == 1 else None
+def _decide(url: str, client: str, sni: str | None, when, cfg, engine, guard: Guard):
+    """The proxy's own order (filters/proxy/addon.py, tunnel.py): the host model (bad-host), the client ACL, the guard
+    (never-proxied addresses, ports), the lists, then the SNI. Returns (decision, step, host, port, connect, Refusal)."""
+    authority, default, path, connect = _split(url, cfg.proxy.tls)
+    if connect and default is None and ":" not in authority.rpartition("]")[2]:
+        default = 80  # a bare host name: explained as plain HTTP to it
+        connect, path = False, "/"
+    try:
+        host, port = host_port(authority, default)
+        if port is None:
+            raise BadHost(authority, "a CONNECT target needs a port")
+    except BadHost as e:
+        r = bad_host(e)
+        return r.as_decision(), "guard", None, None, connect, r
+    full = None if connect else f"http://{host.authority}{'' if port == 80 else f':{port}'}{path}"
+    if path is not None and url.strip().lower().startswith("https://"):
+        full = f"https://{host.authority}{'' if port == 443 else f':{port}'}{path}"
+    d = engine.decide(client, host.name, full, when)
+    if d.verdict == "deny":
+        return d, "CONNECT" if connect else "request", host.name, port, connect, None
+    r = guard.check_target(host, port, connect)
+    if r is not None:
+        return r.as_decision(), "guard", host.name, port, connect, r
+    step = "CONNECT" if connect else "request"
+    if connect and not d.blocked and sni:
+        try:
+            name = canonical_host(sni).name
+        except BadHost as e:
+            r = bad_host(e)
+            return r.as_decision(), "TLS SNI", host.name, port, connect, r
+        if name != host.name:
+            d2 = engine.decide(client, name, None, when)
+            if d2.blocked:
+                d, step = d2, "TLS SNI"
+    return d, step, host.name, port, connect, None

@@ -233,10 +233,12 @@ def test_explain_matches_proxy(tmp_path):
     assert (d["verdict"], d["category"], d["policy"]) == ("allow", None, None)
     d = _explain(cfg, "http://vm/", "--client", "127.0.0.9")
     assert (d["verdict"], d["category"], d["source"]) == ("deny", None, "proxy.clients")
-    d = _explain(cfg, "127.0.0.1:443", "--sni", "www.blocked.test")
+    d = _explain(cfg, "192.0.2.1:443", "--sni", "WWW.Blocked.Test.")
     assert (d["verdict"], d["category"], d["step"]) == ("block", "blocked", "TLS SNI")
-    d = _explain(cfg, "http://127.0.0.1/private/x")
-    assert (d["verdict"], d["source"]) == ("block", "lists/blocked/urls:1")
+    d = _explain(cfg, "http://127.0.0.1/private/x")  # the urls list names it, but loopback is refused before the lists
+    assert (d["verdict"], d["category"], d["reason"], d["status"], d["step"]) == ("block", "appliance", "loopback", 403, "guard")
+    d = _explain(cfg, "http://0xa.9.8.7/")  # a listed address in another spelling: the lists see the canonical one
+    assert (d["verdict"], d["source"], d["host"]) == ("block", "lists/blocked/domains:7", "10.9.8.7")
     r = subprocess.run([APPLIANCE, "-c", str(cfg), "explain", "http://x/", "--at", "yesterday"], capture_output=True, text=True)
     assert r.returncode == 2 and "--at" in r.stderr
     r = subprocess.run([APPLIANCE, "-c", str(cfg), "explain", "http://x/", "--client", "300.1.1.1"], capture_output=True, text=True)
