@@ -17,7 +17,10 @@ def _handshake(data: bytes) -> bytes | object:
         ctype, major, length = data[pos], data[pos + 1], (data[pos + 3] << 8) | data[pos + 4]
         if ctype != 0x16 or major != 3 or length == 0 or length > 16384 + 2048:
             return NOT_TLS
-        if len(data) < pos + 5 + length:
+        if len(data) < pos + 5 + length:  # a partial record: its handshake header may already say no
+            part = out + data[pos + 5:pos + 5 + length]
+            if len(part) >= 4 and (part[0] != 1 or 4 + ((part[1] << 16) | (part[2] << 8) | part[3]) > MAX_HELLO):
+                return NOT_TLS if part[0] != 1 else TOO_LARGE
             return NEED_MORE
         out += data[pos + 5:pos + 5 + length]
         pos += 5 + length
