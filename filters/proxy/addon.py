@@ -280,8 +280,10 @@ class FilterAddon:
             return self._kill(server, bad_host(e))
         try:
             addrs, r = await self.state.dest.resolve(host, port)
-        except (OSError, TimeoutError, UnicodeError):
-            return  # mitmproxy's own connect fails and reports it
+        except (OSError, TimeoutError, UnicodeError) as e:
+            # fail closed: mitmproxy must never resolve (and connect to) a name the guard has not checked
+            server.error = f"cannot resolve {host.name}: {e or type(e).__name__}"
+            return
         if r is not None:
             return self._kill(server, r)
         server.cg_address = server.address
