@@ -61,8 +61,24 @@ class GateReader:
         return lim.tunnel_idle_timeout  # inside a body or an opaque stream: bytes must keep coming
 
     async def read(self, n: int = -1) -> bytes:
-        if self.closed:
-            return b""
+        """The client's next bytes that passed the gate: a head only once it is whole and checked (mitmproxy never
+        sees a head the gate has not read the same way), body bytes as they come. b"" at EOF, a refusal or a timeout."""
+        while True:
+            if self.closed:
+                return b""
+            data = await self._read_raw(n)
+            if not data:
+                return data
+            try:
+                out = self._scan(data)
+            except HeadError as e:
+                self._refuse(e)
+                self.close()
+                return b""
+            if out:
+                return out
+
+    async def _read_raw(self, n: int) -> bytes:
         while True:
             timeout = self._timeout()
             try:
@@ -83,13 +99,6 @@ class GateReader:
                 return b""
         if not data:
             self.close()
-            return data
-        try:
-            self._scan(data)
-        except HeadError as e:
-            self._refuse(e)
-            self.close()
-            return b""
         return data
 
     def _refuse(self, e: HeadError) -> None:
@@ -101,14 +110,18 @@ class GateReader:
             self.w.write(answer_bytes(e.status, e.why))
             self.w.close()
 
-    def _scan(self, data: bytes) -> None:
+    def _scan(self, data: bytes) -> bytes:
+        """Follow the framing over `data`; returns what may pass now (partial heads and chunk lines are held)."""
+        out = bytearray()
         i, n = 0, len(data)
         while i < n:
             st = self.state
             if st == "opaque":
-                return
+                out += data[i:]
+                return bytes(out)
             if st == "body" or st == "chunk-data":
                 k = min(self.left, n - i)
+                out += data[i:i + k]
                 i += k
                 self.left -= k
                 if self.left == 0:
@@ -119,15 +132,17 @@ class GateReader:
                 if not self.buf:
                     self.head_start = self.loop.time()
                     if data[i:i + 2] == b"\r\n" and not self.pending:  # a CRLF between requests (RFC 9112 2.2)
+                        out += b"\r\n"
                         i += 2
                         continue
                 take = self.buf + data[i:]
                 end = head_end(take, self.lim.max_header_size, self.lim.max_url_length)
                 if end < 0:
                     self.buf = take
-                    return
+                    return bytes(out)
                 i += end - len(self.buf)
                 self._head(take[:end])
+                out += take[:end]
                 continue
             # chunked framing: a size line, data, CRLF, ... a zero size, trailers, an empty line
             j = data.find(b"\n", i)
@@ -138,10 +153,11 @@ class GateReader:
             if len(self.buf) > limit:
                 raise HeadError("bad-request", "chunk-size line or trailer too long")
             if j < 0:
-                return
+                return bytes(out)
             line, self.buf = self.buf, b""
             if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
                 raise HeadError("bad-request", "bare LF or CR in chunked framing")
+            out += line
             line = line[:-2]
             if st == "chunk-crlf":
                 if line:
@@ -160,6 +176,7 @@ class GateReader:
                     self.state = "head"
                 elif line[:1] in (b" ", b"\t") or b":" not in line or b"\x00" in line:
                     raise HeadError("bad-request", "malformed trailer field")
+        return bytes(out)
 
     def _head(self, head: bytes) -> None:
         method, _, headers = check_head(head, self.lim.max_header_size, self.lim.max_url_length)

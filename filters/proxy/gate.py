@@ -139,8 +139,12 @@ def head_end(buf: bytes, max_header: int, max_url: int) -> int:
     HeadError as soon as the bytes so far are over a limit (an unfinished request line longer than max_url: 414;
     more than max_header bytes without the blank line: 431) or cannot be a request (a NUL, a bare CR)."""
     end = buf.find(b"\r\n\r\n", 0, max_header + 4)
-    if end < 0 and b"\n\n" in buf[:max_header + 2]:
-        raise HeadError("bad-request", "bare LF line ending in the request head")
+    part = buf[:end + 4] if end >= 0 else buf[:max_header + 4]
+    crlf = part.count(b"\r\n")
+    if part.count(b"\n") != crlf:  # lenient readers (h11) end a head at LF LF or LF CR LF: never let them disagree
+        raise HeadError("bad-request", "bare LF in the request head")
+    if part.count(b"\r") != crlf + part.endswith(b"\r"):  # a CR at the very end may be followed by its LF
+        raise HeadError("bad-request", "bare CR in the request head")
     line_end = buf.find(b"\n", 0, max_url + 64)
     if line_end < 0 and len(buf) > max_url + 32:
         raise HeadError("url-too-long", f"request line over {max_url} bytes")

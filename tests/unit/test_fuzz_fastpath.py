@@ -108,7 +108,11 @@ def test_fuzz_head_checks_agree_with_mitmproxy(capsys):
             stats["accepted, mitmproxy 400"] += 1
             return
         assert req.method.encode() == method.upper()  # mitmproxy upper-cases the method, nothing else
-        size = http1.expected_http_body_size(req)  # no ValueError: the framing is unambiguous
+        try:
+            size = http1.expected_http_body_size(req)
+        except ValueError:  # stricter than the gate (e.g. "Content-Length: 5, 5"): mitmproxy answers 400
+            stats["accepted, mitmproxy 400"] += 1
+            return
         cl = [v for n, v in headers if n == b"content-length"]
         te = [v for n, v in headers if n == b"transfer-encoding"]
         assert size == (None if te else int(cl[0].split(b",")[0]) if cl else 0)  # both frame the body the same
@@ -203,7 +207,8 @@ def test_fuzz_front_gate_scan_split_invariant(capsys):
         split = gate_verdict(stream, [c for c in cuts if c < len(stream)])
         assert whole[0] == split[0]  # where the chunks end never changes the verdict
         if whole[0] == "ok":
-            assert whole[1] == split[1] == stream  # nothing passed is dropped or reordered
+            # nothing passed is dropped or reordered; only an unfinished head at the end is held back
+            assert whole[1] == split[1] and stream.startswith(whole[1])
         else:
             assert whole[0] in gate.HEAD_REASONS
         stats[whole[0]] += 1
