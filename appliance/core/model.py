@@ -204,9 +204,9 @@ class Proxy(_Model):
         default_factory=list, description="more networks never proxied (an address is its /32 or /128), on top of "
         "loopback, link-local, multicast, unspecified and every cluster address; checked after DNS")
     connect_ports: list[Union[int, str]] = Field(
-        default_factory=lambda: [443], description="ports CONNECT may reach: numbers or ranges 'a-b' (Squid SSL_ports)")
+        [443], description="ports CONNECT may reach: numbers or ranges 'a-b' (Squid SSL_ports)")
     safe_ports: list[Union[int, str]] = Field(
-        default_factory=lambda: [80, 21, 443, 70, 210, "1025-65535", 280, 488, 591, 777],
+        [80, 21, 443, 70, 210, "1025-65535", 280, 488, 591, 777],
         description="ports plain HTTP may reach: numbers or ranges 'a-b' (default: Squid's Safe_ports)")
 
 
