@@ -115,6 +115,10 @@ class Paths:
     def engine_state(self, vhid: int) -> Path:
         return self.run / f"carp-{vhid}.engine.json"
 
+    def engine_peers(self, vhid: int) -> Path:
+        """The speaker's --peers-file for a vhid (the other nodes, one spec a line)."""
+        return self.run / f"carp-{vhid}.peers"
+
 
 def node_identity_file(cfg_path: Path) -> Path:
     return Path(cfg_path).parent / "node.yaml"

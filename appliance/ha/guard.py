@@ -16,6 +16,7 @@ source (a bounded cache) is a replay.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import OrderedDict
@@ -30,6 +31,7 @@ SEEN_MAX = 8192             # (source, counter) pairs remembered for peers whose
 COUNTER_MODES = ("forward", "any")
 COUNTER_TIME_SHIFT = 20     # our counters start at wall-clock ms << 20: a restart always continues above
 COUNTER_MASK = (1 << 64) - 1
+PEERS_FILE_MAX = 65536      # bytes read from a --peers-file (one spec a line; a cluster has a handful of nodes)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,64 @@ def parse_peer(spec: str) -> Peer:
         else:
             raise ValueError(f"--peer {spec!r}: expected IP[,advskew=0-254][,counter=forward|any], got {p!r}")
     return Peer(ip, skew, mode)
+
+
+def parse_peers(text: str, where: str = "peers file") -> list[Peer]:
+    """A --peers-file: one `parse_peer` spec a line; blank lines and `#` comments skipped. ValueError names the line."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        spec = line.split("#", 1)[0].strip()
+        if not spec:
+            continue
+        try:
+            out.append(parse_peer(spec))
+        except ValueError as e:
+            raise ValueError(f"{where}:{n}: {e}") from None
+    return out
+
+
+class PeersFile:
+    """--peers-file: re-read when its mtime, size or inode changes, looked at no more than once per `every`
+    seconds (one fstat, at most PEERS_FILE_MAX bytes). A file that is missing or does not parse is logged once
+    per version and changes nothing: the caller keeps the list it has."""
+
+    def __init__(self, path: str, logger: logging.Logger, every: float = 1.0) -> None:
+        self.path, self.log, self.every = path, logger, every
+        self._sig: tuple | None = None
+        self._next = 0.0
+
+    def read(self) -> list[Peer]:
+        """The file's peers now (at start); OSError or ValueError when it cannot be used."""
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            self._sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+            raw = f.read(PEERS_FILE_MAX + 1)
+        if len(raw) > PEERS_FILE_MAX:
+            raise ValueError(f"{self.path}: longer than {PEERS_FILE_MAX} bytes")
+        try:
+            return parse_peers(raw.decode(), self.path)
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.path}: not UTF-8 text") from None
+
+    def poll(self, now: float) -> list[Peer] | None:
+        """The new list when the file changed since the last look, else None (also when it is unusable)."""
+        if now < self._next:
+            return None
+        self._next = now + self.every
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            if self._sig != ("missing",):
+                self._sig = ("missing",)
+                self.log.warning("peers file %s: %s; the previous peer list stays", self.path, e.strerror)
+            return None
+        if (st.st_mtime_ns, st.st_size, st.st_ino) == self._sig:
+            return None
+        try:
+            return self.read()
+        except (OSError, ValueError) as e:
+            self.log.warning("peers file not used, the previous peer list stays: %s", getattr(e, "strerror", None) or e)
+            return None
 
 
 def initial_counter(saved: int | None = None, now_ns: int | None = None) -> int:
@@ -93,10 +153,28 @@ class Guard:
         self.vhid, self.vip, self.srcip, self.advbase, self.mcast = vhid, vip, srcip, advbase, mcast
         self.peers = {p.ip: p for p in peers}
         self.resync = resync
+        self._open_max = max_sources
         self.max_sources = len(self.peers) if self.peers else max_sources
         self.sources: OrderedDict[str, _Source] = OrderedDict()
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.counter_resets = 0
+
+    def set_peers(self, peers: Iterable[Peer]) -> None:
+        """Replace the allowed peers in place (the supervisor's peers file changed). The counter state of a peer
+        that stays, with the same counter mode, is kept, so its replays stay refused; the state of a removed peer
+        (or of one whose counter mode changed) is dropped. Without peers every source counts as `counter=any`."""
+        new = {p.ip: p for p in peers}
+
+        def mode(table: dict, ip: str) -> str | None:
+            return table[ip].counter if ip in table else (None if table else "any")
+        if new:
+            keep = {ip for ip in new if mode(self.peers, ip) == new[ip].counter}
+            for ip in [ip for ip in self.sources if ip not in keep]:
+                del self.sources[ip]
+            for key in [k for k in self.seen if k[0] not in keep]:
+                del self.seen[key]
+        self.peers = new
+        self.max_sources = len(new) if new else self._open_max
 
     def admit(self, rx: cp.Received, now: float) -> cp.Advert:
         if rx.src == self.srcip:

@@ -72,8 +72,10 @@ class Speaker:
         self.iface = args.interface
         self.core = Core(vhid=args.vhid, advbase=args.advbase, advskew=args.advskew, srcip=args.srcip,
                          deadratio=args.deadratio, preempt=args.preempt, initial_wait=args.initial_wait)
+        self.peers_file = guard.PeersFile(args.peers_file, log) if args.peers_file else None
+        peers = list(args.peer) + (self.peers_file.read() if self.peers_file else [])   # OSError/ValueError: exit 2
         self.guard = guard.Guard(password=password, vhid=args.vhid, vip=args.addr, srcip=args.srcip,
-                                 advbase=args.advbase, mcast=args.mcast, peers=args.peer, resync=args.counter_resync)
+                                 advbase=args.advbase, mcast=args.mcast, peers=peers, resync=args.counter_resync)
         self.bad = guard.BadLog(log, burst=args.log_burst)
         self.counters: dict[str, int] = {"sent": 0, "send_errors": 0, "received": 0, "transitions": 0}
         self.counter = guard.initial_counter(self._restore())
@@ -268,14 +270,34 @@ class Speaker:
             old = self.core.state
             self.apply(self.core.on_advert(now, rx.src, adv), old)
 
+    def peers_text(self) -> str:
+        return " ".join(f"{p.ip}(advskew>={p.min_advskew}{'' if p.counter == 'forward' else ',counter=' + p.counter})"
+                        for p in self.guard.peers.values()) or "any"
+
+    def reload_peers(self, now: float) -> None:
+        """--peers-file changed (looked at once a second): the guard's peers are updated in place, no restart.
+        A list that would be empty (every address heard) is refused while peers are configured."""
+        new = self.peers_file.poll(now) if self.peers_file else None
+        if new is None:
+            return
+        peers = list(self.args.peer) + new
+        if not peers and self.guard.peers:
+            log.warning("peers file %s lists no peer (that would hear every address); the previous list stays",
+                        self.peers_file.path)
+            return
+        before = self.peers_text()
+        self.guard.set_peers(peers)
+        if self.peers_text() != before:
+            log.warning("peers updated from %s: %s (was %s)", self.peers_file.path, self.peers_text(), before)
+            self.write_state()
+
     # -- loop
     def run(self) -> int:
         a = self.args
         log.warning("vhid %d on %s: srcip %s vip %s advbase %d advskew %d deadratio %d preempt %s garp %s peers %s",
                     a.vhid, self.iface, a.srcip, a.addr, a.advbase, a.advskew, a.deadratio,
-                    "on" if a.preempt else "off", "on" if a.garp else "off",
-                    " ".join(f"{p.ip}(advskew>={p.min_advskew})" for p in a.peer) or "any")
-        if not a.peer:
+                    "on" if a.preempt else "off", "on" if a.garp else "off", self.peers_text())
+        if not self.guard.peers:
             log.warning("no --peer given: adverts from any LAN address are heard (ucarp's behaviour); "
                         "give each other node's address with --peer")
         self.apply(self.core.start(time.monotonic()), INIT)
@@ -302,6 +324,7 @@ class Speaker:
             elif now - self._state_at >= STATE_EVERY:
                 self.write_state()                  # counters (and the peers' last counters) for status/restart
             self.bad.flush(now)
+            self.reload_peers(now)
             if self.usr2:
                 self.usr2 = False
                 old = self.core.state
@@ -354,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         if s and not os.access(s, os.X_OK):
             print(f"speaker: --{opt} {s}: not an executable file", file=sys.stderr)
             return 2
-    sp = Speaker(args, password)
+    try:
+        sp = Speaker(args, password)
+    except (OSError, ValueError) as e:
+        print(f"speaker: --peers-file {args.peers_file}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 2
     try:
         sp.open()
     except (RuntimeError, OSError) as e:

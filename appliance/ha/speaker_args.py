@@ -69,6 +69,10 @@ def parser() -> argparse.ArgumentParser:
       help="a node allowed to send adverts for this vhid (repeat per node); N is the lowest advskew it is configured "
            "with; counter=any for a ucarp or kernel-CARP peer (their counters do not only go up). With --peer, "
            "adverts from any other address are dropped (without it, any address is heard, as ucarp)")
+    a("--peers-file", metavar="FILE",
+      help="more peers, one IP[,advskew=N][,counter=forward|any] a line (# comments); re-read when it changes "
+           "(checked once a second), so a peer's advskew or address changes without a restart. A file that does "
+           "not parse, or that would empty the list, is logged and the previous list kept")
     a("--counter-resync", type=float, default=0.0, metavar="SECONDS",
       help="accept a counter below the last one from a source that was silent this long (a ucarp or kernel-CARP "
            "peer that restarted; such a restart picks a random counter). Default 0: never (speaker peers never need it)")

@@ -57,7 +57,8 @@ def write_scripts(config_path: Path, node: str, paths: Paths) -> tuple[Path, Pat
 
 def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Path, vip: str, advbase: int,
                 advskew: int, preempt: bool, deadratio: int, upscript: Path, downscript: Path,
-                xparam: str, state_file: Path | None = None, peers: list[str] | tuple = ()) -> list[str]:
+                xparam: str, state_file: Path | None = None, peers: list[str] | tuple = (),
+                peers_file: Path | None = None) -> list[str]:
     """The one argument builder for both engines (the speaker takes ucarp's options). Both engines send
     the gratuitous ARP themselves (the speaker only while still MASTER), so the scripts pass --no-garp."""
     if engine not in ENGINES:
@@ -74,6 +75,7 @@ def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Pat
         args += ["--state-file", str(state_file)]
     if engine == "speaker":
         args += [x for p in peers for x in ("--peer", p)]   # adverts from these addresses only (issue 12)
+        args += ["--peers-file", str(peers_file)] if peers_file is not None else []
     return head + args
 
 
@@ -85,6 +87,21 @@ def peer_specs(cfg: Appliance, node: str, vhid: int) -> list[str]:
     """The speaker's --peer values for a vhid: every other node's LAN address and its configured advskew there."""
     return [f"{cfg.nodes[n].lan.ip},advskew={g.advskew}" for n in sorted(cfg.nodes) if n != node
             for g in role.groups(cfg, n) if g.vhid == vhid]
+
+
+def write_peers(cfg: Appliance, node: str, vhid: int, paths: Paths) -> Path:
+    """The speaker's --peers-file for a vhid, one peer_specs() line each, replaced atomically: the speaker
+    re-reads it when it changes, so another node's advskew or address changes without a restart."""
+    path = paths.engine_peers(vhid)
+    write_text_atomic(path, "".join(f"{x}\n" for x in peer_specs(cfg, node, vhid)))
+    return path
+
+
+def peers_only_change(old: Appliance, new: Appliance, node: str) -> bool:
+    """Only the other nodes changed (the "peers" of carp_params): applied live through the peers files. (A list
+    never goes empty: a cluster has two nodes or more, each in every vhid; the speaker would refuse it live.)"""
+    a, b = carp_params(old, node), carp_params(new, node)
+    return a["peers"] != b["peers"] and {**a, "peers": None} == {**b, "peers": None}
 
 
 def carp_params(cfg: Appliance, node: str) -> dict:
@@ -209,12 +226,16 @@ class CarpSupervisor:
             passfile=self.passfile, vip=str(e.group.vip.ip), advbase=self.cfg.cluster.advbase, advskew=e.advskew,
             preempt=self.cfg.cluster.preempt, deadratio=self.deadratio, upscript=self.up, downscript=self.down,
             xparam=str(e.group.vhid), state_file=self.paths.engine_state(e.group.vhid),
-            peers=peer_specs(self.cfg, self.node, e.group.vhid))
+            peers_file=self.peers_file(e.group.vhid))
         e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
         e.started = time.monotonic()
         self.paths.engine_pid(e.group.vhid).write_text(f"{e.proc.pid}\n")
         role.log_line(f"carp: started {self.engine} pid {e.proc.pid} vhid {e.group.vhid} advskew {e.advskew}", self.paths)
         self.write_status()
+
+    def peers_file(self, vhid: int) -> Path | None:
+        """The vhid's peers file, rewritten from the running config (the speaker only; ucarp has no source check)."""
+        return write_peers(self.cfg, self.node, vhid, self.paths) if self.engine == "speaker" else None
 
     def stop_engine(self, e: CarpProcess, why: str) -> None:
         if e.proc is None:
@@ -249,8 +270,9 @@ class CarpSupervisor:
 
     def reload_config(self) -> list[str] | None:
         """SIGHUP: re-read the config (through the `current` symlink), and when this node's CARP settings changed
-        stop every engine (VIPs dropped, leave adverts sent) and start them with the new ones. A config that
-        does not validate keeps the running engines. Returns the changes ([] none), None when refused."""
+        stop every engine (VIPs dropped, leave adverts sent) and start them with the new ones; when only the other
+        nodes changed, rewrite the peers files and keep the engines. A config that does not validate keeps the
+        running engines. Returns the changes ([] none), None when refused."""
         try:
             new = load(self.config_path)
             if self.node not in new.nodes:
@@ -260,11 +282,14 @@ class CarpSupervisor:
             role.log_line(f"carp: config reload refused, the running engines stay as they are: {why}", self.paths)
             return None
         changes = carp_changes(carp_params(self.cfg, self.node), carp_params(new, self.node))
-        if not changes:
-            self.cfg = new
+        if not changes or peers_only_change(self.cfg, new, self.node):
+            self.cfg = new                          # the engines keep running: a peers change goes to the peers files
             self.target = watchdog.check_target(new, self.check)
-            role.log_line("carp: config re-read, CARP settings unchanged", self.paths)
-            return []
+            for e in self.engines:
+                self.peers_file(e.group.vhid)
+            role.log_line(f"carp: peers updated ({'; '.join(changes)}); the engines keep running" if changes
+                          else "carp: config re-read, CARP settings unchanged", self.paths)
+            return changes
         role.log_line(f"carp: CARP settings changed ({'; '.join(changes)}); restarting the engines", self.paths)
         for e in self.engines:
             self.stop_engine(e, "carp settings changed")

@@ -158,3 +158,109 @@ def test_bad_log_keeps_other_vhids_quiet(caplog):
     with caplog.at_level(logging.WARNING, logger="test-badlog2"):
         bl.record("badvhid", "10.0.0.5", 0.0)
     assert bl.counts == {"badvhid": 1} and not caplog.records
+
+
+# --------------------------------------------------------------------------- live peer changes (--peers-file)
+
+def test_set_peers_keeps_the_state_of_peers_that_stay_and_drops_the_rest():
+    g = make()
+    g.admit(pkt(counter=10), 0.0)
+    g.admit(pkt(src=FW2, advskew=100, counter=20), 0.1)
+    g.set_peers([guard.Peer(FW1, 0), guard.Peer(FW2, 110), guard.Peer("10.0.0.4", 50)])
+    assert reason(g, pkt(counter=10), 1.0) == "replay"                         # fw1's high-water mark kept
+    assert reason(g, pkt(src=FW2, advskew=100, counter=21), 1.0) == "badadvskew"   # the new advskew applies
+    assert g.admit(pkt(src=FW2, advskew=110, counter=21), 1.0)
+    assert g.admit(pkt(src="10.0.0.4", advskew=50, counter=1), 1.0)             # the new peer is heard
+    assert g.max_sources == 3
+    g.set_peers([guard.Peer(FW2, 110)])                                         # fw1 removed
+    assert reason(g, pkt(counter=11), 2.0) == "badsrc"
+    assert set(g.sources) == {FW2} and g.max_sources == 1
+    assert reason(g, pkt(src=FW2, advskew=110, counter=21), 2.0) == "replay"   # still kept
+
+
+def test_set_peers_drops_the_state_of_a_peer_whose_counter_mode_changed():
+    g = make(peers=(guard.Peer(FW1, 0, "any"),))
+    g.admit(pkt(counter=2 ** 60), 0.0)                                         # ucarp: a random counter
+    g.set_peers([guard.Peer(FW1, 0)])                                          # now a speaker: forward only
+    assert g.sources == {} and g.seen == {}
+    assert g.admit(pkt(counter=5), 1.0)                                        # not locked out by the random one
+    g.set_peers([])                                                            # open mode: nothing dropped
+    assert set(g.sources) == {FW1} and g.max_sources == guard.MAX_SOURCES
+
+
+def test_parse_peers_skips_comments_and_names_the_bad_line():
+    text = "# written by appliance carp\n10.0.0.1,advskew=0\n\n  10.0.0.2,advskew=100  # fw2\n10.0.0.9,counter=any\n"
+    assert guard.parse_peers(text) == [guard.Peer(FW1, 0), guard.Peer(FW2, 100), guard.Peer("10.0.0.9", 0, "any")]
+    with pytest.raises(ValueError, match=r"f:2: .*not an IPv4"):
+        guard.parse_peers("10.0.0.1\nfw2.example\n", "f")
+    with pytest.raises(ValueError, match=r"f:1: .*advskew=300"):
+        guard.parse_peers("10.0.0.1,advskew=300\n", "f")
+
+
+def _replace(path, text: str) -> None:
+    """As the supervisor writes it: a new file renamed over the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def test_peers_file_is_reread_when_it_changes_at_most_once_a_second(tmp_path, caplog):
+    path = tmp_path / "carp-1.peers"
+    path.write_text("10.0.0.1,advskew=0\n")
+    pf = guard.PeersFile(str(path), logging.getLogger("t"), every=1.0)
+    assert pf.read() == [guard.Peer(FW1, 0)]
+    assert pf.poll(0.0) is None                                     # unchanged
+    _replace(path, "10.0.0.1,advskew=0\n10.0.0.2,advskew=110\n")
+    assert pf.poll(0.5) is None                                     # not looked at before a second has passed
+    assert pf.poll(1.0) == [guard.Peer(FW1, 0), guard.Peer(FW2, 110)]
+    assert pf.poll(2.0) is None
+    caplog.set_level(logging.WARNING)
+    _replace(path, "10.0.0.1,advskew=0\nnot-an-address\n")          # bad input: logged once, nothing returned
+    assert pf.poll(3.0) is None and pf.poll(4.0) is None
+    assert [r.getMessage() for r in caplog.records if "not-an-address" in r.getMessage()] != []
+    assert len([r for r in caplog.records if "previous peer list stays" in r.getMessage()]) == 1
+    path.unlink()
+    assert pf.poll(5.0) is None and pf.poll(6.0) is None
+    assert len([r for r in caplog.records if "No such file" in r.getMessage()]) == 1
+    path.write_text("10.0.0.2,advskew=120\n")
+    assert pf.poll(7.0) == [guard.Peer(FW2, 120)]
+    path.write_bytes(b"#" * (guard.PEERS_FILE_MAX + 1))             # bounded read
+    assert pf.poll(8.0) is None
+
+
+def test_the_speaker_applies_a_peers_file_change_without_a_restart(tmp_path, caplog):
+    from appliance.ha.speaker import Speaker, parser
+    path = tmp_path / "carp-1.peers"
+    path.write_text("10.0.0.1,advskew=0\n10.0.0.2,advskew=100\n")
+    args = parser().parse_args(["--interface=lo", f"--srcip={SELF}", "--vhid=1", f"--addr={VIP}", "--pass=x",
+                                f"--peers-file={path}", "--peer=10.0.0.5", f"--state-file={tmp_path / 'st.json'}"])
+    sp = Speaker(args, PW)
+    assert set(sp.guard.peers) == {FW1, FW2, "10.0.0.5"}
+    sp.guard.admit(pkt(counter=10), 0.0)
+    caplog.set_level(logging.WARNING)
+    _replace(path, "10.0.0.1,advskew=0\n10.0.0.2,advskew=110\n")
+    sp.reload_peers(10.0)
+    assert sp.guard.peers[FW2].min_advskew == 110 and FW1 in sp.guard.sources
+    assert any("peers updated" in r.getMessage() and "advskew>=110" in r.getMessage() for r in caplog.records)
+    assert '"peers_configured": ["10.0.0.1", "10.0.0.2", "10.0.0.5"]' in (tmp_path / "st.json").read_text()
+    _replace(path, "10.0.0.1,advskew=0\n10.0.0.2,advskew=oops\n")        # bad: the previous list stays
+    sp.reload_peers(20.0)
+    assert sp.guard.peers[FW2].min_advskew == 110
+    _replace(path, "")                                                  # --peer still listed: the file may empty
+    sp.reload_peers(30.0)
+    assert set(sp.guard.peers) == {"10.0.0.5"}
+
+
+def test_a_peers_file_that_would_empty_the_list_is_refused(tmp_path, caplog):
+    from appliance.ha.speaker import Speaker, main, parser
+    path = tmp_path / "carp-1.peers"
+    base = ["--interface=lo", f"--srcip={SELF}", "--vhid=1", f"--addr={VIP}", "--pass=x"]
+    path.write_text("10.0.0.1,advskew=0\n")
+    sp = Speaker(parser().parse_args([*base, f"--peers-file={path}"]), PW)
+    caplog.set_level(logging.WARNING)
+    _replace(path, "# no peers\n")
+    sp.reload_peers(1.0)
+    assert set(sp.guard.peers) == {FW1} and any("lists no peer" in r.getMessage() for r in caplog.records)
+    path.write_text("bogus\n")                                          # at start: a bad file is a bad option
+    assert main([*base, f"--peers-file={path}"]) == 2
+    assert main([*base, f"--peers-file={tmp_path / 'missing'}"]) == 2

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from appliance.core import loader as cfgmod
 from appliance.core import state
@@ -61,6 +62,72 @@ def test_pass_file_is_0600_and_scripts_call_role(example_tree: Path, state_dir: 
     assert "change-me" not in text and "role backup" in down.read_text()
     r = subprocess.run(["sh", "-n", str(up)])
     assert r.returncode == 0
+
+
+def _edit(path: Path, fn) -> None:
+    data = yaml.safe_load(path.read_text())
+    fn(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+class _FakeProc:
+    pid = 4242
+
+    def poll(self):
+        return None
+
+
+def _supervisor(example_tree: Path, state_dir: Path, monkeypatch, engine: str = "speaker"):
+    """A CarpSupervisor on fw1 whose engines are 'started' without a process; returns it, the argvs, the stops."""
+    sup = carp.CarpSupervisor(cfgmod.load(example_tree), "fw1", example_tree, Paths(state_dir), engine=engine,
+                              use_watchdog=False)
+    sup.passfile = carp.write_pass(sup.cfg, sup.paths)
+    sup.up, sup.down, sup.env = state_dir / "up", state_dir / "down", {}
+    argvs, stops = [], []
+    monkeypatch.setattr(carp.subprocess, "Popen", lambda argv, **kw: argvs.append(argv) or _FakeProc())
+    monkeypatch.setattr(sup, "stop_engine", lambda e, why: stops.append(why))
+    sup.engines = [carp.CarpProcess(g) for g in role.groups(sup.cfg, "fw1")]
+    for e in sup.engines:
+        sup.start_engine(e)
+    return sup, argvs, stops
+
+
+def test_a_peers_only_change_is_applied_live_without_a_restart(example_tree: Path, state_dir: Path, monkeypatch) -> None:
+    sup, argvs, stops = _supervisor(example_tree, state_dir, monkeypatch)
+    peers = Paths(state_dir).engine_peers(1)
+    assert opt(argvs[0], "--peers-file") == str(peers) and "--peer" not in argvs[0]
+    assert peers.read_text() == "192.168.1.3,advskew=100\n"
+    engines = sup.engines
+    # the backup's advskew changes (a sync of an edited cluster file): fw1's speaker keeps running
+    _edit(example_tree, lambda d: d["nodes"]["fw2"].update(advskew=110))
+    changes = sup.reload_config()
+    assert changes == ["peers ['vhid 1 192.168.1.3,advskew=100'] -> ['vhid 1 192.168.1.3,advskew=110']"]
+    assert stops == [] and sup.engines is engines and len(argvs) == 1
+    assert peers.read_text() == "192.168.1.3,advskew=110\n" and sup.cfg.nodes["fw2"].advskew == 110
+    log = (state_dir / "ha.log").read_text()
+    assert "carp: peers updated (peers " in log and "restarting" not in log
+    # a peer's address too
+    _edit(example_tree, lambda d: d["nodes"]["fw2"].update(lan="192.168.1.4/24"))
+    assert sup.reload_config() and stops == [] and peers.read_text() == "192.168.1.4,advskew=110\n"
+    # this node's own advskew: a restart, as before (the new engine gets the peers file again)
+    _edit(example_tree, lambda d: d["nodes"]["fw1"].update(advskew=10))
+    assert sup.reload_config() == ["vhid 1 advskew 0 -> 10"] and stops == ["carp settings changed"]
+    assert sup.engines is not engines
+
+
+def test_peers_only_change_and_ucarp_never_gets_peers(example_tree: Path, state_dir: Path, monkeypatch) -> None:
+    cfg = cfgmod.load(example_tree)
+    _edit(example_tree, lambda d: d["nodes"]["fw2"].update(advskew=110))
+    assert carp.peers_only_change(cfg, cfgmod.load(example_tree), "fw1")
+    assert not carp.peers_only_change(cfg, cfg, "fw1")                       # nothing changed
+    _edit(example_tree, lambda d: d["cluster"].update(advbase=2))
+    assert not carp.peers_only_change(cfg, cfgmod.load(example_tree), "fw1")  # peers and more: a restart
+    # ucarp: no --peer, no --peers-file, no file written; a peers-only change does not restart it either
+    _edit(example_tree, lambda d: d["cluster"].update(advbase=1))
+    sup, argvs, stops = _supervisor(example_tree, state_dir, monkeypatch, engine="ucarp")
+    assert not [a for a in argvs[0] if a.startswith("--peer")] and not Paths(state_dir).engine_peers(1).exists()
+    _edit(example_tree, lambda d: d["nodes"]["fw2"].update(advskew=120))
+    assert sup.reload_config() and stops == [] and not Paths(state_dir).engine_peers(1).exists()
 
 
 def test_demoted_advskew_and_startup_order(example_tree: Path) -> None:
