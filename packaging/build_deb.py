@@ -6,7 +6,7 @@ SOURCE_DATE_EPOCH = that commit's time, every mtime clamped to it, fixed modes, 
 compiles them), and the staging path rewritten to /opt/carpguard. Wheels come from a cache outside the repo
 (~/.cache/carpguard/wheels, or $CARPGUARD_CACHE/wheels): a second build does no network work.
 
-Usage: python packaging/build_deb.py [--out dist] [--relock]     (needs dpkg-deb and /usr/bin/python3 with venv)
+Usage: python packaging/build_deb.py [--out dist] [--commit REV] [--relock]     (needs dpkg-deb and /usr/bin/python3 with venv)
 """
 from __future__ import annotations
 
@@ -52,13 +52,13 @@ def git(*args: str) -> str:
     return run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
 
 
-def version() -> str:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+def version(rev: str = "HEAD") -> str:
+    return tomllib.loads(git("show", f"{rev}:pyproject.toml"))["project"]["version"]
 
 
-def export_source(dst: Path) -> None:
-    """The committed tree of HEAD: what a fresh clone would build, whatever is being edited in the work tree."""
-    archive = run(["git", "-C", str(REPO), "archive", "--format=tar", "HEAD"], capture_output=True).stdout
+def export_source(dst: Path, rev: str = "HEAD") -> None:
+    """The committed tree of `rev`: what a fresh clone would build, whatever is being edited in the work tree."""
+    archive = run(["git", "-C", str(REPO), "archive", "--format=tar", rev], capture_output=True).stdout
     run(["tar", "-x", "-C", str(dst)], input=archive)
 
 
@@ -91,6 +91,7 @@ def make_venv(target: Path, src: Path, cache: Path) -> bool:
     pip(target, *common, "--no-deps", "--use-pep517", str(src))
     pip(target, "uninstall", "-q", "-y", "pip", "setuptools")
     relocate(target)
+    strip(target)
     return online
 
 
@@ -107,6 +108,7 @@ def relocate(venv: Path) -> None:
             record.write_text("".join(lines))
         p.unlink()
     old = str(venv).encode()
+    rewritten: set[Path] = set()
     for p in sorted(venv.rglob("*")):
         if p.is_symlink() or not p.is_file():
             continue
@@ -116,8 +118,41 @@ def relocate(venv: Path) -> None:
         if p.parent.name != "bin" and p.name != "pyvenv.cfg":
             raise BuildError(f"{p}: holds the staging path {venv} and is not a script the build knows how to fix")
         p.write_bytes(data.replace(old, PREFIX.encode()))
+        rewritten.add(p.resolve())
+    fix_records(venv, rewritten)
+    for link in sorted((venv / "bin").iterdir()):  # python3 -> /usr/bin/python3.11: the ABI the wheels were built for
+        if link.is_symlink() and os.readlink(link) == PYTHON:
+            link.unlink()
+            os.symlink(os.path.realpath(PYTHON), link)
     cfg = venv / "pyvenv.cfg"  # `command = /usr/bin/python3 -m venv <staging>`: keep what a reader needs
     cfg.write_text("".join(l for l in cfg.read_text().splitlines(keepends=True) if not l.startswith("command")))
+
+
+def fix_records(venv: Path, changed: set[Path]) -> None:
+    """RECORD names the scripts pip wrote with the staging path: give them the hash and size of the fixed files."""
+    import base64
+
+    for record in sorted(venv.glob("lib/python3*/site-packages/*.dist-info/RECORD")):
+        out = []
+        for line in record.read_text().splitlines(keepends=True):
+            path, _, rest = line.partition(",")
+            target = (record.parent.parent / path).resolve()
+            if target in changed:
+                data = target.read_bytes()
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                line = f"{path},sha256={digest},{len(data)}\n"
+            out.append(line)
+        record.write_text("".join(out))
+
+
+def strip(venv: Path) -> None:
+    """What dh_strip does to the wheels' extension modules: no debug symbols (a third of the venv), same bytes each time."""
+    tool = shutil.which("strip")
+    if not tool:
+        raise BuildError("strip: not found (apt-get install binutils)")
+    for so in sorted(venv.rglob("*.so")):
+        if so.is_file() and not so.is_symlink() and so.read_bytes()[:4] == b"\x7fELF":
+            run([tool, "--strip-unneeded", "--remove-section=.comment", "--remove-section=.note", str(so)])
 
 
 def render_sync_access(src: Path) -> tuple[str, str]:
@@ -154,7 +189,7 @@ def put(root: Path, path: str, data: bytes | str, mode: int = 0o644) -> None:
     p.chmod(mode)
 
 
-def lay_out(root: Path, src: Path, ver: str, commit: str, epoch: int) -> None:
+def lay_out(root: Path, src: Path, ver: str, commit: str, epoch: int, maint: str) -> None:
     for name in ("appliance-proxy-start", "appliance-sync-due"):
         put(root, f"{PREFIX}/libexec/{name}", (DEB / "libexec" / name).read_bytes(), 0o755)
     (root / "usr/bin").mkdir(parents=True, exist_ok=True)
@@ -168,15 +203,18 @@ def lay_out(root: Path, src: Path, ver: str, commit: str, epoch: int) -> None:
     doc = "/usr/share/doc/carpguard"
     put(root, f"{doc}/copyright", (DEB / "copyright").read_bytes())
     date = run(["date", "-u", "-R", "-d", f"@{epoch}"], capture_output=True, text=True).stdout.strip()
-    changelog = (DEB / "changelog").read_text().replace("@VERSION@", ver).replace("@COMMIT@", commit[:12]).replace("@DATE@", date)
+    changelog = (DEB / "changelog").read_text().replace("@VERSION@", ver).replace("@COMMIT@", commit[:12]).replace("@DATE@", date).replace("@MAINTAINER@", maint)
     put(root, f"{doc}/changelog.gz", gz(changelog.encode()))
     put(root, f"{doc}/README.Debian", (DEB / "README.Debian").read_bytes())
     put(root, f"{doc}/requirements.lock", LOCK.read_bytes())
     put(root, "/usr/share/lintian/overrides/carpguard", (DEB / "lintian-overrides").read_bytes())
 
 
+EXEC_DIRS = (f"{PREFIX}/bin", f"{PREFIX}/libexec")  # the only executables; a wheel's stray +x bits are dropped
+
+
 def normalise(root: Path, epoch: int) -> None:
-    """Modes from the executable bit only (0755/0644, dirs 0755); every mtime = SOURCE_DATE_EPOCH."""
+    """Dirs 0755, files 0644 except scripts in EXEC_DIRS (0755); every mtime = SOURCE_DATE_EPOCH."""
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
@@ -185,14 +223,15 @@ def normalise(root: Path, epoch: int) -> None:
             if p.is_dir():
                 p.chmod(0o755)
             else:
-                p.chmod(0o755 if p.stat().st_mode & 0o111 else 0o644)
+                sourced = p.name.lower().startswith("activate")  # bin/activate*: read by a shell, never run
+                p.chmod(0o755 if f"/{p.parent.relative_to(root)}" in EXEC_DIRS and not sourced else 0o644)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             os.utime(Path(dirpath) / name, (epoch, epoch), follow_symlinks=False)
     os.utime(root, (epoch, epoch))
 
 
-def control_files(root: Path, ver: str) -> None:
+def control_files(root: Path, ver: str, maint: str) -> None:
     debian = root / "DEBIAN"
     debian.mkdir()
     files, size = [], 0
@@ -208,7 +247,7 @@ def control_files(root: Path, ver: str) -> None:
     conffiles = ["/etc/logrotate.d/appliance"]
     md5 = "".join(f"{hashlib.md5(p.read_bytes()).hexdigest()}  {p.relative_to(root)}\n"
                   for p in sorted(files) if f"/{p.relative_to(root)}" not in conffiles)
-    control = (DEB / "control.in").read_text().replace("@VERSION@", ver).replace("@INSTALLED_SIZE@", str(size))
+    control = (DEB / "control.in").read_text().replace("@VERSION@", ver).replace("@INSTALLED_SIZE@", str(size)).replace("@MAINTAINER@", maint)
     put(root, "DEBIAN/control", control)
     put(root, "DEBIAN/md5sums", md5)
     put(root, "DEBIAN/conffiles", "".join(c + "\n" for c in conffiles))
@@ -216,24 +255,27 @@ def control_files(root: Path, ver: str) -> None:
         put(root, f"DEBIAN/{script}", (DEB / script).read_bytes(), 0o755)
 
 
-def build(out: Path, cache: Path) -> tuple[Path, bool]:
+def build(out: Path, cache: Path, rev: str = "HEAD") -> tuple[Path, bool]:
     for tool in ("dpkg-deb", "git", PYTHON):
         if not shutil.which(tool):
             raise BuildError(f"{tool}: not found (apt-get install dpkg-dev git python3-venv)")
-    ver, commit = version(), git("rev-parse", "HEAD")
-    epoch = int(git("log", "-1", "--format=%ct"))
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    ver, epoch = version(commit), int(git("log", "-1", "--format=%ct", commit))
+    # Debian's convention (dch): DEBFULLNAME/DEBEMAIL, else the packaged commit's author
+    maint = (f"{os.environ['DEBFULLNAME']} <{os.environ['DEBEMAIL']}>" if os.environ.get("DEBFULLNAME") and os.environ.get("DEBEMAIL")
+             else git("log", "-1", "--format=%an <%ae>", commit))
     with tempfile.TemporaryDirectory(prefix="carpguard-deb.") as tmp:
         tmp = Path(tmp)
         src, root = tmp / "src", tmp / "root"
         src.mkdir()
-        export_source(src)
+        export_source(src, commit)
         staging = tmp / "venv"
         online = make_venv(staging, src, cache)
         (root / PREFIX.lstrip("/")).parent.mkdir(parents=True)
         shutil.move(str(staging), root / PREFIX.lstrip("/"))
-        lay_out(root, src, ver, commit, epoch)
+        lay_out(root, src, ver, commit, epoch, maint)
         normalise(root, epoch)
-        control_files(root, ver)
+        control_files(root, ver, maint)
         normalise(root / "DEBIAN", epoch)
         for script in ("postinst", "prerm", "postrm"):
             (root / "DEBIAN" / script).chmod(0o755)
@@ -264,13 +306,14 @@ def relock(cache: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "dist"), help="output directory [dist/]")
+    ap.add_argument("--commit", default="HEAD", help="the commit to package [HEAD]")
     ap.add_argument("--relock", action="store_true", help="re-resolve packaging/requirements.lock (network)")
     args = ap.parse_args(argv)
     try:
         if args.relock:
             relock(cache_dir())
             return 0
-        deb, online = build(Path(args.out), cache_dir())
+        deb, online = build(Path(args.out), cache_dir(), args.commit)
     except (BuildError, subprocess.CalledProcessError) as e:
         print(f"build_deb: error: {e}", file=sys.stderr)
         return 1

@@ -21,11 +21,12 @@ CACHE = Path(os.environ.get("CARPGUARD_CACHE") or Path.home() / ".cache" / "carp
 CHROOT_TAR = CACHE / "bookworm-chroot.tar"
 CHROOT_DEPS = ("python3.11,libc6,adduser,init-system-helpers,sudo,openssh-server,openssh-client,rsync,iproute2,"
                "iputils-arping,util-linux,systemd,logrotate")
+COMMIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 UNITS = ("appliance-proxy.service", "appliance-carp.service", "appliance-sync.service", "appliance-sync.timer")
 
 
-def build(out: Path, offline: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(BUILD), "--out", str(out)]
+def build(out: Path, commit: str, offline: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BUILD), "--out", str(out), "--commit", commit]
     if offline:  # a new network namespace with no interface up: any download attempt fails
         cmd = ["unshare", "--net", "--", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
@@ -37,7 +38,7 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not Path("/usr/bin/python3").exists():
         pytest.skip("needs Debian's /usr/bin/python3 (python3-venv)")
     out = tmp_path_factory.mktemp("dist1")
-    r = build(out)
+    r = build(out, COMMIT)
     assert r.returncode == 0, r.stderr
     debs = list(out.glob("carpguard_*_amd64.deb"))
     assert len(debs) == 1, list(out.iterdir())
@@ -61,7 +62,8 @@ def test_info_and_contents(deb: Path):
     assert all(i.uid == 0 and i.gid == 0 and i.uname == "root" for i in m.values())
     assert len({i.mtime for i in m.values()}) == 1  # clamped to SOURCE_DATE_EPOCH
     assert m["/usr/bin/appliance"].issym() and m["/usr/bin/appliance"].linkname == "/opt/carpguard/bin/appliance"
-    assert m["/opt/carpguard/bin/python"].linkname == "/usr/bin/python3"  # Debian's interpreter
+    assert m["/opt/carpguard/bin/python"].linkname == "python3"
+    assert m["/opt/carpguard/bin/python3"].linkname == "/usr/bin/python3.11"  # Debian's interpreter
     for unit in UNITS:
         assert m[f"/lib/systemd/system/{unit}"].mode == 0o644
     for exe in ("/opt/carpguard/bin/appliance", "/opt/carpguard/libexec/appliance-proxy-start",
@@ -111,7 +113,8 @@ snap() {
   cat /etc/passwd /etc/group /etc/shadow /etc/gshadow > "$1.users"
 }
 snap /tmp/before
-apt-get install -y -q --no-download ./tmp/carpguard.deb > /tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
+mkdir -p /run/sshd
+apt-get install -y -q /tmp/carpguard.deb > /tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
 echo "USERS $(getent passwd carpguard | cut -d: -f1,6,7) $(getent passwd appliance-sync | cut -d: -f1,6,7)"
 echo "MODES $(stat -c '%n=%a:%U:%G' /var/lib/appliance /var/lib/appliance/proxy/run /var/log/appliance \
   /var/log/appliance/access.log /etc/sudoers.d/appliance /var/lib/appliance-sync/.ssh)"
@@ -120,7 +123,7 @@ visudo -c -q && echo VISUDO-OK
 sudo -l -U appliance-sync | grep -q "/usr/bin/appliance sync-serve" && echo SUDO-RULE-OK
 sshd -t && echo SSHD-OK
 echo "FORCE $(sshd -T -C user=appliance-sync,host=peer,addr=192.0.2.7 | grep -i '^forcecommand' | cut -d' ' -f2-)"
-echo "ROOTFORCE $(sshd -T -C user=root,host=peer,addr=192.0.2.7 | grep -ic '^forcecommand' || true)"
+echo "ROOTFORCE $(sshd -T -C user=root,host=peer,addr=192.0.2.7 | grep -i '^forcecommand' | cut -d' ' -f2-)"
 for u in appliance-proxy.service appliance-carp.service appliance-sync.timer; do echo "ENABLED $u $(systemctl is-enabled $u)"; done
 systemd-analyze verify --man=no /lib/systemd/system/appliance-*.service /lib/systemd/system/appliance-sync.timer \
   && echo VERIFY-OK
@@ -144,7 +147,7 @@ def test_install_and_purge_offline_in_chroot(deb: Path, tmp_path: Path):
     shutil.copy(deb, root / "tmp" / "carpguard.deb")
     (root / "tmp" / "run.sh").write_text(IN_CHROOT)
     # private mount + network namespaces: /dev and /proc vanish with the process, and apt has no network at all
-    script = (f'mount --bind /dev "{root}/dev" && mount -t proc proc "{root}/proc" && '
+    script = (f'mount --rbind /dev "{root}/dev" && mount -t proc proc "{root}/proc" && '
               f'chroot "{root}" /bin/sh /tmp/run.sh')
     r = subprocess.run(["unshare", "--mount", "--net", "--propagation", "private", "--", "sh", "-c", script],
                        capture_output=True, text=True, timeout=900)
@@ -158,7 +161,7 @@ def test_install_and_purge_offline_in_chroot(deb: Path, tmp_path: Path):
         assert mode in out
     assert "PIDLINK ../proxy/run/proxy.pid" in out
     assert "FORCE /usr/bin/sudo -n /usr/bin/appliance sync-serve" in out
-    assert "ROOTFORCE 0" in out  # the Match block ends with its file: other users keep the main config
+    assert "ROOTFORCE none" in out  # the Match block ends with its file: other users keep the main config
     for unit in ("appliance-proxy.service", "appliance-carp.service", "appliance-sync.timer"):
         assert f"ENABLED {unit} enabled" in out
     for ok in ("VISUDO-OK", "SUDO-RULE-OK", "SSHD-OK", "VERIFY-OK", "CLI-OK", "IMPORTS-OK", "WRAPPER-OK",
@@ -168,7 +171,7 @@ def test_install_and_purge_offline_in_chroot(deb: Path, tmp_path: Path):
 
 def test_second_build_offline_same_bytes(deb: Path, tmp_path: Path):
     need_tool("unshare")
-    r = build(tmp_path, offline=True)
+    r = build(tmp_path, COMMIT, offline=True)
     assert r.returncode == 0, r.stderr
     assert "offline" in r.stdout
     again = tmp_path / deb.name
