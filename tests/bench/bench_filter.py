@@ -401,6 +401,8 @@ def main() -> None:
         procs.append(subprocess.Popen([PY, "-c", ORIGIN, str(tls_port), str(cert), str(key)]))
         wait_port(origin_port)
         wait_port(tls_port)
+        # the proxy refuses loopback destinations (issue 11); these two bench origins are let through, as in the tests
+        env["APPLIANCE_PROXY_TEST_REACH"] = f"127.0.0.1:{origin_port},127.0.0.1:{tls_port}"
 
         script = tmp / "mitm_filter.py"
         script.write_text(MITM_FILTER.format(root=str(ROOT), cfg=str(cfg)))
