@@ -36,6 +36,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "state"
     d.mkdir()
     monkeypatch.setenv("APPLIANCE_STATE_DIR", str(d))
+    monkeypatch.setenv("APPLIANCE_HOOKS_DIR", str(d / "hooks.d"))  # node-local hooks: never the host's
     return d
 
 

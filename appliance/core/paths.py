@@ -51,11 +51,36 @@ def appliance_bin() -> str:
     return str(arg0.resolve()) if arg0.name == "appliance" and arg0.exists() else "appliance"
 
 
+def hooks_dir() -> Path:
+    """Where this node's role hooks live: $APPLIANCE_HOOKS_DIR, else a node-local dir beside (never inside) the
+    config dir, which sync never writes (the config dir itself may be a link to the synced release)."""
+    env = os.environ.get("APPLIANCE_HOOKS_DIR")
+    if env:
+        return Path(env)
+    return Path("/usr/local/etc/appliance-hooks.d") if _freebsd() else Path("/etc/appliance-hooks.d")
+
+
 @dataclass(frozen=True)
 class Paths:
     """The node-local state dir and every file in it that more than one module knows about."""
 
     state: Path
+    hooks_root: Path | None = None  # the hooks dir when not the default (tests); see hooks_dir()
+
+    @property
+    def hooks(self) -> Path:
+        """hooks/<role>/ holds this node's role hooks: root-owned, node-local, never synced (docs/ha.md#hooks)."""
+        return self.hooks_root if self.hooks_root is not None else hooks_dir()
+
+    @property
+    def keys(self) -> Path:
+        """This node's own keys (0700): its sync key pair, never synced, never in a release."""
+        return self.state / "keys"
+
+    @property
+    def sync_key(self) -> Path:
+        """This node's private sync key (the public half beside it, .pub); its peers authorise the public half."""
+        return self.keys / "sync_ed25519"
 
     @classmethod
     def default(cls) -> "Paths":
@@ -108,6 +133,11 @@ class Paths:
     @property
     def carp_pass(self) -> Path:
         return self.run / "carp.pass"
+
+    @property
+    def carp_pass_next(self) -> Path:
+        """The pass being rotated in (cluster.password_next), absent outside a rotation; the speaker accepts both."""
+        return self.run / "carp.pass.next"
 
     def engine_pid(self, vhid: int) -> Path:
         return self.run / f"carp-{vhid}.engine.pid"

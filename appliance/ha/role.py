@@ -66,26 +66,49 @@ def log_line(message: str, paths: Paths) -> None:
 
 
 def hook_dirs(config_path: Path | None, role: str, paths: Paths) -> list[Path]:
-    """hooks.d/<role>/ beside the config file, then in the state dir."""
-    sub = Path("hooks.d") / role.lower()
-    dirs = []
+    """The node-local <hooks>/<role>/ (Paths.hooks): never the synced config tree, which carries no code. A
+    hooks.d left beside the config (the old place) is not run; the log says where hooks go now."""
     if config_path is not None:
-        dirs.append(Path(config_path).resolve().parent / sub)
-    dirs.append(paths.state / sub)
-    return dirs
+        old = Path(config_path).resolve().parent / "hooks.d"
+        if old.exists():
+            log_line(f"hooks: {old} is inside the synced config tree and is ignored; move the hooks to "
+                     f"{paths.hooks}/<role>/ (node-local, root-owned)", paths)
+    return [paths.hooks / role.lower()]
+
+
+def unsafe(path: Path, is_dir: bool) -> str:
+    """Why a hooks dir or hook must not run ('' when fine): it must be owned by root (or by whoever runs this,
+    when that is not root: tests) and writable by nobody else."""
+    st = os.stat(path)
+    owners = {0, os.geteuid()}
+    if st.st_uid not in owners:
+        return f"owned by uid {st.st_uid}, not root"
+    if st.st_mode & 0o022:
+        return f"group/world-writable (mode {st.st_mode & 0o7777:o})"
+    if is_dir != os.path.isdir(path):
+        return "not a directory" if is_dir else "not a regular file"
+    return ""
 
 
 def list_hooks(dirs: list[Path], paths: Paths) -> list[Path]:
-    """Executable regular files from all dirs, in name order (a name in a later dir runs after the same name earlier)."""
+    """Executable regular files from all dirs, in name order (a name in a later dir runs after the same name earlier).
+    A dir (or its parent, the hooks root) or hook that others could have written is refused, logged, never run."""
     found: list[tuple[str, int, Path]] = []
     for i, d in enumerate(dirs):
         if not d.is_dir():
+            continue
+        why = next((f"{x}: {w}" for x in (d.parent, d) if (w := unsafe(x, True))), "")
+        if why:
+            log_line(f"hooks in {d} refused, none run: {why}", paths)
             continue
         for p in d.iterdir():
             if p.name.startswith(".") or not p.is_file():
                 continue
             if not os.access(p, os.X_OK):
                 log_line(f"hook {p} is not executable; skipped", paths)
+                continue
+            if why := unsafe(p, False):
+                log_line(f"hook {p} refused, not run: {why}", paths)
                 continue
             found.append((p.name, i, p))
     return [p for _, _, p in sorted(found)]

@@ -28,7 +28,7 @@ def hook(d: Path, name: str, body: str, executable: bool = True) -> Path:
 def test_role_is_idempotent_and_records_state(example_tree: Path, state_dir: Path) -> None:
     cfg = cfgmod.load(example_tree)
     log = state_dir / "hook.log"
-    hook(example_tree.parent / "hooks.d" / "master", "10-count", f'echo "$APPLIANCE_ROLE $APPLIANCE_VHID $APPLIANCE_PREVIOUS_ROLE" >> {log}')
+    hook(state_dir / "hooks.d" / "master", "10-count", f'echo "$APPLIANCE_ROLE $APPLIANCE_VHID $APPLIANCE_PREVIOUS_ROLE" >> {log}')
     first = role.apply(Paths(state_dir), cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
     assert first["changed"] and first["role"] == "MASTER" and first["vhid"] == 1 and first["iface"] == "em0"
     since = first["since"]
@@ -46,23 +46,50 @@ def test_role_is_idempotent_and_records_state(example_tree: Path, state_dir: Pat
     assert len(lines) == 2 and "INIT -> MASTER" in lines[0] and "MASTER -> BACKUP" in lines[1]
 
 
-def test_hooks_run_in_name_order_across_dirs_and_skip_non_executables(example_tree: Path, state_dir: Path) -> None:
+def test_hooks_run_in_name_order_from_the_node_local_dir_only(example_tree: Path, state_dir: Path) -> None:
     cfg = cfgmod.load(example_tree)
     out = state_dir / "order.log"
-    hook(example_tree.parent / "hooks.d" / "backup", "20-b", f"echo 20-b >> {out}")
-    hook(example_tree.parent / "hooks.d" / "backup", "05-a", f"echo 05-a >> {out}")
-    hook(state_dir / "hooks.d" / "backup", "10-local", f"echo 10-local >> {out}")
-    hook(state_dir / "hooks.d" / "backup", "00-not-exec", f"echo nope >> {out}", executable=False)
-    hook(example_tree.parent / "hooks.d" / "master", "01-master-only", f"echo master >> {out}")
+    local = state_dir / "hooks.d"
+    hook(local / "backup", "20-b", f"echo 20-b >> {out}")
+    hook(local / "backup", "05-a", f"echo 05-a >> {out}")
+    hook(local / "backup", "10-local", f"echo 10-local >> {out}")
+    hook(local / "backup", "00-not-exec", f"echo nope >> {out}", executable=False)
+    hook(local / "master", "01-master-only", f"echo master >> {out}")
+    synced = hook(example_tree.parent / "hooks.d" / "backup", "00-synced", f"echo synced >> {out}")  # the old place
     role.apply(Paths(state_dir), cfg, "fw2", "backup", config_path=example_tree, manage_vip=False)
     assert out.read_text().split() == ["05-a", "10-local", "20-b"]
-    assert "00-not-exec is not executable" in (state_dir / "ha.log").read_text()
+    log = (state_dir / "ha.log").read_text()
+    assert "00-not-exec is not executable" in log
+    assert f"{synced.parent.parent} is inside the synced config tree and is ignored" in log
+
+
+def test_hooks_others_could_write_are_refused_and_logged(example_tree: Path, state_dir: Path) -> None:
+    cfg = cfgmod.load(example_tree)
+    out = state_dir / "ran.log"
+    local = state_dir / "hooks.d"
+    hook(local / "master", "10-wide", f"echo wide >> {out}").chmod(0o777)
+    hook(local / "master", "20-ok", f"echo ok >> {out}")
+    role.apply(Paths(state_dir), cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
+    assert out.read_text().split() == ["ok"]
+    assert "10-wide refused, not run: group/world-writable (mode 777)" in (state_dir / "ha.log").read_text()
+    (local / "backup").mkdir()
+    hook(local / "backup", "10-b", f"echo b >> {out}")
+    (local / "backup").chmod(0o775)
+    role.apply(Paths(state_dir), cfg, "fw1", "backup", config_path=example_tree, manage_vip=False)
+    assert out.read_text().split() == ["ok"]
+    assert "none run: " in (state_dir / "ha.log").read_text() and "mode 775" in (state_dir / "ha.log").read_text()
+    if os.geteuid() == 0:  # a hook owned by another user is refused even with safe modes
+        (local / "backup").chmod(0o755)
+        os.chown(local / "backup" / "10-b", 65534, 65534)
+        role.apply(Paths(state_dir), cfg, "fw1", "master", config_path=example_tree, manage_vip=False)
+        role.apply(Paths(state_dir), cfg, "fw1", "backup", config_path=example_tree, manage_vip=False)
+        assert "b" not in out.read_text().split() and "owned by uid 65534, not root" in (state_dir / "ha.log").read_text()
 
 
 def test_failing_and_hanging_hooks_do_not_block(tmp_path: Path, example_tree: Path, state_dir: Path) -> None:
     cfg = cfgmod.load(make_config(example_tree, ha={"hook_timeout": 1}))
     out = state_dir / "ran.log"
-    d = example_tree.parent / "hooks.d" / "master"
+    d = state_dir / "hooks.d" / "master"
     hook(d, "10-fails", "echo boom-message; exit 3")
     hook(d, "20-hangs", "sleep 30")
     hook(d, "30-runs", f"echo ran >> {out}")
