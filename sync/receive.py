@@ -30,11 +30,11 @@ def status(paths: Paths) -> dict:
 def reload_proxy(paths: Paths) -> str:
     """SIGHUP the proxy (it re-reads config and lists, keeping the old rules if they fail)."""
     try:
-        pid = pids.signal_pidfile(paths.proxy_pid, signal.SIGHUP)
+        pid = pids.signal_pidfile(paths.proxy_pid, signal.SIGHUP, "proxy")
         if pid is None:
             raise OSError(f"the proxy is not running (no live PID in {paths.proxy_pid})")
         return f"reloaded proxy pid {pid}"
-    except OSError as e:
+    except (OSError, pids.StalePidfile) as e:
         note(paths.state, f"proxy not reloaded: {e}; it reads the new release when it (re)starts", logging.WARNING)
         return f"proxy not reloaded ({e})"
 
@@ -43,11 +43,11 @@ def reload_carp(paths: Paths) -> str:
     """SIGHUP the CARP supervisor if one runs: it re-reads the config and restarts its engines only when
     this node's CARP settings changed (advbase, advskew, pass, VIP...)."""
     try:
-        pid = pids.signal_pidfile(paths.carp_pid, signal.SIGHUP)
+        pid = pids.signal_pidfile(paths.carp_pid, signal.SIGHUP, "carp")
         if pid is None:
             return "carp supervisor not running"
         return f"signalled carp supervisor pid {pid}"
-    except OSError as e:
+    except (OSError, pids.StalePidfile) as e:
         note(paths.state, f"carp supervisor not signalled: {e}", logging.WARNING)
         return f"carp supervisor not signalled ({e})"
 

@@ -142,7 +142,10 @@ def collect_status(ctx: Ctx, probe: bool = True) -> dict:
         if seen is None:  # not probed: fall back to what the kernel already knows
             seen = bool(st and "FAILED" not in st and "INCOMPLETE" not in st)
         peers[name] = {"sync": str(n.sync.ip), "seen": seen, "probe": what, "neighbour": st}
-    ppid = pids.read_pid(paths.proxy_pid)
+    try:
+        ppid, pstale = pids.verified_pid(paths.proxy_pid, "proxy"), None
+    except pids.StalePidfile as e:
+        ppid, pstale = None, str(e)
     return {
         "node": node, **{k: vhids[0][k] for k in ("role", "vhid", "advbase", "advskew", "vip", "since")},
         "preempt": cfg.cluster.preempt,
@@ -150,7 +153,7 @@ def collect_status(ctx: Ctx, probe: bool = True) -> dict:
         "carp": {"running": bool(info), "engine": info.get("engine"), "supervisor_pid": info.get("pid"),
                  "healthy": info.get("healthy"), "health": info.get("health_last")},
         "vhids": vhids, "peers": peers,
-        "proxy": {"up": ppid is not None, "pid": ppid},
+        "proxy": {"up": ppid is not None, "pid": ppid, "stale": pstale},
         "sync_generation": state.sync_generation(paths),
     }
 
@@ -182,7 +185,8 @@ def status_cmd(ctx: Ctx, as_json: bool, no_probe: bool) -> None:
     for name, p in s["peers"].items():
         click.echo(f"peer: {name} {p['sync']} {'seen' if p['seen'] else 'not seen'} on the sync link"
                    f" ({p['probe']}{', neighbour ' + p['neighbour'] if p['neighbour'] else ''})")
-    click.echo(f"proxy: {'up (pid ' + str(s['proxy']['pid']) + ')' if s['proxy']['up'] else 'down'}")
+    click.echo(f"proxy: {'up (pid ' + str(s['proxy']['pid']) + ')' if s['proxy']['up'] else 'down'}"
+               f"{' (' + s['proxy']['stale'] + ')' if s['proxy'].get('stale') else ''}")
     gen = s["sync_generation"]
     click.echo(f"sync: {'generation ' + str(gen) if gen is not None else 'no release yet'}")
 
@@ -205,13 +209,15 @@ def _set_demoted(ctx: Ctx, demote: bool) -> None:
         fail(f"refusing to {verb}: preemption is off (cluster.preempt: false in {ctx.config_path}), so a changed "
              f"advskew would not move the VIP; set preempt: true (net.inet.carp.preempt=1 / ucarp --preempt)", 2)
     node = ctx.node
+    if not IS_FREEBSD:
+        pids.verified_pid(ctx.paths.carp_pid, "carp")  # a stale pidfile: refuse before anything changes
     state.write_ha(ctx.paths, demoted=demote, reason=f"appliance {verb}")
     role.log_line(f"carp: {verb}d by admin (advskew {cfg.ha.demote_advskew if demote else 'as configured'})", ctx.paths)
     if IS_FREEBSD:
         _freebsd_advskew(ctx, demote)
         return
     # re-arm with the new advskew (SIGHUP would also re-read the config)
-    pid = pids.signal_pidfile(ctx.paths.carp_pid, signal.SIGUSR1)
+    pid = pids.signal_pidfile(ctx.paths.carp_pid, signal.SIGUSR1, "carp")
     if pid is None:
         click.echo(f"{node}: {verb}d; `appliance carp` is not running, it will start "
                    f"{'demoted' if demote else 'with the configured advskew'}")
@@ -258,5 +264,8 @@ def watchdog_cmd(ctx: Ctx, check: str | None, once: bool) -> None:
         if change is not None:
             state.write_ha(ctx.paths, health_demoted=not change, health_reason=why)
             role.log_line(f"watchdog: proxy {'healthy' if change else 'unhealthy: ' + why}", ctx.paths)
-            pids.signal_pidfile(ctx.paths.carp_pid, signal.SIGUSR1)
+            try:
+                pids.signal_pidfile(ctx.paths.carp_pid, signal.SIGUSR1, "carp")
+            except pids.StalePidfile as e:
+                role.log_line(f"watchdog: {e}", ctx.paths)
         time.sleep(max(0.05, health.interval(cfg.cluster.advbase) - (time.monotonic() - t0)))

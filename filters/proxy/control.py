@@ -15,12 +15,13 @@ def pidfile() -> Path:
 
 
 def pid() -> int | None:
-    """The proxy's main PID if its pidfile names a live process, else None."""
+    """The proxy's main PID if its pidfile names a live process, else None (not proven ours: see _signal)."""
     return pids.read_pid(pidfile())
 
 
 def _signal(sig: int) -> int:
-    p = pids.signal_pidfile(pidfile(), sig)
+    """Signal the proxy; pids.StalePidfile (nothing sent) when the pidfile's PID is not the appliance proxy."""
+    p = pids.signal_pidfile(pidfile(), sig, "proxy")
     if p is None:
         raise RuntimeError(f"the proxy is not running (no live PID in {pidfile()})")
     return p

@@ -19,6 +19,7 @@ from appliance.core.paths import Paths, state_dir
 from image.errors import BadDist, BuildError, CheckFailed, MissingTool
 from sync import errors as sync_errors
 from tests.support.env import EXAMPLES, ROOT
+from tests.support.wait import poll
 
 
 def test_paths_name_every_state_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,17 +56,22 @@ def test_pidfiles(tmp_path: Path) -> None:
     assert pids.alive(os.getpid()) and not pids.alive(None) and not pids.alive(0)
     pf = tmp_path / "p.pid"
     assert pids.read_pid(pf) is None
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    fake = tmp_path / "appliance"  # a program whose command line reads `appliance proxy`
+    fake.write_text("import time; time.sleep(30)\n")
+    child = subprocess.Popen([sys.executable, str(fake), "proxy"])
     try:
         pf.write_text(f"{child.pid}\n")
         assert pids.read_pid(pf) == child.pid
-        assert pids.signal_pidfile(pf, signal.SIGTERM) == child.pid
+        assert poll(lambda: "proxy" in (pids.cmdline(child.pid) or []), 10)  # exec'd (a fresh fork has no argv yet)
+        with pytest.raises(pids.StalePidfile, match="not the appliance CARP supervisor"):
+            pids.signal_pidfile(pf, signal.SIGTERM, "carp")
+        assert pids.signal_pidfile(pf, signal.SIGTERM, "proxy") == child.pid
         assert child.wait(10) == -signal.SIGTERM
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert pids.read_pid(pf) is None and pids.signal_pidfile(pf, signal.SIGTERM) is None
+    assert pids.read_pid(pf) is None and pids.signal_pidfile(pf, signal.SIGTERM, "proxy") is None
     pf.write_text("garbage")
     assert pids.read_pid(pf) is None
 
