@@ -122,6 +122,42 @@ class PeersFile:
             return None
 
 
+class NextPass:
+    """--passfile-next: the pass being rotated in (cluster.password_next). Read at start and re-read when it changes
+    (looked at once a second, like the peers file); missing or empty means no rotation. The guard then accepts adverts
+    signed with either pass; the speaker keeps signing with its own (docs/security.md)."""
+
+    def __init__(self, path: str, logger: logging.Logger, every: float = 1.0) -> None:
+        self.path, self.log, self.every = path, logger, every
+        self._sig: tuple | None = None
+        self._next = 0.0
+
+    def apply(self, g: "Guard", now: float) -> None:
+        if now < self._next:
+            return
+        self._next = now + self.every
+        try:
+            st = os.stat(self.path)
+            sig: tuple = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            sig = ("missing",)
+        if sig == self._sig:
+            return
+        self._sig = sig
+        pw = None
+        if sig != ("missing",):
+            try:
+                with open(self.path, "rb") as f:
+                    raw = f.read(256).split(b"\n", 1)[0].rstrip(b"\r")
+                pw = cp.check_pass(raw) if raw else None
+            except (OSError, ValueError) as e:
+                self.log.warning("next-pass file %s not used: %s", self.path, getattr(e, "strerror", None) or e)
+                pw = None
+        if pw != g.next_pw:
+            g.next_pw = pw
+            self.log.warning("pass rotation: %s", "also accepting the next pass" if pw else "accepting only the pass")
+
+
 def initial_counter(saved: int | None = None, now_ns: int | None = None) -> int:
     """Where our advert counter starts: wall-clock milliseconds << 20 plus a random low part, and above the
     last counter we saved (in the state file), so peers that remember our last counter accept a restarted us."""
@@ -158,6 +194,7 @@ class Guard:
         self.sources: OrderedDict[str, _Source] = OrderedDict()
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.counter_resets = 0
+        self.next_pw: bytes | None = None      # during a pass rotation: adverts signed with it are accepted too
 
     def set_peers(self, peers: Iterable[Peer]) -> None:
         """Replace the allowed peers in place (the supervisor's peers file changed). The counter state of a peer
@@ -193,7 +230,7 @@ class Guard:
             raise cp.BadPacket("badadvskew", f"advskew {a.advskew} without advbase 255")
         elif peer is not None and a.advskew < peer.min_advskew:
             raise cp.BadPacket("badadvskew", f"advskew {a.advskew}, below the peer's {peer.min_advskew}")
-        cp.check_auth(a, self._pw, self.vhid, self.vip)
+        cp.check_auth(a, (self._pw, self.next_pw) if self.next_pw else self._pw, self.vhid, self.vip)
         self._count(rx.src, a.counter, now, peer.counter if peer is not None else "any")
         return a
 

@@ -166,13 +166,15 @@ def check_header(rx: Received, vhid: int, mcast: str = CARP_MCAST) -> Advert:
     return a
 
 
-def check_auth(a: Advert, password: bytes, vhid: int, vip: str) -> Advert:
+def check_auth(a: Advert, password: bytes | Sequence[bytes], vhid: int, vip: str) -> Advert:
     """The digest. It covers version, type, vhid, the VIP and the counter only: advbase, advskew, demote,
-    the IP source and TTL are outside it, so whoever replays a captured advert may change them freely."""
-    want = carp_hmac(password, vhid, vip, struct.pack("!Q", a.counter))
-    if not hmac.compare_digest(want, a.md):
-        raise BadPacket("badauth", "check vhid, pass and VIP")
-    return a
+    the IP source and TTL are outside it, so whoever replays a captured advert may change them freely.
+    `password` may be several passes (a rotation window: the pass and the next one); any one of them will do."""
+    ctr = struct.pack("!Q", a.counter)
+    for pw in ([password] if isinstance(password, bytes) else password):
+        if hmac.compare_digest(carp_hmac(pw, vhid, vip, ctr), a.md):
+            return a
+    raise BadPacket("badauth", "check vhid, pass and VIP")
 
 
 def verify(rx: Received, password: bytes, vhid: int, vip: str, mcast: str = CARP_MCAST) -> Advert:

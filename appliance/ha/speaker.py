@@ -77,6 +77,7 @@ class Speaker:
         self.guard = guard.Guard(password=password, vhid=args.vhid, vip=args.addr, srcip=args.srcip,
                                  advbase=args.advbase, mcast=args.mcast, peers=peers, resync=args.counter_resync)
         self.bad = guard.BadLog(log, burst=args.log_burst)
+        self.next_pass = guard.NextPass(args.passfile_next, log) if args.passfile_next else None
         self.counters: dict[str, int] = {"sent": 0, "send_errors": 0, "received": 0, "transitions": 0}
         self.counter = guard.initial_counter(self._restore())
         self._state_at = 0.0
@@ -277,6 +278,8 @@ class Speaker:
     def reload_peers(self, now: float) -> None:
         """--peers-file changed (looked at once a second): the guard's peers are updated in place, no restart.
         A list that would be empty (every address heard) is refused while peers are configured."""
+        if self.next_pass:
+            self.next_pass.apply(self.guard, now)
         new = self.peers_file.poll(now) if self.peers_file else None
         if new is None:
             return

@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     a("-v", "--vhid", required=True, type=_int_range(1, 255, "--vhid"), help="virtual host id 1-255")
     a("-p", "--pass", dest="password", help="pass (visible in ps; prefer --passfile)")
     a("-o", "--passfile", help="read the pass from this file (first line; keep it mode 0600)")
+    a("--passfile-next", metavar="FILE", help="during a pass rotation: also accept adverts signed with the pass in "
+      "this file (first line); re-read when it changes, missing = no rotation. Not a ucarp option")
     a("-P", "--preempt", action="store_true", help="take over from a master that advertises slower")
     a("-a", "--addr", required=True, type=_ipv4, help="the virtual IP (passed to the scripts, part of the HMAC)")
     a("-b", "--advbase", default=1, type=_int_range(1, 254, "--advbase"), help="seconds between adverts")

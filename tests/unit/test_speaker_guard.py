@@ -264,3 +264,39 @@ def test_a_peers_file_that_would_empty_the_list_is_refused(tmp_path, caplog):
     path.write_text("bogus\n")                                          # at start: a bad file is a bad option
     assert main([*base, f"--peers-file={path}"]) == 2
     assert main([*base, f"--peers-file={tmp_path / 'missing'}"]) == 2
+
+
+NEW_PW = b"n3xt-pass"
+
+
+def test_rotation_window_accepts_the_next_pass_and_only_while_it_is_set(tmp_path):
+    # issue 12, finding 2: a pass change arrives in two phases; during the window both passes are heard
+    g = make()
+    log = logging.getLogger("test.nextpass")
+    assert reason(g, pkt(pw=NEW_PW, counter=10)) == "badauth"          # no rotation: the next pass is a stranger
+    f = tmp_path / "carp.pass.next"
+    np = guard.NextPass(str(f), log)
+    np.apply(g, 0.0)                                                  # missing file: no rotation
+    assert g.next_pw is None
+    f.write_bytes(NEW_PW + b"\n")
+    np.apply(g, 0.5)                                                  # looked at once a second at most
+    assert g.next_pw is None
+    np.apply(g, 1.0)
+    assert g.next_pw == NEW_PW
+    assert g.admit(pkt(pw=NEW_PW, counter=11), 1.0).counter == 11     # a peer already on the new pass
+    assert g.admit(pkt(pw=PW, counter=12), 1.1).counter == 12         # a peer still on the old one
+    assert reason(g, pkt(pw=b"third-pass", counter=13)) == "badauth"  # anything else still refused
+    assert reason(g, pkt(pw=NEW_PW, counter=11)) == "replay"          # the counter rules hold for both passes
+    f.unlink()                                                        # the rotation finished: back to one pass
+    np.apply(g, 2.0)
+    assert g.next_pw is None
+    assert reason(g, pkt(pw=NEW_PW, counter=20)) == "badauth"
+
+
+def test_a_bad_next_pass_file_is_ignored(tmp_path, caplog):
+    g = make()
+    f = tmp_path / "carp.pass.next"
+    f.write_bytes(b"x" * 40 + b"\n")                                  # longer than carp(4) allows
+    with caplog.at_level(logging.WARNING):
+        guard.NextPass(str(f), logging.getLogger("test.nextpass")).apply(g, 0.0)
+    assert g.next_pw is None and "not used" in caplog.text
