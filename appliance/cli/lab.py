@@ -60,8 +60,8 @@ def up_cmd(ctx: Ctx, name: str | None, engine: str | None, deadratio: int | None
 @click.pass_obj
 def down_cmd(ctx: Ctx, name: str | None) -> None:
     """Stop everything and delete the namespaces (also after a crash: works from the lab state file)."""
-    known = name is None or lab_dir(name).exists()
     try:
+        known = name is None or lab_dir(name).exists()
         spaces = lifecycle.down(name)
     except LabError as e:
         fail(str(e))

@@ -16,7 +16,8 @@ from appliance.core.state import read_role
 from appliance.ha import ip as netns
 from appliance.lab import daemons, nodes, topology
 from appliance.lab.faults import preferred
-from appliance.lab.model import LAB_ROOT_ENV, STATE_FILE, Client, Lab, LabError, LabNode, LanSegment, lab_dir, load
+from appliance.lab.model import (LAB_ROOT_ENV, STATE_FILE, Client, Lab, LabError, LabNode, LanSegment, check_name, lab_dir,
+                                  lab_root, load)
 
 ORIGIN_PORT = 8080
 TOOLS = ("ip", "ucarp", "arping", "sshd", "ssh", "ssh-keygen", "rsync")
@@ -31,8 +32,7 @@ def _check_host() -> None:
 
 
 def _check_name(name: str) -> None:
-    if len(name) > 10 or not name.replace("-", "").isalnum():
-        raise LabError(f"--name {name!r}: at most 10 letters/digits (it prefixes namespace names)")
+    check_name(name)
     if (lab_dir(name) / STATE_FILE).exists():
         raise LabError(f"a lab named {name} is already up ({lab_dir(name)}); `appliance lab down --name {name}` first")
 
@@ -159,13 +159,17 @@ def status(lab: Lab) -> dict:
 def down(name: str | None = None) -> list[str]:
     """Stop the lab's processes and delete its namespaces; works from the state file alone, also after a crash.
     Returns the namespaces removed."""
+    if name is not None:
+        check_name(name)
     try:
         lab = load(name)
     except LabError:
         if not name:
             raise
         lab = Lab(name=name, dir=lab_dir(name))
-    spaces = sorted(set(lab.created_netns) | {n for n in netns.netns_list() if n.startswith(f"{lab.name}-")})
+    lab.dir = lab_dir(lab.name)  # the directory comes from the (checked) name, never from what the state file says
+    ours = f"{lab.name}-"  # only the lab's own namespaces, whatever the state file lists
+    spaces = sorted({n for n in lab.created_netns if n.startswith(ours)} | {n for n in netns.netns_list() if n.startswith(ours)})
     # the supervisors first (they stop their engines and drop the VIP), then everything left in our namespaces;
     # a recorded PID is ours only while it still runs in one of the lab's namespaces (after a reboot or a
     # long-dead daemon the number may belong to something else: never signal that)
@@ -179,8 +183,18 @@ def down(name: str | None = None) -> list[str]:
     daemons.kill([p for p in rest if p and daemons.pid_alive(p)], grace=2.0)
     for ns in spaces:
         netns.netns_del(ns)
-    shutil.rmtree(lab.dir, ignore_errors=True)
+    _remove_dir(lab.dir)
     return spaces
+
+
+def _remove_dir(d: Path) -> None:
+    """Delete a lab's directory: only a real directory (not a symlink) directly under the lab root, holding lab.json."""
+    root = lab_root().resolve()
+    if d.is_symlink() or not d.is_dir():
+        return
+    if d.resolve().parent != root or not (d / STATE_FILE).is_file():
+        raise LabError(f"{d}: not a lab directory under {root} (no {STATE_FILE}); not removed")
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @contextlib.contextmanager

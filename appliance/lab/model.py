@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from appliance.core.fsio import read_json, write_json_atomic
 
 LAB_ROOT_ENV = "APPLIANCE_LAB_DIR"
 STATE_FILE = "lab.json"
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,9}")  # it prefixes namespace names: `<name>-fw1`
 
 
 class LabError(ApplianceError):
@@ -21,8 +23,18 @@ def lab_root() -> Path:
     return Path(os.environ.get(LAB_ROOT_ENV, "/run/appliance-lab"))
 
 
+def check_name(name: str) -> str:
+    """A lab name as `lab up` and `lab down` accept it: 1-10 ASCII letters, digits or '-', not starting with '-'.
+    Never a path ('.', '..', '/x', 'a/b' are refused): LabError, exit 2."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise LabError(f"--name {name!r}: a lab name is 1-10 letters, digits or '-' (it prefixes namespace names; "
+                       f"not a path)", 2)
+    return name
+
+
 def lab_dir(name: str) -> Path:
-    return lab_root() / name
+    """<lab root>/<name>, for a valid name only (check_name)."""
+    return lab_root() / check_name(name)
 
 
 @dataclass
@@ -171,4 +183,7 @@ def load(name: str | None = None) -> Lab:
     data = read_json(lab_dir(name) / STATE_FILE)
     if data is None:
         raise LabError(f"no lab named {name!r} (no {lab_dir(name) / STATE_FILE})")
-    return Lab.from_json(data)
+    lab = Lab.from_json(data)
+    if lab.name != name:
+        raise LabError(f"{lab_dir(name) / STATE_FILE}: names lab {lab.name!r}, not {name!r}; not a state file of this lab")
+    return lab
