@@ -63,6 +63,9 @@ class Cluster(_Model):
     vip: IPv4Interface = Field(description="the address clients use, with the LAN prefix")
     vhid: int = Field(1, ge=1, le=255, description="CARP virtual host id (1-255)")
     password: SecretStr = Field(description=f"CARP pass (1-{CARP_PASS_MAX} bytes); written 0600, never logged")
+    password_next: Optional[SecretStr] = Field(
+        None, description="the pass being rotated in (docs/security.md): every node also accepts adverts signed with it; "
+                          "`appliance carp rotate` makes it the pass")
     advbase: int = Field(1, ge=1, le=255, description="seconds between advertisements")
     preempt: bool = Field(True, description="net.inet.carp.preempt=1 / ucarp --preempt")
     interface: str = Field("em0", description="LAN interface carrying the VIP")
@@ -72,9 +75,11 @@ class Cluster(_Model):
 
     _check_iface = field_validator("interface", "sync_interface")(classmethod(lambda cls, v: check_iface(v)))
 
-    @field_validator("password")
+    @field_validator("password", "password_next")
     @classmethod
-    def _password(cls, v: SecretStr) -> SecretStr:
+    def _password(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return v
         raw = v.get_secret_value()
         if not raw:
             raise ValueError("must not be empty")
@@ -91,9 +96,9 @@ class Cluster(_Model):
             raise ValueError("must be a FreeBSD release such as 14.3")
         return str(v)
 
-    @field_serializer("password", when_used="json")
-    def _dump_password(self, v: SecretStr) -> str:
-        return v.get_secret_value()
+    @field_serializer("password", "password_next", when_used="json")
+    def _dump_password(self, v: SecretStr | None) -> str | None:
+        return None if v is None else v.get_secret_value()
 
     @property
     def freebsd_major(self) -> int:
@@ -267,6 +272,8 @@ class Sync(_Model):
     keep_releases: int = Field(5, ge=1, le=100, description="releases kept on each node")
     ssh_port: int = Field(22, ge=1, le=65535, description="sshd port on the sync link")
     timeout: int = Field(60, ge=1, le=3600, description="seconds before a push to one peer is abandoned")
+    max_file_mb: int = Field(256, ge=1, le=4096, description="largest file a sync carries (MiB); a peer refuses a "
+                             "larger one (rsync --max-size, then its tree check), by its own live setting")
 
     @field_validator("schedule")
     @classmethod

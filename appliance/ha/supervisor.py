@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shlex
 import signal
@@ -15,12 +14,14 @@ from pathlib import Path
 
 from appliance.core import pids, state
 from appliance.core.errors import ApplianceError, ConfigError
-from appliance.core.fsio import read_json, write_json_atomic, write_secret, write_text_atomic
+from appliance.core.fsio import read_json, write_json_atomic, write_text_atomic
 from appliance.core.loader import load
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths, appliance_bin
 from appliance.ha import ip as netns
 from appliance.ha import role, watchdog
+from appliance.ha.carpset import (carp_changes, carp_params, peer_specs, peers_only_change,  # noqa: F401 (re-exported)
+                                  refused_change, write_pass)
 
 ENGINES = ("ucarp", "speaker")
 # One-line switch: the engine `appliance carp` uses when --engine is not given.
@@ -29,11 +30,6 @@ DEFAULT_ENGINE = "speaker"
 # to every takeover; deadratio 2 keeps takeovers under 3 x advbase + 0.5 s with either engine, the
 # up script (`appliance role master`, ~0.3 s of Python start-up) included (measured in the lab).
 DEFAULT_DEADRATIO = {"ucarp": 2, "speaker": 2}
-
-
-def write_pass(cfg: Appliance, paths: Paths) -> Path:
-    """The CARP pass in a 0600 file (never in argv, never logged)."""
-    return write_secret(paths.carp_pass, cfg.cluster.password.get_secret_value())
 
 
 def write_scripts(config_path: Path, node: str, paths: Paths) -> tuple[Path, Path]:
@@ -58,7 +54,7 @@ def write_scripts(config_path: Path, node: str, paths: Paths) -> tuple[Path, Pat
 def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Path, vip: str, advbase: int,
                 advskew: int, preempt: bool, deadratio: int, upscript: Path, downscript: Path,
                 xparam: str, state_file: Path | None = None, peers: list[str] | tuple = (),
-                peers_file: Path | None = None) -> list[str]:
+                peers_file: Path | None = None, passfile_next: Path | None = None) -> list[str]:
     """The one argument builder for both engines (the speaker takes ucarp's options). Both engines send
     the gratuitous ARP themselves (the speaker only while still MASTER), so the scripts pass --no-garp."""
     if engine not in ENGINES:
@@ -76,17 +72,12 @@ def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Pat
     if engine == "speaker":
         args += [x for p in peers for x in ("--peer", p)]   # adverts from these addresses only (issue 12)
         args += ["--peers-file", str(peers_file)] if peers_file is not None else []
+        args += ["--passfile-next", str(passfile_next)] if passfile_next is not None else []   # pass rotation
     return head + args
 
 
 def effective_advskew(cfg: Appliance, g: role.Group, demoted: bool) -> int:
     return max(g.advskew, cfg.ha.demote_advskew) if demoted else g.advskew
-
-
-def peer_specs(cfg: Appliance, node: str, vhid: int) -> list[str]:
-    """The speaker's --peer values for a vhid: every other node's LAN address and its configured advskew there."""
-    return [f"{cfg.nodes[n].lan.ip},advskew={g.advskew}" for n in sorted(cfg.nodes) if n != node
-            for g in role.groups(cfg, n) if g.vhid == vhid]
 
 
 def write_peers(cfg: Appliance, node: str, vhid: int, paths: Paths) -> Path:
@@ -95,43 +86,6 @@ def write_peers(cfg: Appliance, node: str, vhid: int, paths: Paths) -> Path:
     path = paths.engine_peers(vhid)
     write_text_atomic(path, "".join(f"{x}\n" for x in peer_specs(cfg, node, vhid)))
     return path
-
-
-def peers_only_change(old: Appliance, new: Appliance, node: str) -> bool:
-    """Only the other nodes changed (the "peers" of carp_params): applied live through the peers files. (A list
-    never goes empty: a cluster has two nodes or more, each in every vhid; the speaker would refuse it live.)"""
-    a, b = carp_params(old, node), carp_params(new, node)
-    return a["peers"] != b["peers"] and {**a, "peers": None} == {**b, "peers": None}
-
-
-def carp_params(cfg: Appliance, node: str) -> dict:
-    """What this node's engines are started with, from the config (the pass only as a digest)."""
-    c = cfg.cluster
-    return {
-        "interface": c.interface, "srcip": str(cfg.nodes[node].lan.ip), "advbase": c.advbase, "preempt": c.preempt,
-        "password": hashlib.sha256(c.password.get_secret_value().encode()).hexdigest(),
-        "vhids": {g.vhid: {"vip": str(g.vip), "advskew": g.advskew} for g in role.groups(cfg, node)},
-        "peers": [f"vhid {g.vhid} {p}" for g in role.groups(cfg, node) for p in peer_specs(cfg, node, g.vhid)],
-    }
-
-
-def carp_changes(old: dict, new: dict) -> list[str]:
-    """What differs between two carp_params(), readable for the log (the pass only as "password changed")."""
-    out = []
-    for k in ("interface", "srcip", "advbase", "preempt", "peers"):
-        if old[k] != new[k]:
-            out.append(f"{k} {old[k]} -> {new[k]}")
-    if old["password"] != new["password"]:
-        out.append("password changed")
-    for v in sorted(set(old["vhids"]) | set(new["vhids"])):
-        a, b = old["vhids"].get(v), new["vhids"].get(v)
-        if a is None:
-            out.append(f"vhid {v} added (vip {b['vip']} advskew {b['advskew']})")
-        elif b is None:
-            out.append(f"vhid {v} removed")
-        else:
-            out += [f"vhid {v} {k} {a[k]} -> {b[k]}" for k in ("vip", "advskew") if a[k] != b[k]]
-    return out
 
 
 def startup_delay(cfg: Appliance, node: str) -> float:
@@ -226,7 +180,7 @@ class CarpSupervisor:
             passfile=self.passfile, vip=str(e.group.vip.ip), advbase=self.cfg.cluster.advbase, advskew=e.advskew,
             preempt=self.cfg.cluster.preempt, deadratio=self.deadratio, upscript=self.up, downscript=self.down,
             xparam=str(e.group.vhid), state_file=self.paths.engine_state(e.group.vhid),
-            peers_file=self.peers_file(e.group.vhid))
+            peers_file=self.peers_file(e.group.vhid), passfile_next=self.paths.carp_pass_next)
         e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
         e.started = time.monotonic()
         self.paths.engine_pid(e.group.vhid).write_text(f"{e.proc.pid}\n")
@@ -282,8 +236,12 @@ class CarpSupervisor:
             role.log_line(f"carp: config reload refused, the running engines stay as they are: {why}", self.paths)
             return None
         changes = carp_changes(carp_params(self.cfg, self.node), carp_params(new, self.node))
+        if why := refused_change(self.cfg, new):
+            role.log_line(f"carp: config reload refused, the running engines stay as they are: {why}", self.paths)
+            return None
         if not changes or peers_only_change(self.cfg, new, self.node):
             self.cfg = new                          # the engines keep running: a peers change goes to the peers files
+            write_pass(new, self.paths)             # and a next pass (rotation) to its file, which the speaker re-reads
             self.target = watchdog.check_target(new, self.check)
             for e in self.engines:
                 self.peers_file(e.group.vhid)

@@ -247,3 +247,29 @@ def test_watchdog_confirms_a_failure_quickly() -> None:
 def test_watchdog_once_cli(example_tree: Path) -> None:
     r = cli("-c", str(example_tree), "--node", "fw1", "watchdog", "--once", "--check", f"127.0.0.1:{free_port()}")
     assert r.returncode == 1 and "Refused" in r.stdout
+
+
+def test_a_pass_change_applies_only_as_a_rotation(example_tree: Path, state_dir: Path, monkeypatch) -> None:
+    """Issue 12, finding 2: a reload never applies a pass the peers would not accept; the rotation's three steps do."""
+    sup, argvs, stops = _supervisor(example_tree, state_dir, monkeypatch)
+    p = Paths(state_dir)
+    old = sup.cfg.cluster.password.get_secret_value()
+    assert opt(argvs[0], "--passfile-next") == str(p.carp_pass_next) and not p.carp_pass_next.exists()
+    engines = sup.engines
+    # a direct change (what a stolen sync key pushed): refused, the engines keep the old pass
+    _edit(example_tree, lambda d: d["cluster"].update(password="hijacked"))
+    assert sup.reload_config() is None and stops == [] and sup.engines is engines
+    assert p.carp_pass.read_text().strip() == old
+    assert "config reload refused" in (state_dir / "ha.log").read_text() and "appliance carp rotate" in (state_dir / "ha.log").read_text()
+    # phase 1: the next pass, applied live (the speaker re-reads the file), no restart
+    _edit(example_tree, lambda d: d["cluster"].update(password=old, password_next="n3xt-pass"))
+    assert sup.reload_config() == ["next password set"] and stops == [] and sup.engines is engines
+    assert p.carp_pass_next.read_text().strip() == "n3xt-pass" and stat.S_IMODE(p.carp_pass_next.stat().st_mode) == 0o600
+    # phase 2: the swap (send the new pass, still accept the old one): the engines restart
+    _edit(example_tree, lambda d: d["cluster"].update(password="n3xt-pass", password_next=old))
+    assert sup.reload_config() == ["password changed", "next password changed"] and stops == ["carp settings changed"]
+    assert p.carp_pass.read_text().strip() == "n3xt-pass" and p.carp_pass_next.read_text().strip() == old
+    # phase 3: the old pass dropped, live again
+    n = len(stops)
+    _edit(example_tree, lambda d: d["cluster"].pop("password_next"))
+    assert sup.reload_config() == ["next password cleared"] and len(stops) == n and not p.carp_pass_next.exists()

@@ -59,9 +59,13 @@ def test_reload_config_applies_changes_and_keeps_engines_on_a_bad_file(example_t
     assert sup.reload_config() == ["vhid 1 advskew 100 -> 130"]
     assert sup.engines is not before and [e.group.advskew for e in sup.engines] == [130]
     assert sup.cfg.nodes["fw2"].advskew == 130
-    # a password change rewrites the 0600 pass file
-    _edit(example_tree, lambda d: d["cluster"].update(password="other-pass"))
-    assert sup.reload_config() == ["password changed"]
+    # a password change (as the rotation's swap step, the old pass still accepted) rewrites the 0600 pass file;
+    # a direct one is refused (tests/integration/ha/test_ha_carp.py::test_a_pass_change_applies_only_as_a_rotation)
+    old = sup.cfg.cluster.password.get_secret_value()
+    _edit(example_tree, lambda d: d["cluster"].update(password_next="other-pass"))
+    assert sup.reload_config() == ["next password set"]
+    _edit(example_tree, lambda d: d["cluster"].update(password="other-pass", password_next=old))
+    assert sup.reload_config() == ["password changed", "next password changed"]
     assert sup.passfile.read_text() == "other-pass" and (sup.passfile.stat().st_mode & 0o777) == 0o600
     # a file that does not validate: refused, the running config and engines stay, the reason is logged
     good = example_tree.read_text()
