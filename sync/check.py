@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from appliance.core.errors import ConfigError
+from appliance.core.limits import LimitExceeded, run_bounded
 from appliance.core.loader import load
 from appliance.core.model import Appliance
 from filters import ruleset
@@ -29,3 +30,12 @@ def validate_tree(root: Path, compile_lists: bool = True) -> Appliance:
         except (ruleset.ListError, OSError) as e:
             raise SyncError(str(e), BAD_INPUT) from None
     return cfg
+
+
+def validate_tree_bounded(root: Path, **kw) -> Appliance:
+    """validate_tree on a pushed tree, in a child bounded in memory, CPU and time (appliance.core.limits): a crafted
+    config or list file costs this node a bounded amount; hitting a bound is SyncError(BAD_INPUT)."""
+    try:
+        return run_bounded(validate_tree, Path(root), what=f"the check of {Path(root) / CONFIG_NAME}", **kw)
+    except LimitExceeded as e:
+        raise SyncError(str(e), BAD_INPUT) from None

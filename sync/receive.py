@@ -11,7 +11,7 @@ from appliance.core import pids
 from appliance.core.paths import Paths
 from appliance.core.state import read_role, role_of
 from sync import lock, tree
-from sync.check import validate_tree
+from sync.check import validate_tree, validate_tree_bounded
 from sync.errors import BAD_INPUT, SPLIT_BRAIN, STALE, SyncError
 from sync.journal import note
 from sync.releases import Releases, mirror
@@ -81,7 +81,7 @@ def receive(paths: Paths, gen: int, digest: str, force: bool = False, source: st
             raise SyncError(f"staged tree hash {got[:16]} does not match the master's {digest[:16]}: the transfer is incomplete "
                             f"or the tree changed; the next sync completes it", 1)
         try:
-            cfg = validate_tree(rel.staging)
+            cfg = validate_tree_bounded(rel.staging)
         except SyncError as e:
             note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
             raise

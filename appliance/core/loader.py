@@ -1,4 +1,5 @@
-"""Reading appliance.yaml: YAML with duplicate keys refused, validation errors as `file:line: path: message (got value)`."""
+"""Reading appliance.yaml: YAML with duplicate keys, anchors and aliases refused, at most MAX_CONFIG_BYTES, validation
+errors as `file:line: path: message (got value)`."""
 from __future__ import annotations
 
 import os
@@ -14,8 +15,25 @@ from appliance.core.model import Appliance
 from appliance.core.rules import ClusterRuleError
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a cluster file is a few KB; anything near this is not one
+NO_ALIASES = "YAML anchors/aliases are not allowed"
+
+
+class AliasRefused(yaml.MarkedYAMLError):
+    """An anchor (&a) or alias (*a) in the input: refused while composing, before anything is built (a few
+    nested aliases expand to gigabytes: the billion-laughs file)."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (a second `fw1:` must not silently win)."""
+    """SafeLoader that refuses duplicate mapping keys (a second `fw1:` must not silently win) and any anchor or
+    alias (checked on each event as the document is composed, so nothing is ever expanded)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        ev = self.peek_event()
+        if isinstance(ev, yaml.AliasEvent) or getattr(ev, "anchor", None) is not None:
+            what = f"alias *{ev.anchor}" if isinstance(ev, yaml.AliasEvent) else f"anchor &{ev.anchor}"
+            raise AliasRefused(None, None, f"{NO_ALIASES} ({what})", ev.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -95,7 +113,7 @@ def validate(data: Any, source: str = "<config>", text: str | None = None, base_
     lines: dict[tuple, int] = {}
     if text is not None:
         try:
-            lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
+            lines = _line_map(yaml.compose(text, Loader=_UniqueKeyLoader))
         except yaml.YAMLError:
             lines = {}
     if not isinstance(data, dict):
@@ -140,8 +158,14 @@ def _value_at(data: Any, loc: tuple) -> Any:
 
 
 def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> data; ConfigError `source:line:col: ...` on a syntax error, a duplicate key, an anchor or alias."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters; a cluster file may have at most {MAX_CONFIG_BYTES} bytes")
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
+    except AliasRefused as e:
+        mark = e.problem_mark
+        raise ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -150,11 +174,20 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: YAML error: {e}") from None
 
 
+def read_capped(p: Path, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The file as UTF-8 text, reading at most `limit` bytes (ConfigError beyond: never a whole huge file in memory)."""
+    with open(p, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{p}: larger than {limit} bytes; a cluster file may have at most {limit} bytes")
+    return data.decode("utf-8")
+
+
 def load(path: str | os.PathLike, check_lists: bool = True) -> Appliance:
     """Read and validate a cluster file; list directories are checked relative to it."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_capped(p)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file") from None
     except (OSError, UnicodeDecodeError) as e:
