@@ -14,7 +14,7 @@ from appliance.cli import Ctx, emit_json, fail, main
 from appliance.core import pids, state
 from appliance.core.model import check_iface
 from appliance.ha import ip as netns
-from appliance.ha import role, watchdog
+from appliance.ha import role, watch, watchdog
 from appliance.ha import supervisor as carp
 
 IS_FREEBSD = sys.platform.startswith("freebsd")
@@ -155,6 +155,7 @@ def collect_status(ctx: Ctx, probe: bool = True) -> dict:
         "vhids": vhids, "peers": peers,
         "proxy": {"up": ppid is not None, "pid": ppid, "stale": pstale},
         "sync_generation": state.sync_generation(paths),
+        "carp_watch": watch.read_state(paths),
     }
 
 
@@ -189,6 +190,9 @@ def status_cmd(ctx: Ctx, as_json: bool, no_probe: bool) -> None:
                f"{' (' + s['proxy']['stale'] + ')' if s['proxy'].get('stale') else ''}")
     gen = s["sync_generation"]
     click.echo(f"sync: {'generation ' + str(gen) if gen is not None else 'no release yet'}")
+    watched = watch.summary(s["carp_watch"])
+    if watched:
+        click.echo(f"carp-watch: {watched}")
 
 
 def _freebsd_advskew(ctx: Ctx, demote: bool) -> None:
@@ -269,3 +273,79 @@ def watchdog_cmd(ctx: Ctx, check: str | None, once: bool) -> None:
             except pids.StalePidfile as e:
                 role.log_line(f"watchdog: {e}", ctx.paths)
         time.sleep(max(0.05, health.interval(cfg.cluster.advbase) - (time.monotonic() - t0)))
+
+
+class PeerRoles:
+    """watch.PeerRole over the sync link: each peer's role from its sync-serve `status`, asked in the background
+    (one question per peer at a time, at most every `every` seconds), so the watcher never waits on SSH."""
+
+    def __init__(self, cfg, node: str, config_dir: Path, every: float = 5.0):
+        import threading
+
+        from sync import peer as syncpeer  # deferred: the sync client, only when a watcher asks its peers
+
+        self.ask = syncpeer.remote_status
+        self.peers = {p.name: p for p in syncpeer.make_peers(cfg, node, config_dir)}
+        self.answers: dict[str, tuple[str, float]] = {}
+        self.asked: dict[str, float] = {}
+        self.every, self.lock, self.threading = every, threading.Lock(), threading
+
+    def __call__(self, name: str, after: float) -> tuple[str, float] | None:
+        with self.lock:
+            have = self.answers.get(name)
+            due = time.time() - self.asked.get(name, 0.0) >= self.every and (have is None or have[1] <= after
+                                                                               or time.time() - have[1] > self.every)
+            if due and name in self.peers:
+                self.asked[name] = time.time()
+                self.threading.Thread(target=self._ask, args=(name,), daemon=True).start()
+        return have
+
+    def _ask(self, name: str) -> None:
+        try:
+            said = str(self.ask(self.peers[name]).get("role") or "UNKNOWN").upper()
+        except Exception:  # noqa: BLE001 - unreachable or refusing: no answer, nothing decided
+            return
+        with self.lock:
+            self.answers[name] = (said, time.time())
+
+
+@main.command("carp-watch")
+@click.option("--iface", metavar="IF", help="LAN interface to listen on (default: cluster.interface)")
+@click.option("--source", type=click.Choice(["raw", "tcpdump"]), default=None,
+              help="raw IPv4 socket (Linux default) or `tcpdump -w -` (FreeBSD default: kernel CARP takes protocol 112 first)")
+@click.option("--no-peers", is_flag=True, help="do not ask the peers over the sync link whether they are BACKUP")
+@click.option("--seconds", type=click.FloatRange(0.1, None), help="stop after this long (default: run until SIGTERM)")
+@click.pass_obj
+def carp_watch_cmd(ctx: Ctx, iface: str | None, source: str | None, no_peers: bool, seconds: float | None) -> None:
+    """Listen to CARP adverts on the LAN (read-only) and flag forged ones: valid pass, but no configured node sends
+    them. Logged (rate-limited) to ha.log, counted in <run>/carp-watch.json (`appliance status`) and .prom."""
+    cfg, node = ctx.cfg, ctx.node
+    iface = iface or cfg.cluster.interface
+    try:
+        check_iface(iface)
+    except ValueError as e:
+        fail(f"--iface {iface!r}: {e}")
+    exp = watch.Expect.from_config(cfg)
+    ctx.paths.run.mkdir(parents=True, exist_ok=True)
+    tally = watch.Tally(watch.state_file(ctx.paths))
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    end = time.monotonic() + seconds if seconds else None
+    done = lambda: bool(stop) or (end is not None and time.monotonic() >= end)  # noqa: E731
+    peers = None if no_peers or len(cfg.nodes) < 2 else PeerRoles(cfg, node, Path(os.path.abspath(ctx.config_path)).parent)
+    say = f"carp-watch: listening for CARP adverts on {iface} (vhids {', '.join(map(str, exp.vips))})"
+    if (source or ("tcpdump" if IS_FREEBSD else "raw")) == "raw":
+        try:
+            sock = watch.open_raw(iface)
+        except OSError as e:
+            fail(f"carp-watch: cannot listen on {iface}: {e}", 1)
+        role.log_line(say, ctx.paths)
+        watch.watch(exp, watch.raw_packets(sock, done), tally, lambda m: role.log_line(m, ctx.paths), peers)
+        return
+    argv = ["tcpdump", "-i", iface, "-U", "-n", "-s", "128", "-w", "-", "ip proto 112"]
+    role.log_line(say + " (tcpdump)", ctx.paths)
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as p:
+        try:
+            watch.watch(exp, watch.pcap_packets(p.stdout, done), tally, lambda m: role.log_line(m, ctx.paths), peers)
+        finally:
+            p.terminate()
