@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.env import APPLIANCE, EXAMPLES
 
-LAB = f"nosuchlab{uuid.uuid4().hex[:6]}"  # a lab name nobody else uses on this machine
+LAB = f"nl{uuid.uuid4().hex[:8]}"  # a lab name nobody else uses on this machine (names are at most 10 characters)
 ZERO_HASH = "0" * 64
 
 

@@ -53,7 +53,7 @@ def _config(lan: Lan, d: Path) -> Path:
     for sub in ("lists",):
         subprocess.run(["cp", "-r", str(EXAMPLES / sub), str(d / sub)], check=True)
     data = yaml.safe_load((EXAMPLES / "appliance.yaml").read_text())
-    data["cluster"].update(vip=f"{lan.vip()}/24", interface="eth0", password=PASS)
+    data["cluster"].update(vip=f"{lan.vip()}/24", password=PASS)  # interface: the namespace's eth0 via --iface
     data["nodes"]["fw1"]["lan"] = f"{lan.nodes[0].ip}/24"
     data["nodes"]["fw2"]["lan"] = f"{lan.nodes[1].ip}/24"
     p = d / "appliance.yaml"
@@ -73,7 +73,7 @@ def test_the_watcher_flags_forged_adverts_and_status_shows_them(lan: Lan, tmp_pa
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env.update(APPLIANCE_STATE_DIR=str(state))
     argv = ["ip", "netns", "exec", lan.nodes[0].netns, APPLIANCE, "-c", str(cfg), "--node", "fw1", "carp-watch",
-            "--no-peers", "--seconds", "60"]
+            "--iface", "eth0", "--no-peers", "--seconds", "60"]
     err = open(tmp_path / "watch.err", "wb")
     w = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
     err.close()
