@@ -29,6 +29,7 @@ from appliance.core.schedule import Schedule
 CARP_PASS_MAX = 19
 IFACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*[0-9]+(\.[0-9]+)?$|^[A-Za-z][A-Za-z0-9_.-]{0,14}$")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+DEBIAN_RELEASES = ("12",)  # cluster.debian: what image/debian can build (12 = bookworm)
 CRON_FIELD_RE = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
 
 
@@ -70,7 +71,12 @@ class Cluster(_Model):
     preempt: bool = Field(True, description="net.inet.carp.preempt=1 / ucarp --preempt")
     interface: str = Field("em0", description="LAN interface carrying the VIP")
     sync_interface: str = Field("em1", description="interface of the dedicated sync link")
-    freebsd: str = Field("14.3", description="image target release; below 10 selects the legacy carp0 syntax")
+    freebsd: str = Field("14.3", description="image target release; below 10 selects the legacy carp0 syntax "
+                         "(cluster.os: freebsd only)")
+    os: Literal["freebsd", "debian"] = Field("freebsd", description="what the nodes run: freebsd (kernel CARP, rc.d, "
+                                             "devd; the FreeBSD image) or debian (the .deb's systemd units, the speaker "
+                                             "or ucarp; the Debian image, NICs eth0, eth1, ...)")
+    debian: str = Field("12", description="Debian release of the image (cluster.os: debian only); 12 is bookworm")
     extra_vhids: list[ExtraVhid] = Field(default_factory=list, description="more CARP groups (active/active)")
 
     _check_iface = field_validator("interface", "sync_interface")(classmethod(lambda cls, v: check_iface(v)))
@@ -88,6 +94,21 @@ class Cluster(_Model):
         if any(c.isspace() or not c.isprintable() for c in raw):
             raise ValueError("must be printable without spaces (it is passed to ifconfig and ucarp)")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _os_defaults(cls, data: Any) -> Any:
+        """A Debian node's NICs are eth0 (LAN) and eth1 (sync link) unless the file names others."""
+        if isinstance(data, dict) and data.get("os") == "debian":
+            data = {"interface": "eth0", "sync_interface": "eth1", **data}
+        return data
+
+    @field_validator("debian", mode="before")
+    @classmethod
+    def _debian(cls, v: Any) -> str:
+        if str(v) not in DEBIAN_RELEASES:
+            raise ValueError(f"{v!r} is not a Debian release the image supports ({', '.join(DEBIAN_RELEASES)})")
+        return str(v)
 
     @field_validator("freebsd")
     @classmethod

@@ -24,7 +24,7 @@ def cluster_rules(cfg: Appliance, base: Path | None) -> list[tuple[str, str]]:
     """Every cross-field problem; with `base` (the config file's directory) also missing list directories."""
     seen_addr: dict[IPv4Address, str] = {}
     problems = _node_rules(cfg, seen_addr) + _sync_link_rules(cfg) + _vhid_rules(cfg, seen_addr)
-    problems += _proxy_rules(cfg) + _policy_rules(cfg)
+    problems += _proxy_rules(cfg) + _policy_rules(cfg) + _os_rules(cfg)
     if base is not None:
         problems.extend(_check_lists(cfg, base))
     return problems
@@ -103,6 +103,35 @@ def _policy_rules(cfg: Appliance) -> list[tuple[str, str]]:
                 if not CATEGORY_RE.match(cat):
                     problems.append((f"filter.policies[{i}].{f}", f"{cat!r} is not a category directory name"))
     return problems
+
+# NIC names only one of the two systems gives: FreeBSD names a NIC by its driver (em0, igb0, vtnet0); Linux by the
+# kernel's eth<N> or systemd's predictable names (eno1, ens3, enp0s3, enx<MAC>, wlp2s0)
+FREEBSD_NIC_RE = re.compile(r"^(em|igb|igc|ix|ixl|ixv|ice|re|rl|bge|bce|bxe|vtnet|xn|hn|vmx|lagg|fxp|msk|sk|nfe|alc|ale|"
+                            r"age|axe|axge|ue|cxgbe|cxl|mlxen|mce|ql|oce|lem|epair|bnxt|mgb|cas|gem|dc|vge|jme|et)[0-9]+(\.[0-9]+)?$")
+LINUX_NIC_RE = re.compile(r"^(eth[0-9]+|en(o|s|p|x)[0-9a-f][0-9a-z_]*|wl(o|s|p|x)[0-9a-z_]+)(\.[0-9]+)?$")
+DEBIAN_SYNC_USERS = ("appliance-sync", "root")  # the package makes appliance-sync (sudoers, sshd drop-in)
+
+
+def _os_rules(cfg: Appliance) -> list[tuple[str, str]]:
+    """cluster.os: a setting of the other system, or a NIC name the nodes' system never gives, is refused."""
+    c, problems = cfg.cluster, []
+    other = "freebsd" if c.os == "debian" else "debian"
+    if other in c.model_fields_set:
+        problems.append((f"cluster.{other}", f"is a setting of cluster.os: {other} nodes; this cluster is cluster.os: {c.os} "
+                                             f"(remove it{' or use cluster.debian' if other == 'freebsd' else ''})"))
+    for field in ("interface", "sync_interface"):
+        name = getattr(c, field)
+        if c.os == "debian" and FREEBSD_NIC_RE.match(name):
+            problems.append((f"cluster.{field}", f"{name} is a FreeBSD interface name; a Debian node's NICs are eth0, eth1, ... "
+                                                 "(the image boots with net.ifnames=0)"))
+        elif c.os == "freebsd" and LINUX_NIC_RE.match(name):
+            problems.append((f"cluster.{field}", f"{name} is a Linux interface name; FreeBSD names a NIC by its driver "
+                                                 "(em0, igb0, vtnet0); for Linux nodes set cluster.os: debian"))
+    if c.os == "debian" and cfg.sync.user not in DEBIAN_SYNC_USERS:
+        problems.append(("sync.user", f"{cfg.sync.user} is not a sync user the Debian package sets up "
+                                      f"({' or '.join(DEBIAN_SYNC_USERS)})"))
+    return problems
+
 
 def _check_lists(cfg: Appliance, base: Path) -> list[tuple[str, str]]:
     lists = cfg.lists_dir(base)

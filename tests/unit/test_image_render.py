@@ -12,6 +12,7 @@ from appliance.core import loader as cfgmod
 from appliance.core.model import Appliance
 from sync import keys
 from image import checks, keygen, render
+from image.debian import overlay
 from image.errors import CheckFailed
 from tests.support.env import need_tool
 
@@ -315,3 +316,105 @@ def test_sync_user_root_uses_forced_commands_only(example_tree):
     assert "PermitRootLogin forced-commands-only" in text(t, "/etc/ssh/sshd_config")
     assert "Match User" not in text(t, "/etc/ssh/sshd_config") and "pw useradd" not in text(t, "/usr/local/etc/rc.d/appliance_firstboot")
     assert checks.run_all(t, b"change-me") == []
+
+
+# ---------------------------------------------------------------- cluster.os: debian (issue 10, sections 2 and 3)
+
+def _debian(example_tree: Path) -> Path:
+    p = example_tree.with_name("debian.yaml")
+    assert p.exists()
+    return p
+
+
+def test_debian_example_loads_with_linux_names(example_tree):
+    cfg = cfgmod.load(_debian(example_tree))
+    assert (cfg.cluster.os, cfg.cluster.debian, cfg.cluster.interface, cfg.cluster.sync_interface) == ("debian", "12", "eth0", "eth1")
+    assert cfgmod.load(example_tree).cluster.os == "freebsd"  # no os: key keeps meaning FreeBSD
+
+
+def test_debian_nics_default_to_eth0_eth1(example_tree):
+    data = yaml.safe_load(_debian(example_tree).read_text())
+    del data["cluster"]["interface"], data["cluster"]["sync_interface"]
+    cfg = cfgmod.validate(data, base_dir=example_tree.parent)
+    assert (cfg.cluster.interface, cfg.cluster.sync_interface) == ("eth0", "eth1")
+
+
+@pytest.mark.parametrize("dotted, value, needle", [
+    ("cluster__interface", "em0", "cluster.interface: em0 is a FreeBSD interface name"),
+    ("cluster__sync_interface", "vtnet1", "cluster.sync_interface: vtnet1 is a FreeBSD interface name"),
+    ("cluster__freebsd", "14.3", "cluster.freebsd: is a setting of cluster.os: freebsd nodes"),
+    ("cluster__debian", "11", "cluster.debian"),
+    ("sync__user", "syncer", "sync.user: syncer is not a sync user the Debian package sets up"),
+])
+def test_debian_bad_input_names_the_field(example_tree, dotted, value, needle):
+    with pytest.raises(Exception) as e:
+        _load(_debian(example_tree), **{dotted: value})
+    msg = str(e.value)
+    assert needle in msg and "debian.yaml:" in msg, msg
+    assert len(msg.strip().splitlines()) == 1, msg
+
+
+def test_debian_missing_sync_link_is_one_line(example_tree):
+    path = _debian(example_tree)
+    data = yaml.safe_load(path.read_text())
+    del data["nodes"]["fw2"]["sync"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(Exception) as e:
+        cfgmod.load(path)
+    assert "nodes.fw2.sync" in str(e.value) and len(str(e.value).strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dotted, value, needle", [
+    ("cluster__debian", "12", "cluster.debian: is a setting of cluster.os: debian nodes"),
+    ("cluster__interface", "eth0", "cluster.interface: eth0 is a Linux interface name"),
+    ("cluster__sync_interface", "enp0s3", "cluster.sync_interface: enp0s3 is a Linux interface name"),
+])
+def test_freebsd_refuses_debian_settings(example_tree, dotted, value, needle):
+    with pytest.raises(Exception) as e:
+        _load(example_tree, **{dotted: value})
+    assert needle in str(e.value)
+
+
+def test_render_dispatches_to_the_debian_templates(example_tree):
+    path = _debian(example_tree)
+    cfg = cfgmod.load(path)
+    keygen.ensure_keys(cfg, path.parent)
+    overlay.ensure_admin_key(path.parent)
+    t = render.render_node(cfg, path, "fw2", sync_gid=997)
+    paths = {e.path for e in t}
+    assert not {"/etc/rc.conf", "/boot/loader.conf", "/usr/local/etc/devd/carp.conf"} & paths  # nothing FreeBSD
+    assert text(t, "/etc/hostname") == "fw2\n"
+    assert text(t, "/var/lib/appliance/node.yaml") == "node: fw2\n"
+    assert t.get("/var/lib/appliance/current").target == "releases/1"
+    assert t.get("/etc/appliance").target == "/var/lib/appliance/current"
+    assert t.get("/var/lib/appliance/releases/1/appliance.yaml").mode == 0o600
+    lan, sync = text(t, "/etc/systemd/network/10-lan.network"), text(t, "/etc/systemd/network/20-sync.network")
+    assert "Name=eth0" in lan and "Address=192.168.1.3/24" in lan and "RequiredForOnline=yes" in lan
+    assert "Name=eth1" in sync and "Address=192.168.200.2/30" in sync
+    assert "net.ipv4.ip_nonlocal_bind=1" in text(t, "/etc/sysctl.d/60-carpguard.conf")
+    sshd = text(t, "/etc/ssh/sshd_config.d/10-carpguard.conf")
+    assert "PasswordAuthentication no" in sshd and "PermitRootLogin prohibit-password" in sshd
+    for secret in ("/etc/ssh/ssh_host_ed25519_key", "/var/lib/appliance/releases/1/keys/sync_ed25519", "/root/.ssh/authorized_keys"):
+        assert t.get(secret).mode == 0o600, secret
+    auth = t.get("/var/lib/appliance-sync/.ssh/authorized_keys")
+    assert (auth.mode, auth.uname, auth.gname, auth.gid) == (0o640, "root", "appliance-sync", 997)
+    line = auth.data.decode()
+    assert 'command="/usr/bin/sudo -n /usr/bin/appliance sync-serve",from="192.168.200.1",restrict ssh-ed25519' in line
+    known = text(t, "/var/lib/appliance/releases/1/keys/known_hosts")
+    assert "192.168.200.1" in known and "192.168.200.2" in known
+    overlay.boot_files(t, cfg, "fw2", "6.1.0-0-amd64", "u-u-i-d", "CA5B-0071")
+    grub = text(t, "/boot/grub/grub.cfg")
+    assert "console=ttyS0,115200n8" in grub and "net.ifnames=0" in grub and "root=UUID=u-u-i-d" in grub
+    assert "UUID=u-u-i-d\t/\text4" in text(t, "/etc/fstab")
+    overlay.check(t, cfg.cluster.password.get_secret_value().encode())
+
+
+def test_debian_check_refuses_a_readable_secret(example_tree):
+    path = _debian(example_tree)
+    cfg = cfgmod.load(path)
+    keygen.ensure_keys(cfg, path.parent)
+    overlay.ensure_admin_key(path.parent)
+    t = render.render_node(cfg, path, "fw1")
+    t.get("/etc/ssh/ssh_host_ed25519_key").mode = 0o644
+    with pytest.raises(CheckFailed, match="ssh_host_ed25519_key: holds a secret"):
+        overlay.check(t, cfg.cluster.password.get_secret_value().encode())
