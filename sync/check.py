@@ -15,15 +15,20 @@ from sync.errors import BAD_INPUT, SyncError
 CONFIG_NAME = "appliance.yaml"
 
 
-def validate_tree(root: Path, compile_lists: bool = True) -> Appliance:
+def validate_tree(root: Path, compile_lists: bool = True, confine: bool = False) -> Appliance:
     """Load root/appliance.yaml with the config validator, then compile its lists.
 
-    Raises SyncError(BAD_INPUT) carrying the validator's or the compiler's own message."""
+    confine: a received tree; its lists must be inside it (filter.lists relative, no '..'), so that the check reads
+    nothing outside the tree. Raises SyncError(BAD_INPUT) carrying the validator's or the compiler's own message."""
     path = Path(root) / CONFIG_NAME
     try:
         cfg = load(path)
     except ConfigError as e:
         raise SyncError(str(e), BAD_INPUT) from None
+    lists = Path(cfg.filter.lists)
+    if confine and (lists.is_absolute() or ".." in lists.parts):
+        raise SyncError(f"{CONFIG_NAME}: filter.lists: {cfg.filter.lists!r} is outside the config tree; a synced "
+                        f"tree carries its lists (use a relative path such as lists/)", BAD_INPUT)
     if compile_lists and os.environ.get("APPLIANCE_SYNC_NO_COMPILE") != "1":
         try:
             ruleset.compile_index(cfg, path.resolve().parent)

@@ -131,7 +131,8 @@ def rsync_to(peer: Peer, src: Path, dry_run: bool = False, bwlimit: int | None =
     """rsync (built through sysrsync) the release into the peer's staging dir; --partial keeps cut-off files."""
     from sysrsync.command_maker import get_rsync_command
 
-    options = ["-a", "--itemize-changes", "--stats", "--delete", "--partial", f"--timeout={peer.timeout}",
+    # -rtp, never -a: the peer's rsync server runs with its own fixed options (sync/serve.py) and refuses -l/-D/-o/-g
+    options = ["-rtp", "--itemize-changes", "--stats", "--delete", "--partial", f"--timeout={peer.timeout}",
                "-e", shlex.join(peer.ssh_argv())]
     if dry_run:
         options.append("--dry-run")

@@ -19,7 +19,7 @@ from sync.errors import BAD_INPUT, OK, PEER_FAILED, SPLIT_BRAIN, STALE, SyncErro
 from sync.journal import note
 from sync.peer import Peer, ask, make_peers, remote_status, rsync_to
 from sync.receive import reload_carp, reload_proxy
-from sync.releases import Releases, mirror
+from sync.releases import MAX_GEN, MAX_STEP, Releases, mirror
 
 Progress = Callable[[str, str], None]  # (peer, stage)
 
@@ -51,10 +51,17 @@ def plan_cut(rel: Releases, work: Path, above: int | None = None) -> Plan:
             reasons.append(f"the tree changed since generation {live}")
         if gens and live < max(gens):
             reasons.append(f"generation {live} was rolled back to; it goes out as a new generation")
-    top = max(gens + [0])
-    if above is not None:
+    # a release numbered far above the live one (forged, or a runaway counter) does not set the next number
+    top = max([g for g in gens if live is None or g <= live + MAX_STEP] + [0])
+    if above is not None and (above >= MAX_GEN or above > top + MAX_STEP):
+        reasons.append(f"--force: the peers' generation {above} is out of range (more than {MAX_STEP} above ours); "
+                       f"generation {top + 1} replaces it")
+    elif above is not None:
         reasons.append(f"--force: a generation above the peers' ({above}) is cut")
         top = max(top, above)
+    if reasons and top >= MAX_GEN:
+        raise SyncError(f"generation {top} is the last one; roll back to an older release (`appliance releases "
+                        f"--rollback N`) and sync --force from there", BAD_INPUT)
     if reasons:
         return Plan(live, digest, True, top + 1, reasons)
     return Plan(live, digest, False, live, reasons)
@@ -123,6 +130,10 @@ class Run:
         state, work = self.paths.state, self.config_path.resolve().parent
         if not self.dry_run:
             narrow_secret(self.config_path.resolve(), state)
+        # what the peers would refuse is refused here first: the same check, every path of the tree
+        tree.refuse(tree.check_staged(work, self.cfg.sync.max_file_mb << 20), f"the config tree {work}")
+        if self.force:
+            note(state, f"sync --force on {self.node}: peers' generation checks are overridden", logging.WARNING)
         rel = Releases(state)
         t_check = time.monotonic()
         if needs_check(rel, work):
@@ -184,12 +195,13 @@ class Run:
         """Make the working tree live here as the new generation, and the staging mirror of it."""
         t_cut = time.monotonic()
         self.progress("local", "cut")
-        live_dir = rel.path(plan.live) if plan.live is not None else None
+        rel.prepare_dirs()
+        live_dir = rel.path(plan.live) if plan.live is not None else (rel.current.resolve() if rel.current.is_dir() else None)
         rel.install(work, plan.generation, plan.digest, f"cut on {self.node}", carry_from=live_dir)
         rel.activate(plan.generation)
         if plan.live is not None:
             report["restored_pristine"] = rel.restore_pristine(plan.live)
-        mirror(rel.path(plan.generation), rel.staging)
+        mirror(rel.path(plan.generation), rel.staging, transfer=True)
         rel.write_staging_meta(plan.generation, plan.digest)
         report["pruned"] = rel.prune(self.cfg.sync.keep_releases)
         report["proxy"] = reload_proxy(self.paths)

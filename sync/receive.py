@@ -11,10 +11,11 @@ from appliance.core import pids
 from appliance.core.paths import Paths
 from appliance.core.state import read_role, role_of
 from sync import lock, tree
-from sync.check import validate_tree, validate_tree_bounded
+from appliance.core.loader import load
+from sync.check import CONFIG_NAME, validate_tree, validate_tree_bounded
 from sync.errors import BAD_INPUT, SPLIT_BRAIN, STALE, SyncError
 from sync.journal import note
-from sync.releases import Releases, mirror
+from sync.releases import MAX_STEP, Releases, carry_node_local, mirror
 
 
 def status(paths: Paths) -> dict:
@@ -52,50 +53,93 @@ def reload_carp(paths: Paths) -> str:
         return f"carp supervisor not signalled ({e})"
 
 
+def max_file_bytes(paths: Paths) -> int:
+    """The size cap for one synced file: sync.max_file_mb of this node's live config (never the pushed one)."""
+    try:
+        return load(Releases(paths.state).current / CONFIG_NAME).sync.max_file_mb << 20
+    except Exception:  # no live config yet, or it does not load: the default cap
+        return tree.MAX_FILE_BYTES
+
+
+def check_generation(state: Path, gen: int, live: int | None, force: bool, source: str) -> None:
+    """Generations only move forward, by at most MAX_STEP; --force overrides that, loudly."""
+    if live is None:
+        return
+    if gen == live:
+        raise SyncError(f"generation {gen} is live here with other content; the master must send a newer generation", STALE)
+    if force:
+        note(state, f"receive --force from {source}: generation {gen} replaces the live generation {live} "
+                    f"without the generation checks", logging.WARNING)
+        return
+    if gen < live:
+        raise SyncError(f"generation {gen} is older than the live generation {live} here; refused "
+                        f"(an old master must not overwrite newer changes; `appliance sync --force` overrides)", STALE)
+    if gen > live + MAX_STEP:
+        raise SyncError(f"generation {gen} is more than {MAX_STEP} above the live generation {live} here; refused "
+                        f"(a forged or runaway number would leave no room for later ones; `appliance sync --force` "
+                        f"overrides)", STALE)
+
+
 def receive(paths: Paths, gen: int, digest: str, force: bool = False, source: str = "?", reload: bool = True) -> dict:
-    """Check the staged tree and make it live as <gen>. On any failure the live release is untouched."""
+    """Check the staged tree and make it live as <gen>. On any failure the live release is untouched and the
+    staging dir is emptied (nothing of a refused push stays)."""
+    rel = Releases(paths.state)
+    with lock.held(paths.run, wait=30):
+        rel.prepare_dirs()
+        try:
+            return _receive(paths, rel, gen, digest, force, source, reload)
+        except BaseException:
+            rel.clear_staging()
+            rel.cleanup()
+            raise
+
+
+def _checked_copy(paths: Paths, rel: Releases, gen: int, digest: str, live: int | None) -> Path:
+    """The staged tree copied into a fresh releases/.incoming-<gen>, checked entry by entry, hashed, with this
+    node's node-local files carried over from the live release. compiled/ is never copied: the check rebuilds it."""
+    cap = max_file_bytes(paths)
+    tree.refuse(tree.check_staged(rel.staging, cap))
+    tmp = rel.incoming(rel.staging, gen, transfer=True)
+    tree.refuse(tree.check_staged(tmp, cap), "the copy of the staged tree")  # what goes live, not what may change
+    got = tree.tree_hash(tmp)
+    if got != digest:
+        raise SyncError(f"staged tree hash {got[:16]} does not match the master's {digest[:16]}: the transfer is incomplete "
+                        f"or the tree changed; the next sync completes it", 1)
+    if live is not None:
+        carry_node_local(rel.path(live), tmp)
+    return tmp
+
+
+def _receive(paths: Paths, rel: Releases, gen: int, digest: str, force: bool, source: str, reload: bool) -> dict:
     t0 = time.monotonic()
     state = paths.state
-    rel = Releases(state)
-    with lock.held(paths.run, wait=30):
-        role = read_role(paths) or {}
-        if role.get("role") == "MASTER":
-            msg = f"split brain: this node is MASTER too (since {role.get('since')}); refusing generation {gen} from {source}"
-            note(state, msg, logging.ERROR)
-            raise SyncError(msg, SPLIT_BRAIN)
-        live = rel.live()
-        live_meta = rel.meta(live) if live is not None else {}
-        if live is not None and gen == live and live_meta.get("hash") == digest:
-            return {"ok": True, "action": "up-to-date", "generation": gen, "previous": live, "seconds": 0.0}
-        if live is not None and not force and gen <= live:
-            what = "older than" if gen < live else "the same number as, but different from,"
-            raise SyncError(f"generation {gen} is {what} the live generation {live} here; refused "
-                            f"(an old master must not overwrite newer changes; `appliance sync --force` overrides)", STALE)
-        if live is not None and gen == live:
-            raise SyncError(f"generation {gen} is live here with other content; the master must send a newer generation", STALE)
-        if not rel.staging.is_dir():
-            raise SyncError(f"nothing staged in {rel.staging}; the transfer did not happen", BAD_INPUT)
-        tree.check_safe(rel.staging)
-        got = tree.tree_hash(rel.staging)
-        if got != digest:
-            raise SyncError(f"staged tree hash {got[:16]} does not match the master's {digest[:16]}: the transfer is incomplete "
-                            f"or the tree changed; the next sync completes it", 1)
-        try:
-            cfg = validate_tree_bounded(rel.staging)
-        except SyncError as e:
-            note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
-            raise
-        after = tree.tree_hash(rel.staging)  # the list compiler may (re)write its index inside the tree
-        live_dir = rel.path(live) if live is not None else None
-        rel.install(rel.staging, gen, digest, f"sync from {source}", carry_from=live_dir, expect=after)
-        rel.activate(gen)
-        rel.write_staging_meta(gen, digest)
-        pruned = rel.prune(cfg.sync.keep_releases)
-        reloaded = reload_proxy(paths) if reload else "not asked"
-        carp = reload_carp(paths) if reload else "not asked"
-        note(state, f"generation {gen} from {source} is live (was {live}); {reloaded}; {carp}")
-        return {"ok": True, "action": "swapped", "generation": gen, "previous": live, "pruned": pruned,
-                "proxy": reloaded, "carp": carp, "seconds": round(time.monotonic() - t0, 3)}
+    role = read_role(paths) or {}
+    if role.get("role") == "MASTER":
+        msg = f"split brain: this node is MASTER too (since {role.get('since')}); refusing generation {gen} from {source}"
+        note(state, msg, logging.ERROR)
+        raise SyncError(msg, SPLIT_BRAIN)
+    live = rel.live()
+    live_meta = rel.meta(live) if live is not None else {}
+    if live is not None and gen == live and live_meta.get("hash") == digest:
+        return {"ok": True, "action": "up-to-date", "generation": gen, "previous": live, "seconds": 0.0}
+    check_generation(state, gen, live, force, source)
+    if not rel.staging.is_dir():
+        raise SyncError(f"nothing staged in {rel.staging}; the transfer did not happen", BAD_INPUT)
+    tmp = _checked_copy(paths, rel, gen, digest, live)
+    try:
+        cfg = validate_tree_bounded(tmp, confine=True)
+    except SyncError as e:
+        note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
+        raise
+    rel.commit(tmp, gen, digest, f"sync from {source}" + (" (--force)" if force else ""))
+    rel.activate(gen)
+    rel.write_staging_meta(gen, digest)
+    pruned = rel.prune(cfg.sync.keep_releases)
+    reloaded = reload_proxy(paths) if reload else "not asked"
+    carp = reload_carp(paths) if reload else "not asked"
+    note(state, f"generation {gen} from {source} is live (was {live}); {reloaded}; {carp}")
+    return {"ok": True, "action": "swapped", "generation": gen, "previous": live, "pruned": pruned,
+            "proxy": reloaded, "carp": carp, "seconds": round(time.monotonic() - t0, 3)}
 
 
 def rollback(paths: Paths, gen: int, reload: bool = True) -> dict:
@@ -107,7 +151,7 @@ def rollback(paths: Paths, gen: int, reload: bool = True) -> dict:
         validate_tree(rel.path(gen), compile_lists=False)
         old = rel.activate(gen)
         m = rel.meta(gen)
-        mirror(rel.path(gen), rel.staging)
+        mirror(rel.path(gen), rel.staging, transfer=True)
         rel.write_staging_meta(gen, m["hash"])
         reloaded = reload_proxy(paths) if reload else "not asked"
         carp = reload_carp(paths) if reload else "not asked"

@@ -6,16 +6,24 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
 
+from appliance.core.fsio import write_json_atomic
 from sync import tree
 from sync.errors import BAD_INPUT, SyncError
 
 log = logging.getLogger("appliance.sync")
 
 GEN_RE = re.compile(r"^[1-9][0-9]{0,8}$")  # 1 .. 999999999
+MAX_GEN = 999_999_999
+# How far one push may move a node's generation forward. A forged or runaway number beyond it is refused (it would
+# leave no room above it for the master's next cut); `--force` overrides, and is logged as a warning on both sides.
+MAX_STEP = 1000
+STATE_MODE = 0o711  # <state> and releases/: no listing; the proxy (unprivileged on FreeBSD) reaches current/ through it
+PRIVATE_MODE = 0o700  # <state>/sync, the staging dir and a release being installed: root only
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -40,10 +48,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def mirror(src: Path, dst: Path, carry_from: Path | None = None) -> None:
-    """Make dst hold the synced content of src (local rsync: only changed files are rewritten)."""
+def ensure_dir(path: Path, mode: int) -> Path:
+    """Create a directory with `mode`, or narrow an existing one that is wider; never through a symlink."""
+    path = Path(path)
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise SyncError(f"{path} is a symlink; refusing to use it as a state directory", 1)
+    if stat.S_IMODE(st.st_mode) & ~mode:
+        os.chmod(path, stat.S_IMODE(st.st_mode) & mode, follow_symlinks=False)
+    return path
+
+
+def mirror(src: Path, dst: Path, carry_from: Path | None = None, transfer: bool = False) -> None:
+    """Make dst hold the synced content of src (local rsync: only changed files are rewritten).
+
+    Regular files and directories only (no -l, no -D: a link or a device is never copied); transfer=True also
+    leaves out the derived files (compiled/), as on the wire."""
     dst.mkdir(parents=True, exist_ok=True)
-    cmd = ["rsync", "-a", "--delete", *(f"--exclude={e}" for e in tree.rsync_excludes(transfer=False)), f"{src}/", f"{dst}/"]
+    cmd = ["rsync", "-rtpgo", "--delete", *(f"--exclude={e}" for e in tree.rsync_excludes(transfer=transfer)),
+           f"{src}/", f"{dst}/"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SyncError(f"copying {src} to {dst} failed: {r.stderr.strip()}", 1)
@@ -52,16 +76,20 @@ def mirror(src: Path, dst: Path, carry_from: Path | None = None) -> None:
 
 
 def carry_node_local(src: Path, dst: Path) -> None:
-    """Copy node-local files (node.yaml, keys/hosts/) from the live release into a new one."""
+    """Copy node-local files (node.yaml, keys/hosts/) from the live release into a new one (never a symlink)."""
+    no_links = lambda d, names: [n for n in names if os.path.islink(os.path.join(d, n))]  # noqa: E731
     for rel in tree.NODE_LOCAL:
         s, d = src / rel, dst / rel
-        if not s.exists() or d.exists():
+        if s.is_symlink():
+            log.warning("%s is a symlink; not carried into the new release", s)
+            continue
+        if not s.exists() or d.exists() or d.is_symlink():
             continue
         d.parent.mkdir(parents=True, exist_ok=True)
         if s.is_dir():
-            shutil.copytree(s, d, symlinks=True)
+            shutil.copytree(s, d, symlinks=True, ignore=no_links)
         else:
-            shutil.copy2(s, d)
+            shutil.copy2(s, d, follow_symlinks=False)
 
 
 class Releases:
@@ -72,6 +100,23 @@ class Releases:
         self.dir = self.state / "releases"
         self.current = self.state / "current"
         self.staging = self.state / "sync" / "staging"
+        self.staging_json = self.state / "sync" / "staging.json"  # beside the staging dir: nothing pushed touches it
+
+    def prepare_dirs(self) -> None:
+        """The state dirs with their modes (existing wider ones narrowed): sync/ and staging/ are root's alone."""
+        ensure_dir(self.state, STATE_MODE)
+        ensure_dir(self.dir, STATE_MODE)
+        ensure_dir(self.state / "sync", PRIVATE_MODE)
+        ensure_dir(self.staging, PRIVATE_MODE)
+
+    def clear_staging(self) -> None:
+        """Empty the staging dir (after a refused receive nothing pushed stays); the next push reseeds it."""
+        self.staging_json.unlink(missing_ok=True)
+        if self.staging.is_symlink():
+            self.staging.unlink()
+        elif self.staging.exists():
+            shutil.rmtree(self.staging)  # fd-based: never follows a link inside
+        ensure_dir(self.staging, PRIVATE_MODE)
 
     # ------------------------------------------------------------ reading
     def generations(self) -> list[int]:
@@ -129,17 +174,27 @@ class Releases:
     def install(self, src: Path, gen: int, digest: str, source: str, carry_from: Path | None = None,
                 expect: str | None = None) -> Path:
         """Copy src into releases/<gen> (via a temp dir and a rename) with its metadata; not yet live."""
-        live = self.live()
-        if gen == live:
-            raise SyncError(f"generation {gen} is live; it cannot be replaced", BAD_INPUT)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.cleanup()
-        tmp = self.dir / f".incoming-{gen}"
-        mirror(src, tmp, carry_from)
+        tmp = self.incoming(src, gen, carry_from)
         got = tree.tree_hash(tmp)
         if got != (expect or digest):
             shutil.rmtree(tmp, ignore_errors=True)
             raise SyncError(f"release {gen}: copied tree hash {got[:12]} is not {(expect or digest)[:12]} (changed while copying?)", 1)
+        return self.commit(tmp, gen, digest, source)
+
+    def incoming(self, src: Path, gen: int, carry_from: Path | None = None, transfer: bool = False) -> Path:
+        """A fresh releases/.incoming-<gen> (0700, made here) holding a copy of src; transfer=True leaves out
+        compiled/ too (a received tree: the receiver compiles its own index into the copy)."""
+        if gen == self.live():
+            raise SyncError(f"generation {gen} is live; it cannot be replaced", BAD_INPUT)
+        ensure_dir(self.dir, STATE_MODE)
+        self.cleanup()
+        tmp = self.dir / f".incoming-{gen}"
+        os.mkdir(tmp, PRIVATE_MODE)
+        mirror(src, tmp, carry_from, transfer=transfer)
+        return tmp
+
+    def commit(self, tmp: Path, gen: int, digest: str, source: str) -> Path:
+        """Write the metadata into a checked incoming copy and rename it to releases/<gen>."""
         meta = {"generation": gen, "hash": digest, "time": time.time(), "source": source}
         (tmp / tree.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         dst = self.path(gen)
@@ -166,12 +221,17 @@ class Releases:
         return old
 
     def prune(self, keep: int) -> list[int]:
-        """Delete the oldest releases beyond `keep`; never the live one."""
+        """Delete the oldest releases beyond `keep`, and any numbered more than MAX_STEP above the live one (a
+        forged or runaway number, replaced by a forced sync); never the live one."""
         live = self.live()
         gens = [g for g in self.generations() if g != live]
+        out_of_range = [g for g in gens if live is not None and g > live + MAX_STEP]
+        gens = [g for g in gens if g not in out_of_range]
+        if out_of_range:
+            log.warning("releases %s are more than %d above the live generation %s: removed", out_of_range, MAX_STEP, live)
         excess = max(0, len(gens) + (1 if live is not None else 0) - keep)
         removed = []
-        for g in gens[:excess]:
+        for g in gens[:excess] + out_of_range:
             trash = self.dir / f".trash-{g}"
             os.rename(self.path(g), trash)
             shutil.rmtree(trash, ignore_errors=True)
@@ -179,11 +239,12 @@ class Releases:
         return removed
 
     def write_staging_meta(self, gen: int, digest: str) -> None:
-        (self.staging / tree.META_FILE).write_text(json.dumps({"generation": gen, "hash": digest, "time": time.time()}) + "\n")
+        ensure_dir(self.staging_json.parent, PRIVATE_MODE)
+        write_json_atomic(self.staging_json, {"generation": gen, "hash": digest, "time": time.time()}, mode=0o600)
 
     def staging_meta(self) -> dict | None:
         try:
-            data = json.loads((self.staging / tree.META_FILE).read_text())
+            data = json.loads(self.staging_json.read_text())
             return data if isinstance(data, dict) else None
         except (FileNotFoundError, json.JSONDecodeError):
             return None

@@ -11,37 +11,71 @@ import sys
 from pathlib import Path
 
 from appliance.core.paths import Paths
+from sync import lock, tree
 from sync import receive as rcv
 from sync.errors import BAD_INPUT, PEER_FAILED, SyncError
 from sync.journal import note
 from sync.releases import Releases, mirror, parse_generation, parse_hash
 
 STAGING_TOKEN = "staging"  # what the master writes as the remote path; replaced by the real staging dir
-# short option letters the rsync client sends in server mode for our transfers (no -T/-B/-M/-f: they take paths)
-_SHORT = re.compile(r"^-[vnlogDtprzcSHAXUNOJiuCkKLWxIRy]+(e[.A-Za-z0-9]*)?$")
-_LONG_FLAGS = {
-    "--delete", "--delete-during", "--delete-delay", "--delete-after", "--delete-before", "--partial", "--stats",
-    "--numeric-ids", "--checksum", "--inplace", "--no-whole-file", "--compress", "--safe-links", "--munge-links",
-    "--ignore-errors", "--force", "--no-implied-dirs", "--size-only",
-}
-_LONG_VALUES = {
+# What the peer's rsync server runs with, whatever the client asked for: recursive, times and permissions, regular
+# files and directories only (no -l/-D/-o/-g/-H/-A/-X: no links, devices, specials, owners, groups), the modes
+# stripped of group/world write and setuid/setgid/sticky, no file over sync.max_file_mb, a mirror (--delete) with
+# cut-off files kept for the next run (--partial). The client's letters must be a subset of CLIENT_LETTERS (the
+# others change rsync's wire format, so the server could not just drop them); its -e capability string is kept.
+SERVER_LETTERS = "rtp"
+CLIENT_LETTERS = set("rtpvn")  # -n (dry run) must reach the server; -v only changes what is said
+CHMOD = "--chmod=go-w,ug-s,-t"
+PINNED = ["--no-l", "--no-D", "--no-o", "--no-g", "--delete", "--partial", CHMOD]
+_SHORT = re.compile(r"^-([A-Za-z]+?)(e\.?[A-Za-z]*)?$")
+_DELETE = {"--delete", "--delete-during", "--delete-delay", "--delete-after", "--delete-before"}
+_LONG_VALUES = {  # passed on as given (they change only what is said, how fast, or how long to wait)
     "--timeout": re.compile(r"^\d{1,6}$"),
     "--bwlimit": re.compile(r"^\d{1,9}[KkMm]?$"),
-    "--compress-level": re.compile(r"^\d$"),
     "--log-format": re.compile(r"^%[a-zA-Z]( ?%[a-zA-Z])*$"),
     "--out-format": re.compile(r"^%[a-zA-Z]( ?%[a-zA-Z])*$"),
-    "--partial-dir": re.compile(r"^\.rsync-partial$"),
-    "--max-delete": re.compile(r"^-?\d{1,9}$"),
-    "--info": re.compile(r"^[A-Za-z0-9,]+$"),
 }
+_IGNORED = {"--stats", "--partial"}  # the server keeps its own
 
 
-def rsync_server_argv(argv: list[str], staging: Path) -> list[str]:
-    """Validate the rsync server command line the master sent; return it with the real staging dir as target.
+def _client_options(opts: list[str]) -> tuple[str, str, list[str], bool]:
+    """(dry-run letter, -e capability string, long options kept, --delete seen) from the client's options."""
+    letters, caps, kept, delete = "", "", [], False
+    for o in opts:
+        m = _SHORT.match(o)
+        if m and not o.startswith("--"):
+            bad = sorted(set(m.group(1)) - CLIENT_LETTERS)
+            if bad:
+                flags = " ".join("-" + c for c in bad)
+                raise SyncError(f"rsync: option {flags} is not allowed: this peer receives only regular files and "
+                                f"directories (rsync --server -{SERVER_LETTERS} {CHMOD}; no links, devices, owners, "
+                                f"groups, hard links, ACLs or xattrs); the master sends -rtp --delete", BAD_INPUT)
+            letters += m.group(1)
+            caps = m.group(2) or caps
+            continue
+        name, eq, value = o.partition("=")
+        if o in _DELETE:
+            delete = True
+        elif o in _IGNORED:
+            continue
+        elif eq and name in _LONG_VALUES:
+            if not _LONG_VALUES[name].match(value):
+                raise SyncError(f"rsync: bad value for {name}: {value!r}", BAD_INPUT)
+            kept.append(o)
+        else:
+            raise SyncError(f"rsync: option {o!r} is not allowed for a sync push", BAD_INPUT)
+    if "r" not in letters or not delete:
+        raise SyncError("rsync: a sync push is recursive and mirrors (-r --delete); the master sends -rtp --delete", BAD_INPUT)
+    return ("n" if "n" in letters else ""), caps, kept, delete
 
-    Only a receiving server (`rsync --server ... . staging`), only whitelisted options, only the staging dir."""
+
+def rsync_server_argv(argv: list[str], staging: Path, max_file_bytes: int = tree.MAX_FILE_BYTES) -> list[str]:
+    """Check the rsync server command line the master sent and build the one this peer runs: its own fixed
+    options (SERVER_LETTERS, PINNED, --max-size), the real staging dir as the only target.
+
+    Only a receiving server (`rsync --server ... . staging`), only the options the master's push uses."""
     if len(argv) < 4 or argv[0] != "rsync" or argv[1] != "--server":
-        raise SyncError(f"rsync: expected `rsync --server OPTIONS . {STAGING_TOKEN}` (got {shlex.join(argv)!r})", BAD_INPUT)
+        raise SyncError(f"rsync: expected `rsync --server OPTIONS . {STAGING_TOKEN}` (got {shlex.join(argv)[:200]!r})", BAD_INPUT)
     if "--sender" in argv:
         raise SyncError("rsync: --sender is not allowed (this key only pushes into the staging dir)", BAD_INPUT)
     if "." not in argv[2:]:
@@ -49,24 +83,17 @@ def rsync_server_argv(argv: list[str], staging: Path) -> list[str]:
     dot = argv.index(".", 2)
     opts, targets = argv[2:dot], argv[dot + 1:]
     if len(targets) != 1:
-        raise SyncError(f"rsync: exactly one target allowed, got {len(targets)} ({' '.join(targets)!r})", BAD_INPUT)
+        raise SyncError(f"rsync: exactly one target allowed, got {len(targets)} ({' '.join(targets)[:200]!r})", BAD_INPUT)
     target = targets[0]
     if ".." in target.split("/"):
-        raise SyncError(f"rsync: target {target!r} contains '..' (path traversal refused)", BAD_INPUT)
+        raise SyncError(f"rsync: target {target[:200]!r} contains '..' (path traversal refused)", BAD_INPUT)
     allowed_targets = {STAGING_TOKEN, STAGING_TOKEN + "/", str(staging), str(staging) + "/"}
     if target not in allowed_targets:
-        raise SyncError(f"rsync: target {target!r} is not the staging dir ({STAGING_TOKEN})", BAD_INPUT)
-    for o in opts:
-        if _SHORT.match(o) or o in _LONG_FLAGS:
-            continue
-        name, eq, value = o.partition("=")
-        if eq and name in _LONG_VALUES:
-            if ".." in value or not _LONG_VALUES[name].match(value):
-                raise SyncError(f"rsync: bad value for {name}: {value!r}", BAD_INPUT)
-            continue
-        raise SyncError(f"rsync: option {o!r} is not allowed for a sync push", BAD_INPUT)
+        raise SyncError(f"rsync: target {target[:200]!r} is not the staging dir ({STAGING_TOKEN})", BAD_INPUT)
+    dry, caps, kept, _ = _client_options(opts)
     exe = shutil.which("rsync") or "/usr/bin/rsync"
-    return [exe, "--server", *opts, ".", f"{staging}/"]
+    return [exe, "--server", f"-{dry}{SERVER_LETTERS}{caps}", *kept, *PINNED, f"--max-size={max_file_bytes}",
+            ".", f"{staging}/"]
 
 
 def parse_receive(argv: list[str]) -> tuple[int, str, bool]:
@@ -80,14 +107,17 @@ def parse_receive(argv: list[str]) -> tuple[int, str, bool]:
     return parse_generation(args[0]), parse_hash(args[1]), force
 
 
-def seed_staging(rel: Releases) -> None:
-    """Before the first push, copy the live release into the staging dir so rsync sends only the difference."""
+def seed_staging(rel: Releases, max_file_bytes: int = tree.MAX_FILE_BYTES) -> None:
+    """Before rsync writes: the state dirs with their modes, a staging dir that holds nothing unsafe (else it is
+    emptied), and before the first push a copy of the live release so rsync sends only the difference."""
+    rel.prepare_dirs()
+    if tree.check_staged(rel.staging, max_file_bytes):
+        rel.clear_staging()
     if rel.staging_meta() is None:
         live = rel.live()
         if live is not None:
-            mirror(rel.path(live), rel.staging)
+            mirror(rel.path(live), rel.staging, transfer=True)
             rel.write_staging_meta(live, rel.meta(live)["hash"])
-    rel.staging.mkdir(parents=True, exist_ok=True)
 
 
 def running_as() -> str:
@@ -125,8 +155,10 @@ def _run(argv: list[str], paths: Paths) -> dict:
         return rcv.status(paths)
     if verb == "rsync":
         rel = Releases(paths.state)
-        new_argv = rsync_server_argv(argv, rel.staging)
-        seed_staging(rel)
+        cap = rcv.max_file_bytes(paths)
+        new_argv = rsync_server_argv(argv, rel.staging, cap)
+        with lock.held(paths.run, wait=30):  # not while a receive checks or copies the staged tree
+            seed_staging(rel, cap)
         sys.stdout.flush()
         os.execv(new_argv[0], new_argv)  # rsync speaks its own protocol on stdout from here
     if verb in ("receive", "sync-receive"):

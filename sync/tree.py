@@ -5,6 +5,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Callable
 
 from sync.errors import BAD_INPUT, SyncError
 
@@ -16,6 +17,7 @@ NODE_LOCAL = ("node.yaml", "keys/hosts")
 DERIVED = ("compiled",)
 # rsync leftovers that must not count as content
 TRANSIENT_PREFIXES = (".rsync-partial",)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def rsync_excludes(transfer: bool = True) -> list[str]:
@@ -32,7 +34,8 @@ def _skipped(rel: str) -> bool:
 
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | O_NONBLOCK)  # never through a symlink, never blocks on a FIFO
+    with os.fdopen(fd, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -94,20 +97,99 @@ def diff(old: dict[str, str], new: dict[str, str]) -> dict[str, list[str]]:
     }
 
 
-def check_safe(root: Path) -> None:
-    """Refuse a staged tree with special files or symlinks that leave the tree (path traversal)."""
-    root = Path(root).resolve()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = Path(dirpath) / name
-            rel = full.relative_to(root)
-            if _skipped(str(rel)):
-                continue
-            st = full.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                target = os.readlink(full)
-                resolved = (full.parent / target).resolve() if not os.path.isabs(target) else Path(target).resolve()
-                if os.path.isabs(target) or not (resolved == root or root in resolved.parents):
-                    raise SyncError(f"{rel}: symlink to {target!r} points outside the config tree (refused)", BAD_INPUT)
-            elif not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                raise SyncError(f"{rel}: not a regular file or directory (refused)", BAD_INPUT)
+# ---------------------------------------------------------------- what a received tree may hold
+# A synced tree holds regular files and directories only: no symlinks (nothing in a config tree needs one, and a
+# link is a way out of the tree), no hard links, devices, FIFOs or sockets, no setuid/setgid/sticky bits, nothing
+# group- or world-writable; no file over the size cap (sync.max_file_mb) and at most MAX_FILES entries.
+MAX_FILE_BYTES = 256 << 20  # the default of sync.max_file_mb
+MAX_FILES = 100_000
+MAX_SHOWN = 10  # problems named in one refusal
+SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+
+Rule = Callable[[str, os.stat_result], "str | None"]  # (relative path, lstat) -> why it is refused, or None
+
+
+def _rule_type(rel: str, st: os.stat_result) -> str | None:
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return "a symlink (refused: a synced tree holds regular files and directories only)"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    return f"{kind} (refused: a synced tree holds regular files and directories only)"
+
+
+def _rule_links(rel: str, st: os.stat_result) -> str | None:
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        return f"a hard link ({st.st_nlink} names for one file; refused)"
+    return None
+
+
+def _rule_mode(rel: str, st: os.stat_result) -> str | None:
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode):
+        return None
+    if mode & SPECIAL_BITS:
+        return f"mode {mode:o} has setuid/setgid/sticky bits (refused)"
+    if mode & 0o022:
+        return f"mode {mode:o} is group/world-writable (refused; chmod go-w)"
+    return None
+
+
+# Every entry of a staged tree goes through each rule; a rule returns why the entry is refused, or None.
+RULES: list[Rule] = [_rule_type, _rule_links, _rule_mode]
+
+
+def show(rel: str) -> str:
+    """A pushed path as it may appear in a message: printable, one line, bounded."""
+    text = rel if rel.isprintable() else ascii(rel)[1:-1]
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _entries(root: Path, max_files: int):
+    """(relative path, lstat) of every entry under root, walked through directory fds, never following a link."""
+    count = 0
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(dirnames + filenames):
+            count += 1
+            if count > max_files:
+                yield "", None
+                return
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            yield (name if rel_dir == "." else f"{rel_dir}/{name}"), st
+
+
+def check_staged(root: Path, max_file_bytes: int = MAX_FILE_BYTES, max_files: int = MAX_FILES,
+                 rules: list[Rule] | None = None) -> list[str]:
+    """Every problem of a received tree as "path: why", checking every entry (no skip list). Reads no content."""
+    root = Path(root)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode):
+        return [f"{root}: not a directory (refused)"]
+    problems: list[str] = []
+    for rel, st in _entries(root, max_files):
+        if st is None:
+            problems.append(f"more than {max_files} files and directories (refused)")
+            break
+        for rule in rules if rules is not None else RULES:
+            why = rule(rel, st)
+            if why:
+                problems.append(f"{show(rel)}: {why}")
+        if stat.S_ISREG(st.st_mode) and st.st_size > max_file_bytes:
+            problems.append(f"{show(rel)}: {st.st_size} bytes, over the cap of {max_file_bytes} "
+                            f"(sync.max_file_mb; refused)")
+    return problems
+
+
+def refuse(problems: list[str], what: str = "the staged tree") -> None:
+    """Raise SyncError(BAD_INPUT) naming the first problems; nothing of any file's content is in the message."""
+    if problems:
+        more = f" (and {len(problems) - MAX_SHOWN} more)" if len(problems) > MAX_SHOWN else ""
+        raise SyncError(f"{what} is refused: " + "; ".join(problems[:MAX_SHOWN]) + more, BAD_INPUT)
+
+
+def check_safe(root: Path, max_file_bytes: int = MAX_FILE_BYTES) -> None:
+    """check_staged, raising SyncError(BAD_INPUT) on the first problems."""
+    refuse(check_staged(root, max_file_bytes))

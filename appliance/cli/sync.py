@@ -126,10 +126,12 @@ def sync_serve(ctx: Ctx) -> None:
     """The forced command of the sync key on a peer: runs SSH_ORIGINAL_COMMAND if it is a sync command.
 
     The master reads the one-line JSON reply on stdout ({"ok": false, "code": N, "error": ...} when refused)."""
+    command = os.environ.get("SSH_ORIGINAL_COMMAND")
     try:
-        reply = dispatch(os.environ.get("SSH_ORIGINAL_COMMAND"), ctx.paths)
+        reply = dispatch(command, ctx.paths)
     except SyncError as e:
-        click.echo(json.dumps(failure_reply(e)))
+        if not (command or "").lstrip().startswith("rsync"):  # an rsync client reads stdout as its protocol: stderr only
+            click.echo(json.dumps(failure_reply(e)))
         raise
     click.echo(json.dumps(reply))
 

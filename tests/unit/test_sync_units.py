@@ -23,7 +23,7 @@ from sync.serve import dispatch, parse_receive, rsync_server_argv
 from tests.support.env import APPLIANCE, EXAMPLES
 
 STAGING = Path("/var/lib/appliance/sync/staging")
-GOOD = ["rsync", "--server", "-logDtpre.iLsfxCIvu", "--log-format=%i", "--timeout=30", "--delete", "--stats", "--partial", ".", "staging"]
+GOOD = ["rsync", "--server", "-tpre.iLsfxCIvu", "--log-format=%i", "--timeout=30", "--delete", "--stats", "--partial", ".", "staging"]
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +35,13 @@ def _no_compile(monkeypatch):
 
 
 def test_rsync_args_ok_and_target_rewritten() -> None:
-    argv = rsync_server_argv(GOOD, STAGING)
-    assert argv[-2:] == [".", f"{STAGING}/"] and argv[1] == "--server" and "--delete" in argv
+    argv = rsync_server_argv(GOOD, STAGING, 5 << 20)
+    # the peer's own options, whatever the client sent: its capability string kept, -n passed on
+    assert argv[1:] == ["--server", "-rtpe.iLsfxCIvu", "--log-format=%i", "--timeout=30", "--no-l", "--no-D", "--no-o",
+                        "--no-g", "--delete", "--partial", "--chmod=go-w,ug-s,-t", f"--max-size={5 << 20}", ".", f"{STAGING}/"]
     assert rsync_server_argv(GOOD[:-1] + [f"{STAGING}/"], STAGING)[-1] == f"{STAGING}/"
+    dry = ["rsync", "--server", "-ntpre.iLsfxCIvu", "--delete-during", ".", "staging"]
+    assert rsync_server_argv(dry, STAGING)[2] == "-nrtpe.iLsfxCIvu"
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -45,13 +49,21 @@ def test_rsync_args_ok_and_target_rewritten() -> None:
     (["rsync", "--server", "-logDtpre.iLsfxCIvu", ".", "staging/../../etc"], "'..'"),
     (["rsync", "--server", "-logDtpre.iLsfxCIvu", ".", "/etc/"], "is not the staging dir"),
     (["rsync", "--server", "-logDtpre.iLsfxCIvu", ".", "staging", "/etc"], "exactly one target"),
-    (["rsync", "--server", "-logDtpre.iLsfxCIvu", "--temp-dir=/etc", ".", "staging"], "not allowed"),
-    (["rsync", "--server", "-logDtpre.iLsfxCIvu", "--log-file=/etc/passwd", ".", "staging"], "not allowed"),
-    (["rsync", "--server", "-logDtpre.iLsfxCIvu", "--partial-dir=../../x", ".", "staging"], "bad value for --partial-dir"),
+    (["rsync", "--server", "-tpre.iLsfxCIvu", "--delete", "--temp-dir=/etc", ".", "staging"], "not allowed"),
+    (["rsync", "--server", "-tpre.iLsfxCIvu", "--delete", "--log-file=/etc/passwd", ".", "staging"], "not allowed"),
+    (["rsync", "--server", "-tpre.iLsfxCIvu", "--delete", "--partial-dir=../../x", ".", "staging"], "not allowed"),
     (["rsync", "--server", "-T/tmp", ".", "staging"], "not allowed"),
+    (["rsync", "--server", "-logDtpre.iLsfxCIvu", "--delete", ".", "staging"], "option -D -g -l -o is not allowed"),
+    (["rsync", "--server", "-tpre.iLsfxCIvu", "--delete", "--devices", ".", "staging"], "option '--devices' is not allowed"),
+    (["rsync", "--server", "-Htpre.iLsfxCIvu", "--delete", ".", "staging"], "option -H is not allowed"),
+    (["rsync", "--server", "-ltpre.iLsfxCIvu", "--delete", ".", "staging"], "option -l is not allowed"),
+    (["rsync", "--server", "-tpre.iLsfxCIvu", "--delete", "--max-size=9G", ".", "staging"], "not allowed"),
+    (["rsync", "--server", "-tpre.iLsfxCIvu", "--delete", "--chmod=u+s", ".", "staging"], "not allowed"),
+    (["rsync", "--server", "-tpe.iLsfxCIvu", "--delete", ".", "staging"], "-r --delete"),
+    (["rsync", "--server", "-tpre.iLsfxCIvu", ".", "staging"], "-r --delete"),
     (["rsync", "--server", "-logDtpre.iLsfxCIvu", "staging"], "missing the `.`"),
     (["rsync", "-logDtpre.iLsfxCIvu", ".", "staging"], "expected `rsync --server"),
-    (["rsync", "--server", "-logDtpre.iLsfxCIvu", "--timeout=abc", ".", "staging"], "bad value for --timeout"),
+    (["rsync", "--server", "-tpre.iLsfxCIvu", "--delete", "--timeout=abc", ".", "staging"], "bad value for --timeout"),
 ])
 def test_rsync_args_refused(argv, needle) -> None:
     with pytest.raises(SyncError) as e:
@@ -150,19 +162,85 @@ def test_diff_reports_added_changed_removed(tmp_path) -> None:
 def test_symlink_out_of_the_tree_and_special_files_refused(tmp_path) -> None:
     t = make_tree(tmp_path / "t")
     tree.check_safe(t)
-    os.symlink("domains", t / "lists" / "adult" / "alias")  # inside: fine
-    tree.check_safe(t)
-    os.symlink("../../../../etc/passwd", t / "lists" / "adult" / "escape")
-    with pytest.raises(SyncError, match=r"lists/adult/escape: symlink to '../../../../etc/passwd' points outside"):
+    os.symlink("domains", t / "lists" / "adult" / "alias")  # even inside the tree: no symlink is synced
+    with pytest.raises(SyncError, match=r"lists/adult/alias: a symlink \(refused"):
         tree.check_safe(t)
-    os.unlink(t / "lists" / "adult" / "escape")
+    os.unlink(t / "lists" / "adult" / "alias")
     os.symlink("/etc/passwd", t / "abs")
-    with pytest.raises(SyncError, match="abs: symlink"):
+    with pytest.raises(SyncError, match="abs: a symlink"):
         tree.check_safe(t)
     os.unlink(t / "abs")
     os.mkfifo(t / "fifo")
-    with pytest.raises(SyncError, match="fifo: not a regular file"):
+    with pytest.raises(SyncError, match="fifo: a FIFO"):
         tree.check_safe(t)
+
+
+def _tree_without_problems(tmp_path: Path) -> Path:
+    t = make_tree(tmp_path / "t")
+    for p in [t, *t.rglob("*")]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    assert tree.check_staged(t) == []
+    return t
+
+
+def test_check_staged_has_no_skip_list(tmp_path) -> None:
+    t = _tree_without_problems(tmp_path)
+    (t / "keys").mkdir(0o755)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("root-only first line\n")
+    for rel in ("compiled", "node.yaml", "keys/hosts", ".rsync-partial", "lists/.rsync-partial-x", ".release.json"):
+        os.symlink(outside if rel in ("compiled", "keys/hosts") else outside / "secret", t / rel)
+    problems = tree.check_staged(t)
+    assert sorted(p.split(":")[0] for p in problems) == sorted(
+        ["compiled", "node.yaml", "keys/hosts", ".rsync-partial", "lists/.rsync-partial-x", ".release.json"]), problems
+    assert all("a symlink" in p for p in problems)
+    with pytest.raises(SyncError) as e:
+        tree.check_safe(t)
+    assert "root-only" not in str(e.value) and e.value.exit_code == BAD_INPUT
+
+
+def test_check_staged_refuses_links_specials_modes_size_count(tmp_path) -> None:
+    t = _tree_without_problems(tmp_path)
+    outside = tmp_path / "outside-file"
+    outside.write_text("x\n")
+    os.link(outside, t / "lists" / "adult" / "hard")
+    os.mkfifo(t / "fifo", 0o644)
+    sock = __import__("socket").socket(__import__("socket").AF_UNIX)
+    sock.bind(str(t / "sock"))
+    (t / "suid").write_text("x")
+    os.chmod(t / "suid", 0o4755)
+    (t / "sgid-dir").mkdir()
+    os.chmod(t / "sgid-dir", 0o2755)
+    (t / "sticky").write_text("x")
+    os.chmod(t / "sticky", 0o1644)
+    (t / "gw").write_text("x")
+    os.chmod(t / "gw", 0o664)
+    (t / "ww-dir").mkdir()
+    os.chmod(t / "ww-dir", 0o757)
+    (t / "big").write_bytes(b"x" * 4096)
+    got = {p.split(":")[0]: p for p in tree.check_staged(t, max_file_bytes=4000)}
+    sock.close()
+    assert "hard link" in got["lists/adult/hard"] and "FIFO" in got["fifo"] and "socket" in got["sock"]
+    assert "setuid/setgid/sticky" in got["suid"] and "setuid/setgid/sticky" in got["sgid-dir"]
+    assert "setuid/setgid/sticky" in got["sticky"]
+    assert "group/world-writable" in got["gw"] and "group/world-writable" in got["ww-dir"]
+    assert "4096 bytes, over the cap of 4000" in got["big"]
+    assert set(got) == {"lists/adult/hard", "fifo", "sock", "suid", "sgid-dir", "sticky", "gw", "ww-dir", "big"}
+    assert tree.check_staged(t, max_files=5)[-1] == "more than 5 files and directories (refused)"
+    if os.geteuid() == 0:
+        os.mknod(t / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        assert any(p.startswith("null: a device") for p in tree.check_staged(t))
+
+
+def test_check_staged_rules_are_extensible_and_names_are_escaped(tmp_path) -> None:
+    t = _tree_without_problems(tmp_path)
+    (t / "bad\nname").write_text("x")
+    extra = lambda rel, st: "an example rule" if rel.endswith("domains") else None  # noqa: E731
+    problems = tree.check_staged(t, rules=[*tree.RULES, extra])
+    assert any(p.startswith("lists/adult/domains: an example rule") for p in problems)
+    assert tree.check_staged(t) == []  # the name alone is no problem; shown escaped when it is one
+    assert tree.show("bad\nname") == "bad\\nname"
 
 
 def test_rsync_itemize_and_stats_parsing() -> None:
