@@ -11,7 +11,11 @@ from appliance.core.errors import ApplianceError
 from appliance.core.model import Appliance
 
 KEYS_DIR = "keys"
-SYNC_KEY = "sync_ed25519"  # the push key: the same on every node, so whichever node is master can push
+SYNC_KEY = "sync_ed25519"  # each node's own push key: <state>/keys/ (Paths.sync_key), never synced
+# The old layout kept ONE key, shared by every node, in the synced tree (keys/sync_ed25519): whoever read any node's
+# tree could push as any node, and it could not be revoked alone. It still works until `appliance keys init` has
+# made this node's own key (then it is ignored; delete it from the tree), see docs/security.md.
+KEY_COMMENT = "appliance-sync"  # authorized_keys comment: appliance-sync@<node> names the key's owner
 KNOWN_HOSTS = "known_hosts"  # pinned host keys of every node's sync address (never trust-on-first-use)
 HOST_KEYS_DIR = "hosts"  # keys/hosts/<node>/ssh_host_ed25519_key[.pub]: node-local, never synced
 SERVE_COMMAND = "sync-serve"  # the only command a sync key may run on a peer
@@ -91,11 +95,46 @@ def serve_command(appliance_bin: str = "/usr/local/bin/appliance", elevate: str 
 
 
 def authorized_keys_line(cfg: Appliance, node: str, pubkey: str, appliance_bin: str = "/usr/local/bin/appliance",
-                         elevate: str = "none") -> str:
-    """The line for `node`'s sync user: only the sync command, only from the other nodes' sync addresses."""
-    sources = ",".join(str(n.sync.ip) for name, n in cfg.nodes.items() if name != node)
+                         elevate: str = "none", owner: str | None = None) -> str:
+    """The line for `node`'s sync user: only the sync command; with `owner` (per-node keys) owner's key, only from
+    owner's sync address, tagged appliance-sync@owner; without it the old shared key, from every other node."""
+    if owner is not None and (owner == node or owner not in cfg.nodes):
+        raise ValueError(f"owner: {owner!r} must be another node of the cluster than {node!r}")
+    names = [owner] if owner else [n for n in cfg.nodes if n != node]
+    sources = ",".join(str(cfg.nodes[n].sync.ip) for n in names)
     key = " ".join(pubkey.split()[:2])
-    return f'command="{serve_command(appliance_bin, elevate)}",from="{sources}",restrict {key} appliance-sync'
+    tag = f"{KEY_COMMENT}@{owner}" if owner else KEY_COMMENT
+    return f'command="{serve_command(appliance_bin, elevate)}",from="{sources}",restrict {key} {tag}'
+
+
+def node_authorized_keys(cfg: Appliance, node: str, pubkeys: dict[str, str], appliance_bin: str = "/usr/local/bin/appliance",
+                         elevate: str = "none") -> list[str]:
+    """`node`'s authorized_keys: one line per OTHER node's own public key (pubkeys: node -> public line)."""
+    return [authorized_keys_line(cfg, node, pubkeys[o], appliance_bin, elevate, owner=o)
+            for o in cfg.nodes if o != node and o in pubkeys]
+
+
+def revoke(text: str, owner: str) -> tuple[str, int, int]:
+    """authorized_keys text without owner's lines (tagged appliance-sync@owner): (new text, removed, shared) where
+    `shared` counts old shared-key lines left, which a per-node revocation cannot take away alone."""
+    keep, removed, shared = [], 0, 0
+    for line in text.splitlines():
+        words = line.split()
+        if words and words[-1] == f"{KEY_COMMENT}@{owner}":
+            removed += 1
+            continue
+        shared += bool(words) and words[-1] == KEY_COMMENT
+        keep.append(line)
+    return "".join(l + "\n" for l in keep), removed, shared
+
+
+def push_key(node_key: Path, config_dir: Path) -> Path:
+    """The key this node pushes with: its own (node_key, Paths.sync_key), else the old shared key of the tree
+    (kept working until `appliance keys init` ran on this node), else its own path (missing: the caller says so)."""
+    if node_key.exists():
+        return node_key
+    legacy = sync_key(config_dir)
+    return legacy if legacy.exists() else node_key
 
 
 def doas_rule(user: str, appliance_bin: str = "/usr/local/bin/appliance") -> str:

@@ -66,9 +66,10 @@ class Peer:
             conn.close()
 
 
-def make_peers(cfg: Appliance, node: str, config_dir: Path) -> list[Peer]:
+def make_peers(cfg: Appliance, node: str, config_dir: Path, key: Path | None = None) -> list[Peer]:
+    """The other nodes, reached with `key` (this node's own sync key; default: the tree's old shared key)."""
     me = cfg.nodes[node]
-    return [Peer(name, str(n.sync.ip), cfg.sync.ssh_port, cfg.sync.user, keymod.sync_key(config_dir),
+    return [Peer(name, str(n.sync.ip), cfg.sync.ssh_port, cfg.sync.user, key or keymod.sync_key(config_dir),
                  keymod.known_hosts(config_dir), str(me.sync.ip), cfg.sync.timeout)
             for name, n in cfg.peers(node).items()]
 

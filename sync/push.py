@@ -13,7 +13,7 @@ from appliance.core.model import Appliance
 from appliance.core.paths import Paths
 from appliance.core.state import role_of
 from sync import keys as keymod
-from sync import lock, tree
+from sync import lock, policy, tree
 from sync.check import validate_tree
 from sync.errors import BAD_INPUT, OK, PEER_FAILED, SPLIT_BRAIN, STALE, SyncError
 from sync.journal import note
@@ -139,13 +139,20 @@ class Run:
         if needs_check(rel, work):
             validate_tree(work)  # and compile the list index into the tree before it is hashed and cut
         t_check = time.monotonic() - t_check
-        for p in (keymod.sync_key(work), keymod.known_hosts(work)):
+        key = keymod.push_key(self.paths.sync_key, work)
+        for p in (key, keymod.known_hosts(work)):
             if not p.exists():
-                raise SyncError(f"{p}: missing (run `appliance keys init` and pin the peers' host keys)", BAD_INPUT)
-        peers = make_peers(self.cfg, self.node, work)
+                raise SyncError(f"{p}: missing (run `appliance keys init` on this node and pin the peers' host keys)",
+                                BAD_INPUT)
+        if key != self.paths.sync_key:
+            note(state, f"pushing with the old shared key {key} (in the synced tree: any node's root can use it); "
+                        f"run `appliance keys init` on every node (docs/security.md)", logging.WARNING)
+        peers = make_peers(self.cfg, self.node, work, key)
         statuses = self.ask_peers(peers)
         above = self.guard(rel, peers, statuses)
         plan = plan_cut(rel, work, above)
+        if plan.cut:
+            self.check_policy(rel, work, statuses)
         report = {"ok": True, "node": self.node, "dry_run": self.dry_run, "generation": plan.generation,
                   "previous": plan.live, "cut": plan.cut, "reasons": plan.reasons, "hash": plan.digest, "peers": [],
                   "check_seconds": round(t_check, 3)}
@@ -156,7 +163,18 @@ class Run:
         for p in peers:
             if p.name not in self.results:
                 self.results[p.name] = self.push(p, statuses[p.name], plan, target_hash, src)
+        if plan.cut and not self.dry_run:  # the master applies its own CARP changes last, after its peers
+            report["carp"] = reload_carp(self.paths)
         return self.summary(report, peers, t0)
+
+    def check_policy(self, rel: Releases, work: Path, statuses: dict[str, dict]) -> None:
+        """Before a cut: the tree carries no code, and no CARP change that would split the cluster (compared with
+        the generation as it went live, the staging mirror; a vhid change only while the peers' CARP is stopped)."""
+        policy.check_no_code(work)
+        old = policy.live_config(rel.staging if rel.staging_meta() is not None else None)
+        new = policy.live_config(work)
+        if new is not None:
+            policy.check_carp_step(old, new, any(s.get("carp_running", True) for s in statuses.values()))
 
     def ask_peers(self, peers: list[Peer]) -> dict[str, dict]:
         statuses: dict[str, dict] = {}
@@ -205,7 +223,6 @@ class Run:
         rel.write_staging_meta(plan.generation, plan.digest)
         report["pruned"] = rel.prune(self.cfg.sync.keep_releases)
         report["proxy"] = reload_proxy(self.paths)
-        report["carp"] = reload_carp(self.paths)
         note(self.paths.state, f"cut generation {plan.generation} on {self.node} ({'; '.join(plan.reasons)})")
         self.progress("local", "done")
         report["cut_seconds"] = round(time.monotonic() - t_cut, 3)

@@ -10,7 +10,7 @@ from pathlib import Path
 from appliance.core import pids
 from appliance.core.paths import Paths
 from appliance.core.state import read_role, role_of
-from sync import lock, tree
+from sync import lock, policy, tree
 from appliance.core.loader import load
 from sync.check import CONFIG_NAME, validate_tree, validate_tree_bounded
 from sync.errors import BAD_INPUT, SPLIT_BRAIN, STALE, SyncError
@@ -25,7 +25,12 @@ def status(paths: Paths) -> dict:
     m = rel.meta(live) if live is not None else {}
     role = role_of(paths) or "UNKNOWN"
     return {"ok": True, "role": role, "generation": live, "hash": m.get("hash"), "meta": bool(m.get("meta")),
-            "generations": rel.generations()}
+            "generations": rel.generations(), "carp_running": carp_running(paths)}
+
+
+def carp_running(paths: Paths) -> bool:
+    """A CARP supervisor runs on this node (its pidfile names a live process)."""
+    return pids.read_pid(paths.carp_pid) is not None
 
 
 def reload_proxy(paths: Paths) -> str:
@@ -128,6 +133,11 @@ def _receive(paths: Paths, rel: Releases, gen: int, digest: str, force: bool, so
     tmp = _checked_copy(paths, rel, gen, digest, live)
     try:
         cfg = validate_tree_bounded(tmp, confine=True)
+    except SyncError as e:
+        note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
+        raise
+    try:  # a CARP pass or vhid change that would split the cluster is not applied by a sync alone (issue 12, #2)
+        policy.check_carp_step(policy.live_config(rel.path(live) if live is not None else None), cfg, carp_running(paths))
     except SyncError as e:
         note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
         raise

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from sync.errors import BAD_INPUT, SyncError
+from sync.policy import rule_no_code
 
 META_FILE = ".release.json"  # per-release metadata (generation, hash, time); never part of the hash or the transfer
 # Node-local paths (relative to the tree root), never synced, never hashed, carried over on a swap.
@@ -138,7 +139,7 @@ def _rule_mode(rel: str, st: os.stat_result) -> str | None:
 
 
 # Every entry of a staged tree goes through each rule; a rule returns why the entry is refused, or None.
-RULES: list[Rule] = [_rule_type, _rule_links, _rule_mode]
+RULES: list[Rule] = [_rule_type, _rule_links, _rule_mode, rule_no_code]
 
 
 def show(rel: str) -> str:

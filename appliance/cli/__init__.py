@@ -24,7 +24,8 @@ COMMAND_MODULES = [
     "appliance.cli.ha",  # role, carp, status, demote, promote, watchdog
     "appliance.cli.lab",  # lab up|down|status|exec|failover
     "appliance.cli.sync",  # sync, sync-receive, sync-serve, releases, cron
-    "appliance.cli.keys",  # keys init, keys known-hosts
+    "appliance.cli.keys",  # keys init|authorize|revoke|known-hosts
+    "appliance.cli.rotate",  # carp-rotate
     "appliance.cli.image",  # image
 ]
 

@@ -1,6 +1,9 @@
-"""`appliance keys init|known-hosts`: the sync key pair, the peers' authorized_keys lines, the pinned host keys."""
+"""`appliance keys init|authorize|revoke|known-hosts`: this node's own sync key, the peers' authorized_keys lines
+(per node, revocable alone), the pinned host keys."""
 from __future__ import annotations
 
+import pwd
+import stat
 from pathlib import Path
 
 import click
@@ -16,14 +19,14 @@ def keys_group() -> None:
     """The sync key pair and the peers' authorized_keys lines."""
 
 
-def _make_key(key: Path, force: bool) -> str:
+def _make_key(key: Path, force: bool, comment: str = "appliance-sync") -> str:
     """Make the sync key unless it exists (or --force); its public line."""
     pub = key.with_name(key.name + ".pub")
     if key.exists() and not force:
         click.echo(f"# {key} exists (--force replaces it)", err=True)
     else:
         try:
-            keymod.keygen(key, "appliance-sync")
+            keymod.keygen(key, comment)
         except keymod.KeygenError as e:
             fail(str(e), 1)
         click.echo(f"# wrote {key} (0600) and {pub}", err=True)
@@ -44,7 +47,7 @@ def _print_rules(cfg: Appliance, elevate: str, appliance_bin: str) -> None:
 
 @keys_group.command("init")
 @click.option("--force", is_flag=True, help="replace an existing key pair")
-@click.option("--for", "for_node", metavar="NODE", help="print only NODE's authorized_keys line")
+@click.option("--for", "for_node", metavar="NODE", help="print only the line NODE must authorise")
 @click.option("--appliance-bin", default="/usr/local/bin/appliance", show_default=True,
               help="the appliance command on the peers (the forced command runs `<it> sync-serve`)")
 @click.option("--elevate", type=click.Choice(["auto", *keymod.ELEVATE]), default="auto", show_default=True,
@@ -52,28 +55,85 @@ def _print_rules(cfg: Appliance, elevate: str, appliance_bin: str) -> None:
                    "auto picks none for root, else doas on FreeBSD, sudo elsewhere")
 @click.pass_obj
 def keys_init(ctx: Ctx, force: bool, for_node: str | None, appliance_bin: str, elevate: str = "auto") -> None:
-    """Make the ed25519 sync key (0600) in the config tree; print the authorized_keys line(s) for the peers."""
-    cfg = ctx.cfg
-    if for_node is not None and for_node not in cfg.nodes:
-        fail(f"--for: {for_node!r} is not one of the nodes ({', '.join(cfg.nodes)})")
+    """Make THIS node's own ed25519 sync key (0600, node-local, never synced); print the line each peer authorises."""
+    cfg, me = ctx.cfg, ctx.node
+    if for_node is not None and (for_node not in cfg.nodes or for_node == me):
+        fail(f"--for: {for_node!r} is not one of the other nodes ({', '.join(n for n in cfg.nodes if n != me)})")
     if elevate == "auto":
         elevate = keymod.default_elevate(cfg.sync.user)
     try:  # before the key is made: a bad --appliance-bin leaves nothing behind
         keymod.serve_command(appliance_bin, elevate)
     except ValueError as e:
         fail(f"--appliance-bin: {e}")
-    pubkey = _make_key(keymod.sync_key(ctx.base_dir), force)
-    nodes = [for_node] if for_node else list(cfg.nodes)
-    try:
-        lines = {n: keymod.authorized_keys_line(cfg, n, pubkey, appliance_bin, elevate=elevate) for n in nodes}
-    except ValueError as e:
-        fail(f"--appliance-bin: {e}")
+    key = ctx.paths.sync_key
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.parent.chmod(0o700)
+    pubkey = _make_key(key, force, f"{keymod.KEY_COMMENT}@{me}")
+    nodes = [for_node] if for_node else [n for n in cfg.nodes if n != me]
     if not for_node:
         _print_rules(cfg, elevate, appliance_bin)
+        legacy = keymod.sync_key(ctx.base_dir)
+        if legacy.exists():
+            click.echo(f"# the old shared key {legacy} is no longer used by {me}: once every node has its own, delete "
+                       f"keys/{keymod.SYNC_KEY}* from the tree on the master and sync; remove its lines (ending "
+                       f"`{keymod.KEY_COMMENT}`) from each node's authorized_keys")
     for n in nodes:
         if not for_node:
-            click.echo(f"# ~{cfg.sync.user}/.ssh/authorized_keys on {n}:")
-        click.echo(lines[n])
+            click.echo(f"# {n}: `appliance keys authorize {me} FILE.pub` there, or add to ~{cfg.sync.user}/.ssh/authorized_keys:")
+        click.echo(keymod.authorized_keys_line(cfg, n, pubkey, appliance_bin, elevate=elevate, owner=me))
+
+
+def _authorized_keys(ctx: Ctx, path: str | None) -> Path:
+    if path:
+        return Path(path)
+    try:
+        return Path(pwd.getpwnam(ctx.cfg.sync.user).pw_dir) / ".ssh" / "authorized_keys"
+    except KeyError:
+        fail(f"sync.user {ctx.cfg.sync.user!r} does not exist on this node; pass --authorized-keys FILE")
+
+
+@keys_group.command("authorize")
+@click.argument("peer", metavar="NODE")
+@click.argument("pubfile", type=click.Path(dir_okay=False))
+@click.option("--authorized-keys", "ak", metavar="FILE", help="default: ~<sync.user>/.ssh/authorized_keys")
+@click.option("--appliance-bin", default="/usr/local/bin/appliance", show_default=True)
+@click.option("--elevate", type=click.Choice(["auto", *keymod.ELEVATE]), default="auto", show_default=True)
+@click.pass_obj
+def keys_authorize(ctx: Ctx, peer: str, pubfile: str, ak: str | None, appliance_bin: str, elevate: str) -> None:
+    """Let NODE's own sync key (PUBFILE) push to this node: its line replaces any earlier line of NODE's."""
+    cfg, me = ctx.cfg, ctx.node
+    if peer not in cfg.nodes or peer == me:
+        fail(f"{peer!r} is not one of the other nodes ({', '.join(n for n in cfg.nodes if n != me)})")
+    words = Path(pubfile).read_text().split() if Path(pubfile).is_file() else []
+    if len(words) < 2 or not words[0].startswith("ssh-"):
+        fail(f"{pubfile}: not an OpenSSH public key")
+    elevate = keymod.default_elevate(cfg.sync.user) if elevate == "auto" else elevate
+    path = _authorized_keys(ctx, ak)
+    text, _, _ = keymod.revoke(path.read_text() if path.exists() else "", peer)
+    line = keymod.authorized_keys_line(cfg, me, " ".join(words[:2]), appliance_bin, elevate=elevate, owner=peer)
+    write_text_atomic(path, text + line + "\n", 0o600 if cfg.sync.user == "root" else 0o640)
+    click.echo(f"{path}: {peer}'s sync key authorised (from {cfg.nodes[peer].sync.ip} only)")
+
+
+@keys_group.command("revoke")
+@click.argument("peer", metavar="NODE")
+@click.option("--authorized-keys", "ak", metavar="FILE", help="default: ~<sync.user>/.ssh/authorized_keys")
+@click.pass_obj
+def keys_revoke(ctx: Ctx, peer: str, ak: str | None) -> None:
+    """Stop NODE's sync key pushing to this node (run it on every other node); the other nodes' keys keep working."""
+    if peer not in ctx.cfg.nodes:
+        fail(f"{peer!r} is not one of the nodes ({', '.join(ctx.cfg.nodes)})")
+    path = _authorized_keys(ctx, ak)
+    if not path.exists():
+        fail(f"{path}: no such file", 1)
+    text, removed, shared = keymod.revoke(path.read_text(), peer)
+    write_text_atomic(path, text, stat.S_IMODE(path.stat().st_mode))
+    click.echo(f"{path}: {removed} line(s) of {peer}'s key removed")
+    if shared:
+        click.echo(f"warning: {shared} line(s) of the old SHARED key remain: every peer holds that key, so {peer} can "
+                   f"still push with it; re-key every peer (`appliance keys init`) and remove them (docs/security.md)", err=True)
+    if not removed:
+        fail(f"{path}: no line of {peer}'s own key (ending `{keymod.KEY_COMMENT}@{peer}`)", 1)
 
 
 @keys_group.command("known-hosts")

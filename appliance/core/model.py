@@ -66,7 +66,7 @@ class Cluster(_Model):
     password: SecretStr = Field(description=f"CARP pass (1-{CARP_PASS_MAX} bytes); written 0600, never logged")
     password_next: Optional[SecretStr] = Field(
         None, description="the pass being rotated in (docs/security.md): every node also accepts adverts signed with it; "
-                          "`appliance carp rotate` makes it the pass")
+                          "`appliance carp-rotate` makes it the pass")
     advbase: int = Field(1, ge=1, le=255, description="seconds between advertisements")
     preempt: bool = Field(True, description="net.inet.carp.preempt=1 / ucarp --preempt")
     interface: str = Field("em0", description="LAN interface carrying the VIP")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from appliance.core.model import Appliance, Cluster
 
-ROTATE_COMMAND = "appliance carp rotate"
+ROTATE_COMMAND = "appliance carp-rotate"
 
 
 def sends(c: Cluster) -> str:

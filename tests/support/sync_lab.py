@@ -58,6 +58,11 @@ class Node:
         self.port = lab.port
 
     @property
+    def key(self) -> Path:
+        """This node's own sync key (node-local, Paths.sync_key)."""
+        return Paths(self.state).sync_key
+
+    @property
     def config(self) -> Path:
         return self.state / "current" / "appliance.yaml"
 
@@ -105,9 +110,9 @@ class Node:
             "AllowTcpForwarding no\nX11Forwarding no\nPermitTTY no\nMaxStartups 50\n"
         )
         bin_ = f"/usr/bin/env APPLIANCE_STATE_DIR={self.state} APPLIANCE_SYNC_NO_COMPILE={os.environ.get('APPLIANCE_SYNC_NO_COMPILE', '0')} {APPLIANCE}"
-        pub = (self.lab.key.with_name(self.lab.key.name + ".pub")).read_text()
-        line = keymod.authorized_keys_line(self.lab.cfg_obj(), self.name, pub, appliance_bin=bin_)
-        (d / "authorized_keys").write_text(line + "\n")
+        pubs = {n: node.key.with_name(node.key.name + ".pub").read_text() for n, node in self.lab.nodes.items()}
+        lines = keymod.node_authorized_keys(self.lab.cfg_obj(), self.name, pubs, appliance_bin=bin_)  # every other node's own key
+        (d / "authorized_keys").write_text("".join(l + "\n" for l in lines))
         self.sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "wb"))
         try:
@@ -148,8 +153,6 @@ class SyncLab:
         # the lab makes its own keys: examples/keys/ (which `make image` leaves behind) stays out of the seed
         shutil.copytree(examples, seed, ignore=lambda d, names: [keymod.KEYS_DIR] if Path(d) == Path(examples) else [])
         (seed / "appliance.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        self.key = keymod.sync_key(seed)
-        keymod.keygen(self.key, "appliance-sync")
         self.host_keys = {}
         pubs = {}
         for n in names:
@@ -159,6 +162,7 @@ class SyncLab:
             self.host_keys[n] = hk
             pubs[n] = hk.with_suffix(".pub").read_text()
         kh = keymod.known_hosts_lines(self.cfg_obj(seed), pubs)
+        keymod.known_hosts(seed).parent.mkdir(exist_ok=True)
         keymod.known_hosts(seed).write_text("\n".join(kh) + "\n")
         for n, node in self.nodes.items():  # the image ships releases/1 as a plain copy, no metadata
             (node.state / "releases").mkdir(parents=True)
@@ -166,6 +170,7 @@ class SyncLab:
             os.symlink("releases/1", node.state / "current")
             (node.state / "node.yaml").write_text(f"node: {n}\n")
             node.role("MASTER" if n == "fw1" else "BACKUP")
+            keymod.keygen(node.key, f"appliance-sync@{n}")  # each node's own key pair, never in the synced tree
 
     def cfg_obj(self, tree: Path | None = None):
         return load((tree or self.root / "seed") / "appliance.yaml")

@@ -389,17 +389,19 @@ def test_keys_init_and_cron(tmp_path) -> None:
     t = make_tree(tmp_path / "etc")
     r = cli(tmp_path, "keys", "init", "--elevate", "none", cfg=t / "appliance.yaml")
     assert r.returncode == 0, r.stderr
-    key = t / "keys" / "sync_ed25519"
+    # this node's OWN key, node-local (never in the synced tree), 0600 in a 0700 dir
+    key = tmp_path / "state" / "keys" / "sync_ed25519"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and "PRIVATE KEY" in key.read_text()
-    pub = (t / "keys" / "sync_ed25519.pub").read_text().split()
+    assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700 and not (t / "keys" / "sync_ed25519").exists()
+    pub = key.with_name("sync_ed25519.pub").read_text().split()
     lines = [l for l in r.stdout.splitlines() if not l.startswith("#")]
-    assert len(lines) == 2
-    assert lines[0] == f'command="/usr/local/bin/appliance sync-serve",from="192.168.200.2",restrict {pub[0]} {pub[1]} appliance-sync'
-    assert 'from="192.168.200.1"' in lines[1]
+    assert lines == [f'command="/usr/local/bin/appliance sync-serve",from="192.168.200.1",restrict {pub[0]} {pub[1]} '
+                     "appliance-sync@fw1"]  # what fw2 authorises: fw1's key, from fw1's sync address only
     assert "PRIVATE" not in r.stdout + r.stderr
     r2 = cli(tmp_path, "keys", "init", "--for", "fw2", "--elevate", "none", cfg=t / "appliance.yaml")
-    assert r2.stdout.strip() == lines[1] and key.read_text()  # kept, not regenerated
+    assert r2.stdout.strip() == lines[0] and key.read_text()  # kept, not regenerated
     assert cli(tmp_path, "keys", "init", "--for", "fw9", cfg=t / "appliance.yaml").returncode == 2
+    assert cli(tmp_path, "keys", "init", "--for", "fw1", cfg=t / "appliance.yaml").returncode == 2  # itself
     r = cli(tmp_path, "cron", cfg=t / "appliance.yaml")
     assert r.returncode == 0 and r.stdout.startswith("*/5 * * * * root ") and f"-c {t / 'appliance.yaml'} sync --json" in r.stdout
     target = tmp_path / "cron.d" / "appliance-sync"
@@ -420,6 +422,31 @@ def test_releases_cli_lists_and_rejects_bad_rollback(tmp_path) -> None:
     assert r.returncode == 2 and "not a generation number" in r.stderr
     r = cli(tmp_path, "sync", "--json", cfg=cfg)  # no role recorded: a logged no-op
     assert r.returncode == 0 and "not MASTER" in json.loads(r.stdout)["skipped"]
+
+
+def test_keys_authorize_and_revoke_one_node(tmp_path) -> None:
+    """Per-node keys (issue 12, finding 2): a node's line is added and removed alone; shared-key lines are named."""
+    from sync import keys
+
+    t = make_tree(tmp_path / "etc")
+    ak = tmp_path / "authorized_keys"
+    other = tmp_path / "fw2.pub"
+    keys.keygen(tmp_path / "fw2", "appliance-sync@fw2")
+    r = cli(tmp_path, "keys", "authorize", "fw2", str(other.with_name("fw2.pub")), "--authorized-keys", str(ak),
+            "--elevate", "none", cfg=t / "appliance.yaml")
+    assert r.returncode == 0, r.stderr
+    pub = other.read_text().split()
+    line = f'command="/usr/local/bin/appliance sync-serve",from="192.168.200.2",restrict {pub[0]} {pub[1]} appliance-sync@fw2'
+    ak.write_text("ssh-ed25519 AAAAshared appliance-sync\n" + ak.read_text())
+    assert ak.read_text().splitlines()[1] == line
+    r = cli(tmp_path, "keys", "authorize", "fw2", str(other), "--authorized-keys", str(ak), cfg=t / "appliance.yaml")
+    assert r.returncode == 0 and ak.read_text().count("appliance-sync@fw2") == 1      # replaced, not doubled
+    assert cli(tmp_path, "keys", "authorize", "fw1", str(other), "--authorized-keys", str(ak), cfg=t / "appliance.yaml").returncode == 2
+    r = cli(tmp_path, "keys", "revoke", "fw2", "--authorized-keys", str(ak), cfg=t / "appliance.yaml")
+    assert r.returncode == 0 and "1 line(s) of fw2's key removed" in r.stdout and "old SHARED key remain" in r.stderr
+    assert ak.read_text() == "ssh-ed25519 AAAAshared appliance-sync\n"
+    r = cli(tmp_path, "keys", "revoke", "fw2", "--authorized-keys", str(ak), cfg=t / "appliance.yaml")
+    assert r.returncode == 1 and "no line of fw2's own key" in r.stderr
 
 
 def test_keys_known_hosts_pins_given_keys(tmp_path) -> None:
@@ -457,10 +484,10 @@ def test_keys_init_elevation_lines(tmp_path) -> None:
     t = make_tree(tmp_path / "etc")
     r = cli(tmp_path, "keys", "init", cfg=t / "appliance.yaml")  # auto on Linux, sync.user appliance-sync: sudo
     assert r.returncode == 0, r.stderr
-    pub = (t / "keys" / "sync_ed25519.pub").read_text().split()
+    pub = (tmp_path / "state" / "keys" / "sync_ed25519.pub").read_text().split()
     lines = [l for l in r.stdout.splitlines() if not l.startswith("#")]
-    assert lines[0] == (f'command="/usr/bin/sudo -n /usr/local/bin/appliance sync-serve",from="192.168.200.2",restrict '
-                        f"{pub[0]} {pub[1]} appliance-sync")
+    assert lines[0] == (f'command="/usr/bin/sudo -n /usr/local/bin/appliance sync-serve",from="192.168.200.1",restrict '
+                        f"{pub[0]} {pub[1]} appliance-sync@fw1")
     assert "#   appliance-sync ALL=(root) NOPASSWD: /usr/local/bin/appliance sync-serve" in r.stdout
     assert '#   Defaults:appliance-sync env_keep += "SSH_ORIGINAL_COMMAND SSH_CLIENT", !requiretty' in r.stdout
     assert "/etc/sudoers.d/appliance-sync" in r.stdout

@@ -260,7 +260,7 @@ def test_a_pass_change_applies_only_as_a_rotation(example_tree: Path, state_dir:
     _edit(example_tree, lambda d: d["cluster"].update(password="hijacked"))
     assert sup.reload_config() is None and stops == [] and sup.engines is engines
     assert p.carp_pass.read_text().strip() == old
-    assert "config reload refused" in (state_dir / "ha.log").read_text() and "appliance carp rotate" in (state_dir / "ha.log").read_text()
+    assert "config reload refused" in (state_dir / "ha.log").read_text() and "appliance carp-rotate" in (state_dir / "ha.log").read_text()
     # phase 1: the next pass, applied live (the speaker re-reads the file), no restart
     _edit(example_tree, lambda d: d["cluster"].update(password=old, password_next="n3xt-pass"))
     assert sup.reload_config() == ["next password set"] and stops == [] and sup.engines is engines

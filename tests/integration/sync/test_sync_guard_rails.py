@@ -37,7 +37,7 @@ def test_unpinned_host_key_is_refused(lab: SyncLab) -> None:
 def test_forced_command_refuses_shell_and_foreign_rsync(lab: SyncLab) -> None:
     from sync.peer import make_peers
 
-    peer = make_peers(lab.cfg_obj(lab.master.tree), "fw1", lab.master.tree)[0]
+    peer = make_peers(lab.cfg_obj(lab.master.tree), "fw1", lab.master.tree, lab.master.key)[0]
     base = peer.ssh_argv() + [f"root@{peer.address}"]
     r = subprocess.run(base + ["cat /etc/shadow"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "unknown sync command 'cat'" in r.stderr

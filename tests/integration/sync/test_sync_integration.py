@@ -70,7 +70,7 @@ def test_invalid_staged_tree_is_refused_by_the_peer_with_the_validators_message(
 
     shutil.copytree(lab.master.tree, bad, symlinks=True)
     shutil.rmtree(bad / "lists" / "malware")  # block: [.., malware, ..] now names a missing directory
-    peer = make_peers(lab.cfg_obj(lab.master.tree), "fw1", lab.master.tree)[0]
+    peer = make_peers(lab.cfg_obj(lab.master.tree), "fw1", lab.master.tree, lab.master.key)[0]
     rsync_to(peer, bad)
     code, out, err = peer.run(f"receive 9 {tree.tree_hash(bad)}")
     assert code == 2, (out, err)

@@ -1,0 +1,65 @@
+"""What a sync may carry (never code) and which config changes it may apply alone (never a CARP split)."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from appliance.core.errors import ConfigError
+from appliance.core.loader import load
+from appliance.core.model import Appliance
+from appliance.core.rotation import pass_step_error, vhid_step_error
+from sync.errors import BAD_INPUT, SyncError
+
+HOOKS_DIR = "hooks.d"
+CONFIG_NAME = "appliance.yaml"
+
+
+def rule_no_code(rel: str, st: os.stat_result) -> str | None:
+    """A staged-tree rule (sync.tree.RULES): no `hooks.d` anywhere, no file with an execute bit (sync never carries
+    code; hooks live in each node's own hooks dir, docs/ha.md#hooks)."""
+    if rel.split("/")[-1] == HOOKS_DIR:
+        return "a hooks dir (refused: sync never carries code; hooks are node-local, see docs/ha.md#hooks)"
+    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+        return f"executable (mode {stat.S_IMODE(st.st_mode):o}; refused: sync never carries code)"
+    return None
+
+
+def check_no_code(root: Path) -> None:
+    """Refuse a tree that carries code: a `hooks.d` anywhere, or any file with an execute bit. Hooks are node-local
+    (Paths.hooks, never synced); nothing in the config tree is ever run, so nothing in it needs to be executable."""
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in dirnames + filenames:
+            rel = rel_dir / name
+            if name == HOOKS_DIR:
+                raise SyncError(f"{rel}: a synced tree must not carry hooks (sync never carries code; hooks live in "
+                                f"each node's own hooks dir, see docs/ha.md#hooks); refused, nothing applied", BAD_INPUT)
+            st = os.lstat(Path(dirpath) / name)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+                raise SyncError(f"{rel}: executable file (mode {stat.S_IMODE(st.st_mode):o}) in a synced tree; sync "
+                                f"never carries code (chmod a-x it on the master); refused, nothing applied", BAD_INPUT)
+
+
+def live_config(tree: Path | None) -> Appliance | None:
+    """The cluster file of a live tree, or None when there is none or it does not load (nothing to compare with)."""
+    if tree is None or not (Path(tree) / CONFIG_NAME).is_file():
+        return None
+    try:
+        return load(Path(tree) / CONFIG_NAME)
+    except (ConfigError, ValueError, OSError):
+        return None
+
+
+def check_carp_step(old: Appliance | None, new: Appliance, carp_running: bool) -> None:
+    """Refuse a config that would split the cluster if applied here while the peers run `old`: a CARP pass change
+    outside the rotation, or a vhid change while this node's CARP engines run."""
+    if old is None:
+        return
+    err = pass_step_error(old.cluster, new.cluster)
+    if err:
+        raise SyncError(f"{CONFIG_NAME}: {err}; refused, nothing applied", BAD_INPUT)
+    err = vhid_step_error(old, new)
+    if err and carp_running:
+        raise SyncError(f"{CONFIG_NAME}: {err}; refused, nothing applied", BAD_INPUT)

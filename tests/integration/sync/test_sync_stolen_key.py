@@ -1,0 +1,140 @@
+"""Issue 12, finding 2 through the real forced command: a stolen sync key pushes a hook and a pass change (refused,
+nothing runs, one master, sync still works); the pass rotation end to end; a revoked node's key is refused alone."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance.core.loader import load
+from appliance.core.paths import Paths
+from appliance.core.state import read_role
+from appliance.ha import role
+from sync import keys as keymod
+from sync import tree
+from sync.errors import BAD_INPUT, SyncError
+from sync.peer import ask, make_peers, rsync_to
+from tests.support.sync_lab import SyncLab
+
+
+def _edit(cfg: Path, fn) -> None:
+    data = yaml.safe_load(cfg.read_text())
+    fn(data)
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _push_evil(lab: SyncLab, tmp: Path, gen: int, *, hook: Path | None, password: str | None) -> SyncError:
+    """What the review did: the live tree, plus a hook and/or another pass, rsynced with fw1's key and received."""
+    evil = tmp / f"evil-{gen}-{hook is not None}-{password is not None}"
+    shutil.copytree(lab.master.tree, evil, symlinks=True, ignore=shutil.ignore_patterns("compiled", "node.yaml"))
+    if hook is not None:
+        (evil / "hooks.d" / "master").mkdir(parents=True)
+        h = evil / "hooks.d" / "master" / "00-x"
+        h.write_text(f"#!/bin/sh\ntouch {hook}\n")
+        h.chmod(0o755)
+    if password is not None:
+        _edit(evil / "appliance.yaml", lambda d: d["cluster"].update(password=password))
+    peer = make_peers(lab.cfg_obj(lab.master.tree), "fw1", lab.master.tree, lab.master.key)[0]  # the stolen key
+    rsync_to(peer, evil)
+    with pytest.raises(SyncError) as e:
+        ask(peer, f"receive {gen} {tree.tree_hash(evil)}", f"refused generation {gen}")
+    return e.value
+
+
+def test_a_stolen_key_pushing_a_hook_and_a_pass_change_runs_nothing_and_sync_still_works(lab: SyncLab, tmp_path: Path) -> None:
+    code, r = lab.master.sync()
+    assert code == 0 and lab.backup.live() == 2, r
+    marker = tmp_path / "pwned"
+    before = load(lab.backup.config).cluster.password.get_secret_value()
+    # the hook and the pass together, then each on its own: every push is refused by the peer, nothing applied
+    e = _push_evil(lab, tmp_path, 3, hook=marker, password="hijacked")
+    assert e.exit_code == BAD_INPUT and "hooks.d" in str(e) and "sync never carries code" in str(e), e
+    e = _push_evil(lab, tmp_path, 3, hook=marker, password=None)
+    assert e.exit_code == BAD_INPUT and "hooks.d" in str(e)
+    e = _push_evil(lab, tmp_path, 3, hook=None, password="hijacked")
+    assert e.exit_code == BAD_INPUT and "appliance carp-rotate" in str(e), e
+    assert lab.backup.live() == 2
+    assert load(lab.backup.config).cluster.password.get_secret_value() == before   # the backup keeps the old pass
+    assert not (lab.backup.tree / "hooks.d").exists() and not list(lab.backup.state.glob("releases/*/hooks.d"))
+    # one master: the backup still says BACKUP; a role transition there runs no pushed hook
+    assert read_role(Paths(lab.backup.state))["role"] == "BACKUP"
+    p = Paths(lab.backup.state, hooks_root=tmp_path / "node-hooks")
+    cfg = load(lab.backup.config)
+    for r_ in ("master", "backup"):
+        role.apply(p, cfg, "fw2", r_, config_path=lab.backup.config, manage_vip=False)
+    assert not marker.exists()
+    assert read_role(Paths(lab.backup.state))["role"] == "BACKUP"
+    # a normal sync afterwards still works (no split brain, no stuck generation)
+    (lab.master.tree / "lists" / "adult" / "domains").write_text("after-attack.example\n")
+    code, r = lab.master.sync()
+    assert code == 0, r
+    assert lab.backup.live() == lab.master.live() and "after-attack.example" in (lab.backup.tree / "lists" / "adult" / "domains").read_text()
+
+
+def test_master_refuses_to_cut_a_direct_pass_change_or_a_tree_with_code(lab: SyncLab) -> None:
+    code, r = lab.master.sync()
+    assert code == 0, r
+    cfg = lab.master.tree / "appliance.yaml"
+    good = cfg.read_text()
+    _edit(cfg, lambda d: d["cluster"].update(password="direct-change"))
+    code, r = lab.master.sync()
+    assert code == 2 and "appliance carp-rotate" in r.get("error", str(r)), r
+    assert lab.master.live() == 2 and lab.backup.live() == 2                   # nothing cut, nothing pushed
+    cfg.write_text(good)
+    (lab.master.tree / "run-me.sh").write_text("#!/bin/sh\n")
+    (lab.master.tree / "run-me.sh").chmod(0o755)
+    code, r = lab.master.sync()
+    assert code == 2 and "executable" in r.get("error", str(r)), r
+    (lab.master.tree / "run-me.sh").unlink()
+
+
+def test_the_pass_rotation_end_to_end(lab: SyncLab) -> None:
+    cfg = lab.master.tree / "appliance.yaml"
+    old = load(cfg).cluster.password.get_secret_value()
+    # phase 1: the next pass, synced
+    _edit(cfg, lambda d: d["cluster"].update(password_next="n3xt-pass"))
+    code, r = lab.master.sync()
+    assert code == 0, r
+    c = load(lab.backup.config).cluster
+    assert c.password.get_secret_value() == old and c.password_next.get_secret_value() == "n3xt-pass"
+    # phase 2: carp-rotate swaps them on the master (comments kept), synced
+    r2 = lab.master.appliance("carp-rotate")
+    assert r2.returncode == 0 and "phase 2" in r2.stdout, r2.stderr
+    assert load(lab.master.config).cluster.password.get_secret_value() == "n3xt-pass"
+    code, r = lab.master.sync()
+    assert code == 0, r
+    c = load(lab.backup.config).cluster
+    assert c.password.get_secret_value() == "n3xt-pass" and c.password_next.get_secret_value() == old
+    # phase 3: the old pass dropped, synced
+    assert lab.master.appliance("carp-rotate", "--finish").returncode == 0
+    code, r = lab.master.sync()
+    assert code == 0, r
+    c = load(lab.backup.config).cluster
+    assert c.password.get_secret_value() == "n3xt-pass" and c.password_next is None
+    assert lab.master.appliance("carp-rotate").returncode == 2                 # no rotation under way: says phase 1
+
+
+def test_a_revoked_nodes_key_is_refused_while_the_other_nodes_key_works(tmp_path: Path) -> None:
+    lab = SyncLab(tmp_path, peers=2)          # fw1 (master), fw2, fw3
+    try:
+        for n in lab.nodes.values():
+            if n.name != "fw1":
+                n.start_sshd()
+        fw3 = lab.nodes["fw3"]
+        ak = fw3.state.parent / "sshd-fw3" / "authorized_keys"
+        r = fw3.appliance("keys", "revoke", "fw2", "--authorized-keys", str(ak))
+        assert r.returncode == 0 and "1 line(s) of fw2's key removed" in r.stdout, r.stderr
+        cfg = lab.cfg_obj(lab.master.tree)
+        as_fw2 = [p for p in make_peers(cfg, "fw2", lab.master.tree, lab.nodes["fw2"].key) if p.name == "fw3"][0]
+        as_fw1 = [p for p in make_peers(cfg, "fw1", lab.master.tree, lab.master.key) if p.name == "fw3"][0]
+        base = as_fw2.ssh_argv() + [f"root@{as_fw2.address}", "status"]
+        got = subprocess.run(base, capture_output=True, text=True, timeout=30)
+        assert got.returncode == 255 and "Permission denied" in got.stderr, got   # fw2's key: refused by fw3
+        assert ask(as_fw1, "status", "status")["role"] == "BACKUP"              # fw1's key: still works
+        code, r = lab.master.sync()
+        assert code == 0 and fw3.live() == 2, r
+    finally:
+        lab.close()
