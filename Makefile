@@ -16,11 +16,13 @@ TOOLS_TEST  := ucarp:ucarp sshd:openssh-server ssh:openssh-client rsync:rsync ma
                shellcheck:shellcheck sgdisk:gdisk qemu-img:qemu-utils ip:iproute2 arping:iputils-arping \
                curl:curl bsdtar:libarchive-tools xz:xz-utils mformat:mtools mkfs.vfat:dosfstools \
                openssl:openssl tcpdump:tcpdump lintian:lintian mmdebstrap:mmdebstrap unshare:util-linux \
-               dpkg-deb:dpkg
+               dpkg-deb:dpkg qemu-system-x86_64:qemu-system-x86
 TOOLS_IMAGE := makefs:makefs shellcheck:shellcheck sgdisk:gdisk qemu-img:qemu-utils bsdtar:libarchive-tools \
                xz:xz-utils mformat:mtools mkfs.vfat:dosfstools
 TOOLS_LAB   := ucarp:ucarp ip:iproute2 arping:iputils-arping curl:curl sshd:openssh-server rsync:rsync
 TOOLS_BENCH := $(TOOLS_TEST) wrk:wrk squid:squid
+TOOLS_VMLAB := qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils ip:iproute2 arping:iputils-arping \
+               ssh:openssh-client curl:curl
 
 # $(call apt_tools,PAIRS): no network work when everything is already there
 define apt_tools
@@ -63,6 +65,14 @@ image: venv apt-image
 
 lab: venv apt-lab
 	$(APPLIANCE) -c $(CONFIG) lab up
+
+# the Debian cluster booted as qemu VMs from $(OUT)/NODE.qcow2 (`make image` first when no image is there)
+.PHONY: vmlab apt-vmlab
+apt-vmlab: ; $(call apt_tools,$(TOOLS_VMLAB))
+vmlab: CONFIG = examples/debian.yaml
+vmlab: venv apt-vmlab
+	@ls $(OUT)/*.qcow2 >/dev/null 2>&1 || $(MAKE) image CONFIG=$(CONFIG) OUT=$(OUT)
+	$(APPLIANCE) -c $(CONFIG) vmlab up --images $(OUT)
 
 clean:
 	rm -rf $(OUT) build *.egg-info .pytest_cache

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "appliance.cli.proxy",  # proxy, reload, explain
     "appliance.cli.ha",  # role, carp, status, demote, promote, watchdog
     "appliance.cli.lab",  # lab up|down|status|exec|failover
+    "appliance.cli.vmlab",  # vmlab up|down|status|failover
     "appliance.cli.sync",  # sync, sync-receive, sync-serve, releases, cron
     "appliance.cli.keys",  # keys init|authorize|revoke|known-hosts
     "appliance.cli.rotate",  # carp-rotate
