@@ -64,6 +64,7 @@ def explain(ctx: Ctx, url: str, client: str, at: str | None, sni: str | None, as
         ipaddress.IPv4Address(client)
     except ValueError:
         fail(f"--client {client!r}: not an IPv4 address")
+    _refuse_unusable(url, _split(url, "sni")[0])  # before loading: a bad argument compiles no index
     try:
         cfg, engine, _ = ruleset.load(ctx.config_path)
     except ConfigError as e:
@@ -119,6 +120,16 @@ def _split(url: str, tls: str) -> tuple[str, int | None, str | None, bool]:
     if slash:
         return authority, 80, "/" + path, False
     return authority, None, None, True  # host:port, as a CONNECT target
+
+
+def _refuse_unusable(url: str, authority: str) -> None:
+    """Bad CLI input (exit 2): what no request line can carry (nothing, white space, control characters) or a port
+    outside 1-65535. A host that could be sent but is not a valid name gets the proxy's own answer (bad-host) instead."""
+    if not authority or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url.strip()):
+        fail(f"{url!r}: not a URL or host name")
+    port = authority.rpartition("]")[2].rpartition(":")[2] if ":" in authority.rpartition("]")[2] else None
+    if port is not None and not (port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        fail(f"{url!r}: port {port!r} is not 1-65535")
 
 
 def _decide(url: str, client: str, sni: str | None, when, cfg, engine, guard: Guard):
