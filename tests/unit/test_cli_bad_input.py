@@ -118,7 +118,7 @@ CASES = [
     ("releases-rollback-0", ["releases", "--rollback", "0"], None, 2, ["--rollback: '0' is not a generation number"], [], {}),
     ("releases-rollback-negative", ["releases", "--rollback=-1"], None, 2, ["--rollback: '-1' is not a generation number"], [], {}),
     ("releases-rollback-missing", ["releases", "--rollback", "99"], None, 2, ["--rollback 99: no such release"], ["state/run", "state/run/sync.lock"], {}),
-    ("keys-init-for-unknown", N + ["keys", "init", "--for", "fw9"], None, 2, ["--for: 'fw9' is not one of the nodes"], [], {}),
+    ("keys-init-for-unknown", N + ["keys", "init", "--for", "fw9"], None, 2, ["--for: 'fw9' is not one of the other nodes"], [], {}),
     ("keys-init-bad-elevate", N + ["keys", "init", "--elevate", "bogus"], None, 2, [CLICK + " '--elevate'"], [], {}),
     ("keys-init-bad-appliance-bin", N + ["keys", "init", "--appliance-bin", "bad bin;rm"], None, 2,
      ["--appliance-bin:", "must be one absolute path"], [], {}),  # fixed: the key pair was written before this error
