@@ -16,19 +16,29 @@ from appliance.core.loader import load
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths
 
-# Each module registers its commands on `main` when imported. Heavy imports (mitmproxy,
-# fabric) stay inside the command functions so `appliance --help` is instant.
-COMMAND_MODULES = [
-    "appliance.cli.config",  # check, render
-    "appliance.cli.proxy",  # proxy, reload, explain
-    "appliance.cli.ha",  # role, carp, status, demote, promote, watchdog
-    "appliance.cli.lab",  # lab up|down|status|exec|failover
-    "appliance.cli.vmlab",  # vmlab up|down|status|failover
-    "appliance.cli.sync",  # sync, sync-receive, sync-serve, releases, cron
-    "appliance.cli.keys",  # keys init|authorize|revoke|known-hosts
-    "appliance.cli.rotate",  # carp-rotate
-    "appliance.cli.image",  # image
-]
+# command -> the module that defines it (each module registers its commands on `main` when imported). A command's
+# module is imported only when that command runs: `appliance role`, which CARP runs at every transition, must not
+# pay for the proxy, image or lab imports. tests/unit/test_cli_commands.py keeps this table complete.
+COMMANDS = {
+    "check": "appliance.cli.config", "render": "appliance.cli.config", "config-reference": "appliance.cli.config",
+    "proxy": "appliance.cli.proxy", "reload": "appliance.cli.proxy", "explain": "appliance.cli.proxy",
+    "role": "appliance.cli.ha", "carp": "appliance.cli.ha", "status": "appliance.cli.ha", "demote": "appliance.cli.ha",
+    "promote": "appliance.cli.ha", "watchdog": "appliance.cli.ha", "carp-watch": "appliance.cli.ha",
+    "lab": "appliance.cli.lab", "vmlab": "appliance.cli.vmlab",
+    "sync": "appliance.cli.sync", "sync-receive": "appliance.cli.sync", "sync-serve": "appliance.cli.sync",
+    "releases": "appliance.cli.sync", "cron": "appliance.cli.sync",
+    "keys": "appliance.cli.keys", "carp-rotate": "appliance.cli.rotate", "image": "appliance.cli.image",
+}
+COMMAND_MODULES = sorted(set(COMMANDS.values()))
+
+
+def load_commands(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:  # a capability not built into this install
+        if e.name != module:
+            raise
+
 
 class Ctx:
     """What every command gets: where the config is, which node this is, verbosity."""
@@ -102,6 +112,14 @@ def _shared_options() -> list[click.Option]:
 class ApplianceGroup(click.Group):
     """A group whose subcommands (and their subcommands) also take -c/--node/-v after the command name."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in COMMANDS:
+            load_commands(COMMANDS[name])
+        return super().get_command(ctx, name)
+
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         _add_shared(cmd)
         super().add_command(cmd, name)
@@ -143,11 +161,3 @@ def main(ctx: click.Context, config: str | None, node: str | None, verbose: int)
     """carpguard: an HA content-filter proxy appliance (CARP + mitmproxy + rsync sync)."""
     _logging(verbose)
     ctx.obj = Ctx(config, node, verbose)
-
-
-for _mod in COMMAND_MODULES:
-    try:
-        importlib.import_module(_mod)
-    except ModuleNotFoundError as _e:  # a capability not built into this install
-        if _e.name != _mod:
-            raise
