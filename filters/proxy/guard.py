@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Iterable, Union
 
 from filters.engine import Decision
 from filters.hosts import BadHost, Host, canonical_host, host_port, shown
+from filters.proxy.ifaddrs import local_addresses
 
 CATEGORY = "appliance"  # the block page's category for every refusal (no list can allow it)
 # Every reason code, in the order the rules are tried; the metric label appliance_proxy_refused_total{reason}.
@@ -35,7 +36,8 @@ BUILTIN = (  # (network, reason, what it is): refused whatever the config says
 )
 # IPv6 prefixes whose last 32 bits are an IPv4 address that the kernel (mapped, compatible) or a NAT64 gateway
 # may reach: such an address is also checked as that IPv4 address.
-_EMBEDS_V4 = (0xFFFF, 0, 0x0064FF9B << 64)  # (n >> 32) of ::ffff:0:0/96, ::/96, 64:ff9b::/96
+# (n >> 32) of ::ffff:0:0/96 (mapped), ::/96 (compatible), 64:ff9b::/96 (NAT64), ::ffff:0:0:0/96 (SIIT, RFC 6052/7915)
+_EMBEDS_V4 = (0xFFFF, 0, 0x0064FF9B << 64, 0xFFFF0000)
 Net = Union[str, int, IPv4Address, IPv6Address, ipaddress.IPv4Network, ipaddress.IPv6Network]
 PortSpec = Union[int, str, tuple]
 
@@ -165,10 +167,13 @@ class Guard:
         self._rules.append((net.version, lo, lo + net.num_addresses - 1, reason, str(net), what))
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "Guard":
+    def from_config(cls, cfg: Any, local: Iterable[tuple[str, str]] | None = None) -> "Guard":
         """The rules for an Appliance model: every VIP (extra_vhids too), each node's LAN and sync address, the
-        sync subnet, an explicit proxy.listen address; proxy.deny_destinations / connect_ports / safe_ports when
-        the model has them (absent or None: no extra networks, the defaults)."""
+        sync subnet, an explicit proxy.listen address, and every address of this host's interfaces (`local`:
+        (address, interface) pairs; None reads them now, ifaddrs.local_addresses: WAN, management, bridges, global
+        IPv6 that no config names); proxy.deny_destinations / connect_ports / safe_ports when the model has them
+        (absent or None: no extra networks, the defaults). Built again on every reload, so the interfaces are read
+        again too."""
         c, proxy = cfg.cluster, cfg.proxy
         cluster: list[tuple[Net, str]] = [(c.vip.ip, "the cluster VIP")]
         cluster += [(x.vip.ip, f"the VIP of vhid {x.vhid}") for x in c.extra_vhids]
@@ -178,6 +183,9 @@ class Guard:
         cluster += [(net, "the cluster's sync subnet") for net in dict.fromkeys(n.sync.network for n in cfg.nodes.values())]
         if isinstance(proxy.listen, (IPv4Address, IPv6Address)):
             cluster.append((proxy.listen, "the proxy's listen address"))
+        if local is None:
+            local = local_addresses()
+        cluster += [(addr, f"an address of this node ({ifname})") for addr, ifname in local]
         connect = getattr(proxy, "connect_ports", None)
         safe = getattr(proxy, "safe_ports", None)
         return cls(cluster, getattr(proxy, "deny_destinations", None) or (),
