@@ -1,6 +1,7 @@
 """Thin mitmproxy hooks over the guard and the engine: HTTP/CONNECT/SNI decisions, block page, local pages, access log."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -8,18 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import http
-from mitmproxy.addons.next_layer import NeedsMoreData, NextLayer
-from mitmproxy.proxy import commands, events, layer, layers
-from mitmproxy.proxy.layers import modes
 from mitmproxy.tls import ClientHelloData
 
 from filters.engine import Decision, RuleEngine
 from filters.hosts import BadHost, Host, canonical_host, host_port, shown
-from filters.proxy import pac, verdict
+from filters.proxy import nextlayer, pac, verdict
 from filters.proxy.accesslog import AccessLog
 from filters.proxy.dest import Destinations
 from filters.proxy.guard import Guard, Refusal, bad_host, refusal
 from filters.proxy.metrics import Counters
+from filters.proxy.nextlayer import Cut, FilterNextLayer  # noqa: F401 - the worker and tests take them from here
 
 log = logging.getLogger("filters.proxy.addon")
 LOCAL_PATHS = ("/healthz", "/proxy.pac", "/wpad.dat", "/ca.pem", "/metrics")
@@ -59,64 +58,6 @@ def _host_header(st: State, req: http.Request, target: Host, default_port: int) 
     if len(values) > 1:
         return refusal("host-mismatch", f"{len(values)} Host headers for the request target {target.authority}")
     return st.dest.guard.host_header_mismatch(target, req.host_header, req.port, default_port)
-
-
-class Cut(layer.Layer):
-    """Closes the client connection at once (a TLS tunnel whose SNI is blocked)."""
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Start):
-            yield commands.CloseConnection(self.context.client)
-
-
-class FilterNextLayer(NextLayer):
-    """mitmproxy's NextLayer, plus: inside CONNECT tunnels decide on the TLS SNI (sni mode: pass or cut)."""
-
-    def __init__(self, state: State):
-        super().__init__()
-        self.state = state
-
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        if nextlayer.layer:
-            return
-        context = nextlayer.context
-        if context.client.tls or not (isinstance(context.layers[0], modes.HttpProxy) and len(context.layers) > 2
-                                      and context.server.address):
-            # the first layer of a client connection (explicit HTTP proxy), or inside intercepted TLS
-            return super().next_layer(nextlayer)
-        st = self.state
-        data = nextlayer.data_client()
-        try:
-            hello = self._get_client_hello(context, data)
-        except NeedsMoreData:
-            return  # wait for the rest of the ClientHello
-        sni = hello.sni if hello else None
-        meta = getattr(context.client, "cg_tunnel", None)
-        host = meta.get("host", context.server.address[0]) if meta is not None else context.server.address[0]
-        client = context.client.peername[0]
-        if sni is not None:
-            try:
-                sni = canonical_host(sni).name  # the lists and the log see the canonical name
-            except BadHost as e:  # a name nobody can resolve as written: cut, never passed
-                st.counters.refuse("bad-host")
-                log.info("cut tunnel to %s: %s", shown(host), bad_host(e).text)
-                if meta is not None:
-                    meta["decision"], meta["sni"] = bad_host(e), shown(hello.sni)[1:-1]
-                nextlayer.layer = Cut(context)
-                return
-        intercept = st.cfg.proxy.tls == "intercept"
-        d = verdict.sni_block(st.engine, client, host, sni)
-        if d is not None:
-            if meta is not None:
-                meta["decision"] = d
-                meta["sni"] = sni
-            verdict.cut(st, d, host, sni, log)
-            nextlayer.layer = Cut(context)
-            return
-        if not intercept or hello is None or st.engine.exempt_host(sni or host) or st.engine.exempt_host(host):
-            nextlayer.layer = layers.TCPLayer(context, ignore=True)
-            return
-        return super().next_layer(nextlayer)
 
 
 class FilterAddon:
@@ -254,7 +195,13 @@ class FilterAddon:
         if (req.host, req.port) != (host.name, port):
             req.host, req.port = host.name, port
         flow.client_conn.cg_tunnel = {"start": time.time(), "hostport": hostport, "host": host.name, "client": client,
-                                      "decision": None}
+                                      "decision": None, "blocked": d if d.blocked else None}
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        """The CONNECT was answered 200: its ClientHello must be whole within proxy.hello_timeout (nextlayer)."""
+        if getattr(flow.client_conn, "cg_tunnel", None) is not None:
+            asyncio.get_running_loop().call_later(nextlayer.limits(self.state).hello_timeout, nextlayer.hello_due,
+                                                  self.state, flow.client_conn)
 
     def _block_connect(self, flow: http.HTTPFlow, d: Decision, hostport: str, client: str) -> None:
         self._block(flow, d, hostport, client)
@@ -290,10 +237,14 @@ class FilterAddon:
         server.address = (addrs[0], port)
 
     def server_connected(self, data: Any) -> None:
+        """Give the connection its name back (it was opened to the checked address, which stays its peername): so
+        mitmproxy reuses it for the next request to that name. mitmproxy refuses to change the address of an open
+        connection (its layers would connect elsewhere than they think); here the name is what the layers asked for
+        and the address it was pinned to is the one they reach, so the check is bypassed on purpose."""
         server = data.server
         named = getattr(server, "cg_address", None)
         if named is not None:
-            server.address = named
+            object.__setattr__(server, "address", named)
         r = self.state.dest.check_address(server.peername[0], server.peername[1]) if server.peername else None
         if r is not None:  # cannot happen while server_connect pins the address; say so loudly if it ever does
             log.error("connected to a refused address %s: %s", server.peername[0], r.text)
@@ -311,16 +262,10 @@ class FilterAddon:
     def client_disconnected(self, client: Any) -> None:
         meta = getattr(client, "cg_tunnel", None)
         acc = self.state.access
-        if meta is None or acc.fd is None:
+        if meta is None or acc.fd is None or "start" not in meta:
             return
-        host, port = meta["hostport"].rsplit(":", 1)
-        d = meta.get("decision")
-        if d is not None:
-            status = d.status if isinstance(d, Refusal) else 403
-            verdict.log_connect(acc, meta["start"], meta["client"], "TCP_DENIED", status, 0, f"{meta['sni']}:{port}")
-        else:
-            verdict.log_connect(acc, meta["start"], meta["client"], "TCP_TUNNEL", 200, 0, meta["hostport"],
-                                peer=meta.get("host", host))
+        code, status, url, peer = nextlayer.tunnel_record(meta)
+        verdict.log_connect(acc, meta["start"], meta["client"], code, status, 0, url, peer=peer)
 
     def tls_clienthello(self, data: ClientHelloData) -> None:
         """tls: intercept: hosts of an intercept_exempt category are tunnelled untouched."""

@@ -68,16 +68,22 @@ def raise_nofile() -> tuple[int, int]:
 
 
 class Slots:
-    """Open client connections of one worker, per client address and in all; take() says why not when full."""
+    """Open client connections of one worker, per client address and in all; take() says why not when full. The
+    worker's budget is in sockets: 2 per client connection (itself and its first upstream socket), plus one for each
+    further upstream socket it holds (take_extra(), filters.proxy.upstream)."""
 
     def __init__(self, per_client: int, per_worker: int):
         self.per_client, self.per_worker = per_client, per_worker
         self.by_client: dict[str, int] = {}
         self.total = 0
+        self.extra = 0  # upstream sockets beyond the first of their client connection
+
+    def _free(self) -> int:
+        return 2 * self.per_worker - 2 * self.total - self.extra
 
     def take(self, client: str) -> str | None:
         """None and the slot is held (give it back with give()); else the refusal reason and nothing is held."""
-        if self.total >= self.per_worker:
+        if self.total >= self.per_worker or self._free() < 2:
             return "worker-connections"
         n = self.by_client.get(client, 0)
         if n >= self.per_client:
@@ -93,6 +99,16 @@ class Slots:
         else:
             self.by_client.pop(client, None)
         self.total -= 1
+
+    def take_extra(self) -> bool:
+        """One more upstream socket for a client connection that has one already; False when the budget is spent."""
+        if self._free() < 1:
+            return False
+        self.extra += 1
+        return True
+
+    def give_extra(self) -> None:
+        self.extra = max(0, self.extra - 1)
 
 
 # ---------------------------------------------------------------- the ClientHello (tls: sni)
@@ -207,3 +223,14 @@ def check_head(head: bytes, max_header: int, max_url: int) -> tuple[bytes, bytes
         if not codings or codings[-1] != b"chunked" or b"chunked" in codings[:-1]:
             raise HeadError("bad-request", "Transfer-Encoding without a final chunked")
     return method, target, headers
+
+
+REASON_PHRASE = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+                 503: "Service Unavailable"}
+
+
+def answer_bytes(status: int, why: str) -> bytes:
+    """A short plain-text answer of the proxy's own that closes the connection."""
+    body = f"{status} {REASON_PHRASE.get(status, 'Error')}: {why}\n".encode("ascii", "replace")
+    return (f"HTTP/1.1 {status} {REASON_PHRASE.get(status, 'Error')}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body

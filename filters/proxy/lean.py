@@ -9,6 +9,7 @@ from mitmproxy.master import Master
 from mitmproxy.proxy import mode_servers, server
 
 from filters.proxy import ca, front, gate, trims
+from filters.proxy.upstream import UpstreamCap
 from filters.proxy.accesslog import AccessLog
 from filters.proxy.addon import FilterAddon, FilterNextLayer, State
 
@@ -26,15 +27,34 @@ def make_state(spec: Any) -> State:
 
 
 class GateAddon:
-    """Tells a client's front gate (front.GATES) that one of its requests got its answer: the keep-alive idle timer
-    (proxy.idle_timeout) runs only while no request is waiting for the origin."""
+    """Tells a client's gate (front.GATES, or the inner gate inside intercepted TLS) how its requests were answered:
+    the keep-alive idle timer (proxy.idle_timeout) runs only while no request is waiting for the origin, and a
+    CONNECT or Upgrade request turns the gate's checks off only once the answer switched protocols (2xx to CONNECT,
+    101), never because of the request alone."""
+
+    @staticmethod
+    def _gate(flow: Any) -> Any:
+        inner = getattr(flow.client_conn, "cg_inner", None)  # set once intercepted TLS carries HTTP/1
+        return inner if inner is not None else front.GATES.get(flow.client_conn.peername)
 
     def response(self, flow: Any) -> None:
-        g = front.GATES.get(flow.client_conn.peername)
+        g = self._gate(flow)
         if g is not None:
+            g.decide(flow.response is not None and flow.response.status_code == 101)
             g.responded()
 
     error = response
+
+    def http_connected(self, flow: Any) -> None:
+        g = self._gate(flow)
+        if g is not None:
+            g.decide(True)
+
+    def http_connect_error(self, flow: Any) -> None:
+        g = self._gate(flow)
+        if g is not None:
+            g.decide(False)
+            g.responded()
 
 
 def make_master(spec: Any, state: State) -> tuple[Master, mode_servers.ServerInstance]:
@@ -46,7 +66,7 @@ def make_master(spec: Any, state: State) -> tuple[Master, mode_servers.ServerIns
     addons = [ps, FilterNextLayer(state)]
     if intercept:
         addons.append(tlsconfig.TlsConfig())
-    addons += [FilterAddon(state), GateAddon()]
+    addons += [FilterAddon(state), UpstreamCap(ps, state), GateAddon()]
     master.addons.add(*addons)
     # mitmproxy's inactivity timer per client connection (module constant, 600 s) = proxy.tunnel_idle_timeout: it
     # closes tunnels mitmproxy carries and requests whose origin stays silent; front.GateReader does the rest

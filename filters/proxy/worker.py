@@ -48,6 +48,7 @@ class _Acceptor:
         self.fast_connect = fast_connect
         lim = tunnel.limits(state)
         self.slots = gate.Slots(lim.per_client, lim.per_worker)
+        state.slots = self.slots  # upstream.UpstreamCap counts extra upstream sockets in the same budget
         self.tasks: set[asyncio.Task] = set()
         self.task = loop.create_task(self._accept())
 
@@ -156,35 +157,16 @@ class _Acceptor:
         except OSError:
             conn.close()
             return False
-        gr = front.GateReader(reader, writer, tunnel.limits(self.state), self._head_refused(peer[0]), key=peer)
+        gr = front.GateReader(reader, writer, tunnel.limits(self.state), front.refusal_logger(self.state, peer[0]), key=peer)
         try:
             await self.handle_stream(gr, writer)
         finally:
             gr.close()
         return False
 
-    def _head_refused(self, client: str):
-        def refuse(reason: str, status: int, why: str, head: bytes) -> None:
-            tunnel.refused(self.state, reason)
-            log.info("request from %s refused: %s: %s", client, reason, why)
-            acc = self.state.access
-            if acc.fd is not None:
-                line = head.split(b"\r\n", 1)[0].split(b" ")
-                method = _printable(line[0][:32]) if line and line[0] else "-"
-                url = _printable(line[1][:512]) if len(line) > 1 else "-"
-                acc.log(start=time.time(), elapsed_ms=0, client=client, code="TCP_DENIED", status=status, size=0,
-                        method=method, url=url, peer="-", mime="-")
-
-        return refuse
-
     def close(self) -> None:
         self.task.cancel()
         self.sock.close()
-
-
-def _printable(b: bytes) -> str:
-    """Bytes from a refused head as one safe log field: printable ASCII kept, anything else %XX."""
-    return "".join(chr(c) if 0x20 < c < 0x7F and c != 0x25 else f"%{c:02X}" for c in b) or "-"
 
 
 async def _serve(index: int, spec) -> None:

@@ -166,6 +166,7 @@ def gate_verdict(stream: bytes, cuts: list[int]) -> tuple[str, bytes]:
         got = b""
         while True:
             g.pending = 0  # as if every request was answered at once (no idle wait in a fuzz case)
+            g.decide(False)  # a CONNECT / Upgrade answered without switching: the checks stay on
             b = await g.read(65536)
             if not b:
                 return got

@@ -527,3 +527,71 @@ def test_every_reason_is_a_metric_from_the_start():
     text = metrics.prometheus(metrics.aggregate([]), 1)
     for r in REASONS:
         assert f'appliance_proxy_refused_total{{reason="{r}"}} 0' in text
+
+
+# ------------------------------------------------------------------ issue 11 review: the mitmproxy path's tunnel rules
+
+def test_a_hello_whose_first_segment_is_one_byte_is_waited_for_then_judged(state):
+    hello = client_hello("www.blocked.test")
+    nl = _tunnel_layer(state, "127.0.0.1:443", hello[:1])  # mitmproxy's own test calls this "not TLS"
+    FilterNextLayer(state).next_layer(nl)
+    assert nl.layer is None  # waits for the rest, never a raw tunnel
+    nl.events.append(events.DataReceived(nl.context.client, hello[1:]))
+    FilterNextLayer(state).next_layer(nl)
+    assert isinstance(nl.layer, Cut) and state.counters.blocks == {"blocked": 1}
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "not-tls"),
+    (b"GET / HTTP/1.1\r\nHost: www.blocked.test\r\n\r\n", "not-tls"),
+    (b"\x80\x2e\x01\x03\x01" + b"\0" * 45, "not-tls"),
+    (b"\x16\x03\x01\x00\x10\x01\x01\x11\x70" + b"\0" * 12, "hello-too-large"),
+])
+def test_bytes_that_are_not_a_hello_cut_the_tunnel_in_both_modes(tmp_path, data, reason):
+    for mode in ("sni", "intercept"):
+        st = _state(tmp_path / mode, tls=mode)
+        nl = _tunnel_layer(st, "example.org:443", data)
+        FilterNextLayer(st).next_layer(nl)
+        assert isinstance(nl.layer, Cut) and st.counters.refused == {reason: 1}, (mode, nl.layer)
+        FilterAddon(st).client_disconnected(nl.context.client)
+        [line] = _log(st)
+        assert " TCP_DENIED/403 0 CONNECT example.org:443 " in line and "HIER_NONE/-" in line
+        st.access.close()
+
+
+def test_a_hello_never_completed_is_cut_by_the_hello_timer(state):
+    from filters.proxy.nextlayer import hello_due
+
+    nl = _tunnel_layer(state, "example.org:443", client_hello("example.org")[:20])
+    FilterNextLayer(state).next_layer(nl)
+    assert nl.layer is None
+    hello_due(state, nl.context.client)
+    assert state.counters.refused == {"hello-timeout": 1}
+    FilterAddon(state).client_disconnected(nl.context.client)
+    assert " TCP_DENIED/403 0 CONNECT example.org:443 " in _log(state)[0]
+
+
+def test_a_blocked_intercept_connect_is_never_logged_as_a_tunnel(tmp_path):
+    st = _state(tmp_path, tls="intercept")
+    addon = FilterAddon(st)
+    f = _flow("www.blocked.test:443", method="CONNECT")
+    _run(addon.http_connect(f))
+    assert f.response is None  # the block page comes inside TLS
+    addon.client_disconnected(f.client_conn)  # the client gave up during the handshake
+    [line] = _log(st)
+    assert " TCP_DENIED/403 0 CONNECT www.blocked.test:443 " in line and "HIER_NONE/-" in line
+    st.access.close()
+
+
+def test_the_name_goes_back_on_an_open_connection_without_an_error(state):
+    """mitmproxy refuses to change the address of an open connection; the name must still go back (reuse)."""
+    from mitmproxy.connection import ConnectionState, Server
+    from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+
+    addon = FilterAddon(state)
+    data = ServerConnectionHookData(server=Server(address=("example.org", 80)), client=tflow.tclient_conn())
+    _run(addon.server_connect(data))
+    assert data.server.address == ("192.0.2.10", 80)
+    data.server.state, data.server.peername = ConnectionState.OPEN, ("192.0.2.10", 80)  # as mitmproxy opens it
+    addon.server_connected(data)
+    assert data.server.address == ("example.org", 80) and data.server.peername == ("192.0.2.10", 80)
