@@ -39,7 +39,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def guard(cfg):
-    return Guard.from_config(cfg)
+    return Guard.from_config(cfg, local=())  # this host's own addresses: test_local_interface_addresses
 
 
 def reason(g: Guard, raw: str, port: int = 80, connect: bool = False) -> str | None:
@@ -255,3 +255,23 @@ def test_speed(guard, capsys):
     with capsys.disabled():
         print(f"\nguard: check_target {target:.0f} ns/call, check_address(str) {addr:.0f} ns/call")
     assert target < 50_000 and addr < 100_000
+
+
+def test_local_interface_addresses(cfg, tmp_path):
+    """Every address of this host's interfaces is refused, named or not in the config (issue 11 review, F8)."""
+    from filters.proxy import ifaddrs
+
+    g = Guard.from_config(cfg, local=[("203.0.113.9", "wan0"), ("2001:db8:1::9", "wan0")])
+    assert reason(g, "203.0.113.9") == reason(g, "[2001:db8:1::9]") == "cluster-address"
+    assert "an address of this node (wan0)" in g.check_address("203.0.113.9").detail
+    assert reason(g, "203.0.113.10") is None
+    proc = tmp_path / "net"
+    proc.mkdir()
+    (proc / "fib_trie").write_text("Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.1.2.3\n        /32 host LOCAL\n"
+                                    "     |-- 10.1.2.255\n        /32 link BROADCAST\nLocal:\n     |-- 10.1.2.3\n"
+                                    "        /32 host LOCAL\n")
+    (proc / "if_inet6").write_text("20010db8000000000000000000000005 02 40 00 80 eth1\n")
+    assert ifaddrs.local_addresses(proc) == [("10.1.2.3", "local"), ("2001:0db8:0000:0000:0000:0000:0000:0005", "eth1")]
+    g = Guard.from_config(cfg, local=ifaddrs.local_addresses(proc))
+    assert reason(g, "10.1.2.3") == reason(g, "[2001:db8::5]") == "cluster-address" and reason(g, "10.1.2.255") is None
+    assert Guard.from_config(cfg).check_address("127.0.0.1") is not None  # None reads this host's (loopback anyway)
