@@ -10,7 +10,7 @@ from pathlib import Path
 
 from appliance.core.model import Appliance
 
-from image import checks, disk, dist, keygen, manifest, mtree, render, tarball, ufs
+from image import checks, debian, disk, dist, keygen, manifest, mtree, render, tarball, ufs
 from image.errors import BadInput, BuildError
 from image.tree import Entry, Tree
 
@@ -74,6 +74,7 @@ class Options:
     only: list[str] = field(default_factory=list)
     ufs_version: int = ufs.DEFAULT_VERSION
     quiet: bool = False
+    deb: Path | None = None  # cluster.os: debian: the carpguard .deb to install (default: built from HEAD, cached)
 
 
 def _users(tree: Tree) -> dict[str, tuple[int, int]]:
@@ -129,6 +130,8 @@ def build(cfg: Appliance, config_path: Path, opts: Options) -> dict:
 
 def _build(cfg: Appliance, config_path: Path, opts: Options) -> dict:
     epoch = source_date_epoch()
+    if cfg.cluster.os == "debian":  # the same node model, the Debian templates and disk (image/debian)
+        return _build_debian(cfg, config_path, opts, epoch)
     out = opts.out
     nodes = opts.only or sorted(cfg.nodes)
     for n in nodes:
@@ -183,6 +186,16 @@ def _build(cfg: Appliance, config_path: Path, opts: Options) -> dict:
         rep.step("SHA256SUMS written")
     result["seconds"] = round(time.monotonic() - t0, 2)
     return result
+
+
+def _build_debian(cfg: Appliance, config_path: Path, opts: Options, epoch: int) -> dict:
+    if opts.freebsd_dist:
+        raise BadInput(f"--freebsd-dist: {config_path} is cluster.os: debian (the Debian image needs no dist)")
+    for n in opts.only:
+        if n not in cfg.nodes:
+            raise BadInput(f"--only {n}: not one of the nodes in {config_path} ({', '.join(sorted(cfg.nodes))})")
+    with Reporter(opts.quiet) as rep:
+        return debian.build(cfg, config_path, opts.out, only=opts.only, epoch=epoch, deb=opts.deb, log=rep.note)
 
 
 def _full_disk(cfg: Appliance, node: str, tree: Tree, sets: dict, out: Path, epoch: int, opts: Options, rep: Reporter, info: dict) -> list[Path]:

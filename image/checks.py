@@ -218,8 +218,8 @@ def check_doas(e: Entry) -> list[str]:
 SSHD_KEYWORDS = {"port", "permitrootlogin", "subsystem", "match", "authenticationmethods", "pubkeyauthentication",
                  "passwordauthentication", "kbdinteractiveauthentication", "permittty", "allowtcpforwarding",
                  "allowstreamlocalforwarding", "allowagentforwarding", "x11forwarding", "permittunnel", "forcecommand",
-                 "listenaddress", "allowusers", "usepam"}
-SSHD_MATCH_ONLY_NOT = {"port", "subsystem", "listenaddress", "usepam"}  # not allowed inside a Match block
+                 "listenaddress", "allowusers", "usepam", "hostkey"}
+SSHD_MATCH_ONLY_NOT = {"port", "subsystem", "listenaddress", "usepam", "hostkey"}  # not allowed inside a Match block
 SYNC_USER_MUST = {"permittty": "no", "allowtcpforwarding": "no", "x11forwarding": "no", "allowagentforwarding": "no",
                   "passwordauthentication": "no", "kbdinteractiveauthentication": "no", "permittunnel": "no"}
 

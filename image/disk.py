@@ -32,60 +32,84 @@ def _run(cmd: list[str], env: dict | None = None) -> None:
         raise BuildError(f"{Path(cmd[0]).name} failed ({' '.join(cmd)}):\n{(r.stderr or r.stdout).strip()}")
 
 
-def esp_image(path: Path, loader_efi: Path, epoch: int, label: str = "EFISYS") -> None:
-    """FAT32 ESP with loader.efi as the removable-media path and FreeBSD's own; fixed volume id and times."""
+def esp_image(path: Path, files: dict[str, Path], epoch: int, label: str = "EFISYS", size: int = ESP_SIZE,
+              volid: str = "c4a9b00d") -> None:
+    """FAT32 ESP holding `files` ({"EFI/BOOT/BOOTX64.EFI": source}); fixed volume id, every time the epoch."""
     env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch), "TZ": "UTC", "MTOOLS_SKIP_CHECK": "1"}
     path.unlink(missing_ok=True)
     with open(path, "wb") as f:
-        f.truncate(ESP_SIZE)
-    _run([tool("mkfs.vfat", "dosfstools"), "-F", "32", "-S", str(SECTOR), "-n", label, "-i", "c4a9b00d", "--invariant", str(path)], env)
+        f.truncate(size)
+    _run([tool("mkfs.vfat", "dosfstools"), "-F", "32", "-S", str(SECTOR), "-n", label, "-i", volid, "--invariant", str(path)], env)
     mmd, mcopy = tool("mmd", "mtools"), tool("mcopy", "mtools")
-    os.utime(loader_efi, (epoch, epoch))
-    _run([mmd, "-i", str(path), "::/EFI", "::/EFI/BOOT", "::/EFI/FreeBSD"], env)
-    _run([mcopy, "-m", "-i", str(path), str(loader_efi), "::/EFI/BOOT/BOOTX64.EFI"], env)
-    _run([mcopy, "-m", "-i", str(path), str(loader_efi), "::/EFI/FreeBSD/loader.efi"], env)
+    dirs = sorted({"/".join(dest.split("/")[:i]) for dest in files for i in range(1, dest.count("/") + 1)})
+    if dirs:
+        _run([mmd, "-i", str(path), *(f"::/{d}" for d in dirs)], env)
+    for dest, src in sorted(files.items()):
+        os.utime(src, (epoch, epoch))
+        _run([mcopy, "-m", "-i", str(path), str(src), f"::/{dest}"], env)
 
 
 def _align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
-def build_disk(path: Path, node: str, rootfs: Path, pmbr: Path, gptboot: Path, loader_efi: Path, epoch: int, work: Path) -> dict:
-    """Raw GPT disk with deterministic GUIDs; returns the partition layout (sectors)."""
+def _copy_sparse(src: Path, f) -> None:
+    """Copy src at f's position; runs of zeros become holes (the disk file was truncated to size: they read as 0)."""
+    zero = bytes(MIB)
+    with open(src, "rb") as s:
+        while chunk := s.read(MIB):
+            if chunk == zero[:len(chunk)]:
+                f.seek(len(chunk), os.SEEK_CUR)
+            else:
+                f.write(chunk)
+
+
+def gpt_disk(path: Path, node: str, epoch: int, parts: list[dict], mbr_code: bytes = b"", tail: int = MIB) -> dict:
+    """A raw GPT disk of `parts` in order ({name, type (sgdisk code), label, first (sector), sectors, src (a file
+    written at the partition's start, or None)}); disk and partition GUIDs derived from node, epoch and name."""
     sgdisk = tool("sgdisk", "gdisk")
+    end = max(p["first"] + p["sectors"] for p in parts)
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(end * SECTOR + tail)  # room for the backup GPT
+    guid = lambda what: str(uuid.uuid5(NAMESPACE, f"{node}:{epoch}:{what}")).upper()  # noqa: E731
+    cmd = [sgdisk, "--clear", "-a", "8", "-U", guid("disk")]
+    for i, p in enumerate(parts, 1):
+        cmd += ["-n", f"{i}:{p['first']}:{p['first'] + p['sectors'] - 1}", "-t", f"{i}:{p['type']}", "-c", f"{i}:{p['label']}",
+                "-u", f"{i}:{guid(p['name'])}"]
+    _run(cmd + [str(path)])
+    with open(path, "r+b") as f:
+        if mbr_code:
+            f.seek(0)
+            f.write(mbr_code[:446])  # boot code only: keep sgdisk's protective partition table
+        for p in parts:
+            if p.get("src") is not None:
+                f.seek(p["first"] * SECTOR)
+                _copy_sparse(p["src"], f)
+    return {p["name"]: {"first_lba": p["first"], "last_lba": p["first"] + p["sectors"] - 1, "label": p["label"],
+                        "type": p["type"], "guid": guid(p["name"])} for p in parts}
+
+
+def build_disk(path: Path, node: str, rootfs: Path, pmbr: Path, gptboot: Path, loader_efi: Path, epoch: int, work: Path) -> dict:
+    """FreeBSD's raw GPT disk (freebsd-boot, ESP, UFS root) with deterministic GUIDs; returns the layout (sectors)."""
     if gptboot.stat().st_size > BOOT_SIZE * SECTOR:
         raise BuildError(f"{gptboot}: {gptboot.stat().st_size} bytes does not fit the {BOOT_SIZE * SECTOR}-byte freebsd-boot partition")
     esp = work / "esp.img"
-    esp_image(esp, loader_efi, epoch)
+    esp_image(esp, {"EFI/BOOT/BOOTX64.EFI": loader_efi, "EFI/FreeBSD/loader.efi": loader_efi}, epoch)
     esp_start = MIB // SECTOR
-    esp_sectors = ESP_SIZE // SECTOR
-    root_start = esp_start + esp_sectors
-    root_sectors = _align(rootfs.stat().st_size, MIB) // SECTOR
-    total = (root_start + root_sectors) * SECTOR + MIB  # room for the backup GPT
-    layout = {
-        "boot": (BOOT_START, BOOT_START + BOOT_SIZE - 1),
-        "efi": (esp_start, esp_start + esp_sectors - 1),
-        "root": (root_start, root_start + root_sectors - 1),
-    }
-    path.unlink(missing_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(total)
-    guid = lambda what: str(uuid.uuid5(NAMESPACE, f"{node}:{epoch}:{what}")).upper()  # noqa: E731
-    cmd = [sgdisk, "--clear", "-a", "8", "-U", guid("disk")]
-    for i, part in enumerate(("boot", "efi", "root"), 1):
-        s, e = layout[part]
-        cmd += ["-n", f"{i}:{s}:{e}", "-t", f"{i}:{TYPES[part]}", "-c", f"{i}:{LABELS[part]}", "-u", f"{i}:{guid(part)}"]
-    _run(cmd + [str(path)])
-    with open(path, "r+b") as f:
-        code = pmbr.read_bytes()[:446]  # boot code only: keep sgdisk's protective partition table
-        f.seek(0)
-        f.write(code)
-        for part, src in (("boot", gptboot), ("efi", esp), ("root", rootfs)):
-            f.seek(layout[part][0] * SECTOR)
-            with open(src, "rb") as s:
-                shutil.copyfileobj(s, f, 1 << 20)
+    root_start = esp_start + ESP_SIZE // SECTOR
+    parts = [
+        {"name": "boot", "first": BOOT_START, "sectors": BOOT_SIZE, "src": gptboot},
+        {"name": "efi", "first": esp_start, "sectors": ESP_SIZE // SECTOR, "src": esp},
+        {"name": "root", "first": root_start, "sectors": _align(rootfs.stat().st_size, MIB) // SECTOR, "src": rootfs},
+    ]
+    for p in parts:
+        p.update(type=TYPES[p["name"]], label=LABELS[p["name"]])
+    layout = gpt_disk(path, node, epoch, parts, pmbr.read_bytes())
     esp.unlink()
-    return {part: {"first_lba": s, "last_lba": e, "label": LABELS[part], "type": TYPES[part]} for part, (s, e) in layout.items()}
+    for v in layout.values():
+        v.pop("guid")
+    return layout
 
 
 def qcow2(raw: Path, out: Path) -> None:

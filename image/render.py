@@ -162,10 +162,10 @@ def _is_secret(data: bytes, password: bytes, src_mode: int | None = None) -> boo
     return src_mode is not None and not src_mode & 0o004
 
 
-def _config_release(tree: Tree, cfg: Appliance, config_path: Path, exclude: list[Path]) -> None:
+def config_release(tree: Tree, cfg: Appliance, config_path: Path, exclude: list[Path], state_dir: str = STATE_DIR) -> None:
     """releases/1: a plain copy of the config tree (without node-local keys/hosts and node.yaml)."""
     config_dir = config_path.resolve().parent
-    rel = f"{STATE_DIR}/releases/1"
+    rel = f"{state_dir}/releases/1"
     pw = cfg.cluster.password.get_secret_value().encode()
     if Path(cfg.filter.lists).is_absolute():
         raise BuildError(f"{config_path}: filter.lists: {cfg.filter.lists} is absolute; an image needs the lists inside the config dir (e.g. lists/)")
@@ -197,8 +197,16 @@ def _config_release(tree: Tree, cfg: Appliance, config_path: Path, exclude: list
     tree.file(f"{kdir}/{keys.KNOWN_HOSTS}", "".join(l + "\n" for l in keys.known_hosts_lines(cfg, hostkeys)), 0o644)
 
 
-def render_node(cfg: Appliance, config_path: Path, node: str, exclude: list[Path] = ()) -> Tree:
-    """The overlay for one node, ready for mtree/tar/makefs; keys must exist (see keygen.ensure_keys)."""
+def render_node(cfg: Appliance, config_path: Path, node: str, exclude: list[Path] = (), **per_os) -> Tree:
+    """One node's overlay for the cluster's OS (cluster.os): the same node model and keys, per-OS templates
+    (image/templates/ for FreeBSD, image/templates/debian/ for Debian). Keys must exist (keygen.ensure_keys)."""
+    if cfg.cluster.os == "debian":
+        return debian_overlay.render_overlay(cfg, config_path, node, exclude, **per_os)
+    return render_freebsd(cfg, config_path, node, exclude)
+
+
+def render_freebsd(cfg: Appliance, config_path: Path, node: str, exclude: list[Path] = ()) -> Tree:
+    """The FreeBSD overlay for one node, ready for mtree/tar/makefs."""
     c, n = cfg.cluster, cfg.nodes[node]
     config_dir = config_path.resolve().parent
     t = Tree()
@@ -247,9 +255,13 @@ def render_node(cfg: Appliance, config_path: Path, node: str, exclude: list[Path
     t.dir(STATE_DIR, 0o755)
     t.dir(f"{STATE_DIR}/run", 0o755)
     t.dir(f"{STATE_DIR}/releases", 0o755)
-    _config_release(t, cfg, config_path, list(exclude))
+    config_release(t, cfg, config_path, list(exclude))
     t.link(f"{STATE_DIR}/current", "releases/1")
     t.file(f"{STATE_DIR}/node.yaml", f"node: {node}\n", 0o644)
     t.link(CONFIG_LINK, f"{STATE_DIR}/current")
     t.dir("/var/log/appliance", 0o755)
     return t
+
+
+# last: the Debian overlay builds on the helpers above (template, config_release) and imports this module
+from image.debian import overlay as debian_overlay  # noqa: E402

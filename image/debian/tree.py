@@ -1,0 +1,129 @@
+"""The shared Debian tree of one build: the cached base, the carpguard .deb installed in it, then normalised."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from appliance.core import model as config_model
+
+from image.debian import boot, rootfs
+from image.debian.rootfs import run, tool
+from image.errors import BuildError
+from image.tree import Tree
+
+REPO = Path(config_model.__file__).resolve().parents[2]
+BUILD_DEB = REPO / "packaging" / "build_deb.py"
+
+
+def carpguard_deb(log=print) -> Path:
+    """The .deb of the last commit (packaging/build_deb.py), cached per commit in <cache>/deb/<commit>/."""
+    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BuildError(f"{REPO}: not a git checkout; pass the .deb to use (--deb)")
+    out = rootfs.cache_root() / "deb" / r.stdout.strip()
+    debs = sorted(out.glob("carpguard_*_amd64.deb"))
+    if debs:
+        return debs[0]
+    log(f"building the carpguard .deb of commit {r.stdout.strip()[:12]} (packaging/build_deb.py)")
+    run([sys.executable, str(BUILD_DEB), "--out", str(out), "--commit", r.stdout.strip()], "packaging/build_deb.py", timeout=1800,
+        umask=0o022)
+    debs = sorted(out.glob("carpguard_*_amd64.deb"))
+    if not debs:
+        raise BuildError(f"packaging/build_deb.py made no .deb in {out}")
+    return debs[0]
+
+
+# in the tree, in a private mount namespace: /dev and /proc for the maintainer scripts, gone with the process
+IN_CHROOT = """set -eu
+umask 022
+export DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8
+mkdir -p /run/sshd
+ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key   # sshd -t in postinst needs a key; replaced per node
+dpkg -i /tmp/carpguard.deb
+systemctl enable systemd-networkd.service
+rm -f /tmp/carpguard.deb /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub
+rm -rf /run/sshd
+"""
+
+
+def install_deb(root: Path, deb: Path, epoch: int) -> None:
+    (root / "tmp/carpguard.deb").write_bytes(deb.read_bytes())
+    script = (f"mount --rbind /dev {shlex.quote(str(root))}/dev && mount -t proc proc {shlex.quote(str(root))}/proc && "
+              f"chroot {shlex.quote(str(root))} /bin/sh -c {shlex.quote(IN_CHROOT)}")
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
+    run([tool("unshare", "util-linux"), "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script],
+        f"installing {deb.name} in the image", env=env, timeout=1800)
+
+
+def normalise(root: Path, epoch: int) -> None:
+    """What depends on when the build ran: logs and caches go, every password change date is the epoch's day, and
+    root's password is locked (`!*`: no password login at all; SSH is by key)."""
+    for rel in rootfs.UNSTABLE:
+        (root / rel).unlink(missing_ok=True)
+    day = str(epoch // 86400)
+    shadow = root / "etc/shadow"
+    lines = []
+    for line in shadow.read_text().splitlines():
+        f = line.split(":")
+        if len(f) >= 3:
+            f[2] = day
+            if f[0] == "root":
+                f[1] = "!*"
+        lines.append(":".join(f))
+    shadow.write_text("\n".join(lines) + "\n")
+    (root / "etc/machine-id").write_text("uninitialized\n")
+
+
+def common(work: Path, release: str, epoch: int, deb: Path, log=print) -> tuple[Path, dict[str, str]]:
+    """The tree every node starts from; returns it and the exact package versions (dpkg's database, in the tree)."""
+    tar, _ = rootfs.base_tar(release, epoch, log)
+    root = work / "common"
+    root.mkdir()
+    run(["tar", "-xpf", str(tar), "-C", str(root), "--numeric-owner"], "unpacking the base tree")
+    install_deb(root, deb, epoch)
+    normalise(root, epoch)
+    boot.install_modules(root)
+    return root, rootfs.package_versions(root)
+
+
+def ids(root: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """The tree's own users and groups (the .deb's postinst made the sync user there), by name."""
+    def table(path: Path) -> dict[str, int]:
+        return {f[0]: int(f[2]) for f in (l.split(":") for l in path.read_text().splitlines()) if len(f) > 2}
+    return table(root / "etc/passwd"), table(root / "etc/group")
+
+
+def apply(t: Tree, root: Path) -> None:
+    """Write the overlay over the tree: files and links replace what is there; an overlay directory gets its mode and
+    owner, an implicit parent that exists keeps the package's."""
+    users, groups = ids(root)
+    for e in t:
+        if e.path == "/":
+            continue
+        dst = root / e.path.lstrip("/")
+        try:
+            uid, gid = users[e.uname], groups["root" if e.gname == "wheel" else e.gname]  # FreeBSD's wheel: root
+        except KeyError as err:
+            raise BuildError(f"{e.path}: owner {e.uname}:{e.gname} does not exist in the image ({err})") from None
+        if e.kind == "dir":
+            if dst.is_dir() and not dst.is_symlink() and e.source != "overlay":
+                continue
+            dst.mkdir(exist_ok=True)
+        else:
+            if dst.is_symlink() or dst.exists():
+                if dst.is_dir() and not dst.is_symlink():
+                    raise BuildError(f"{e.path}: the overlay's {e.kind} would replace a directory of the image")
+                dst.unlink()
+            if e.kind == "link":
+                os.symlink(e.target, dst)
+                os.lchown(dst, uid, gid)
+                continue
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(e.data)
+        os.chown(dst, uid, gid)
+        os.chmod(dst, e.mode)
+

@@ -1,0 +1,133 @@
+"""The Debian image (issue 10, section 3): both nodes of examples/debian.yaml built (cached), read back without
+mounting (sgdisk, debugfs), two builds byte-identical, and no space left -> one clear error, nothing kept."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.core import loader
+from image import debian
+from image.debian import boot
+from tests.support.env import EXAMPLES, ROOT, need_tool
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+TOOLS = ("mmdebstrap", "sgdisk", "mke2fs", "debugfs", "dumpe2fs", "qemu-img", "mkfs.vfat", "mcopy", "dpkg-deb", "unshare")
+UNITS = {"multi-user.target.wants": ["appliance-proxy.service", "appliance-carp.service", "systemd-networkd.service"],
+         "timers.target.wants": ["appliance-sync.timer"]}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of examples/ (debian.yaml, lists/, the git-ignored keys/ when a build made them: same keys, same bytes)."""
+    need_tool(*TOOLS)
+    d = tmp_path_factory.mktemp("etc")
+    shutil.copytree(EXAMPLES, d, dirs_exist_ok=True)
+    return d / "debian.yaml"
+
+
+@pytest.fixture(scope="module")
+def dist(config: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("dist")
+    cfg = loader.load(config)
+    try:
+        res = debian.build(cfg, config, out, log=lambda m: print(f"image: {m}", file=sys.stderr))
+    except debian.BuildError as e:
+        if "mmdebstrap" in str(e) and "deb.debian.org" in str(e):
+            pytest.skip(f"no Debian mirror and no cached packages: {str(e).splitlines()[0]}")
+        raise
+    return out, res
+
+
+def debugfs(img: Path, offset: int, cmd: str) -> str:
+    """Run a debugfs request on the ext4 root inside the raw disk (a copy of the partition: debugfs has no offset)."""
+    part = img.with_name(img.name + ".root")
+    if not part.exists():
+        subprocess.run(["dd", f"if={img}", f"of={part}", "bs=1M", f"skip={offset}", "iflag=skip_bytes", "conv=sparse",
+                        "status=none"], check=True)
+    r = subprocess.run(["debugfs", "-R", cmd, str(part)], capture_output=True, text=True)
+    return r.stdout
+
+
+def test_outputs_sums_and_manifest(dist):
+    out, res = dist
+    names = {p.name for p in out.iterdir()}
+    assert {"fw1.img", "fw1.qcow2", "fw2.img", "fw2.qcow2", "SHA256SUMS", "manifest.json", "admin_ed25519"} <= names
+    assert not [n for n in names if n.startswith(".")], names  # no work dir or .part left
+    subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=out, check=True)
+    pk = res["packages"]
+    assert pk["carpguard"] and pk["linux-image-amd64"] and pk["ucarp"] and pk["openssh-server"] and pk["grub-pc-bin"]
+    assert oct((out / "admin_ed25519").stat().st_mode & 0o777) == "0o600"
+    info = subprocess.run(["qemu-img", "info", str(out / "fw1.qcow2")], capture_output=True, text=True, check=True).stdout
+    assert "file format: qcow2" in info
+
+
+def test_partition_table(dist):
+    out, res = dist
+    table = subprocess.run(["sgdisk", "-p", str(out / "fw1.img")], capture_output=True, text=True, check=True).stdout
+    rows = [l.split() for l in table.splitlines() if l.strip()[:1].isdigit()]
+    assert [r[5] for r in rows] == ["EF02", "EF00", "8304"], table  # BIOS boot, ESP, Linux x86-64 root
+    with open(out / "fw1.img", "rb") as f:
+        mbr = f.read(512)
+        assert mbr[510:] == b"\x55\xaa" and mbr[:2] != b"\0\0"  # GRUB's boot.img, partition table kept
+        f.seek(boot.BIOS_FIRST * 512)
+        assert f.read(4) == b"RV\xbe\x1b"  # core.img starts with GRUB's diskboot.img
+    assert res["nodes"]["fw1"]["disk"]["bios"]["core_sectors"] > 1
+
+
+def test_root_fs_holds_the_node(dist):
+    out, res = dist
+    for node, lan in (("fw1", "192.168.1.2/24"), ("fw2", "192.168.1.3/24")):
+        img = out / f"{node}.img"
+        off = res["nodes"][node]["disk"]["root"]["first_lba"] * 512
+        cat = lambda p: debugfs(img, off, f"cat {p}")  # noqa: E731
+        assert cat("/etc/hostname") == f"{node}\n"
+        assert cat("/var/lib/appliance/node.yaml") == f"node: {node}\n"
+        assert f"Address={lan}" in cat("/etc/systemd/network/10-lan.network")
+        assert "Name=eth1" in cat("/etc/systemd/network/20-sync.network")
+        assert "net.ipv4.ip_nonlocal_bind=1" in cat("/etc/sysctl.d/60-carpguard.conf")
+        assert "PasswordAuthentication no" in cat("/etc/ssh/sshd_config.d/10-carpguard.conf")
+        assert "ForceCommand /usr/bin/sudo -n /usr/bin/appliance sync-serve" in cat("/etc/ssh/sshd_config.d/appliance-sync.conf")
+        assert "console=ttyS0" in cat("/boot/grub/grub.cfg")
+        shadow = cat("/etc/shadow")
+        assert next(l for l in shadow.splitlines() if l.startswith("root:")).split(":")[1] == "!*"
+        for wants, units in UNITS.items():
+            listing = debugfs(img, off, f"ls /etc/systemd/system/{wants}")
+            for u in units:
+                assert u in listing, (node, wants, u)
+        assert "releases/1" in debugfs(img, off, "stat /var/lib/appliance/current")
+        assert "/var/lib/appliance/current" in debugfs(img, off, "stat /etc/appliance")
+        for secret in ("/etc/ssh/ssh_host_ed25519_key", "/var/lib/appliance/releases/1/keys/sync_ed25519",
+                       "/var/lib/appliance/releases/1/appliance.yaml", "/root/.ssh/authorized_keys"):
+            assert "Mode:  0600" in debugfs(img, off, f"stat {secret}"), (node, secret)
+        assert "Mode:  0640" in debugfs(img, off, "stat /var/lib/appliance-sync/.ssh/authorized_keys")
+
+
+def test_two_builds_are_byte_identical(config, dist, tmp_path):
+    out, _ = dist
+    again = tmp_path / "again"
+    debian.build(loader.load(config), config, again, use_cache=False, log=lambda m: None)
+    assert (again / "SHA256SUMS").read_text() == (out / "SHA256SUMS").read_text()
+
+
+def test_no_space_left_is_one_clear_error_and_nothing_kept(config, dist, tmp_path):
+    """An out dir on a 64 MiB tmpfs (a private mount namespace): the space check refuses before writing anything."""
+    need_tool("unshare")
+    small = tmp_path / "small"
+    small.mkdir()
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; from appliance.core import loader; "
+            f"from image import debian; c = Path({str(config)!r}); "
+            f"debian.build(loader.load(c), c, Path({str(small)!r}) / 'dist', use_cache=False, log=lambda m: None)")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                        f"mount -t tmpfs -o size=64m tmpfs {small} && {sys.executable} -c \"{code}\"; "
+                        f"rc=$?; ls -A {small}/dist; exit $rc"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()[-1]
+    assert "MiB free, the Debian image build needs about" in err and "nothing was written" in err, r.stderr
+    assert r.stdout.strip() == "", r.stdout  # the out dir on the tmpfs holds nothing
+    assert not os.listdir(small)  # and the tmpfs went away with the namespace
