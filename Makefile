@@ -18,7 +18,8 @@ TOOLS_TEST  := ucarp:ucarp sshd:openssh-server ssh:openssh-client rsync:rsync ma
                openssl:openssl tcpdump:tcpdump lintian:lintian mmdebstrap:mmdebstrap unshare:util-linux \
                dpkg-deb:dpkg qemu-system-x86_64:qemu-system-x86
 TOOLS_IMAGE := makefs:makefs shellcheck:shellcheck sgdisk:gdisk qemu-img:qemu-utils bsdtar:libarchive-tools \
-               xz:xz-utils mformat:mtools mkfs.vfat:dosfstools
+               xz:xz-utils mformat:mtools mkfs.vfat:dosfstools mmdebstrap:mmdebstrap mke2fs:e2fsprogs \
+               debugfs:e2fsprogs dpkg-scanpackages:dpkg-dev unshare:util-linux dpkg-deb:dpkg
 TOOLS_LAB   := ucarp:ucarp ip:iproute2 arping:iputils-arping curl:curl sshd:openssh-server rsync:rsync
 TOOLS_BENCH := $(TOOLS_TEST) wrk:wrk squid:squid
 TOOLS_VMLAB := qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils ip:iproute2 arping:iputils-arping \
@@ -60,7 +61,7 @@ test: venv apt-test apt-deb
 bench: venv apt-bench
 	$(PY) -m tests.bench
 
-image: venv apt-image
+image: venv apt-image apt-deb
 	$(APPLIANCE) image -c $(CONFIG) --out $(OUT) $(if $(FREEBSD_DIST),--freebsd-dist $(FREEBSD_DIST))
 
 lab: venv apt-lab
