@@ -90,6 +90,8 @@ def receive(paths: Paths, gen: int, digest: str, force: bool = False, source: st
     staging dir is emptied (nothing of a refused push stays)."""
     rel = Releases(paths.state)
     with lock.held(paths.run, wait=30):
+        if not os.path.lexists(rel.staging):  # no push reached this node: refused before anything here is created
+            raise SyncError(f"nothing staged in {rel.staging}; the transfer did not happen", BAD_INPUT)
         rel.prepare_dirs()
         try:
             return _receive(paths, rel, gen, digest, force, source, reload)
@@ -128,8 +130,6 @@ def _receive(paths: Paths, rel: Releases, gen: int, digest: str, force: bool, so
     if live is not None and gen == live and live_meta.get("hash") == digest:
         return {"ok": True, "action": "up-to-date", "generation": gen, "previous": live, "seconds": 0.0}
     check_generation(state, gen, live, force, source)
-    if not rel.staging.is_dir():
-        raise SyncError(f"nothing staged in {rel.staging}; the transfer did not happen", BAD_INPUT)
     tmp = _checked_copy(paths, rel, gen, digest, live)
     try:
         cfg = validate_tree_bounded(tmp, confine=True)
