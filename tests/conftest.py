@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.support.env import EXAMPLES
+from tests.support.env import copy_examples
 from tests.support.proxy import start_origin
 from tests.support.sync_lab import SyncLab
 
@@ -26,8 +25,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture
 def example_tree(tmp_path: Path) -> Path:
-    """A writable copy of examples/ (appliance.yaml + lists/); returns the config file path."""
-    shutil.copytree(EXAMPLES, tmp_path / "etc")
+    """A writable copy of examples/ as on a clean clone (appliance.yaml, debian.yaml, lists/; not the keys/ and
+    compiled/ a build leaves there); returns the config file path."""
+    copy_examples(tmp_path / "etc")
     return tmp_path / "etc" / "appliance.yaml"
 
 

@@ -13,6 +13,24 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
+# what `make image` / `make run` leave in examples/ (git-ignored; issue 9: any make target in any order on one clone)
+BUILD_LEFTOVERS = ("compiled", "keys")
+
+
+def copy_examples(dst: Path, examples: Path = EXAMPLES) -> Path:
+    """examples/ as on a clean clone (appliance.yaml, debian.yaml, lists/), without what a build left there."""
+    examples = Path(examples)
+    shutil.copytree(examples, dst, ignore=lambda d, names: list(BUILD_LEFTOVERS) if Path(d) == examples else [])
+    return dst
+
+
+def config_tree(dst: Path, examples: Path = EXAMPLES) -> Path:
+    """A node's config tree from the examples: the one cluster file (appliance.yaml) and lists/, nothing else (not
+    debian.yaml, a second cluster file with its own CARP pass, nor a build's keys/ or compiled/)."""
+    examples = Path(examples)
+    shutil.copytree(examples / "lists", dst / "lists")
+    shutil.copy2(examples / "appliance.yaml", dst / "appliance.yaml")
+    return dst
 
 
 def free_port(host: str = "127.0.0.1") -> int:

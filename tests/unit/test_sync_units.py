@@ -20,7 +20,7 @@ from sync.push import plan_cut, stale_peers
 from sync.receive import receive, rollback, status
 from sync.releases import Releases, mirror, parse_generation, parse_hash
 from sync.serve import dispatch, parse_receive, rsync_server_argv
-from tests.support.env import APPLIANCE, EXAMPLES
+from tests.support.env import APPLIANCE, config_tree
 
 STAGING = Path("/var/lib/appliance/sync/staging")
 GOOD = ["rsync", "--server", "-tpre.iLsfxCIvu", "--log-format=%i", "--timeout=30", "--delete", "--stats", "--partial", ".", "staging"]
@@ -127,8 +127,9 @@ def test_peer_replies_are_read_as_json_not_as_error_text() -> None:
 
 
 def make_tree(root: Path) -> Path:
-    shutil.copytree(EXAMPLES, root)
-    return root
+    """A config tree as on a node: the example's cluster file and lists only (examples/ also holds debian.yaml, and
+    `make image` / `make run` leave keys/ and compiled/ there: issue 9, make targets in any order on one clone)."""
+    return config_tree(root)
 
 
 def test_hash_ignores_node_local_and_metadata(tmp_path) -> None:
@@ -177,9 +178,7 @@ def test_symlink_out_of_the_tree_and_special_files_refused(tmp_path) -> None:
 
 
 def _tree_without_problems(tmp_path: Path) -> Path:
-    t = tmp_path / "t"  # the example's config and lists only (a build may leave keys/ or compiled/ in examples/)
-    shutil.copytree(EXAMPLES / "lists", t / "lists")
-    shutil.copy(EXAMPLES / "appliance.yaml", t / "appliance.yaml")
+    t = make_tree(tmp_path / "t")
     for p in [t, *t.rglob("*")]:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
     assert tree.check_staged(t) == []
