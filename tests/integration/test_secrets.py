@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.env import APPLIANCE, EXAMPLES, need_tool
+from tests.support.env import APPLIANCE, config_tree, need_tool
 from tests.support.proxy import Proxy
 
 PW = "pw-Zq8"
@@ -19,8 +18,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def _tree(tmp_path: Path) -> tuple[Path, Path]:
-    etc = tmp_path / "etc"
-    shutil.copytree(EXAMPLES, etc)
+    etc = config_tree(tmp_path / "etc")  # one cluster file + lists (not debian.yaml, nor a build's keys/ or compiled/)
     cfg = etc / "appliance.yaml"
     data = yaml.safe_load(cfg.read_text())
     data["cluster"]["password"] = PW

@@ -16,7 +16,7 @@ from appliance.core.loader import load
 from appliance.core.paths import Paths
 from appliance.core.state import write_role
 from sync import keys as keymod
-from tests.support.env import APPLIANCE, EXAMPLES, free_port, need_tool
+from tests.support.env import APPLIANCE, EXAMPLES, config_tree, free_port, need_tool
 
 SSHD = shutil.which("sshd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "/usr/sbin/sshd"
 
@@ -150,8 +150,10 @@ class SyncLab:
             mutate(data)
         self.data = data
         seed = root / "seed"
-        # the lab makes its own keys: examples/keys/ (which `make image` leaves behind) stays out of the seed
-        shutil.copytree(examples, seed, ignore=lambda d, names: [keymod.KEYS_DIR] if Path(d) == Path(examples) else [])
+        # a node's config tree holds one cluster file and its lists: not examples/debian.yaml (another cluster file,
+        # with its own CARP pass), nor the keys/ and compiled/ that `make image` / `make run` leave in examples/
+        # (the lab makes its own keys)
+        config_tree(seed, examples)
         (seed / "appliance.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         self.host_keys = {}
         pubs = {}
