@@ -28,7 +28,11 @@ def test_sync_harness_builds_over_examples_with_keys(tmp_path: Path) -> None:
     assert keymod.sync_key(ex) in made and keymod.sync_key(ex).exists()
     lab = SyncLab(tmp_path / "lab", examples=ex)
     try:
-        assert keymod.sync_key(lab.root / "seed").read_bytes() != keymod.sync_key(ex).read_bytes()  # its own key
+        # the lab's own keys: no shared key in its tree (not the one the build left in examples/, nor another), and
+        # each node pushes with its own node-local key (sync.keys per-node keys), none of them the build's
+        assert not keymod.sync_key(lab.root / "seed").exists() and not keymod.sync_key(lab.master.tree).exists()
+        own = {n: node.key.read_bytes() for n, node in lab.nodes.items()}
+        assert len(set(own.values())) == len(own) and keymod.sync_key(ex).read_bytes() not in own.values()
     finally:
         lab.close()
 
