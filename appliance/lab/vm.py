@@ -88,7 +88,7 @@ def qemu_argv(name: str, vm: VmNode, accel: str) -> list[str]:
     serial console to a file, no display, no monitor, no default devices, no user-mode network."""
     argv = [QEMU, "-name", f"{name},process={name}", "-machine", "pc", "-accel", accel, "-m", str(MEMORY_MB),
             "-smp", str(CPUS), "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
-            "-serial", f"file:{vm.console}",
+            "-chardev", f"file,id=ser0,path={vm.console},append=on", "-serial", "chardev:ser0",
             "-drive", f"file={vm.overlay},if=none,id=disk0,format=qcow2",
             "-device", "virtio-blk-pci,drive=disk0,bus=pci.0,addr=0x5",
             "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0,addr=0x6"]

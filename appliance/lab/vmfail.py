@@ -3,7 +3,6 @@ power loss (SIGKILL of qemu, then boot again), LAN link down (the tap down), pro
 node) and demote (`appliance demote`); a sampler of ARP replies for the VIP watches for two holders meanwhile."""
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 
@@ -140,9 +139,3 @@ def run_all(lab: VmLab, kinds: tuple[str, ...] = KINDS, runs: int = 1, echo=None
                     echo(fmt(r))
     return results
 
-
-def ssh_ok(lab: VmLab, node: str) -> bool:
-    try:
-        return vmnode.run(lab, node, "true", timeout=15).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False

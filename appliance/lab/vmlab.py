@@ -76,6 +76,7 @@ def build_network(lab: VmLab, prefix: int) -> None:
 def boot(lab: VmLab, node: str) -> int:
     """Start (or after a power loss, start again) the node's VM on its overlay; records the PID at once."""
     v = lab.vm(node)
+    v.console_from = vm.console_size(v)
     v.qemu_pid = vm.start(lab.netns, f"{lab.name}-{node}", v, lab.accel)
     v.boots += 1
     lab.save()
@@ -116,10 +117,10 @@ def _build(lab: VmLab, cfg: Appliance, keys: dict[str, str], log) -> None:
         boot(lab, node)
 
 
-def wait_booted(lab: VmLab, nodes: list[str], deadline: float, log, since: dict[str, int] | None = None) -> None:
-    """Until each node's console says 'Reached target', SSH answers and systemd says running/degraded with the
-    appliance units active; LabError with the console's tail when a VM dies or the deadline passes."""
-    since = since or {}
+def wait_booted(lab: VmLab, nodes: list[str], deadline: float, log) -> None:
+    """Until each node's console says 'Reached target' (in this boot's part), SSH answers and systemd says
+    running/degraded with the appliance units active; BootError with the console's tail when a VM dies or the
+    deadline passes."""
     left, last = list(nodes), {}
     while left and time.monotonic() < deadline:
         for node in list(left):
@@ -127,7 +128,7 @@ def wait_booted(lab: VmLab, nodes: list[str], deadline: float, log, since: dict[
             if not vm.is_ours(v.qemu_pid, v):
                 raise BootError(f"{node}: qemu exited while booting: {vm.tail(v.qemu_log, 3, ' | ')}",
                                 f"--- {node} console (tail) ---\n{vm.tail(v.console)}")
-            if not vm.console_has(v, "Reached target", since.get(node, 0)):
+            if not vm.console_has(v, "Reached target", v.console_from):
                 last[node] = "console: no 'Reached target' yet"
                 continue
             st = vmnode.node_state(lab, node)
@@ -138,8 +139,9 @@ def wait_booted(lab: VmLab, nodes: list[str], deadline: float, log, since: dict[
         time.sleep(1.0 if left else 0)
     if left:
         node = left[0]
+        shown = vm.tail(lab.vm(node).console) or "(nothing on the serial console)"
         raise BootError(f"{node} did not reach multi-user with the appliance units active within the wait "
-                        f"({last.get(node)}; console above)", f"--- {node} console (tail) ---\n{vm.tail(lab.vm(node).console)}")
+                        f"({last.get(node)}; console above)", f"--- {node} console (tail) ---\n{shown}")
 
 
 def wait_ready(lab: VmLab, wait: float, log) -> None:

@@ -49,6 +49,7 @@ class VmNode:
     macs: list[str] = field(default_factory=list)   # [eth0, eth1]
     qemu_pid: int | None = None
     boots: int = 0           # how many times the lab started this VM (a power loss and boot adds one)
+    console_from: int = 0    # where the current boot's part of the console starts (it is appended to)
 
     @property
     def lan_ip(self) -> str:

@@ -13,7 +13,7 @@ from appliance.lab.model import LabError
 from appliance.lab.vmmodel import VmLab
 
 UNITS = ("appliance-proxy.service", "appliance-carp.service")
-SSH_CONNECT_TIMEOUT = 5
+SSH_CONNECT_TIMEOUT = 30  # a TCG guest on a busy host can take many seconds to answer a new connection
 
 
 def ssh_argv(lab: VmLab, node: str) -> list[str]:
@@ -23,6 +23,8 @@ def ssh_argv(lab: VmLab, node: str) -> list[str]:
             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
             "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}", "-o", "ServerAliveInterval=5", "-o", "LogLevel=ERROR",
+            # one connection per node, kept 10 minutes and shared by every command (a TCG guest is slow to accept)
+            "-o", "ControlMaster=auto", "-o", f"ControlPath={lab.dir}/ssh-%h", "-o", "ControlPersist=600",
             f"root@{vm.lan_ip}"]
 
 
@@ -72,7 +74,7 @@ STATE_SCRIPT = ("echo system=$(systemctl is-system-running 2>/dev/null); "
                 + " systemctl list-units --failed --no-legend --plain 2>/dev/null | sed 's/^/failed:/'")
 
 
-def node_state(lab: VmLab, node: str, timeout: float = 20) -> NodeState:
+def node_state(lab: VmLab, node: str, timeout: float = 90) -> NodeState:
     """One SSH call: the system state, the appliance units and the failed units."""
     r = run(lab, node, STATE_SCRIPT, timeout=timeout)
     st = NodeState()
