@@ -32,6 +32,8 @@ COUNTER_MODES = ("forward", "any")
 COUNTER_TIME_SHIFT = 20     # our counters start at wall-clock ms << 20: a restart always continues above
 COUNTER_MASK = (1 << 64) - 1
 PEERS_FILE_MAX = 65536      # bytes read from a --peers-file (one spec a line; a cluster has a handful of nodes)
+OWN_RANGES_MAX = 16         # ranges of counters this node sent (one per run, kept in the state file)
+RECOVER_ADVERTS = 10        # a forward peer refused only by its counter this many advbase periods in a row: resync
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,8 @@ class _Source:
     counter: int
     last: float                 # monotonic time of the last accepted advert
     accepted: int = 0
+    lo: int = -1                # the contiguous run of counters accepted from it that ends at `counter`
+    streak: tuple | None = None  # (first time, first counter, last counter) of adverts refused only by the counter
 
 
 class Guard:
@@ -195,6 +199,25 @@ class Guard:
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.counter_resets = 0
         self.next_pw: bytes | None = None      # during a pass rotation: adverts signed with it are accepted too
+        self.own: list[list[int]] = []          # [first, last] counters this node sent, per run (note_sent)
+        self.by_counter: OrderedDict[int, str] = OrderedDict()   # counter -> source it was accepted from (LRU)
+
+    def note_sent(self, counter: int) -> None:
+        """The speaker sent an advert with this counter: one of ours is a replay from any source."""
+        if self.own and self.own[-1][1] + 1 == counter:
+            self.own[-1][1] = counter
+        else:
+            self.own.append([counter, counter])
+            del self.own[:-OWN_RANGES_MAX]
+
+    def restore_own(self, ranges) -> None:
+        """Our counter ranges from the state file an earlier run left (kept before this run's)."""
+        ok = [[int(a), int(b)] for a, b in (r for r in (ranges or []) if isinstance(r, list) and len(r) == 2)
+              if isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= COUNTER_MASK]
+        self.own = (ok + self.own)[-OWN_RANGES_MAX:]
+
+    def is_own(self, counter: int) -> bool:
+        return any(a <= counter <= b for a, b in self.own)
 
     def set_peers(self, peers: Iterable[Peer]) -> None:
         """Replace the allowed peers in place (the supervisor's peers file changed). The counter state of a peer
@@ -235,6 +258,13 @@ class Guard:
         return a
 
     def _count(self, src: str, counter: int, now: float, mode: str) -> None:
+        # the digest does not cover the source: a counter we sent, or one accepted from another source, is a
+        # replay under a borrowed address; refused before anything about `src` is touched
+        if self.is_own(counter):
+            raise cp.BadPacket("replay", f"counter {counter} was sent by this node")
+        other = self.by_counter.get(counter)
+        if other is not None and other != src:
+            raise cp.BadPacket("replay", f"counter {counter} already seen from {other}")
         s = self.sources.get(src)
         if mode == "any":
             key = (src, counter)
@@ -244,16 +274,43 @@ class Guard:
             while len(self.seen) > SEEN_MAX:
                 self.seen.popitem(last=False)
         elif s is not None and counter <= s.counter:
-            if not (self.resync > 0 and now - s.last >= self.resync):
+            if self.resync > 0 and now - s.last >= self.resync:
+                self.counter_resets += 1            # opt-in: a ucarp/carp(4) peer restarted with a random counter
+            elif not self._recovered(s, counter, now):
                 raise cp.BadPacket("replay", f"counter {counter} not above {s.counter}")
-            self.counter_resets += 1                # opt-in: a ucarp/carp(4) peer restarted with a random counter
         if s is None:
-            s = self.sources[src] = _Source(counter, now)
+            s = self.sources[src] = _Source(counter, now, lo=counter)
             while len(self.sources) > max(self.max_sources, 1):
                 self.sources.popitem(last=False)
         self.sources.move_to_end(src)
-        s.counter, s.last = counter, now
+        if counter != s.counter + 1 or s.lo < 0:
+            s.lo = counter
+        s.counter, s.last, s.streak = counter, now, None
         s.accepted += 1
+        self.by_counter[counter] = src
+        self.by_counter.move_to_end(counter)
+        while len(self.by_counter) > SEEN_MAX:
+            self.by_counter.popitem(last=False)
+
+    def _recovered(self, s: _Source, counter: int, now: float) -> bool:
+        """One bad high-water mark must not lock a peer out for good. A forward peer whose digest-valid adverts
+        fail only the counter check, with counters that go up by one each (as a speaker's do), none of them in
+        the run already accepted from it, for RECOVER_ADVERTS x advbase seconds without any advert accepted,
+        is resynced to its counter (counted in counter_resets). A replay of adverts this node accepted never
+        counts; a break in the sequence starts over."""
+        if s.lo <= counter <= s.counter:
+            return False                            # one we accepted already: a plain replay (the streak stays)
+        st = s.streak
+        if st is None or counter != st[2] + 1:
+            s.streak = (now, counter, counter)
+            return False
+        s.streak = (st[0], st[1], counter)
+        if now - st[0] < RECOVER_ADVERTS * max(self.advbase, 1):
+            return False
+        self.counter_resets += 1
+        logging.getLogger(__name__).warning("counter resync: %d adverts in a row below the last counter, now %d",
+                                            counter - st[1] + 1, counter)
+        return True
 
     def snapshot(self) -> dict[str, dict]:
         """Per source: the last accepted counter and how many were accepted (for the state file)."""
@@ -269,7 +326,7 @@ class Guard:
                 continue
             c = d.get("counter")
             if isinstance(c, int) and 0 <= c <= COUNTER_MASK and len(self.sources) < max(self.max_sources, 1):
-                self.sources[ip] = _Source(c, now - 1e6)   # as if silent for long (matters only with resync)
+                self.sources[ip] = _Source(c, now - 1e6, lo=c)   # as if silent for long (matters only with resync)
                 n += 1
         return n
 

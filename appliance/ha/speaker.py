@@ -127,6 +127,7 @@ class Speaker:
         a = self.args
         self.counter = (self.counter + 1) & 0xFFFFFFFFFFFFFFFF
         advbase, advskew = (cp.LEAVE_ADVBASE, cp.LEAVE_ADVSKEW) if leave else (a.advbase, a.advskew)
+        self.guard.note_sent(self.counter)
         pkt = cp.build_packet(self._pw, a.vhid, a.addr, a.srcip, advbase, advskew, self.counter,
                               ident=random.getrandbits(16), dst=a.mcast)
         try:
@@ -215,6 +216,7 @@ class Speaker:
         if not isinstance(old, dict) or old.get("vhid") != self.args.vhid or old.get("vip") != self.args.addr:
             return None
         self.guard.restore(old.get("peers") or {}, time.monotonic())
+        self.guard.restore_own(old.get("own_counters"))
         tx = old.get("tx_counter")
         return tx if isinstance(tx, int) and 0 <= tx <= guard.COUNTER_MASK else None
 
@@ -233,7 +235,7 @@ class Speaker:
         data = {"state": self.core.state, "vhid": self.args.vhid, "iface": self.iface, "vip": self.args.addr,
                 "advbase": self.args.advbase, "advskew": self.args.advskew, "since": self.since,
                 "pid": os.getpid(), "engine": "speaker", "counters": self.all_counters(),
-                "tx_counter": self.counter, "peers_configured": sorted(self.guard.peers),
+                "tx_counter": self.counter, "own_counters": self.guard.own, "peers_configured": sorted(self.guard.peers),
                 "peers": self.guard.snapshot(), "bad": self.bad.snapshot()}
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

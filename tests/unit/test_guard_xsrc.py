@@ -1,0 +1,63 @@
+"""Review 12, H3: the digest does not cover the source. A counter this node sent, or one accepted from another
+source, is a replay and leaves the claimed source's state alone; one bad high-water mark does not lock a
+speaker peer out for good (resync after RECOVER_ADVERTS x advbase of consecutive fresh counters)."""
+from __future__ import annotations
+
+from appliance.ha import guard
+from tests.unit.test_speaker_guard import FW1, FW2, make, pkt, reason
+
+
+def test_our_own_counter_under_a_peers_address_is_a_replay_and_changes_nothing():
+    g = make()          # this node is the speaker at its own srcip; FW2 is a peer
+    g.admit(pkt(src=FW2, advskew=100, counter=5000), 0.0)
+    for c in range(9000, 9005):
+        g.note_sent(c)
+    assert reason(g, pkt(src=FW2, advskew=100, counter=9003), 1.0) == "replay"
+    assert g.snapshot()[FW2]["counter"] == 5000
+    g.admit(pkt(src=FW2, advskew=100, counter=5001), 2.0)       # the real peer is still heard
+    assert g.own == [[9000, 9004]]
+
+
+def test_own_ranges_are_kept_across_a_restart_and_bounded():
+    g = make()
+    g.restore_own([[100, 200], "junk", [5, 1], [300, "x"]])
+    g.note_sent(1000)
+    assert g.own == [[100, 200], [1000, 1000]]
+    assert reason(g, pkt(src=FW2, advskew=100, counter=150)) == "replay"
+    for i in range(40):
+        g.note_sent(10_000 + 10 * i)
+    assert len(g.own) == guard.OWN_RANGES_MAX
+
+
+def test_a_counter_seen_from_another_source_is_a_replay():
+    g = make()
+    g.admit(pkt(src=FW1, counter=7000), 0.0)
+    assert reason(g, pkt(src=FW2, advskew=100, counter=7000), 1.0) == "replay"
+    assert FW2 not in g.snapshot()
+
+
+def test_a_poisoned_high_water_mark_resyncs_after_n_advbase_of_fresh_counters():
+    g = make()
+    g.restore({FW2: {"counter": 10**12}}, 0.0)        # e.g. a bad state file
+    base = 5000
+    for i in range(guard.RECOVER_ADVERTS):
+        assert reason(g, pkt(src=FW2, advskew=100, counter=base + i), float(i)) == "replay"
+    g.admit(pkt(src=FW2, advskew=100, counter=base + guard.RECOVER_ADVERTS), float(guard.RECOVER_ADVERTS))
+    assert g.snapshot()[FW2]["counter"] == base + guard.RECOVER_ADVERTS and g.counter_resets == 1
+
+
+def test_replays_of_accepted_adverts_never_resync():
+    g = make()
+    for i in range(50):
+        g.admit(pkt(src=FW2, advskew=100, counter=100 + i), float(i))
+    for i in range(40):                               # the attacker replays the run fw2 already sent, in order
+        assert reason(g, pkt(src=FW2, advskew=100, counter=100 + i), 60.0 + i) == "replay"
+    assert g.snapshot()[FW2]["counter"] == 149 and g.counter_resets == 0
+
+
+def test_a_gap_in_the_refused_sequence_starts_over():
+    g = make()
+    g.restore({FW2: {"counter": 10**12}}, 0.0)
+    for i in range(30):
+        assert reason(g, pkt(src=FW2, advskew=100, counter=5000 + 2 * i), float(i)) == "replay"
+    assert g.counter_resets == 0
