@@ -29,13 +29,13 @@ HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def parse_generation(text: str, what: str = "generation") -> int:
     """A generation number from untrusted text: a positive decimal integer without sign or leading zeros."""
-    if not isinstance(text, str) or not GEN_RE.match(text):
+    if not isinstance(text, str) or not GEN_RE.fullmatch(text):
         raise SyncError(f"{what}: {text!r} is not a generation number (a positive integer, 1-999999999)", BAD_INPUT)
     return int(text)
 
 
 def parse_hash(text: str) -> str:
-    if not isinstance(text, str) or not HASH_RE.match(text):
+    if not isinstance(text, str) or not HASH_RE.fullmatch(text):
         raise SyncError(f"hash: {text!r} is not a SHA-256 tree hash (64 lower-case hex digits)", BAD_INPUT)
     return text
 
@@ -122,7 +122,7 @@ class Releases:
     def generations(self) -> list[int]:
         if not self.dir.is_dir():
             return []
-        return sorted(int(p.name) for p in self.dir.iterdir() if GEN_RE.match(p.name) and p.is_dir())
+        return sorted(int(p.name) for p in self.dir.iterdir() if GEN_RE.fullmatch(p.name) and p.is_dir())
 
     def path(self, gen: int) -> Path:
         return self.dir / str(gen)
@@ -134,14 +134,14 @@ class Releases:
         except (FileNotFoundError, OSError):
             return None
         name = Path(target).name
-        return int(name) if GEN_RE.match(name) and self.path(int(name)).is_dir() else None
+        return int(name) if GEN_RE.fullmatch(name) and self.path(int(name)).is_dir() else None
 
     def meta(self, gen: int, compute: bool = True) -> dict:
         """The release's metadata; a release without it (the image's releases/1) gets its hash computed."""
         p = self.path(gen)
         try:
             data = json.loads((p / tree.META_FILE).read_text())
-            if isinstance(data, dict) and HASH_RE.match(str(data.get("hash", ""))):
+            if isinstance(data, dict) and HASH_RE.fullmatch(str(data.get("hash", ""))):
                 return {**data, "generation": gen, "meta": True}
         except (FileNotFoundError, json.JSONDecodeError):
             pass

@@ -27,7 +27,7 @@ SERVER_LETTERS = "rtp"
 CLIENT_LETTERS = set("rtpvn")  # -n (dry run) must reach the server; -v only changes what is said
 CHMOD = "--chmod=go-w,ug-s,-t"
 PINNED = ["--no-l", "--no-D", "--no-o", "--no-g", "--delete", "--partial", CHMOD]
-_SHORT = re.compile(r"^-([A-Za-z]+?)(e\.?[A-Za-z]*)?$")
+_SHORT = re.compile(r"-([A-Za-z]+?)(e\.[A-Za-z]*)?")   # fullmatch; -e only as `e.<caps>`
 _DELETE = {"--delete", "--delete-during", "--delete-delay", "--delete-after", "--delete-before"}
 _LONG_VALUES = {  # passed on as given (they change only what is said, how fast, or how long to wait)
     "--timeout": re.compile(r"^\d{1,6}$"),
@@ -42,9 +42,9 @@ def _client_options(opts: list[str]) -> tuple[str, str, list[str], bool]:
     """(dry-run letter, -e capability string, long options kept, --delete seen) from the client's options."""
     letters, caps, kept, delete = "", "", [], False
     for o in opts:
-        m = _SHORT.match(o)
+        m = _SHORT.fullmatch(o)
         if m and not o.startswith("--"):
-            bad = sorted(set(m.group(1)) - CLIENT_LETTERS)
+            bad = sorted((set(m.group(1)) - CLIENT_LETTERS) | (set(m.group(2) or "") & set("Dog")))
             if bad:
                 flags = " ".join("-" + c for c in bad)
                 raise SyncError(f"rsync: option {flags} is not allowed: this peer receives only regular files and "

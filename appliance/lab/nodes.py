@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from appliance.core import loader
 from appliance.core.fsio import write_secret
 from appliance.core.model import Appliance
 from appliance.ha import ip as netns
@@ -56,11 +57,17 @@ def render_config(text: str) -> str:
 
 
 def seed_tree(state: Path, config_path: Path, node: str) -> Path:
-    """The node's state dir with release 1 (the source tree, the lab's cluster file) live; returns the live cluster file."""
+    """The node's state dir with release 1 live: a node's config tree, i.e. the lab's copy of the cluster file and
+    the lists it names (filter.lists, when inside the config dir), nothing else of the source dir (no other cluster
+    file such as examples/debian.yaml, no keys/ or compiled/ a build left there, no hooks.d); returns the live
+    cluster file."""
     release = state / "releases" / "1"
-    (state / "releases").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(config_path.parent, release, symlinks=True, ignore=shutil.ignore_patterns(
-        "node.yaml", "hooks.d", ".git", "__pycache__", "keys", config_path.name))
+    release.mkdir(parents=True)
+    source = config_path.parent.resolve()
+    lists = loader.load(config_path).lists_dir(config_path.parent).resolve()
+    if lists.is_dir() and lists.is_relative_to(source) and lists != source:
+        shutil.copytree(lists, release / lists.relative_to(source), symlinks=True,
+                        ignore=shutil.ignore_patterns(".git", "__pycache__"))
     # the cluster file holds the CARP pass: never copied with the source's mode, written 0600 from creation
     write_secret(release / config_path.name, render_config(config_path.read_text()))
     os.symlink("releases/1", state / "current")
