@@ -17,11 +17,17 @@ from appliance.core.rules import ClusterRuleError
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a cluster file is a few KB; anything near this is not one
 NO_ALIASES = "YAML anchors/aliases are not allowed"
+MAX_DEPTH = 64  # nesting levels of lists/mappings; a cluster file needs fewer than 10
 
 
 class AliasRefused(yaml.MarkedYAMLError):
     """An anchor (&a) or alias (*a) in the input: refused while composing, before anything is built (a few
     nested aliases expand to gigabytes: the billion-laughs file)."""
+
+
+class NestedTooDeep(yaml.MarkedYAMLError):
+    """More than MAX_DEPTH nested lists/mappings: refused while composing, before PyYAML's recursive composer and
+    constructor could run out of stack (a RecursionError with a traceback)."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -33,7 +39,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         if isinstance(ev, yaml.AliasEvent) or getattr(ev, "anchor", None) is not None:
             what = f"alias *{ev.anchor}" if isinstance(ev, yaml.AliasEvent) else f"anchor &{ev.anchor}"
             raise AliasRefused(None, None, f"{NO_ALIASES} ({what})", ev.start_mark)
-        return super().compose_node(parent, index)
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_DEPTH:
+            raise NestedTooDeep(None, None, f"nested too deeply (more than {MAX_DEPTH} levels)", ev.start_mark)
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -163,7 +176,7 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: {len(text)} characters; a cluster file may have at most {MAX_CONFIG_BYTES} bytes")
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
-    except AliasRefused as e:
+    except (AliasRefused, NestedTooDeep) as e:
         mark = e.problem_mark
         raise ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:

@@ -106,3 +106,42 @@ def test_run_bounded_stops_memory_cpu_and_time() -> None:
     assert e.value.exit_code == 4
     assert limits.run_bounded(sum, [1, 2, 3]) == 6
     assert isinstance(limits.LimitExceeded("x"), ApplianceError)
+
+
+# review 12, L1: deep nesting made PyYAML's recursive composer raise RecursionError (a traceback, `receive` exit 1)
+
+def _deep(kind: str, n: int) -> str:
+    base = (EXAMPLES / "appliance.yaml").read_text()
+    if kind == "list":
+        return base + "\nx: " + "[" * n + "]" * n + "\n"
+    return base + "\nx: " + "{a: " * n + "1" + "}" * n + "\n"
+
+
+@pytest.mark.parametrize("kind,n", [("list", 50_000), ("map", 20_000), ("list", 65)])
+def test_deep_nesting_is_refused_while_composing(kind, n) -> None:
+    with pytest.raises(ConfigError, match=r"^cfg.yaml:\d+:\d+: nested too deeply \(more than 64 levels\)"):
+        parse_yaml(_deep(kind, n), "cfg.yaml")
+
+
+def test_nesting_up_to_the_limit_still_parses() -> None:
+    data = parse_yaml("x: " + "[" * 60 + "]" * 60 + "\n", "cfg.yaml")
+    assert isinstance(data["x"], list)
+
+
+def test_appliance_check_on_deep_nesting_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    p = tmp_path / "appliance.yaml"
+    p.write_text(_deep("list", 50_000))
+    r = subprocess.run([APPLIANCE, "-c", str(p), "check"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and f"{p}:" in r.stderr and "nested too deeply" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_pushed_tree_with_deep_nesting_is_refused_as_bad_input(tmp_path: Path) -> None:
+    tree = tmp_path / "staging"
+    shutil.copytree(EXAMPLES, tree, ignore=shutil.ignore_patterns("compiled", "keys"))
+    (tree / "appliance.yaml").write_text(_deep("map", 20_000))
+    with pytest.raises(SyncError) as e:
+        validate_tree_bounded(tree)
+    assert e.value.exit_code == BAD_INPUT and "nested too deeply" in str(e.value)
