@@ -51,6 +51,9 @@ def write_scripts(config_path: Path, node: str, paths: Paths) -> tuple[Path, Pat
     return out[0], out[1]
 
 
+ENGINE_CWD = "/"   # engines never run in an inherited cwd (it may be the config tree)
+
+
 def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Path, vip: str, advbase: int,
                 advskew: int, preempt: bool, deadratio: int, upscript: Path, downscript: Path,
                 xparam: str, state_file: Path | None = None, peers: list[str] | tuple = (),
@@ -59,7 +62,9 @@ def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Pat
     the gratuitous ARP themselves (the speaker only while still MASTER), so the scripts pass --no-garp."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
-    head = [netns.tool("ucarp")] if engine == "ucarp" else [sys.executable, "-m", "appliance.ha.speaker"]
+    # -I: isolated (no cwd or script dir on sys.path, no PYTHON* env, no user site), and spawned with cwd "/"
+    # (ENGINE_CWD): a package pushed into the config tree can never shadow appliance.ha.speaker
+    head = [netns.tool("ucarp")] if engine == "ucarp" else [sys.executable, "-I", "-m", "appliance.ha.speaker"]
     args = [
         "--interface", iface, "--srcip", srcip, "--vhid", str(vhid), "--passfile", str(passfile),
         "--addr", vip, "--advbase", str(advbase), "--advskew", str(advskew), "--deadratio", str(deadratio),
@@ -181,7 +186,7 @@ class CarpSupervisor:
             preempt=self.cfg.cluster.preempt, deadratio=self.deadratio, upscript=self.up, downscript=self.down,
             xparam=str(e.group.vhid), state_file=self.paths.engine_state(e.group.vhid),
             peers_file=self.peers_file(e.group.vhid), passfile_next=self.paths.carp_pass_next)
-        e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
+        e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env}, cwd=ENGINE_CWD)
         e.started = time.monotonic()
         self.paths.engine_pid(e.group.vhid).write_text(f"{e.proc.pid}\n")
         role.log_line(f"carp: started {self.engine} pid {e.proc.pid} vhid {e.group.vhid} advskew {e.advskew}", self.paths)

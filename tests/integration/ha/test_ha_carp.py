@@ -36,7 +36,7 @@ def opt(argv: list[str], name: str) -> str:
 def test_engine_argv_is_the_same_for_both_engines(example_tree: Path, tmp_path: Path) -> None:
     cfg = cfgmod.load(example_tree)
     u, s = argv_for("ucarp", cfg, tmp_path), argv_for("speaker", cfg, tmp_path, advskew=240)
-    assert u[0].endswith("ucarp") and s[1:3] == ["-m", "appliance.ha.speaker"]
+    assert u[0].endswith("ucarp") and s[1:4] == ["-I", "-m", "appliance.ha.speaker"]
     for a in (u, s):
         assert opt(a, "--interface") == "em0" and opt(a, "--srcip") == "192.168.1.2" and opt(a, "--vhid") == "1"
         assert opt(a, "--addr") == "192.168.1.50" and opt(a, "--passfile") == str(tmp_path / "pass")
