@@ -1,5 +1,5 @@
-"""Each lab node's files: release 1 of its config tree (the lab's cluster file, 0600), its identity, the sync key
-pair and known_hosts, and its private sshd's host key, config and authorized_keys."""
+"""Each lab node's files: release 1 of its config tree (the lab's cluster file, 0600), its identity, its own sync
+key pair (node-local) and known_hosts, and its private sshd's host key, config and authorized_keys."""
 from __future__ import annotations
 
 import os
@@ -11,13 +11,14 @@ import yaml
 from appliance.core import loader
 from appliance.core.fsio import write_secret
 from appliance.core.model import Appliance
+from appliance.core.paths import Paths
 from appliance.ha import ip as netns
 from appliance.lab.daemons import VENV_BIN
 from appliance.lab.model import Lab, LabError
 from sync import keys as keymod
 
 SSHD_CONFIG = """\
-# the lab's private sshd for {node}: only the sync key, only its forced command
+# the lab's private sshd for {node}: only the other nodes' sync keys, only their forced command
 Port {port}
 ListenAddress {addr}
 HostKey {host_key}
@@ -76,27 +77,32 @@ def seed_tree(state: Path, config_path: Path, node: str) -> Path:
 
 
 def setup_ssh(lab: Lab, cfg: Appliance) -> None:
-    """The sync key pair (the same in every node's tree, sync.keys layout), a host key per node in the lab dir,
-    keys/known_hosts pinning every node's host key on its sync address, and each node's sshd files."""
-    sync_pub = keygen(lab.dir / "keys" / keymod.SYNC_KEY, "appliance-sync")
-    private = (lab.dir / "keys" / keymod.SYNC_KEY).read_bytes()
+    """Each node's own sync key pair (node-local, <state>/keys/, never in its tree: docs/security.md), a host key
+    per node in the lab dir, keys/known_hosts pinning every node's host key on its sync address, and each node's
+    sshd files authorising every OTHER node's own key from that node's sync address only."""
+    sync_pubs = {}
+    for node, n in lab.nodes.items():
+        own = Paths(n.state)
+        own.keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+        own.keys.chmod(0o700)
+        sync_pubs[node] = keygen(own.sync_key, f"{keymod.KEY_COMMENT}@{node}")
     host_pubs = {node: keygen(n.sshd_dir / "ssh_host_ed25519_key", f"root@{node}") for node, n in lab.nodes.items()}
     kh = "\n".join(keymod.known_hosts_lines(cfg, host_pubs)) + "\n"
     for node, n in lab.nodes.items():
-        tree = n.state / "releases" / "1"
-        write_secret(keymod.sync_key(tree), private)
-        keymod.sync_key(tree).with_name(keymod.SYNC_KEY + ".pub").write_text(sync_pub)
-        keymod.known_hosts(tree).write_text(kh)
-        _write_sshd_files(lab, cfg, node, sync_pub)
+        known = keymod.known_hosts(n.state / "releases" / "1")
+        known.parent.mkdir(exist_ok=True)
+        known.write_text(kh)
+        _write_sshd_files(lab, cfg, node, sync_pubs)
 
 
-def _write_sshd_files(lab: Lab, cfg: Appliance, node: str, sync_pub: str) -> None:
-    """authorized_keys (the forced `sync-serve` with the node's state dir) and sshd_config on the sync address."""
+def _write_sshd_files(lab: Lab, cfg: Appliance, node: str, sync_pubs: dict[str, str]) -> None:
+    """authorized_keys (one line per other node's key: the forced `sync-serve` with this node's state dir) and
+    sshd_config on the sync address."""
     n = lab.nodes[node]
     sd = n.sshd_dir
     env = f"APPLIANCE_STATE_DIR={n.state} APPLIANCE_NODE={node} APPLIANCE_CONFIG={n.config}"
-    line = keymod.authorized_keys_line(cfg, node, sync_pub, appliance_bin=f"/usr/bin/env {env} {VENV_BIN}/appliance")
-    write_secret(sd / "authorized_keys", line + "\n")
+    lines = keymod.node_authorized_keys(cfg, node, sync_pubs, appliance_bin=f"/usr/bin/env {env} {VENV_BIN}/appliance")
+    write_secret(sd / "authorized_keys", "".join(line + "\n" for line in lines))
     write_secret(sd / "sshd_config", SSHD_CONFIG.format(
         node=node, port=cfg.sync.ssh_port, addr=n.sync_ip, host_key=sd / "ssh_host_ed25519_key",
         authorized_keys=sd / "authorized_keys"))

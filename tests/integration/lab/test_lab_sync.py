@@ -81,8 +81,17 @@ def test_lab_nodes_run_sshd_with_lab_keys(lab) -> None:
         assert alive(n["sshd_pid"]), node
         tree = state(lab, node) / "current"
         sd = lab.nodes[node].sshd_dir
-        for secret in (sd / "ssh_host_ed25519_key", keymod.sync_key(tree), sd / "authorized_keys"):
+        own = Paths(state(lab, node)).sync_key  # the node's own sync key: node-local, never in its tree
+        for secret in (sd / "ssh_host_ed25519_key", own, sd / "authorized_keys"):
             assert (secret.stat().st_mode & 0o777) == 0o600, secret
+        assert (own.parent.stat().st_mode & 0o777) == 0o700 and not keymod.sync_key(tree).exists()
+        # its sshd lets in exactly every OTHER node's own key, each from that node's sync address only
+        authorized = (sd / "authorized_keys").read_text().splitlines()
+        others = [m for m in lab.nodes if m != node]
+        assert [l.split()[-1] for l in authorized] == [f"{keymod.KEY_COMMENT}@{m}" for m in others]
+        for m, l in zip(others, authorized):
+            pub = Paths(state(lab, m)).sync_key.with_name(keymod.SYNC_KEY + ".pub").read_text().split()
+            assert f'from="{lab.nodes[m].sync_ip}",restrict {pub[0]} {pub[1]} ' in l, l
         kh = keymod.known_hosts(tree).read_text()
         assert all(f"{m.sync_ip} " in kh for m in lab.nodes.values())  # every node pinned
         conf = (sd / "sshd_config").read_text()
