@@ -168,8 +168,10 @@ def down(name: str | None = None) -> list[str]:
             raise
         lab = Lab(name=name, dir=lab_dir(name))
     lab.dir = lab_dir(lab.name)  # the directory comes from the (checked) name, never from what the state file says
-    ours = f"{lab.name}-"  # only the lab's own namespaces, whatever the state file lists
-    spaces = sorted({n for n in lab.created_netns if n.startswith(ours)} | {n for n in netns.netns_list() if n.startswith(ours)})
+    # only namespaces the lab's state file records (add_netns records each before creating it), named <name>-*,
+    # that exist: never one that merely shares the prefix (without a state file, down removes no namespace)
+    ours, existing = f"{lab.name}-", set(netns.netns_list())
+    spaces = sorted({n for n in lab.created_netns if n.startswith(ours) and n in existing})
     # the supervisors first (they stop their engines and drop the VIP), then everything left in our namespaces;
     # a recorded PID is ours only while it still runs in one of the lab's namespaces (after a reboot or a
     # long-dead daemon the number may belong to something else: never signal that)

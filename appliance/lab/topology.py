@@ -21,10 +21,11 @@ def free_hosts(net: ipaddress.IPv4Network, used: set, count: int) -> list[ipaddr
 
 
 def add_netns(lab: Lab, ns: str) -> None:
-    """Create a namespace and record it in the lab file at once (so `lab down` removes it after any crash)."""
-    netns.netns_add(ns)
+    """Record a namespace in the lab file, then create it (so `lab down`, which removes only recorded namespaces,
+    removes it after any crash)."""
     lab.created_netns.append(ns)
     lab.save()
+    netns.netns_add(ns)
 
 
 def build_lan(lab: Lab, prefix: int) -> None:

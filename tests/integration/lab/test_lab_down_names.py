@@ -94,3 +94,53 @@ def test_a_state_file_naming_another_lab_is_refused(labs: dict) -> None:
     lab.state_file.write_text(json.dumps(data))
     with pytest.raises(LabError, match="names lab 'other'"):
         load(lab.name)
+
+
+# review 12, I2: `lab down --name P` removed every namespace named P-* and killed what ran in it, even with no
+# lab state at all; now only the namespaces the lab's state file records are removed
+
+@pytest.fixture
+def foreign_ns(labs: dict):
+    """A namespace `<name>-x` the lab never made, with a process in it; removed by the fixture."""
+    need_tool("ip")
+    from appliance.ha import ip as netns
+    name = f"dq{secrets.token_hex(3)}"
+    ns = f"{name}-x"
+    netns.netns_add(ns)
+    p = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "120"], stdin=subprocess.DEVNULL)
+    try:
+        yield name, ns, p
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+        if ns in netns.netns_list():
+            netns.netns_del(ns)
+
+
+@pytest.mark.root
+def test_down_without_state_leaves_a_namespace_sharing_the_prefix(foreign_ns) -> None:
+    from appliance.ha import ip as netns
+    name, ns, p = foreign_ns
+    assert not lab_dir(name).exists()
+    assert lifecycle.down(name) == []
+    assert ns in netns.netns_list() and p.poll() is None
+
+
+@pytest.mark.root
+def test_down_removes_only_the_recorded_namespaces(foreign_ns) -> None:
+    from appliance.ha import ip as netns
+    name, ns, p = foreign_ns
+    lab = Lab(name=name, dir=lab_dir(name))
+    lab.dir.mkdir(parents=True)
+    mine = f"{name}-lan"
+    lab.created_netns = [mine]
+    lab.save()
+    netns.netns_add(mine)
+    try:
+        assert lifecycle.down(name) == [mine]
+    finally:
+        if mine in netns.netns_list():
+            netns.netns_del(mine)
+    assert mine not in netns.netns_list() and ns in netns.netns_list() and p.poll() is None
+    assert not lab.dir.exists()
