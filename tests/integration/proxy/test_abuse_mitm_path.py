@@ -343,17 +343,20 @@ def test_an_unswitched_upgrade_keeps_the_head_checks(proxy, origins, name, tail,
     s.close()
 
 
-def test_a_request_pipelined_behind_a_local_page_is_answered_and_logged(proxy, origins):
+@pytest.mark.parametrize("extra", ["", "Upgrade: x\r\n"])
+def test_a_request_pipelined_behind_a_local_page_is_answered_and_logged(proxy, origins, extra):
+    """Behind an Upgrade request the gate holds the next request until the answer (not switched), then checks it."""
     p = proxy
     port = origins[1]
+    path = "/behind-healthz" + ("-upgrade" if extra else "")
     s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
-    s.sendall(f"GET http://127.0.0.1:{p.port}/healthz HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n"
-              f"GET http://origin.test:{port}/behind-healthz HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n".encode())
+    s.sendall(f"GET http://127.0.0.1:{p.port}/healthz HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n{extra}\r\n"
+              f"GET http://origin.test:{port}{path} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n".encode())
     assert read_response(s).startswith(b"HTTP/1.1 200 ")
     second = read_response(s)
-    assert b"origin says hello: /behind-healthz" in second, second[:200]
+    assert f"origin says hello: {path}".encode() in second, second[:200]
     s.close()
-    logged(p, r" TCP_MISS/200 \d+ GET http://origin\.test:\d+/behind-healthz ")
+    logged(p, rf" TCP_MISS/200 \d+ GET http://origin\.test:\d+{path} ")
 
 
 # ---------------------------------------------------------------- F4: HTTP/1 inside intercepted TLS
