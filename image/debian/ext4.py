@@ -1,4 +1,4 @@
-"""A reproducible ext4 root file system from a directory: mke2fs -d, fixed UUID/hash seed/times, ctimes normalised."""
+"""A reproducible ext4 root file system from a directory: mke2fs -d, fixed UUID/hash seed/times, atimes and ctimes normalised."""
 from __future__ import annotations
 
 import os
@@ -62,7 +62,8 @@ def used_inodes(image: Path) -> list[int]:
 
 def make_ext4(image: Path, root: Path, node: str, epoch: int, label: str = "root", work: Path | None = None) -> dict:
     """mke2fs -d with a UUID and hash seed derived from the node and epoch, every time = epoch (E2FSPROGS_FAKE_TIME
-    for the file system's own, clamped mtimes, and a debugfs pass for the ctimes mke2fs copies from the build tree)."""
+    for the file system's own, clamped mtimes, and a debugfs pass setting every used inode's atime and ctime, which
+    mke2fs copies from the build tree)."""
     uid = fs_uuid(node, epoch)
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": str(epoch), "LC_ALL": "C", "TZ": "UTC"}
     clamp_times(root, epoch)
@@ -74,7 +75,8 @@ def make_ext4(image: Path, root: Path, node: str, epoch: int, label: str = "root
          "-U", uid, "-E", f"hash_seed={uid},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0",
          "-d", str(root), str(image)], "mke2fs", env=env)
     script = (work or image.parent) / f".{image.name}.ctime"
-    script.write_text("".join(f"sif <{i}> ctime @{epoch}\n" for i in used_inodes(image)))
+    fields = ("atime", "ctime")  # atimes: reading the tree (cp, mke2fs's own readdir) moves them under relatime
+    script.write_text("".join(f"sif <{i}> {f} @{epoch}\nsif <{i}> {f}_extra 0\n" for i in used_inodes(image) for f in fields))
     try:
         run([tool("debugfs", "e2fsprogs"), "-w", "-f", str(script), str(image)], "debugfs (ctime)", env=env)
     finally:
