@@ -211,6 +211,8 @@ def load(path: str | os.PathLike, check_lists: bool = True) -> Appliance:
 
 def to_data(cfg: Appliance, reveal_secrets: bool = True) -> dict:
     data = cfg.model_dump(mode="json", exclude_defaults=False)
+    # the other system's release key is not a setting of this cluster (loading it back would be refused)
+    data["cluster"].pop("debian" if cfg.cluster.os == "freebsd" else "freebsd", None)
     if not reveal_secrets:
         data["cluster"]["password"] = "**********"
     return data
