@@ -69,7 +69,17 @@ def _node(cfg: Appliance, config_path: Path, node: str, common: Path, work: Path
 def build(cfg: Appliance, config_path: Path, out: Path, only: list[str] | None = None, epoch: int = 1704067200,
           deb: Path | None = None, log=print, use_cache: bool = True) -> dict:
     """Every node's (or `only`'s) image into `out`, then SHA256SUMS and manifest.json; returns the manifest. A node
-    whose inputs (overlay, base packages, .deb, epoch, image code) match its last build is copied from the cache."""
+    whose inputs (overlay, base packages, .deb, epoch, image code) match its last build is copied from the cache.
+    The images hold private keys and the CARP pass: everything is created under umask 077."""
+    old = os.umask(0o077)
+    try:
+        return _build(cfg, config_path, out, only, epoch, deb, log, use_cache)
+    finally:
+        os.umask(old)
+
+
+def _build(cfg: Appliance, config_path: Path, out: Path, only: list[str] | None, epoch: int, deb: Path | None, log,
+           use_cache: bool) -> dict:
     if cfg.cluster.os != "debian":
         raise BadInput(f"{config_path}: cluster.os is {cfg.cluster.os}; the Debian image needs cluster.os: debian")
     nodes = only or sorted(cfg.nodes)

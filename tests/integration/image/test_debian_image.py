@@ -12,7 +12,7 @@ import pytest
 
 from appliance.core import loader
 from image import debian
-from image.debian import boot
+from image.debian import boot, tree
 from tests.support.env import EXAMPLES, ROOT, need_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -32,11 +32,17 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dist(config: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def deb() -> Path:
+    """One .deb for every build here: others may commit while the tests run, and a new HEAD is a new .deb."""
+    return tree.carpguard_deb(lambda m: print(f"image: {m}", file=sys.stderr))
+
+
+@pytest.fixture(scope="module")
+def dist(config: Path, deb: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("dist")
     cfg = loader.load(config)
     try:
-        res = debian.build(cfg, config, out, log=lambda m: print(f"image: {m}", file=sys.stderr))
+        res = debian.build(cfg, config, out, deb=deb, log=lambda m: print(f"image: {m}", file=sys.stderr))
     except debian.BuildError as e:
         if "mmdebstrap" in str(e) and "deb.debian.org" in str(e):
             pytest.skip(f"no Debian mirror and no cached packages: {str(e).splitlines()[0]}")
@@ -65,6 +71,8 @@ def test_outputs_sums_and_manifest(dist):
     assert oct((out / "admin_ed25519").stat().st_mode & 0o777) == "0o600"
     info = subprocess.run(["qemu-img", "info", str(out / "fw1.qcow2")], capture_output=True, text=True, check=True).stdout
     assert "file format: qcow2" in info
+    for name in ("fw1.img", "fw1.qcow2"):  # they hold private keys and the CARP pass
+        assert (out / name).stat().st_mode & 0o077 == 0, name
 
 
 def test_partition_table(dist):
@@ -112,12 +120,12 @@ def sums(out: Path) -> dict[str, str]:
     return {name: digest for digest, name in (l.split() for l in (out / "SHA256SUMS").read_text().splitlines())}
 
 
-def test_two_builds_are_byte_identical(config, dist, tmp_path):
+def test_two_builds_are_byte_identical(config, deb, dist, tmp_path):
     """fw1 again from scratch (no image cache; the same base packages, .deb, config and keys): the same bytes. One
     node keeps `make test` short; the node is built by the same code as every other."""
     out, _ = dist
     again = tmp_path / "again"
-    debian.build(loader.load(config), config, again, only=["fw1"], use_cache=False, log=lambda m: None)
+    debian.build(loader.load(config), config, again, only=["fw1"], deb=deb, use_cache=False, log=lambda m: None)
     first, second = sums(out), sums(again)
     assert {k: second[k] for k in ("fw1.img", "fw1.qcow2")} == {k: first[k] for k in ("fw1.img", "fw1.qcow2")}
 
