@@ -19,7 +19,7 @@ from appliance.lab.vmmodel import VmNode
 
 QEMU = "qemu-system-x86_64"
 MEMORY_MB = int(os.environ.get("APPLIANCE_VMLAB_MEMORY", "1024"))
-CPUS = int(os.environ.get("APPLIANCE_VMLAB_CPUS", "1"))
+CPUS = int(os.environ.get("APPLIANCE_VMLAB_CPUS", "2"))  # TCG runs one host thread per vCPU (MTTCG)
 KVM_PROBE_SECONDS = 15.0
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 KVM_BOOTED = (b"Linux version", b"Reached target")   # a kernel that prints either of these runs under KVM

@@ -19,7 +19,7 @@ from appliance.lab.vmmodel import (CLIENT_NETNS, BootError, LAB_NETNS, STATE_FIL
 
 ORIGIN_PORT = 8080
 TOOLS = ("ip", "ssh", "arping", "qemu-img")
-WAIT = float(os.environ.get("APPLIANCE_VMLAB_WAIT", "300"))
+WAIT = float(os.environ.get("APPLIANCE_VMLAB_WAIT", "600"))
 
 
 def check_host() -> None:

@@ -55,6 +55,7 @@ class NodeState:
     system: str = ""                                   # systemctl is-system-running
     units: dict[str, str] = field(default_factory=dict)  # appliance unit -> is-active
     failed: list[str] = field(default_factory=list)    # systemctl --failed
+    restarts: dict[str, int] = field(default_factory=dict)  # appliance unit -> NRestarts (a crash loop stays "active")
     error: str = ""
 
     @property
@@ -65,12 +66,14 @@ class NodeState:
     def __str__(self) -> str:
         if not self.ssh:
             return f"ssh: {self.error or 'no answer'}"
-        units = ", ".join(f"{u.split('.')[0]} {s}" for u, s in self.units.items())
+        units = ", ".join(f"{u.split('.')[0]} {s}" + (f" (restarted {self.restarts[u]}x)" if self.restarts.get(u) else "")
+                          for u, s in self.units.items())
         return f"system {self.system or '?'}; {units}; failed units: {', '.join(self.failed) or 'none'}"
 
 
 STATE_SCRIPT = ("echo system=$(systemctl is-system-running 2>/dev/null); "
                 + " ".join(f"echo unit:{u}=$(systemctl is-active {u} 2>/dev/null);" for u in UNITS)
+                + " ".join(f"echo restarts:{u}=$(systemctl show -p NRestarts --value {u} 2>/dev/null);" for u in UNITS)
                 + " systemctl list-units --failed --no-legend --plain 2>/dev/null | sed 's/^/failed:/'")
 
 
@@ -88,6 +91,8 @@ def node_state(lab: VmLab, node: str, timeout: float = 90) -> NodeState:
             st.system = val.strip()
         elif key.startswith("unit:"):
             st.units[key[5:]] = val.strip()
+        elif key.startswith("restarts:") and val.strip().isdigit():
+            st.restarts[key[9:]] = int(val)
         elif line.startswith("failed:") and line[7:].split():
             st.failed.append(line[7:].split()[0])
     return st
