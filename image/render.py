@@ -177,7 +177,9 @@ def config_release(tree: Tree, cfg: Appliance, config_path: Path, exclude: list[
         relp = f.relative_to(config_dir)
         if any(part.startswith(".") or part == "__pycache__" for part in relp.parts):
             continue
-        if relp.parts[0] == keys.KEYS_DIR or relp.as_posix() in ("node.yaml", config_path.name):
+        # the release's cluster file is the one given with -c, written above as appliance.yaml: another file of
+        # that name beside it (examples/ holds one per OS) must not replace it
+        if relp.parts[0] == keys.KEYS_DIR or relp.as_posix() in ("node.yaml", "appliance.yaml", config_path.name):
             continue
         if any(f.resolve() == e or e in f.resolve().parents for e in excluded):
             continue

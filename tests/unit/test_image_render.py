@@ -420,3 +420,16 @@ def test_debian_check_refuses_a_readable_secret(example_tree):
     t.get("/etc/ssh/ssh_host_ed25519_key").mode = 0o644
     with pytest.raises(CheckFailed, match="ssh_host_ed25519_key: holds a secret"):
         overlay.check(t, cfg.cluster.password.get_secret_value().encode())
+
+
+def test_the_release_holds_the_cluster_file_given_with_c(example_tree):
+    """Built from examples/debian.yaml, the release's appliance.yaml is that file, not the FreeBSD example beside it."""
+    cfg_path = _debian(example_tree)
+    cfg = cfgmod.load(cfg_path)
+    keygen.ensure_keys(cfg, cfg_path.parent)
+    overlay.ensure_admin_key(cfg_path.parent)
+    t = render.render_node(cfg, cfg_path, "fw1", exclude=[])
+    rel = [p for p in t.entries if p.endswith("/releases/1/appliance.yaml")]
+    assert len(rel) == 1, rel
+    assert t.get(rel[0]).data == cfg_path.read_bytes()
+    assert not [p for p in t.entries if p.endswith("/releases/1/debian.yaml")]
