@@ -168,7 +168,9 @@ def test_lab_down_cleans_up_after_a_crash(lab, tmp_path: Path) -> None:
     topology.add_netns(half, f"{name}-a")
     half.origin_pid = daemons.spawn(f"{name}-a", ["sleep", "300"], {}, tmp_path / "sleep.log")
     half.save()
-    netns.netns_add(f"{name}-b")  # created but never recorded (crash right after `ip netns add`)
+    half.created_netns.append(f"{name}-b")  # recorded first, as topology.add_netns does, then the crash
+    half.save()
+    netns.netns_add(f"{name}-b")
     assert list_labs() == sorted([lab.name, name])
     removed = lifecycle.down(name)
     assert set(removed) == {f"{name}-a", f"{name}-b"}
