@@ -101,4 +101,15 @@ def failover_cmd(ctx: Ctx, name: str | None, kinds: tuple[str, ...], runs: int, 
     except LabError as e:
         fail(str(e), 1)
     if as_json:
-        emit_json(results)
+        emit_json(_finite(results))
+
+
+def _finite(v):
+    """JSON has no Infinity: an outage that never ended is null."""
+    if isinstance(v, float) and v == float("inf"):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v

@@ -64,9 +64,9 @@ def inject(lab: VmLab, kind: str, node: str) -> None:
     elif kind == "link-down":
         netns.ip("link", "set", v.taps[0], "down", netns=lab.netns)
     elif kind == "proxy-kill":
-        vmnode.run(lab, node, "systemctl kill -s KILL appliance-proxy.service", timeout=30, check=True)
+        vmnode.run(lab, node, "systemctl kill -s KILL appliance-proxy.service", timeout=120, check=True)
     elif kind == "demote":
-        vmnode.run(lab, node, "appliance demote", timeout=60, check=True)
+        vmnode.run(lab, node, "appliance demote", timeout=300, check=True)  # python starts slowly under TCG
     else:
         raise LabError(f"unknown failure kind {kind!r} (one of {', '.join(KINDS)})")
 
@@ -78,7 +78,7 @@ def recover(lab: VmLab, kind: str, node: str) -> None:
     elif kind == "link-down":
         netns.ip("link", "set", lab.vm(node).taps[0], "up", netns=lab.netns)
     elif kind == "demote":
-        vmnode.run(lab, node, "appliance promote", timeout=60, check=True)
+        vmnode.run(lab, node, "appliance promote", timeout=300, check=True)
 
 
 def _served_elsewhere(lab: VmLab, probe: Probe, node: str, tf: float, timeout: float) -> None:
