@@ -16,8 +16,8 @@ from appliance.core.state import read_role
 from appliance.ha import ip as netns
 from appliance.lab import daemons, nodes, topology
 from appliance.lab.faults import preferred
-from appliance.lab.model import (LAB_ROOT_ENV, STATE_FILE, Client, Lab, LabError, LabNode, LanSegment, check_name, lab_dir,
-                                  lab_root, load)
+from appliance.lab.model import (LAB, LAB_ROOT_ENV, STATE_FILE, Client, Lab, LabError, LabNode, LanSegment, check_name,
+                                  lab_dir)
 
 ORIGIN_PORT = 8080
 TOOLS = ("ip", "ucarp", "arping", "sshd", "ssh", "ssh-keygen", "rsync")
@@ -159,15 +159,7 @@ def status(lab: Lab) -> dict:
 def down(name: str | None = None) -> list[str]:
     """Stop the lab's processes and delete its namespaces; works from the state file alone, also after a crash.
     Returns the namespaces removed."""
-    if name is not None:
-        check_name(name)
-    try:
-        lab = load(name)
-    except LabError:
-        if not name:
-            raise
-        lab = Lab(name=name, dir=lab_dir(name))
-    lab.dir = lab_dir(lab.name)  # the directory comes from the (checked) name, never from what the state file says
+    lab = LAB.recorded(name)
     # only namespaces the lab's state file records (add_netns records each before creating it), named <name>-*,
     # that exist: never one that merely shares the prefix (without a state file, down removes no namespace)
     ours, existing = f"{lab.name}-", set(netns.netns_list())
@@ -185,18 +177,8 @@ def down(name: str | None = None) -> list[str]:
     daemons.kill([p for p in rest if p and daemons.pid_alive(p)], grace=2.0)
     for ns in spaces:
         netns.netns_del(ns)
-    _remove_dir(lab.dir)
+    LAB.remove_dir(lab.dir)
     return spaces
-
-
-def _remove_dir(d: Path) -> None:
-    """Delete a lab's directory: only a real directory (not a symlink) directly under the lab root, holding lab.json."""
-    root = lab_root().resolve()
-    if d.is_symlink() or not d.is_dir():
-        return
-    if d.resolve().parent != root or not (d / STATE_FILE).is_file():
-        raise LabError(f"{d}: not a lab directory under {root} (no {STATE_FILE}); not removed")
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ class LabError(ApplianceError):
 
 
 def lab_root() -> Path:
-    return Path(os.environ.get(LAB_ROOT_ENV, "/run/appliance-lab"))
+    return LAB.root()
 
 
 def check_name(name: str) -> str:
@@ -34,7 +35,81 @@ def check_name(name: str) -> str:
 
 def lab_dir(name: str) -> Path:
     """<lab root>/<name>, for a valid name only (check_name)."""
-    return lab_root() / check_name(name)
+    return LAB.dir(name)
+
+
+@dataclass(frozen=True)
+class LabKind:
+    """Where the namespace lab (LAB) and the VM lab (vmmodel.VMLAB) keep their state, and the words their messages
+    use: one set of functions finds, loads and removes either."""
+
+    what: str             # in messages: "lab", "VM lab"
+    command: str          # the CLI group: "lab", "vmlab"
+    root_env: str         # the lab root's variable ($APPLIANCE_LAB_DIR) ...
+    default_root: str     # ... and its default
+    name_env: str         # the lab to use when no --name is given ($APPLIANCE_LAB)
+    state_file: str       # <lab dir>/<state_file>
+    cls: type             # Lab or a subclass, made from the state file
+    mismatch: str = ""    # added to the error for a state file that names another lab
+
+    def root(self) -> Path:
+        return Path(os.environ.get(self.root_env, self.default_root))
+
+    def dir(self, name: str) -> Path:
+        """<root>/<name>, for a valid name only (check_name: never a path)."""
+        return self.root() / check_name(name)
+
+    def names(self) -> list[str]:
+        """The labs of this kind that are up: directories under the root holding a state file."""
+        root = self.root()
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if (p / self.state_file).exists())
+
+    def load(self, name: str | None = None) -> Any:
+        """The lab's state file; with no name ($name_env or) the only lab of this kind there is, else an error
+        listing them."""
+        name = name or os.environ.get(self.name_env)
+        if not name:
+            labs = self.names()
+            if not labs:
+                raise LabError(f"no {self.what} is up (nothing in {self.root()}); run `appliance {self.command} up`")
+            if len(labs) > 1:
+                raise LabError(f"several {self.what}s are up ({', '.join(labs)}); pass --name")
+            name = labs[0]
+        path = self.dir(name) / self.state_file
+        data = read_json(path)
+        if data is None:
+            raise LabError(f"no {self.what} named {name!r} (no {path})")
+        lab = self.cls.from_json(data)
+        if lab.name != name:
+            raise LabError(f"{path}: names lab {lab.name!r}, not {name!r}{self.mismatch}")
+        return lab
+
+    def recorded(self, name: str | None) -> Any:
+        """What `down` takes apart: the lab from its state file or, when there is none but a name was given (a crash
+        before the file was written), an empty lab of that name. Its dir comes from the checked name, never from
+        what the state file says."""
+        if name is not None:
+            check_name(name)
+        try:
+            lab = self.load(name)
+        except LabError:
+            if not name:
+                raise
+            lab = self.cls(name=name, dir=self.dir(name))
+        lab.dir = self.dir(lab.name)
+        return lab
+
+    def remove_dir(self, d: Path) -> None:
+        """Delete a lab's directory: only a real directory (not a symlink) directly under the root, holding the
+        state file."""
+        root = self.root().resolve()
+        if d.is_symlink() or not d.is_dir():
+            return
+        if d.resolve().parent != root or not (d / self.state_file).is_file():
+            raise LabError(f"{d}: not a {self.what} directory under {root} (no {self.state_file}); not removed")
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @dataclass
@@ -55,8 +130,24 @@ class Client:
     lan_if: str = "eth0"
 
 
+class Addressed:
+    """A node of either lab: its `lan` and `sync` interface addresses (e.g. 192.168.1.2/24), and as lan_ip and
+    sync_ip without the prefix length."""
+
+    lan: str
+    sync: str
+
+    @property
+    def lan_ip(self) -> str:
+        return self.lan.split("/")[0]
+
+    @property
+    def sync_ip(self) -> str:
+        return self.sync.split("/")[0]
+
+
 @dataclass
-class LabNode:
+class LabNode(Addressed):
     """One appliance node: its namespace, interfaces, addresses, files and the PIDs of its daemons."""
 
     netns: str
@@ -71,14 +162,6 @@ class LabNode:
     proxy_pid: int | None = None
     carp_pid: int | None = None
     sshd_pid: int | None = None
-
-    @property
-    def lan_ip(self) -> str:
-        return self.lan.split("/")[0]
-
-    @property
-    def sync_ip(self) -> str:
-        return self.sync.split("/")[0]
 
     @property
     def sshd_dir(self) -> Path:
@@ -162,28 +245,14 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kw)
 
 
+LAB = LabKind(what="lab", command="lab", root_env=LAB_ROOT_ENV, default_root="/run/appliance-lab",
+              name_env="APPLIANCE_LAB", state_file=STATE_FILE, cls=Lab, mismatch="; not a state file of this lab")
+
+
 def list_labs() -> list[str]:
-    root = lab_root()
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / STATE_FILE).exists())
+    return LAB.names()
 
 
 def load(name: str | None = None) -> Lab:
     """The lab's state file; with no name ($APPLIANCE_LAB or) the only lab there is, else an error listing them."""
-    if not name:
-        name = os.environ.get("APPLIANCE_LAB")
-    if not name:
-        labs = list_labs()
-        if not labs:
-            raise LabError(f"no lab is up (nothing in {lab_root()}); run `appliance lab up`")
-        if len(labs) > 1:
-            raise LabError(f"several labs are up ({', '.join(labs)}); pass --name")
-        name = labs[0]
-    data = read_json(lab_dir(name) / STATE_FILE)
-    if data is None:
-        raise LabError(f"no lab named {name!r} (no {lab_dir(name) / STATE_FILE})")
-    lab = Lab.from_json(data)
-    if lab.name != name:
-        raise LabError(f"{lab_dir(name) / STATE_FILE}: names lab {lab.name!r}, not {name!r}; not a state file of this lab")
-    return lab
+    return LAB.load(name)

@@ -15,7 +15,7 @@ from appliance.ha import ip as netns
 from appliance.lab import daemons, topology, vm, vmimages, vmnode
 from appliance.lab.measure import client_get
 from appliance.lab.model import Client, LabError, LanSegment, check_name
-from appliance.lab.vmmodel import (CLIENT_NETNS, BootError, LAB_NETNS, STATE_FILE, VmLab, VmNode, load, remove_dir, vmlab_dir)
+from appliance.lab.vmmodel import CLIENT_NETNS, LAB_NETNS, STATE_FILE, VMLAB, BootError, VmLab, VmNode, vmlab_dir
 
 ORIGIN_PORT = 8080
 TOOLS = ("ip", "ssh", "arping", "qemu-img")
@@ -182,15 +182,7 @@ def status(lab: VmLab) -> dict:
 def down(name: str | None = None) -> list[str]:
     """Power off every VM (recorded PID, proven our qemu), stop what runs in the lab's namespaces, delete taps,
     bridges, namespaces, overlays and the lab dir; from the state file alone, also after a crash."""
-    if name is not None:
-        check_name(name)
-    try:
-        lab = load(name)
-    except LabError:
-        if not name:
-            raise
-        lab = VmLab(name=name, dir=vmlab_dir(name))
-    lab.dir = vmlab_dir(lab.name)
+    lab: VmLab = VMLAB.recorded(name)
     ours = f"{lab.name}-"
     spaces = sorted({n for n in lab.created_netns if n.startswith(ours)}
                     | {n for n in netns.netns_list() if n.startswith(ours)})
@@ -203,5 +195,5 @@ def down(name: str | None = None) -> list[str]:
             netns.ip("link", "del", link, netns=lab.netns, check=False)
     for ns in spaces:
         netns.netns_del(ns)
-    remove_dir(lab.dir)
+    VMLAB.remove_dir(lab.dir)
     return spaces

@@ -2,14 +2,11 @@
 overlay, taps, MACs, console, PID), saved as <vmlab dir>/vmlab.json after every change."""
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.core.fsio import read_json
-from appliance.lab.model import Lab, LabError, _build, check_name
+from appliance.lab.model import Addressed, Lab, LabError, LabKind, _build
 
 VMLAB_ROOT_ENV = "APPLIANCE_VMLAB_DIR"
 STATE_FILE = "vmlab.json"
@@ -25,17 +22,13 @@ class BootError(LabError):
         self.tail = tail
 
 
-def vmlab_root() -> Path:
-    return Path(os.environ.get(VMLAB_ROOT_ENV, "/run/appliance-vmlab"))
-
-
 def vmlab_dir(name: str) -> Path:
     """<vmlab root>/<name>, for a valid name only (the namespace lab's check_name: never a path)."""
-    return vmlab_root() / check_name(name)
+    return VMLAB.dir(name)
 
 
 @dataclass
-class VmNode:
+class VmNode(Addressed):
     """One node as a qemu VM: its addresses, base image and overlay, NICs (eth0 LAN, eth1 sync), console, PID."""
 
     lan: str                 # eth0's address, e.g. 192.168.1.2/24
@@ -50,15 +43,6 @@ class VmNode:
     qemu_pid: int | None = None
     boots: int = 0           # how many times the lab started this VM (a power loss and boot adds one)
     console_from: int = 0    # where the current boot's part of the console starts (it is appended to)
-
-    @property
-    def lan_ip(self) -> str:
-        return self.lan.split("/")[0]
-
-    @property
-    def sync_ip(self) -> str:
-        return self.sync.split("/")[0]
-
 
 @dataclass
 class VmLab(Lab):
@@ -103,37 +87,10 @@ class VmLab(Lab):
         return lab
 
 
-def list_vmlabs() -> list[str]:
-    root = vmlab_root()
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / STATE_FILE).exists())
+VMLAB = LabKind(what="VM lab", command="vmlab", root_env=VMLAB_ROOT_ENV, default_root="/run/appliance-vmlab",
+                name_env="APPLIANCE_VMLAB", state_file=STATE_FILE, cls=VmLab)
 
 
 def load(name: str | None = None) -> VmLab:
     """The VM lab's state file; with no name ($APPLIANCE_VMLAB or) the only VM lab there is."""
-    name = name or os.environ.get("APPLIANCE_VMLAB")
-    if not name:
-        labs = list_vmlabs()
-        if not labs:
-            raise LabError(f"no VM lab is up (nothing in {vmlab_root()}); run `appliance vmlab up`")
-        if len(labs) > 1:
-            raise LabError(f"several VM labs are up ({', '.join(labs)}); pass --name")
-        name = labs[0]
-    data = read_json(vmlab_dir(name) / STATE_FILE)
-    if data is None:
-        raise LabError(f"no VM lab named {name!r} (no {vmlab_dir(name) / STATE_FILE})")
-    lab = VmLab.from_json(data)
-    if lab.name != name:
-        raise LabError(f"{vmlab_dir(name) / STATE_FILE}: names lab {lab.name!r}, not {name!r}")
-    return lab
-
-
-def remove_dir(d: Path) -> None:
-    """Delete a VM lab's directory: only a real directory directly under the VM lab root, holding vmlab.json."""
-    root = vmlab_root().resolve()
-    if d.is_symlink() or not d.is_dir():
-        return
-    if d.resolve().parent != root or not (d / STATE_FILE).is_file():
-        raise LabError(f"{d}: not a VM lab directory under {root} (no {STATE_FILE}); not removed")
-    shutil.rmtree(d, ignore_errors=True)
+    return VMLAB.load(name)
