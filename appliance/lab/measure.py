@@ -6,6 +6,8 @@ import json
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 from appliance.ha import ip as netns
 from appliance.lab import helpers
@@ -97,15 +99,56 @@ class Probe:
         return seen
 
 
-def _wait_recovered(lab: Lab, probe: Probe, node: str, tf: float, timeout: float) -> None:
-    """After a failure at tf: until clients are served again, by anyone, once something went wrong or moved
-    (after an engine kill the restarted engine may win the race itself)."""
+def wait_recovered(probe: Probe, nodes: set[str], node: str, tf: float, timeout: float, poll: float = 0.05) -> None:
+    """After `node` failed at tf: until clients are served again, by any of `nodes`, once something went wrong or
+    moved (after an engine kill the restarted engine may win the race itself)."""
     deadline = tf + timeout
     while time.monotonic() < deadline:
         bad = [e for e in probe.window(tf) if not e["ok"] or e["node"] != node]
-        if bad and probe.served_by(set(lab.nodes), bad[0]["t0"]) is not None:
+        if bad and probe.served_by(nodes, bad[0]["t0"]) is not None:
             return
-        time.sleep(0.05)
+        time.sleep(poll)
+
+
+@dataclass
+class Failure:
+    """What a lab kind does around one failure: make it and undo it (kind, node), who holds the VIP now, how long
+    to wait, and the keys of its own it adds to the result (namespace lab: faults.py; VM lab: vmfail.py)."""
+
+    nodes: set[str]                                   # who may serve
+    inject: Callable[[str, str], None]
+    recover: Callable[[str, str], None]
+    holders: Callable[[], list[str]]
+    fail_wait: float                                  # until someone serves after the failure
+    return_wait: float                                # until the failed node serves again
+    poll: float = 0.05
+    settle: float = 0.2                               # after the return, on top of one request's bound
+    at_failure: Callable[[], dict] = dict             # keys taken once clients are served after the failure
+    at_end: Callable[[float, float], dict] = lambda tf, t1: {}   # keys taken at the end, given (tf, t1)
+
+
+def fail_and_return(probe: Probe, f: Failure, kind: str, node: str) -> dict:
+    """One failure of `kind` on `node` (serving now) and its recovery, in either lab: each outage, who took over,
+    whether it came back, who served, the VIP holders after; the lab's own keys before holders_after."""
+    tf = time.monotonic()
+    f.inject(kind, node)
+    wait_recovered(probe, f.nodes, node, tf, f.fail_wait, f.poll)
+    t1 = time.monotonic()
+    own = f.at_failure()
+    took = next((e["node"] for e in probe.window(tf) if e["ok"] and e["node"] != node), None)
+    f.recover(kind, node)
+    back = probe.wait_served({node}, t1, f.return_wait)
+    t2 = time.monotonic()
+    time.sleep(probe.timeout + f.settle)  # let requests in flight finish before counting
+    fo, ro = probe.outages(tf, t1), probe.outages(t1, t2)
+    own.update(f.at_end(tf, t1))
+    return {
+        "kind": kind, "node": node, "took_over": took or (node if fo else None), "returned": back == node,
+        "failover_outage": fo[0] if fo else 0.0, "failover_outages": fo,
+        "return_outage": max(fo[1:] + ro) if fo[1:] + ro else 0.0, "return_outages": fo[1:] + ro,
+        "served": probe.served(tf, t2), **own, "holders_after": f.holders(),
+        "seconds": round(t2 - tf, 2),
+    }
 
 
 def measure(lab: Lab, probe: Probe, kind: str, node: str | None = None, timeout: float = 20.0) -> dict:
@@ -113,34 +156,25 @@ def measure(lab: Lab, probe: Probe, kind: str, node: str | None = None, timeout:
     node = node or preferred(lab)
     if probe.wait_served({node}, time.monotonic() - 1.0, timeout) is None:
         raise LabError(f"{kind}: {node} is not serving before the failure (holders {holders(lab)})")
-    tf = time.monotonic()
-    inject_fault(lab, kind, node)
-    _wait_recovered(lab, probe, node, tf, timeout)
-    t1 = time.monotonic()
-    holders_failed = holders(lab)
-    took = next((e["node"] for e in probe.window(tf) if e["ok"] and e["node"] != node), None)
-    recover(lab, kind, node)
-    back = probe.wait_served({node}, t1, timeout + 10)
-    t2 = time.monotonic()
-    time.sleep(probe.timeout + 0.2)  # let requests in flight finish before counting
-    fo, ro = probe.outages(tf, t1), probe.outages(t1, t2)
-    return {
-        "kind": kind, "node": node, "took_over": took or (node if fo else None), "returned": back == node,
-        "failover_outage": fo[0] if fo else 0.0, "failover_outages": fo,
-        "return_outage": max(fo[1:] + ro) if fo[1:] + ro else 0.0, "return_outages": fo[1:] + ro,
-        "served": probe.served(tf, t2), "holders_after_failure": holders_failed, "holders_after": holders(lab),
-        "seconds": round(t2 - tf, 2),
-    }
+    f = Failure(nodes=set(lab.nodes), inject=lambda k, n: inject_fault(lab, k, n),
+                recover=lambda k, n: recover(lab, k, n), holders=lambda: holders(lab), fail_wait=timeout,
+                return_wait=timeout + 10, at_failure=lambda: {"holders_after_failure": holders(lab)})
+    return fail_and_return(probe, f, kind, node)
 
 
-def fmt_result(r: dict) -> str:
-    """One line for a measure() result."""
+def fmt_result(r: dict, width: int = 12, gaps: bool = True) -> str:
+    """One line for a result of either lab (`gaps`: say how many gaps the failover had; a VM lab's result adds
+    when the node was back and the most VIP holders seen at once)."""
     def f(x: float) -> str:
         return "never" if x == float("inf") else f"{x:.2f} s"
-    return (f"{r['kind']:<12} {r['node']} -> {r['took_over'] or 'nobody'}: outage {f(r['failover_outage'])}"
-            f"{' (' + str(len(r['failover_outages'])) + ' gaps)' if len(r['failover_outages']) > 1 else ''}; "
-            f"back to {r['node'] if r['returned'] else 'NOT ' + r['node']}: outage {f(r['return_outage'])}; "
-            f"served by {' -> '.join(x or '?' for x in r['served'])}; vip on {','.join(r['holders_after']) or 'nobody'}")
+    n_gaps = len(r["failover_outages"])
+    after = f" after {r['back_after']} s" if "back_after" in r else ""
+    most = f"most holders at once {r['max_holders']}; " if "max_holders" in r else ""
+    return (f"{r['kind']:<{width}} {r['node']} -> {r['took_over'] or 'nobody'}: outage {f(r['failover_outage'])}"
+            f"{' (' + str(n_gaps) + ' gaps)' if gaps and n_gaps > 1 else ''}; "
+            f"back to {r['node'] if r['returned'] else 'NOT ' + r['node']}{after}: outage {f(r['return_outage'])}; "
+            f"served by {' -> '.join(x or '?' for x in r['served'])}; {most}"
+            f"vip on {','.join(r['holders_after']) or 'nobody'}")
 
 
 def client_get(lab: Lab, proxy_host: str, url: str, timeout: float = 5.0) -> str:

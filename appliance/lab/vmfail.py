@@ -8,7 +8,7 @@ import time
 
 from appliance.ha import ip as netns
 from appliance.lab import vm, vmlab, vmnode
-from appliance.lab.measure import Probe
+from appliance.lab.measure import Failure, Probe, fail_and_return, fmt_result
 from appliance.lab.model import LabError
 from appliance.lab.vmmodel import VmLab
 
@@ -81,50 +81,27 @@ def recover(lab: VmLab, kind: str, node: str) -> None:
         vmnode.run(lab, node, "appliance promote", timeout=300, check=True)
 
 
-def _served_elsewhere(lab: VmLab, probe: Probe, node: str, tf: float, timeout: float) -> None:
-    """After a failure at tf: until the last requests all succeed again once something failed or moved."""
-    deadline = tf + timeout
-    while time.monotonic() < deadline:
-        bad = [e for e in probe.window(tf) if not e["ok"] or e["node"] != node]
-        if bad and probe.served_by(set(lab.vms), bad[0]["t0"]) is not None:
-            return
-        time.sleep(0.1)
-
-
 def measure(lab: VmLab, probe: Probe, watch: HolderWatch, kind: str, node: str | None = None) -> dict:
     """One failure of `kind` on the serving master and its recovery: outages, who served, the most VIP holders
     seen at once (ARP), and how long the return took."""
     node = node or lab.master
     if probe.wait_served({node}, time.monotonic() - 1.0, FAILOVER_WAIT) is None:
         raise LabError(f"{kind}: {node} is not serving through the VIP before the failure")
-    tf = time.monotonic()
-    inject(lab, kind, node)
-    _served_elsewhere(lab, probe, node, tf, FAILOVER_WAIT)
-    t1 = time.monotonic()
-    took = next((e["node"] for e in probe.window(tf) if e["ok"] and e["node"] != node), None)
-    recover(lab, kind, node)
-    back = probe.wait_served({node}, t1, RETURN_WAIT + (180 if kind == "power-loss" else 0))
-    t2 = time.monotonic()
-    time.sleep(probe.timeout + 0.3)
-    fo, ro = probe.outages(tf, t1), probe.outages(t1, t2)
-    back_at = next((e["t0"] for e in probe.window(t1) if e["ok"] and e["node"] == node), None)
-    return {
-        "kind": kind, "node": node, "took_over": took or (node if fo else None), "returned": back == node,
-        "failover_outage": fo[0] if fo else 0.0, "failover_outages": fo,
-        "return_outage": max(fo[1:] + ro) if fo[1:] + ro else 0.0, "return_outages": fo[1:] + ro,
-        "served": probe.served(tf, t2), "max_holders": watch.most(tf), "two_holders": watch.doubles(tf),
-        "back_after": round(back_at - tf, 2) if back_at else None, "holders_after": vmnode.holders_arp(lab),
-        "seconds": round(t2 - tf, 2),
-    }
+
+    def at_end(tf: float, t1: float) -> dict:
+        back_at = next((e["t0"] for e in probe.window(t1) if e["ok"] and e["node"] == node), None)
+        return {"max_holders": watch.most(tf), "two_holders": watch.doubles(tf),
+                "back_after": round(back_at - tf, 2) if back_at else None}
+
+    f = Failure(nodes=set(lab.vms), inject=lambda k, n: inject(lab, k, n), recover=lambda k, n: recover(lab, k, n),
+                holders=lambda: vmnode.holders_arp(lab), fail_wait=FAILOVER_WAIT,
+                return_wait=RETURN_WAIT + (180 if kind == "power-loss" else 0),  # a power loss: plus the boot
+                poll=0.1, settle=0.3, at_end=at_end)
+    return fail_and_return(probe, f, kind, node)
 
 
 def fmt(r: dict) -> str:
-    def f(x: float) -> str:
-        return "never" if x == float("inf") else f"{x:.2f} s"
-    return (f"{r['kind']:<11} {r['node']} -> {r['took_over'] or 'nobody'}: outage {f(r['failover_outage'])}; "
-            f"back to {r['node'] if r['returned'] else 'NOT ' + r['node']} after {r['back_after']} s: "
-            f"outage {f(r['return_outage'])}; served by {' -> '.join(x or '?' for x in r['served'])}; "
-            f"most holders at once {r['max_holders']}; vip on {','.join(r['holders_after']) or 'nobody'}")
+    return fmt_result(r, width=11, gaps=False)
 
 
 def run_all(lab: VmLab, kinds: tuple[str, ...] = KINDS, runs: int = 1, echo=None) -> list[dict]:
