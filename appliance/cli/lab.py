@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import click
 
@@ -14,7 +15,7 @@ from appliance.lab import lifecycle
 from appliance.lab.daemons import node_env
 from appliance.lab.faults import KINDS
 from appliance.lab.measure import Probe, fmt_result, measure
-from appliance.lab.model import Lab, LabError, lab_dir, load
+from appliance.lab.model import LAB, LabError, LabKind
 
 
 @main.group("lab")
@@ -22,11 +23,35 @@ def lab_group() -> None:
     """A whole cluster on this machine in network namespaces (root): nodes, client, LAN bridge, sync link, origin."""
 
 
-def _load(name: str | None) -> Lab:
+def load_lab(name: str | None, kind: LabKind = LAB) -> Any:
+    """The lab (a VM lab with kind=VMLAB) from its state file, or the error for the user."""
     try:
-        return load(name)
+        return kind.load(name)
     except LabError as e:
         fail(str(e))
+
+
+def show_up(d: dict, as_json: bool, head: str) -> bool:
+    """`up`'s description: as JSON (False: nothing more to print), or `head` and the client's view of the lab."""
+    if as_json:
+        emit_json(d)
+        return False
+    click.echo(head)
+    click.echo(f"vip {d['vip']}:{d['proxy_port']}  origin {d['origin']}  client netns {d['client']['netns']}")
+    return True
+
+
+def down_lab(name: str | None, kind: LabKind, down: Callable[[str | None], list[str]], removed: str = "") -> None:
+    """`lab down` and `vmlab down`: take the lab apart; a name that is neither a lab dir nor has namespaces is an
+    error (nothing removed). `removed` names what went besides the namespaces."""
+    try:
+        known = name is None or kind.dir(name).exists()
+        spaces = down(name)
+    except LabError as e:
+        fail(str(e))
+    if not known and not spaces:
+        fail(f"--name {name!r}: no such {kind.what} (no {kind.dir(name)}, no namespaces {name}-*); nothing removed")
+    click.echo(f"removed {removed}{len(spaces)} namespaces: {' '.join(spaces) or '-'}")
 
 
 @lab_group.command("up")
@@ -44,11 +69,8 @@ def up_cmd(ctx: Ctx, name: str | None, engine: str | None, deadratio: int | None
     except LabError as e:
         fail(str(e), 1)
     d = lifecycle.describe(lab)
-    if as_json:
-        emit_json(d)
+    if not show_up(d, as_json, f"lab {d['name']} up in {time.monotonic() - t0:.1f} s (state in {d['dir']})"):
         return
-    click.echo(f"lab {d['name']} up in {time.monotonic() - t0:.1f} s (state in {d['dir']})")
-    click.echo(f"vip {d['vip']}:{d['proxy_port']}  origin {d['origin']}  client netns {d['client']['netns']}")
     for node, n in d["nodes"].items():
         click.echo(f"{node}: netns {n['netns']} engine pid {n['engine_pid']} proxy pid {n['proxy_pid']} sshd pid {n['sshd_pid']} config {n['config']}")
     click.echo(f"try: appliance lab exec {next(iter(d['nodes']))} -- appliance status;  appliance lab exec {next(iter(d['nodes']))} -- appliance sync;  appliance lab failover;  "
@@ -60,14 +82,7 @@ def up_cmd(ctx: Ctx, name: str | None, engine: str | None, deadratio: int | None
 @click.pass_obj
 def down_cmd(ctx: Ctx, name: str | None) -> None:
     """Stop everything and delete the namespaces (also after a crash: works from the lab state file)."""
-    try:
-        known = name is None or lab_dir(name).exists()
-        spaces = lifecycle.down(name)
-    except LabError as e:
-        fail(str(e))
-    if not known and not spaces:
-        fail(f"--name {name!r}: no such lab (no {lab_dir(name)}, no namespaces {name}-*); nothing removed")
-    click.echo(f"removed {len(spaces)} namespaces: {' '.join(spaces) or '-'}")
+    down_lab(name, LAB, lifecycle.down)
 
 
 @lab_group.command("status")
@@ -76,7 +91,7 @@ def down_cmd(ctx: Ctx, name: str | None) -> None:
 @click.pass_obj
 def status_cmd(ctx: Ctx, name: str | None, as_json: bool) -> None:
     """Who holds the VIP (ip addr in each namespace), each node's role and process PIDs."""
-    lab = _load(name)
+    lab = load_lab(name)
     d = lifecycle.status(lab)
     if as_json:
         emit_json(d)
@@ -96,7 +111,7 @@ def status_cmd(ctx: Ctx, name: str | None, as_json: bool) -> None:
 @click.pass_obj
 def exec_cmd(ctx: Ctx, name: str | None, node_name: str, argv: tuple[str, ...]) -> None:
     """Run a command in NODE's namespace with its environment: appliance lab exec fw1 -- appliance status"""
-    lab = _load(name)
+    lab = load_lab(name)
     try:
         n = lab.node(node_name)
     except LabError as e:
@@ -117,7 +132,7 @@ def exec_cmd(ctx: Ctx, name: str | None, node_name: str, argv: tuple[str, ...]) 
 @click.pass_obj
 def failover_cmd(ctx: Ctx, name: str | None, kinds: tuple[str, ...], runs: int, as_json: bool) -> None:
     """Client loop through the VIP while the master fails in each way and comes back; prints every outage."""
-    lab = _load(name)
+    lab = load_lab(name)
     results = []
     with Probe(lab) as probe:
         for _ in range(runs):

@@ -7,21 +7,15 @@ import time
 import click
 
 from appliance.cli import Ctx, emit_json, fail, main
+from appliance.cli.lab import down_lab, load_lab, show_up
 from appliance.lab import vmfail, vmlab
 from appliance.lab.model import LabError
-from appliance.lab.vmmodel import BootError, VmLab, load, vmlab_dir
+from appliance.lab.vmmodel import VMLAB, BootError
 
 
 @main.group("vmlab")
 def vmlab_group() -> None:
     """The cluster booted, not simulated: each node's image in qemu (KVM if it works, else TCG) on lab bridges."""
-
-
-def _load(name: str | None) -> VmLab:
-    try:
-        return load(name)
-    except LabError as e:
-        fail(str(e))
 
 
 @vmlab_group.command("up")
@@ -46,11 +40,8 @@ def up_cmd(ctx: Ctx, name: str | None, images: str, wait: float, as_json: bool) 
     except LabError as e:
         fail(str(e), 1)
     d = vmlab.describe(lab)
-    if as_json:
-        emit_json(d)
+    if not show_up(d, as_json, f"VM lab {lab.name} up in {time.monotonic() - t0:.1f} s ({lab.accel}; state in {lab.dir})"):
         return
-    click.echo(f"VM lab {lab.name} up in {time.monotonic() - t0:.1f} s ({lab.accel}; state in {lab.dir})")
-    click.echo(f"vip {d['vip']}:{d['proxy_port']}  origin {d['origin']}  client netns {d['client']['netns']}")
     for node, n in d["nodes"].items():
         click.echo(f"{node}: qemu pid {n['qemu_pid']} console {n['console']}")
         click.echo(f"  exec: {' '.join(n['exec'])} CMD")
@@ -62,14 +53,7 @@ def up_cmd(ctx: Ctx, name: str | None, images: str, wait: float, as_json: bool) 
 @click.pass_obj
 def down_cmd(ctx: Ctx, name: str | None) -> None:
     """Power off the VMs and remove taps, bridges, namespaces and overlays (also after a crash)."""
-    try:
-        known = name is None or vmlab_dir(name).exists()
-        spaces = vmlab.down(name)
-    except LabError as e:
-        fail(str(e))
-    if not known and not spaces:
-        fail(f"--name {name!r}: no such VM lab (no {vmlab_dir(name)}, no namespaces {name}-*); nothing removed")
-    click.echo(f"removed the VMs and {len(spaces)} namespaces: {' '.join(spaces) or '-'}")
+    down_lab(name, VMLAB, vmlab.down, removed="the VMs and ")
 
 
 @vmlab_group.command("status")
@@ -78,7 +62,7 @@ def down_cmd(ctx: Ctx, name: str | None) -> None:
 @click.pass_obj
 def status_cmd(ctx: Ctx, name: str | None, as_json: bool) -> None:
     """Each VM's qemu and boot state (over SSH), and who answers ARP for the VIP."""
-    d = vmlab.status(_load(name))
+    d = vmlab.status(load_lab(name, VMLAB))
     if as_json:
         emit_json(d)
         return
@@ -95,7 +79,7 @@ def status_cmd(ctx: Ctx, name: str | None, as_json: bool) -> None:
 @click.pass_obj
 def failover_cmd(ctx: Ctx, name: str | None, kinds: tuple[str, ...], runs: int, as_json: bool) -> None:
     """A client request every 50 ms through the VIP while the master fails in each way and comes back."""
-    lab = _load(name)
+    lab = load_lab(name, VMLAB)
     try:
         results = vmfail.run_all(lab, kinds or vmfail.KINDS, runs, None if as_json else click.echo)
     except LabError as e:
