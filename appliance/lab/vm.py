@@ -94,9 +94,6 @@ def qemu_argv(name: str, vm: VmNode, accel: str) -> list[str]:
             "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0,addr=0x6"]
     if accel == "kvm":
         argv += ["-cpu", "host"]
-    if os.environ.get("APPLIANCE_VMLAB_KERNEL"):  # development: KERNEL:INITRD booted directly, root on the disk
-        kernel, initrd = os.environ["APPLIANCE_VMLAB_KERNEL"].split(":")
-        argv += ["-kernel", kernel, "-initrd", initrd, "-append", "console=ttyS0 root=/dev/vda rw net.ifnames=0"]
     for i, (tap, hw) in enumerate(zip(vm.taps, vm.macs)):
         argv += ["-netdev", f"tap,id=nic{i},ifname={tap},script=no,downscript=no",
                  "-device", f"virtio-net-pci,netdev=nic{i},mac={hw},bus=pci.0,addr={hex(3 + i)}"]
