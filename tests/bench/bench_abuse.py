@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from tests.bench.bench_filter import APPLIANCE, ORIGIN, PY, free_port, stop, wait_port
+from tests.bench.squid import write_squid_conf
 
 IDLE = 5000
 REQUESTS = 600  # per phase, from THREADS threads, each on a new connection (accept + request + response)
@@ -41,29 +42,10 @@ def cg_config(root: Path, port: int, cap: int) -> Path:
 
 
 def squid_config(root: Path, port: int, cap: int | None) -> Path:
-    d = root / "squid"
-    d.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o755)
-    os.chmod(d, 0o777)
+    """squid capped the two ways it can be: a maxconn acl and client_ip_max_connections (no cap: neither)."""
     limit = f"acl idle_hog maxconn {cap}\nhttp_access deny idle_hog\n" if cap else ""
-    conf = d / "squid.conf"
-    conf.write_text(f"""http_port 127.0.0.1:{port}
-acl localnet src 127.0.0.0/8
-{limit}http_access allow localnet
-http_access deny all
-cache deny all
-cache_mem 8 MB
-access_log none
-cache_log {d}/cache.log
-pid_filename {d}/squid.pid
-coredump_dir {d}
-shutdown_lifetime 1 seconds
-max_filedescriptors 16384
-request_timeout 30 seconds
-client_idle_pconn_timeout 2 minutes
-""" + (f"client_ip_max_connections {cap}\n" if cap else ""))
-    os.chmod(conf, 0o644)
-    return conf
+    extra = "max_filedescriptors 16384\nrequest_timeout 30 seconds\nclient_idle_pconn_timeout 2 minutes\n"
+    return write_squid_conf(root, port, rules=limit, extra=extra + (f"client_ip_max_connections {cap}\n" if cap else ""))
 
 
 def open_idle(port: int, n: int, deadline: float) -> tuple[list[socket.socket], int]:

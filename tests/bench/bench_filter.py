@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from tests.bench.squid import squid_dir, write_squid_conf
 from tests.support.wait import Timeout, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -327,35 +328,15 @@ print(json.dumps({{"load_s": load_s, "load_rss_mb": (r1 - r0) / 1024, "dps": n_d
 
 
 def squid_conf(tmp: Path, port: int, domains: Path) -> Path:
-    d = tmp / "squid"
-    d.mkdir(exist_ok=True)
-    os.chmod(tmp, 0o755)
-    os.chmod(d, 0o777)
-    acl = d / "blocked.acl"
+    """squid blocking the list's domains (and their subdomains) with a dstdomain acl."""
+    acl = squid_dir(tmp) / "blocked.acl"
     with open(domains) as src, open(acl, "w") as dst:
         for line in src:
             dst.write("." + line)
-    conf = d / "squid.conf"
-    conf.write_text(f"""http_port 127.0.0.1:{port}
-acl blocked dstdomain "{acl}"
-acl localnet src 127.0.0.0/8
-acl SSL_ports port 443 1-65535
-acl CONNECT method CONNECT
-http_access deny blocked
-http_access allow localnet
-http_access deny all
-cache deny all
-cache_mem 8 MB
-access_log none
-cache_log {d}/cache.log
-pid_filename {d}/squid.pid
-coredump_dir {d}
-shutdown_lifetime 1 seconds
-dns_v4_first on
-""")
     os.chmod(acl, 0o644)
-    os.chmod(conf, 0o644)
-    return conf
+    return write_squid_conf(tmp, port, acls=f'acl blocked dstdomain "{acl}"\n',
+                            rules="acl SSL_ports port 443 1-65535\nacl CONNECT method CONNECT\nhttp_access deny blocked\n",
+                            extra="dns_v4_first on\n")
 
 
 def main() -> None:
