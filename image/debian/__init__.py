@@ -14,6 +14,7 @@ from appliance.core.model import Appliance
 from image import keygen, manifest, render
 from image.debian import boot, cache, ext4, overlay, rootfs, tree
 from image.errors import BadInput, BuildError
+from image.tree import Tree
 
 NEED_PER_NODE = 5 << 30  # bytes free in --out for one node: its tree copy, ext4, raw disk and qcow2 (plus the shared tree)
 
@@ -45,11 +46,7 @@ def _node(cfg: Appliance, config_path: Path, node: str, common: Path, work: Path
     rootfs.run(["cp", "-a", str(common), str(root)], f"{node}: copying the tree")
     kernel = boot.kernel_version(root)
     root_uuid = ext4.fs_uuid(node, epoch)
-    gid = tree.ids(root)[1].get(cfg.sync.user, 0)
-    t = render.render_node(cfg, config_path, node, exclude=[out], sync_gid=gid)
-    overlay.boot_files(t, cfg, node, kernel, root_uuid)
-    overlay.check(t, cfg.cluster.password.get_secret_value().encode())
-    tree.apply(t, root)
+    t = populate(cfg, config_path, node, root, out, epoch, kernel, root_uuid)
     early = work / f"{node}-early.cfg"
     early.write_text(render.template("debian/grub-early.cfg.j2", root_uuid=root_uuid))
     fs = ext4.make_ext4(work / f"{node}.ext4", root, node, epoch, work=work)
@@ -64,6 +61,19 @@ def _node(cfg: Appliance, config_path: Path, node: str, common: Path, work: Path
     os.replace(part_q, q)
     return {"kernel": kernel, "root": fs, "disk": layout, "entries": sum(1 for _ in t),
             "outputs": {p.name: {"bytes": p.stat().st_size, "sha256": manifest.sha256(p)} for p in (img, q)}}
+
+
+def populate(cfg: Appliance, config_path: Path, node: str, root: Path, out: Path, epoch: int, kernel: str,
+             root_uuid: str) -> Tree:
+    """Write the node's overlay over its copy of the common tree and compile its release's list index; returns the
+    overlay. Everything of the root file system but make_ext4's normalisation and the boot loader."""
+    gid = tree.ids(root)[1].get(cfg.sync.user, 0)
+    t = render.render_node(cfg, config_path, node, exclude=[out], sync_gid=gid)
+    overlay.boot_files(t, cfg, node, kernel, root_uuid)
+    overlay.check(t, cfg.cluster.password.get_secret_value().encode())
+    tree.apply(t, root)
+    tree.bake_index(root, overlay.RELEASE, epoch)
+    return t
 
 
 def build(cfg: Appliance, config_path: Path, out: Path, only: list[str] | None = None, epoch: int = 1704067200,

@@ -10,6 +10,7 @@ from image.debian import rootfs
 from image.tree import Tree
 
 IMAGE_DIR = Path(__file__).resolve().parent.parent  # image/: the code and templates that shape the bytes
+FILTERS_DIR = IMAGE_DIR.parent / "filters"  # the list compiler: the build bakes each release's index with it
 
 
 def tree_digest(t: Tree) -> str:
@@ -21,9 +22,9 @@ def tree_digest(t: Tree) -> str:
 
 def code_digest() -> str:
     h = hashlib.sha256()
-    for f in sorted(IMAGE_DIR.rglob("*")):
+    for f in sorted(IMAGE_DIR.rglob("*")) + sorted(FILTERS_DIR.glob("*.py")):
         if f.is_file() and f.suffix in (".py", ".j2") and "__pycache__" not in f.parts:
-            h.update(f.relative_to(IMAGE_DIR).as_posix().encode() + b"\0" + f.read_bytes())
+            h.update(f.relative_to(IMAGE_DIR.parent).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 

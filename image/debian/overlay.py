@@ -5,6 +5,7 @@ from pathlib import Path
 
 from appliance.core.model import Appliance
 from sync import keys
+from sync.tree import DERIVED
 
 from image import checks, keygen, render
 from image.errors import CheckFailed
@@ -12,6 +13,7 @@ from image.tree import Entry, Tree
 
 APPLIANCE_BIN = "/usr/bin/appliance"  # the .deb's
 STATE_DIR = "/var/lib/appliance"  # the .deb's state dir (root 0700); the proxy's is STATE_DIR/proxy
+RELEASE = f"{STATE_DIR}/releases/1"  # the image's one release; its list index is compiled by tree.bake_index
 CONFIG_LINK = "/etc/appliance"  # -> STATE_DIR/current -> releases/1, where the units read appliance.yaml
 SYNC_HOME = "/var/lib/appliance-sync"  # the .deb's sync user's home (root:appliance-sync 0750)
 ADMIN_KEY = "admin_ed25519"  # keys/admin_ed25519[.pub] in the config dir: root's login key (made once if missing)
@@ -43,6 +45,14 @@ def explicit_dir(t: Tree, path: str, mode: int, owner=ROOT) -> None:
     """A directory whose mode and owner the overlay sets (an implicit parent keeps what the package made)."""
     u, g, uid, gid = owner
     t.add(Entry(path, "dir", mode, u, g, uid, gid, source="overlay"))
+
+
+def drop_derived(t: Tree, release: str) -> None:
+    """Leave out the compiled/ that running the proxy or a check left in the config dir: it was made for that dir's
+    mtimes (or older lists), so the booted proxy would find it stale. The build compiles the release's own."""
+    for d in DERIVED:
+        for p in [p for p in t.entries if p == f"{release}/{d}" or p.startswith(f"{release}/{d}/")]:
+            del t.entries[p]
 
 
 def _network(t: Tree, cfg: Appliance, node: str) -> None:
@@ -105,6 +115,7 @@ def render_overlay(cfg: Appliance, config_path: Path, node: str, exclude: list[P
     explicit_dir(t, STATE_DIR, 0o700)
     explicit_dir(t, f"{STATE_DIR}/releases", 0o700)
     render.config_release(t, cfg, config_path, list(exclude), state_dir=STATE_DIR)
+    drop_derived(t, RELEASE)
     t.link(f"{STATE_DIR}/current", "releases/1")
     t.file(f"{STATE_DIR}/node.yaml", f"node: {node}\n", 0o644, owner=ROOT)
     t.link(CONFIG_LINK, f"{STATE_DIR}/current")

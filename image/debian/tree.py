@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 from appliance.core import model as config_model
+from sync.check import validate_tree
+from sync.errors import SyncError
 
-from image.debian import boot, rootfs
+from image.debian import boot, ext4, rootfs
 from image.debian.rootfs import run, tool
-from image.errors import BuildError
+from image.errors import BadInput, BuildError
 from image.tree import Tree
 
 REPO = Path(config_model.__file__).resolve().parents[2]
@@ -127,3 +129,24 @@ def apply(t: Tree, root: Path) -> None:
         os.chown(dst, uid, gid)
         os.chmod(dst, e.mode)
 
+
+
+def bake_index(root: Path, release: str, epoch: int) -> Path:
+    """Compile the release's list index once its files have the mtimes the image keeps. clamp_times is the
+    normalisation make_ext4 runs over the whole tree afterwards (min(mtime, epoch): a second pass moves nothing), so
+    the mtimes the index's fingerprint records are the ones the booted node sees: the proxy finds the index current
+    with one stat per list file and never has to write into its release, which its unit mounts read-only. The
+    release is checked and compiled as a node checks a release a sync brings (sync.check.validate_tree)."""
+    rel = root / release.lstrip("/")
+    ext4.clamp_times(rel, epoch)
+    try:
+        validate_tree(rel, confine=True)
+    except SyncError as e:
+        raise BadInput(f"the image's release does not check: {e}") from None
+    index = rel / "compiled" / "filter.idx"
+    if not index.is_file():  # APPLIANCE_SYNC_NO_COMPILE=1 (a test knob) skips the compiler
+        raise BuildError(f"{index}: the list index was not compiled (is APPLIANCE_SYNC_NO_COMPILE set?)")
+    os.chmod(index.parent, 0o755)  # as the rest of the release (the build's umask is 077)
+    for f in index.parent.iterdir():
+        os.chmod(f, 0o644)
+    return index

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from appliance.core import loader
+from filters import ruleset
+from filters.index import read_meta
 from image import debian
 from image.debian import boot, tree
 from tests.support.env import EXAMPLES, ROOT, need_tool
@@ -146,3 +148,17 @@ def test_no_space_left_is_one_clear_error_and_nothing_kept(config, dist, tmp_pat
     assert "MiB free, the Debian image build needs about" in err and "nothing was written" in err, r.stderr
     assert r.stdout.strip() == "", r.stdout  # the out dir on the tmpfs holds nothing
     assert not os.listdir(small)  # and the tmpfs went away with the namespace
+
+
+def test_baked_list_index_is_current_on_the_image(dist, tmp_path):
+    """The release's list index, read back from the ext4 with the mtimes the node boots with (debugfs rdump keeps
+    them): its fast fingerprint matches, so the proxy neither hashes nor compiles (issue 10: it crash-looped)."""
+    out, res = dist
+    img = out / "fw1.img"
+    off = res["nodes"]["fw1"]["disk"]["root"]["first_lba"] * 512
+    debugfs(img, off, f"rdump /var/lib/appliance/releases/1 {tmp_path}")
+    rel = tmp_path / "1"
+    cfg = loader.load(rel / "appliance.yaml")
+    meta = read_meta(ruleset.index_path(rel))
+    assert meta["fingerprint"] == ruleset.fingerprint(cfg, rel)
+    assert meta["content"] == ruleset.content_fingerprint(cfg, rel)
