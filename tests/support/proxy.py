@@ -1,6 +1,7 @@
 """Helpers for the filter proxy tests: a config tree with test lists, a local origin (HTTP and TLS), the proxy process."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import os
@@ -10,6 +11,7 @@ import ssl
 import subprocess
 import threading
 from pathlib import Path
+from typing import Callable, Iterator
 
 import yaml
 
@@ -220,3 +222,33 @@ def connect_tunnel(proxy_port: int, target: str, client: str = "127.0.0.1", time
         data += chunk
     status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
     return status, s
+
+
+def read_to_close(s: socket.socket, ignore: tuple[type[BaseException], ...] = (ConnectionResetError,)) -> bytes:
+    """Everything `s` receives until the peer closes it (or one of `ignore` ends the read: by default a reset)."""
+    got = b""
+    try:
+        while chunk := s.recv(65536):
+            got += chunk
+    except ignore:
+        pass
+    return got
+
+
+@contextlib.contextmanager
+def proxy_and_origins(root: Path, proxy: Callable[[int], dict] | None = None) -> Iterator[tuple[Proxy, int, int]]:
+    """A TLS origin, a plain origin and a proxy over make_tree(root) (state in root/state, `p.root` = root):
+    yields (proxy, TLS origin port, plain origin port); all stopped after. `proxy(tls_port)` gives proxy keys."""
+    (root / "state").mkdir()
+    tls_srv, tls_port = start_origin(root)
+    srv, port = start_origin()
+    try:
+        p = Proxy(make_tree(root, proxy=proxy(tls_port) if proxy else None), root / "state").wait_ready()
+        p.root = root
+        try:
+            yield p, tls_port, port
+        finally:
+            p.stop()
+    finally:
+        tls_srv.shutdown()
+        srv.shutdown()

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.support.proxy import Proxy, client_hello, connect_tunnel, fetch, make_tree, start_origin
+from tests.support.proxy import client_hello, connect_tunnel, fetch, proxy_and_origins, read_to_close
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -23,17 +23,13 @@ LIMITS = {"workers": 1, "header_timeout": 1.5, "idle_timeout": 2, "tunnel_idle_t
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("abuse")
-    (root / "state").mkdir()
-    tls_srv, tls_port = start_origin(root)
-    srv, port = start_origin()
-    cfg = make_tree(root, proxy={**LIMITS, "connect_ports": [443, tls_port]})
-    p = Proxy(cfg, root / "state").wait_ready()
-    p.root, p.metrics_port = root, yaml.safe_load(cfg.read_text())["proxy"]["metrics_port"]
-    yield p, tls_port, port
-    p.stop()
-    tls_srv.shutdown()
-    srv.shutdown()
+    def proxy(tls_port: int) -> dict:
+        return {**LIMITS, "connect_ports": [443, tls_port]}
+
+    with proxy_and_origins(tmp_path_factory.mktemp("abuse"), proxy) as e:
+        p = e[0]
+        p.metrics_port = yaml.safe_load(p.cfg_path.read_text())["proxy"]["metrics_port"]
+        yield e
 
 
 def refused(p, reason: str) -> int:
@@ -50,12 +46,7 @@ def raw(p, data: bytes, source: str = "127.0.0.1", timeout: float = 5) -> bytes:
     """Send raw bytes, read until the proxy closes (or a reset); what came back."""
     s = socket.create_connection(("127.0.0.1", p.port), timeout=timeout, source_address=(source, 0))
     s.sendall(data)
-    got = b""
-    try:
-        while chunk := s.recv(65536):
-            got += chunk
-    except (ConnectionResetError, socket.timeout):
-        pass
+    got = read_to_close(s, (ConnectionResetError, socket.timeout))
     s.close()
     return got
 
@@ -68,12 +59,7 @@ def serves(p, port: int, source: str = "127.0.0.1") -> None:
 def closed_within(s: socket.socket, seconds: float) -> tuple[bytes, float]:
     t0 = time.monotonic()
     s.settimeout(seconds)
-    got = b""
-    try:
-        while chunk := s.recv(65536):
-            got += chunk
-    except ConnectionResetError:
-        pass
+    got = read_to_close(s)
     return got, time.monotonic() - t0
 
 

@@ -12,7 +12,8 @@ import pytest
 from filters.proxy import sni
 from filters.proxy.tunnel import parse_connect
 from tests.support.env import free_port
-from tests.support.proxy import Proxy, client_hello, connect_tunnel, fetch, make_tree, start_origin
+from tests.support.proxy import (Proxy, client_hello, connect_tunnel, fetch, make_tree, proxy_and_origins, read_to_close,
+                                 start_origin)
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,16 +58,8 @@ def test_parse_connect():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tun")
-    (root / "state").mkdir()
-    tls_srv, tls_port = start_origin(root)
-    srv, port = start_origin()
-    p = Proxy(make_tree(root), root / "state").wait_ready()
-    p.root = root
-    yield p, tls_port, port
-    p.stop()
-    tls_srv.shutdown()
-    srv.shutdown()
+    with proxy_and_origins(tmp_path_factory.mktemp("tun")) as e:
+        yield e
 
 
 def _log_line(p, pattern: str, timeout: float = 5) -> str:
@@ -90,9 +83,7 @@ def test_tunnel_logs_real_bytes_and_origin_ip(env):
     assert status == 200
     with _insecure().wrap_socket(s, server_hostname="localhost") as t:
         t.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-        got = b""
-        while chunk := t.recv(65536):
-            got += chunk
+        got = read_to_close(t, ignore=())
     assert path.encode() in got
     line = _log_line(p, rf" TCP_TUNNEL/200 \d+ CONNECT 127\.0\.0\.1:{tls_port} ")
     size = int(line.split()[4])
@@ -132,12 +123,7 @@ def test_non_tls_tunnel_is_cut_and_http_still_goes_to_mitmproxy(env):
     status, s = connect_tunnel(p.port, f"127.0.0.1:{port}")
     assert status == 200
     s.sendall(b"GET /plain-in-tunnel HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    got = b""
-    try:
-        while chunk := s.recv(65536):
-            got += chunk
-    except ConnectionResetError:
-        pass
+    got = read_to_close(s)
     s.close()
     assert got == b""
     _log_line(p, rf" TCP_DENIED/403 0 CONNECT 127\.0\.0\.1:{port} ")
