@@ -1,4 +1,4 @@
-"""Build-input SSH keys: create the sync key and each node's host key once in the config dir, then reuse them."""
+"""Build-input SSH keys: create each node's host key and own sync key once in the config dir, then reuse them."""
 from __future__ import annotations
 
 import os
@@ -30,18 +30,58 @@ def _check_pair(path: Path) -> None:
         raise BuildError(f"{path} is readable by others (mode {oct(os.stat(path).st_mode & 0o777)}); chmod 600 it")
 
 
+# The Debian overlay (image/debian/overlay.py) still authorises the old shared key keys/sync_ed25519 and ships it in the
+# release; FreeBSD images use per-node keys only. Remove an OS here once its overlay uses render.own_sync_key and
+# render.sync_authorized_lines (docs/security.md, "Not done yet").
+SHARED_KEY_OSES = ("debian",)
+
+
+def uses_shared_key(cfg: Appliance) -> bool:
+    return cfg.cluster.os in SHARED_KEY_OSES
+
+
+def wanted_keys(cfg: Appliance, config_dir: Path) -> list[tuple[Path, str]]:
+    """Every build-input key of the cluster with its comment: per node its host key and its own sync key (both in
+    keys/hosts/<node>/, node-local), and the old shared sync key only for an OS whose overlay still uses it."""
+    wanted = [(keys.sync_key(config_dir), f"{cfg.sync.user}@carpguard")] if uses_shared_key(cfg) else []
+    for n in sorted(cfg.nodes):
+        wanted.append((keys.host_key(config_dir, n), f"root@{cfg.nodes[n].hostname or n}"))
+        wanted.append((keys.node_sync_key(config_dir, n), f"{keys.KEY_COMMENT}@{n}"))
+    return wanted
+
+
+def _check_distinct(cfg: Appliance, config_dir: Path) -> None:
+    """A sync key copied to a second node (or the old shared key reused as a node's) could not be revoked alone."""
+    seen: dict[str, Path] = {}
+    paths = [keys.node_sync_key(config_dir, n) for n in sorted(cfg.nodes)]
+    legacy = keys.sync_key(config_dir)
+    if legacy.with_name(legacy.name + ".pub").exists():
+        paths.insert(0, legacy)
+    for p in paths:
+        pub = public_key(p).split()[-1]
+        if pub in seen:
+            raise BuildError(f"{p} is the same key as {seen[pub]}: each node needs its own sync key "
+                             f"(remove {p} and {p.name}.pub to make a new one)")
+        seen[pub] = p
+
+
 def ensure_keys(cfg: Appliance, config_dir: Path) -> list[Path]:
-    """Make the missing keys (sync key, one host key per node); return the ones created."""
+    """Make the missing keys (wanted_keys) once; return the ones created. A tree with only the old shared key gets
+    the per-node sync keys made here; the shared key stays where it is (images no longer carry it, see above)."""
     made: list[Path] = []
-    wanted = [(keys.sync_key(config_dir), f"{cfg.sync.user}@carpguard")]
-    wanted += [(keys.host_key(config_dir, n), f"root@{cfg.nodes[n].hostname or n}") for n in sorted(cfg.nodes)]
-    for path, comment in wanted:
+    for path, comment in wanted_keys(cfg, config_dir):
         if path.exists():
             _check_pair(path)
             continue
         _keygen(path, comment)
         made.append(path)
+    _check_distinct(cfg, config_dir)
     return made
+
+
+def sync_pubs(cfg: Appliance, config_dir: Path, nodes) -> dict[str, str]:
+    """node -> its own sync key's public half ("ssh-ed25519 AAAA..."), for the nodes asked for."""
+    return {n: public_key(keys.node_sync_key(config_dir, n)) for n in nodes}
 
 
 def public_key(private: Path) -> str:

@@ -9,10 +9,11 @@ import jinja2
 
 from appliance.core import model as config_model
 from appliance.core.model import Appliance
+from appliance.core.paths import Paths
 from sync import keys
 
 from image.errors import BuildError
-from image.keygen import public_key
+from image.keygen import public_key, sync_pubs, uses_shared_key
 from image.tree import Tree
 
 APPLIANCE_BIN = "/usr/local/bin/appliance"
@@ -192,11 +193,47 @@ def config_release(tree: Tree, cfg: Appliance, config_path: Path, exclude: list[
             tree.file(target, data, 0o600 if secret else 0o644, secret=secret, source=str(f))
     kdir = f"{rel}/{keys.KEYS_DIR}"
     tree.dir(kdir, 0o700)
-    sk = keys.sync_key(config_dir)
-    tree.file(f"{kdir}/{keys.SYNC_KEY}", sk.read_bytes(), 0o600, secret=True, source=str(sk))
-    tree.file(f"{kdir}/{keys.SYNC_KEY}.pub", public_key(sk) + f" {cfg.sync.user}\n", 0o644)
+    if uses_shared_key(cfg):  # the old layout, for an overlay not yet on per-node keys (keygen.SHARED_KEY_OSES)
+        sk = keys.sync_key(config_dir)
+        tree.file(f"{kdir}/{keys.SYNC_KEY}", sk.read_bytes(), 0o600, secret=True, source=str(sk))
+        tree.file(f"{kdir}/{keys.SYNC_KEY}.pub", public_key(sk) + f" {cfg.sync.user}\n", 0o644)
     hostkeys = {n: public_key(keys.host_key(config_dir, n)) for n in cfg.nodes}
     tree.file(f"{kdir}/{keys.KNOWN_HOSTS}", "".join(l + "\n" for l in keys.known_hosts_lines(cfg, hostkeys)), 0o644)
+
+
+def own_sync_key(tree: Tree, config_dir: Path, node: str, state_dir: str = STATE_DIR) -> None:
+    """`node`'s own private sync key where `appliance sync` pushes with it (Paths.sync_key: <state>/keys/, 0700, the
+    key 0600): in this node's image only, never in a release (so never synced, never in another node's image)."""
+    dst = Paths(Path(state_dir)).sync_key
+    src = keys.node_sync_key(config_dir, node)
+    pub = src.with_name(src.name + ".pub")
+    tree.dir(str(dst.parent), 0o700)
+    tree.file(str(dst), src.read_bytes(), 0o600, secret=True, source=str(src))
+    tree.file(f"{dst}.pub", pub.read_bytes(), 0o644, source=str(pub))
+
+
+def sync_authorized_lines(cfg: Appliance, config_dir: Path, node: str, appliance_bin: str, elevate: str) -> list[str]:
+    """`node`'s sync user's authorized_keys: each OTHER node's own public key, from that node's sync address only
+    (appliance-sync@<owner>, so `appliance keys revoke <owner>` takes one node's key away alone)."""
+    others = [n for n in cfg.nodes if n != node]
+    return keys.node_authorized_keys(cfg, node, sync_pubs(cfg, config_dir, others), appliance_bin, elevate)
+
+
+def _sync_login(t: Tree, cfg: Appliance, config_dir: Path, node: str, acc: dict) -> None:
+    """The sync user's home, .ssh and authorized_keys (the other nodes' own keys) on a FreeBSD node."""
+    home = acc["home"]
+    # root owns the home, .ssh and authorized_keys; the sync user may only read its key (group), never change it
+    sync_group = ("root", cfg.sync.user, 0, SYNC_UID) if acc["elevate"] != "none" else ("root", "wheel", 0, 0)
+    if acc["user"] == "root":
+        t.dir(home, 0o750)
+        t.dir(f"{home}/.ssh", 0o700)
+    else:
+        t.dir("/home", 0o755)
+        t.dir(home, 0o755)
+        t.dir(f"{home}/.ssh", 0o750, owner=sync_group)
+    lines = sync_authorized_lines(cfg, config_dir, node, APPLIANCE_BIN, acc["elevate"])
+    t.file(f"{home}/.ssh/authorized_keys", "".join(l + "\n" for l in lines), 0o640 if acc["user"] != "root" else 0o600,
+           owner=sync_group, source="keys:authorized_keys")
 
 
 def render_node(cfg: Appliance, config_path: Path, node: str, exclude: list[Path] = (), **per_os) -> Tree:
@@ -221,10 +258,7 @@ def render_freebsd(cfg: Appliance, config_path: Path, node: str, exclude: list[P
     t.file("/usr/local/etc/devd/carp.conf", template("devd-carp.conf.j2", rules=_devd_rules(cfg, node), **common), source="template:devd-carp.conf.j2")
     t.file("/usr/local/etc/rc.d/appliance", template("rc.d-appliance.j2", pidfile=PIDFILE, **common), 0o555, source="template:rc.d-appliance.j2")
     acc = sync_access(cfg)
-    home = acc["home"]
-    # root owns the home, .ssh and authorized_keys; the sync user may only read its key (group), never change it
-    sync_group = ("root", cfg.sync.user, 0, SYNC_UID) if acc["elevate"] != "none" else ("root", "wheel", 0, 0)
-    fb = dict(share=SHARE, venv=VENV, python=PYTHON, sync_user=cfg.sync.user, sync_uid=SYNC_UID, sync_home=home)
+    fb = dict(share=SHARE, venv=VENV, python=PYTHON, sync_user=cfg.sync.user, sync_uid=SYNC_UID, sync_home=acc["home"])
     t.file("/usr/local/etc/rc.d/appliance_firstboot", template("rc.d-appliance_firstboot.j2", **fb, **common), 0o555,
            source="template:rc.d-appliance_firstboot.j2")
     t.file("/usr/local/bin/appliance", template("appliance-wrapper.j2", venv=VENV, **common), 0o555, source="template:appliance-wrapper.j2")
@@ -244,17 +278,9 @@ def render_freebsd(cfg: Appliance, config_path: Path, node: str, exclude: list[P
     hk = keys.host_key(config_dir, node)
     t.file("/etc/ssh/ssh_host_ed25519_key", hk.read_bytes(), 0o600, secret=True, source=str(hk))
     t.file("/etc/ssh/ssh_host_ed25519_key.pub", public_key(hk) + f" root@{n.hostname or node}\n", 0o644)
-    if acc["user"] == "root":
-        t.dir(home, 0o750)
-        t.dir(f"{home}/.ssh", 0o700)
-    else:
-        t.dir("/home", 0o755)
-        t.dir(home, 0o755)
-        t.dir(f"{home}/.ssh", 0o750, owner=sync_group)
-    auth = keys.authorized_keys_line(cfg, node, public_key(keys.sync_key(config_dir)), APPLIANCE_BIN, elevate=acc["elevate"])
-    t.file(f"{home}/.ssh/authorized_keys", auth + "\n", 0o640 if acc["user"] != "root" else 0o600, owner=sync_group,
-           source="keys:authorized_keys")
+    _sync_login(t, cfg, config_dir, node, acc)
     t.dir(STATE_DIR, 0o755)
+    own_sync_key(t, config_dir, node)
     t.dir(f"{STATE_DIR}/run", 0o755)
     t.dir(f"{STATE_DIR}/releases", 0o755)
     config_release(t, cfg, config_path, list(exclude))

@@ -66,6 +66,12 @@ def host_key(config_dir: Path, node: str) -> Path:
     return keys_dir(config_dir) / HOST_KEYS_DIR / node / "ssh_host_ed25519_key"
 
 
+def node_sync_key(config_dir: Path, node: str) -> Path:
+    """Build input (`make image`): `node`'s own sync key, keys/hosts/<node>/sync_ed25519 beside its host key (node-local,
+    never synced); the image puts it at the node's Paths.sync_key, where `appliance keys init` makes it on a node."""
+    return keys_dir(config_dir) / HOST_KEYS_DIR / node / SYNC_KEY
+
+
 # How the forced command gains the rights it needs on the peer (write <state>, SIGHUP the root-owned proxy):
 # "none" runs it as the login user (sync.user: root with PermitRootLogin forced-commands-only), "doas" (FreeBSD
 # image, security/doas) and "sudo" (Linux) run exactly `<appliance> sync-serve` as root through a one-command rule.

@@ -11,10 +11,11 @@ import yaml
 
 from appliance.core import loader as cfgmod
 from appliance.core.model import Appliance
+from appliance.core.paths import Paths
 from sync import keys
 from image import checks, keygen, render
 from image.debian import overlay
-from image.errors import CheckFailed
+from image.errors import BuildError, CheckFailed
 from tests.support.env import need_tool
 
 
@@ -120,11 +121,22 @@ def test_keys_layout_modes_and_release(rendered):
     assert (auth.mode, auth.uname, auth.gname, auth.gid) == (0o640, "root", "appliance-sync", 1990)
     ssh_dir = t.get("/home/appliance-sync/.ssh")
     assert (ssh_dir.mode, ssh_dir.uid, ssh_dir.gid) == (0o750, 0, 1990) and t.get("/home/appliance-sync").uid == 0
-    pub = keygen.public_key(keys.sync_key(cdir))
-    assert auth.data.decode().strip() == keys.authorized_keys_line(cfg, "fw1", pub, "/usr/local/bin/appliance", elevate="doas")
+    # per-node keys: fw1 authorises fw2's own key, from fw2's sync address only, tagged with its owner (revocable alone)
+    pub = keygen.public_key(keys.node_sync_key(cdir, "fw2"))
+    assert auth.data.decode() == keys.authorized_keys_line(cfg, "fw1", pub, "/usr/local/bin/appliance", elevate="doas",
+                                                           owner="fw2") + "\n"
     assert auth.data.decode().startswith('command="/usr/local/bin/doas -n /usr/local/bin/appliance sync-serve",from="192.168.200.2",restrict ')
+    assert auth.data.decode().endswith(" appliance-sync@fw2\n")
+    # fw1's own key where `appliance sync` pushes with it (sync.keys.push_key prefers Paths.sync_key), 0600 in 0700
+    own = Paths(Path(render.STATE_DIR)).sync_key
+    assert keys.push_key(own, Path("/nonexistent")) == own
+    assert t.get(str(own)).data == keys.node_sync_key(cdir, "fw1").read_bytes()
+    assert (t.get(str(own)).mode, t.get(str(own)).uid, t.get(str(own.parent)).mode) == (0o600, 0, 0o700)
+    assert t.get(f"{own}.pub").data == keys.node_sync_key(cdir, "fw1").with_suffix(".pub").read_bytes()
+    assert t.get(f"{own}.pub").mode == 0o644
     rel = "/var/db/appliance/releases/1"
-    assert t.get(f"{rel}/keys/sync_ed25519").mode == 0o600
+    assert t.get(f"{rel}/keys/sync_ed25519") is None and t.get(f"{rel}/keys/sync_ed25519.pub") is None  # no shared key
+    assert not [e.path for e in t if e.path.startswith(rel + "/") and render.is_private_key(e.data)]  # never synced
     assert t.get(f"{rel}/keys/hosts") is None and t.get(f"{rel}/keys/hosts/fw1/ssh_host_ed25519_key") is None
     kh = text(t, f"{rel}/keys/known_hosts").splitlines()
     assert kh[1].split()[0] == "192.168.200.2" and kh[1].split()[1:] == keys.host_key(cdir, "fw2").with_suffix(".pub").read_text().split()[:2]
@@ -142,14 +154,79 @@ def test_keys_layout_modes_and_release(rendered):
 def test_keys_generated_once_then_reused(example_tree):
     need_tool("ssh-keygen")
     shutil.rmtree(example_tree.parent / "keys", ignore_errors=True)  # examples/keys/ exists once `make image` ran
+    cdir = example_tree.parent
     cfg = cfgmod.load(example_tree)
-    made = keygen.ensure_keys(cfg, example_tree.parent)
-    assert {p.name for p in made} == {"sync_ed25519", "ssh_host_ed25519_key"} and len(made) == 3
-    sk = keys.sync_key(example_tree.parent)
-    assert os.stat(sk).st_mode & 0o777 == 0o600
-    before = sk.read_bytes()
-    assert keygen.ensure_keys(cfg, example_tree.parent) == []
-    assert sk.read_bytes() == before
+    made = keygen.ensure_keys(cfg, cdir)
+    want = {keys.host_key(cdir, n) for n in cfg.nodes} | {keys.node_sync_key(cdir, n) for n in cfg.nodes}
+    assert set(made) == want and len(made) == 4
+    assert not keys.sync_key(cdir).exists()  # no shared key for a FreeBSD cluster
+    for n in cfg.nodes:
+        sk = keys.node_sync_key(cdir, n)
+        assert sk == cdir / "keys" / "hosts" / n / "sync_ed25519"
+        assert os.stat(sk).st_mode & 0o777 == 0o600 and os.stat(sk.parent).st_mode & 0o777 == 0o700
+        assert sk.with_suffix(".pub").read_text().split()[-1] == f"appliance-sync@{n}"
+    before = {p: p.read_bytes() for p in want}
+    assert keygen.ensure_keys(cfg, cdir) == []
+    assert {p: p.read_bytes() for p in want} == before
+
+
+def test_a_tree_with_only_the_old_shared_key_builds_with_per_node_keys(example_tree):
+    """An existing config dir from before per-node keys (shared keys/sync_ed25519 + host keys): the build makes each
+    node's own key, renders per-node lines, and carries the shared key nowhere (nor authorises it)."""
+    need_tool("ssh-keygen")
+    cdir = example_tree.parent
+    shutil.rmtree(cdir / "keys", ignore_errors=True)
+    cfg = cfgmod.load(example_tree)
+    keys.keygen(keys.sync_key(cdir), "appliance-sync@carpguard")
+    for n in cfg.nodes:
+        keys.keygen(keys.host_key(cdir, n), f"root@{n}")
+    made = keygen.ensure_keys(cfg, cdir)
+    assert set(made) == {keys.node_sync_key(cdir, n) for n in cfg.nodes}
+    shared_priv, shared_pub = keys.sync_key(cdir).read_bytes(), keygen.public_key(keys.sync_key(cdir)).split()[1]
+    for n in cfg.nodes:
+        t = render.render_node(cfg, example_tree, n)
+        assert not [e.path for e in t if e.kind == "file" and (shared_priv in e.data or shared_pub.encode() in e.data)]
+        assert checks.run_all(t, b"change-me") == []
+
+
+def test_a_sync_key_copied_to_another_node_is_refused(example_tree):
+    """Two nodes with the same sync key could not be told apart (nor one revoked alone): the build stops."""
+    need_tool("ssh-keygen")
+    cdir = example_tree.parent
+    cfg = cfgmod.load(example_tree)
+    keygen.ensure_keys(cfg, cdir)
+    for suffix in ("", ".pub"):
+        src = keys.node_sync_key(cdir, "fw1").with_name("sync_ed25519" + suffix)
+        shutil.copy2(src, keys.node_sync_key(cdir, "fw2").with_name("sync_ed25519" + suffix))
+    with pytest.raises(BuildError, match="fw2/sync_ed25519 is the same key as .*fw1/sync_ed25519"):
+        keygen.ensure_keys(cfg, cdir)
+
+
+def test_no_node_image_carries_another_nodes_private_key(example_tree):
+    """Three nodes: each image holds its own private sync key (once, in <state>/keys/) and no other node's private key
+    (sync or host), anywhere; each authorises exactly the two others' public keys."""
+    data = yaml.safe_load(example_tree.read_text())
+    data["nodes"]["fw3"] = {"lan": "192.168.1.4/24", "sync": "192.168.200.3/29", "advskew": 200}
+    for n in ("fw1", "fw2"):
+        data["nodes"][n]["sync"] = data["nodes"][n]["sync"].replace("/30", "/29")
+    example_tree.write_text(yaml.safe_dump(data, sort_keys=False))
+    cdir = example_tree.parent
+    cfg = cfgmod.load(example_tree)
+    keygen.ensure_keys(cfg, cdir)
+    secret = {n: {"sync": keys.node_sync_key(cdir, n).read_bytes(), "host": keys.host_key(cdir, n).read_bytes()}
+              for n in cfg.nodes}
+    # the 4th base64 line holds the private scalar (the first ones are a header every ed25519 key shares)
+    bodies = {n: {k: v.split(b"\n")[4] for k, v in d.items()} for n, d in secret.items()}
+    own = str(Paths(Path(render.STATE_DIR)).sync_key)
+    for node in cfg.nodes:
+        t = render.render_node(cfg, example_tree, node)
+        files = [e for e in t if e.kind == "file"]
+        for other in set(cfg.nodes) - {node}:
+            for kind, body in bodies[other].items():
+                assert not [e.path for e in files if body in e.data], (node, other, kind)
+        assert [e.path for e in files if bodies[node]["sync"] in e.data] == [own]
+        auth = text(t, "/home/appliance-sync/.ssh/authorized_keys").splitlines()
+        assert sorted(l.split()[-1] for l in auth) == [f"appliance-sync@{o}" for o in sorted(set(cfg.nodes) - {node})]
 
 
 def test_rc_d_script_has_all_commands(rendered):
