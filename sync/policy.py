@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import os
 import stat
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from appliance.core.errors import ConfigError
 from appliance.core.loader import load
 from appliance.core.model import Appliance
-from appliance.core.rotation import pass_step_error, vhid_step_error
+from appliance.core.fsio import read_json
+from appliance.core.paths import Paths
+from appliance.core.rotation import carp_step_error, pass_step_error
 from sync.errors import BAD_INPUT, SyncError
 
 HOOKS_DIR = "hooks.d"
 CONFIG_NAME = "appliance.yaml"
+HEARD_SLACK = 15.0   # seconds: the speaker rewrites its state file every 10 s, plus margin
 
 
 def rule_no_code(rel: str, st: os.stat_result) -> str | None:
@@ -52,14 +57,33 @@ def live_config(tree: Path | None) -> Appliance | None:
         return None
 
 
-def check_carp_step(old: Appliance | None, new: Appliance, carp_running: bool) -> None:
+def heard_passes(paths: Paths, live: Appliance | None, now: float | None = None) -> dict[str, str]:
+    """{peer LAN address: pass fingerprint} of the adverts this node's CARP engines accepted in the last
+    3 x advbase (+ HEARD_SLACK): which pass each peer signs with now. Empty without speaker state files (ucarp,
+    kernel CARP, CARP stopped), where only the pairwise pass check applies."""
+    if live is None:
+        return {}
+    now = time.time() if now is None else now
+    fresh = 3 * live.cluster.advbase + HEARD_SLACK
+    out: dict[str, str] = {}
+    for vhid in [live.cluster.vhid] + [x.vhid for x in live.cluster.extra_vhids]:
+        state = read_json(paths.engine_state(vhid)) or {}
+        peers = state.get("peers") if isinstance(state, dict) else None
+        for ip, d in (peers.items() if isinstance(peers, dict) else ()):
+            if isinstance(d, dict) and isinstance(d.get("signed"), str) and d["signed"] \
+                    and isinstance(d.get("at"), (int, float)) and now - d["at"] <= fresh:
+                out[str(ip)] = d["signed"]
+    return out
+
+
+def check_carp_step(old: Appliance | None, new: Appliance, carp_running: bool,
+                    heard: Mapping[str, str] | None = None) -> None:
     """Refuse a config that would split the cluster if applied here while the peers run `old`: a CARP pass change
-    outside the rotation, or a vhid change while this node's CARP engines run."""
+    outside the rotation (checked pairwise, and against the pass each peer was just heard signing with), or any
+    other CARP setting change (rotation.carp_settings) while this node's CARP engines run."""
     if old is None:
         return
-    err = pass_step_error(old.cluster, new.cluster)
-    if err:
-        raise SyncError(f"{CONFIG_NAME}: {err}; refused, nothing applied", BAD_INPUT)
-    err = vhid_step_error(old, new)
-    if err and carp_running:
-        raise SyncError(f"{CONFIG_NAME}: {err}; refused, nothing applied", BAD_INPUT)
+    errors = [pass_step_error(old.cluster, new.cluster, heard), carp_step_error(old, new) if carp_running else None]
+    for err in errors:
+        if err:
+            raise SyncError(f"{CONFIG_NAME}: {err}; refused, nothing applied", BAD_INPUT)

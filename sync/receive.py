@@ -136,8 +136,9 @@ def _receive(paths: Paths, rel: Releases, gen: int, digest: str, force: bool, so
     except SyncError as e:
         note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
         raise
-    try:  # a CARP pass or vhid change that would split the cluster is not applied by a sync alone (issue 12, #2)
-        policy.check_carp_step(policy.live_config(rel.path(live) if live is not None else None), cfg, carp_running(paths))
+    try:  # a CARP change that would split the cluster is not applied by a sync alone (issue 12, #2)
+        old = policy.live_config(rel.path(live) if live is not None else None)
+        policy.check_carp_step(old, cfg, carp_running(paths), policy.heard_passes(paths, old))
     except SyncError as e:
         note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
         raise

@@ -23,141 +23,17 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from appliance.core.rotation import pass_fingerprint
 from appliance.ha import protocol as cp
+from appliance.ha.peers import Peer
 
 MAX_SOURCES = 64            # per-source counter state kept when no peers are configured (LRU)
 MAX_BAD_SOURCES = 16        # recent senders of dropped adverts kept for the status (LRU)
 SEEN_MAX = 8192             # (source, counter) pairs remembered for peers whose counters are random (LRU)
-COUNTER_MODES = ("forward", "any")
 COUNTER_TIME_SHIFT = 20     # our counters start at wall-clock ms << 20: a restart always continues above
 COUNTER_MASK = (1 << 64) - 1
-PEERS_FILE_MAX = 65536      # bytes read from a --peers-file (one spec a line; a cluster has a handful of nodes)
 OWN_RANGES_MAX = 16         # ranges of counters this node sent (one per run, kept in the state file)
 RECOVER_ADVERTS = 10        # a forward peer refused only by its counter this many advbase periods in a row: resync
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A configured node that may send adverts for this vhid, and the lowest advskew it is configured with."""
-
-    ip: str
-    min_advskew: int = 0
-    counter: str = "forward"    # forward: a speaker (counters only go up); any: ucarp/carp(4) (replays by cache)
-
-
-def parse_peer(spec: str) -> Peer:
-    """`IP[,advskew=N][,counter=forward|any]` (the supervisor passes every other node's LAN address and its
-    advskew for the vhid)."""
-    import ipaddress
-    parts = [p.strip() for p in spec.split(",")]
-    try:
-        ip = str(ipaddress.IPv4Address(parts[0].split("/")[0]))
-    except ValueError:
-        raise ValueError(f"--peer {spec!r}: not an IPv4 address") from None
-    skew, mode = 0, "forward"
-    for p in parts[1:]:
-        k, _, v = p.partition("=")
-        if k == "advskew" and v.isdigit() and 0 <= int(v) <= 254:
-            skew = int(v)
-        elif k == "counter" and v in COUNTER_MODES:
-            mode = v
-        else:
-            raise ValueError(f"--peer {spec!r}: expected IP[,advskew=0-254][,counter=forward|any], got {p!r}")
-    return Peer(ip, skew, mode)
-
-
-def parse_peers(text: str, where: str = "peers file") -> list[Peer]:
-    """A --peers-file: one `parse_peer` spec a line; blank lines and `#` comments skipped. ValueError names the line."""
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        spec = line.split("#", 1)[0].strip()
-        if not spec:
-            continue
-        try:
-            out.append(parse_peer(spec))
-        except ValueError as e:
-            raise ValueError(f"{where}:{n}: {e}") from None
-    return out
-
-
-class PeersFile:
-    """--peers-file: re-read when its mtime, size or inode changes, looked at no more than once per `every`
-    seconds (one fstat, at most PEERS_FILE_MAX bytes). A file that is missing or does not parse is logged once
-    per version and changes nothing: the caller keeps the list it has."""
-
-    def __init__(self, path: str, logger: logging.Logger, every: float = 1.0) -> None:
-        self.path, self.log, self.every = path, logger, every
-        self._sig: tuple | None = None
-        self._next = 0.0
-
-    def read(self) -> list[Peer]:
-        """The file's peers now (at start); OSError or ValueError when it cannot be used."""
-        with open(self.path, "rb") as f:
-            st = os.fstat(f.fileno())
-            self._sig = (st.st_mtime_ns, st.st_size, st.st_ino)
-            raw = f.read(PEERS_FILE_MAX + 1)
-        if len(raw) > PEERS_FILE_MAX:
-            raise ValueError(f"{self.path}: longer than {PEERS_FILE_MAX} bytes")
-        try:
-            return parse_peers(raw.decode(), self.path)
-        except UnicodeDecodeError:
-            raise ValueError(f"{self.path}: not UTF-8 text") from None
-
-    def poll(self, now: float) -> list[Peer] | None:
-        """The new list when the file changed since the last look, else None (also when it is unusable)."""
-        if now < self._next:
-            return None
-        self._next = now + self.every
-        try:
-            st = os.stat(self.path)
-        except OSError as e:
-            if self._sig != ("missing",):
-                self._sig = ("missing",)
-                self.log.warning("peers file %s: %s; the previous peer list stays", self.path, e.strerror)
-            return None
-        if (st.st_mtime_ns, st.st_size, st.st_ino) == self._sig:
-            return None
-        try:
-            return self.read()
-        except (OSError, ValueError) as e:
-            self.log.warning("peers file not used, the previous peer list stays: %s", getattr(e, "strerror", None) or e)
-            return None
-
-
-class NextPass:
-    """--passfile-next: the pass being rotated in (cluster.password_next). Read at start and re-read when it changes
-    (looked at once a second, like the peers file); missing or empty means no rotation. The guard then accepts adverts
-    signed with either pass; the speaker keeps signing with its own (docs/security.md)."""
-
-    def __init__(self, path: str, logger: logging.Logger, every: float = 1.0) -> None:
-        self.path, self.log, self.every = path, logger, every
-        self._sig: tuple | None = None
-        self._next = 0.0
-
-    def apply(self, g: "Guard", now: float) -> None:
-        if now < self._next:
-            return
-        self._next = now + self.every
-        try:
-            st = os.stat(self.path)
-            sig: tuple = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            sig = ("missing",)
-        if sig == self._sig:
-            return
-        self._sig = sig
-        pw = None
-        if sig != ("missing",):
-            try:
-                with open(self.path, "rb") as f:
-                    raw = f.read(256).split(b"\n", 1)[0].rstrip(b"\r")
-                pw = cp.check_pass(raw) if raw else None
-            except (OSError, ValueError) as e:
-                self.log.warning("next-pass file %s not used: %s", self.path, getattr(e, "strerror", None) or e)
-                pw = None
-        if pw != g.next_pw:
-            g.next_pw = pw
-            self.log.warning("pass rotation: %s", "also accepting the next pass" if pw else "accepting only the pass")
 
 
 def initial_counter(saved: int | None = None, now_ns: int | None = None) -> int:
@@ -177,6 +53,7 @@ class _Source:
     accepted: int = 0
     lo: int = -1                # the contiguous run of counters accepted from it that ends at `counter`
     streak: tuple | None = None  # (first time, first counter, last counter) of adverts refused only by the counter
+    signed: str = ""            # pass_fingerprint of the pass its last accepted advert was signed with
 
 
 class Guard:
@@ -201,6 +78,7 @@ class Guard:
         self.next_pw: bytes | None = None      # during a pass rotation: adverts signed with it are accepted too
         self.own: list[list[int]] = []          # [first, last] counters this node sent, per run (note_sent)
         self.by_counter: OrderedDict[int, str] = OrderedDict()   # counter -> source it was accepted from (LRU)
+        self._fps: dict[bytes, str] = {}
 
     def note_sent(self, counter: int) -> None:
         """The speaker sent an advert with this counter: one of ours is a replay from any source."""
@@ -253,9 +131,19 @@ class Guard:
             raise cp.BadPacket("badadvskew", f"advskew {a.advskew} without advbase 255")
         elif peer is not None and a.advskew < peer.min_advskew:
             raise cp.BadPacket("badadvskew", f"advskew {a.advskew}, below the peer's {peer.min_advskew}")
-        cp.check_auth(a, (self._pw, self.next_pw) if self.next_pw else self._pw, self.vhid, self.vip)
+        passes = (self._pw, self.next_pw) if self.next_pw else (self._pw,)
+        signed = passes[cp.auth_index(a, passes, self.vhid, self.vip)]
         self._count(rx.src, a.counter, now, peer.counter if peer is not None else "any")
+        self.sources[rx.src].signed = self._fingerprint(signed)
         return a
+
+    def _fingerprint(self, pw: bytes) -> str:
+        # one HMAC per pass, not per advert: the pass and the next one are the only keys
+        fp = self._fps.get(pw)
+        if fp is None:
+            self._fps = {pw: pass_fingerprint(pw), **{k: v for k, v in self._fps.items() if k in (self._pw, self.next_pw)}}
+            fp = self._fps[pw]
+        return fp
 
     def _count(self, src: str, counter: int, now: float, mode: str) -> None:
         # the digest does not cover the source: a counter we sent, or one accepted from another source, is a
@@ -312,9 +200,12 @@ class Guard:
                                             counter - st[1] + 1, counter)
         return True
 
-    def snapshot(self) -> dict[str, dict]:
-        """Per source: the last accepted counter and how many were accepted (for the state file)."""
-        return {ip: {"counter": s.counter, "accepted": s.accepted} for ip, s in self.sources.items()}
+    def snapshot(self, now: float | None = None) -> dict[str, dict]:
+        """Per source: the last accepted counter, how many were accepted, and when (wall clock) the last one came
+        with which pass (its fingerprint: a sync receiver refuses a config that stops accepting it)."""
+        mono, wall = (time.monotonic() if now is None else now), time.time()
+        return {ip: {"counter": s.counter, "accepted": s.accepted, "signed": s.signed,
+                     "at": round(wall - (mono - s.last), 3)} for ip, s in self.sources.items()}
 
     def restore(self, saved: Mapping, now: float) -> int:
         """Counters saved by an earlier run (its state file): replays stay refused across a restart.

@@ -170,10 +170,16 @@ def check_auth(a: Advert, password: bytes | Sequence[bytes], vhid: int, vip: str
     """The digest. It covers version, type, vhid, the VIP and the counter only: advbase, advskew, demote,
     the IP source and TTL are outside it, so whoever replays a captured advert may change them freely.
     `password` may be several passes (a rotation window: the pass and the next one); any one of them will do."""
+    auth_index(a, [password] if isinstance(password, bytes) else password, vhid, vip)
+    return a
+
+
+def auth_index(a: Advert, passwords: Sequence[bytes], vhid: int, vip: str) -> int:
+    """Which of `passwords` signed the advert (its index); BadPacket("badauth") when none did."""
     ctr = struct.pack("!Q", a.counter)
-    for pw in ([password] if isinstance(password, bytes) else password):
+    for i, pw in enumerate(passwords):
         if hmac.compare_digest(carp_hmac(pw, vhid, vip, ctr), a.md):
-            return a
+            return i
     raise BadPacket("badauth", "check vhid, pass and VIP")
 
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from appliance.ha import guard
+from appliance.ha.peers import NextPass, PeersFile
 from appliance.ha import protocol as cp
 from appliance.ha.fsm import BACKUP, INIT, MASTER, Core
 from appliance.ha.speaker_args import parser, read_pass
@@ -72,12 +73,12 @@ class Speaker:
         self.iface = args.interface
         self.core = Core(vhid=args.vhid, advbase=args.advbase, advskew=args.advskew, srcip=args.srcip,
                          deadratio=args.deadratio, preempt=args.preempt, initial_wait=args.initial_wait)
-        self.peers_file = guard.PeersFile(args.peers_file, log) if args.peers_file else None
+        self.peers_file = PeersFile(args.peers_file, log) if args.peers_file else None
         peers = list(args.peer) + (self.peers_file.read() if self.peers_file else [])   # OSError/ValueError: exit 2
         self.guard = guard.Guard(password=password, vhid=args.vhid, vip=args.addr, srcip=args.srcip,
                                  advbase=args.advbase, mcast=args.mcast, peers=peers, resync=args.counter_resync)
         self.bad = guard.BadLog(log, burst=args.log_burst)
-        self.next_pass = guard.NextPass(args.passfile_next, log) if args.passfile_next else None
+        self.next_pass = NextPass(args.passfile_next, log) if args.passfile_next else None
         self.counters: dict[str, int] = {"sent": 0, "send_errors": 0, "received": 0, "transitions": 0}
         self.counter = guard.initial_counter(self._restore())
         self._state_at = 0.0

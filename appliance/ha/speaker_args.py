@@ -5,7 +5,7 @@ import argparse
 import ipaddress
 from pathlib import Path
 
-from appliance.ha import guard
+from appliance.ha import peers
 from appliance.ha import protocol as cp
 
 
@@ -28,9 +28,9 @@ def _ipv4(s: str) -> str:
         raise argparse.ArgumentTypeError(f"not an IPv4 address: {s!r}") from None
 
 
-def _peer(s: str) -> guard.Peer:
+def _peer(s: str) -> peers.Peer:
     try:
-        return guard.parse_peer(s)
+        return peers.parse_peer(s)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

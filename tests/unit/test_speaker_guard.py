@@ -5,7 +5,9 @@ import logging
 
 import pytest
 
+from appliance.core.rotation import pass_fingerprint
 from appliance.ha import guard
+from appliance.ha import peers as peerspec
 from appliance.ha import protocol as cp
 
 PW, VHID, VIP = b"s3cret-pass", 1, "10.0.0.100"
@@ -16,7 +18,7 @@ def pkt(src=FW1, advbase=1, advskew=0, counter=1000, pw=PW) -> cp.Received:
     return cp.parse_ip(cp.build_packet(pw, VHID, VIP, src, advbase, advskew, counter))
 
 
-def make(peers=(guard.Peer(FW1, 0), guard.Peer(FW2, 100)), **kw) -> guard.Guard:
+def make(peers=(peerspec.Peer(FW1, 0), peerspec.Peer(FW2, 100)), **kw) -> guard.Guard:
     d = dict(password=PW, vhid=VHID, vip=VIP, srcip=SELF, advbase=1, peers=peers)
     d.update(kw)
     return guard.Guard(**d)
@@ -32,7 +34,10 @@ def test_a_peers_advert_is_accepted():
     g = make()
     assert g.admit(pkt(), 0.0).counter == 1000
     assert g.admit(pkt(src=FW2, advskew=100, counter=5), 0.1).advskew == 100
-    assert g.snapshot() == {FW1: {"counter": 1000, "accepted": 1}, FW2: {"counter": 5, "accepted": 1}}
+    snap = g.snapshot(now=0.1)
+    assert {ip: (d["counter"], d["accepted"]) for ip, d in snap.items()} == {FW1: (1000, 1), FW2: (5, 1)}
+    assert snap[FW1]["signed"] == snap[FW2]["signed"] == pass_fingerprint(PW)
+    assert snap[FW2]["at"] - snap[FW1]["at"] == pytest.approx(0.1, abs=0.01)
 
 
 def test_the_review_replay_advbase0_from_a_stranger_is_refused():
@@ -93,7 +98,7 @@ def test_digest_is_checked_before_the_counter_moves():
 
 
 def test_random_counter_peers_and_open_mode_drop_exact_replays():
-    g = make(peers=(guard.Peer(FW1, 0, "any"),))
+    g = make(peers=(peerspec.Peer(FW1, 0, "any"),))
     g.admit(pkt(counter=900), 0.0)
     g.admit(pkt(counter=100), 1.0)                                       # ucarp: random each time
     assert reason(g, pkt(counter=900), 2.0) == "replay"
@@ -120,11 +125,11 @@ def test_restore_keeps_replays_out_after_a_restart():
 
 
 def test_peer_spec():
-    assert guard.parse_peer("10.0.0.2") == guard.Peer("10.0.0.2", 0, "forward")
-    assert guard.parse_peer("10.0.0.2/24,advskew=100,counter=any") == guard.Peer("10.0.0.2", 100, "any")
+    assert peerspec.parse_peer("10.0.0.2") == peerspec.Peer("10.0.0.2", 0, "forward")
+    assert peerspec.parse_peer("10.0.0.2/24,advskew=100,counter=any") == peerspec.Peer("10.0.0.2", 100, "any")
     for bad in ("nope", "10.0.0.2,advskew=255", "10.0.0.2,mac=x", "10.0.0.2,counter=up"):
         with pytest.raises(ValueError):
-            guard.parse_peer(bad)
+            peerspec.parse_peer(bad)
 
 
 def test_initial_counter_goes_up_across_restarts():
@@ -166,22 +171,22 @@ def test_set_peers_keeps_the_state_of_peers_that_stay_and_drops_the_rest():
     g = make()
     g.admit(pkt(counter=10), 0.0)
     g.admit(pkt(src=FW2, advskew=100, counter=20), 0.1)
-    g.set_peers([guard.Peer(FW1, 0), guard.Peer(FW2, 110), guard.Peer("10.0.0.4", 50)])
+    g.set_peers([peerspec.Peer(FW1, 0), peerspec.Peer(FW2, 110), peerspec.Peer("10.0.0.4", 50)])
     assert reason(g, pkt(counter=10), 1.0) == "replay"                         # fw1's high-water mark kept
     assert reason(g, pkt(src=FW2, advskew=100, counter=21), 1.0) == "badadvskew"   # the new advskew applies
     assert g.admit(pkt(src=FW2, advskew=110, counter=21), 1.0)
     assert g.admit(pkt(src="10.0.0.4", advskew=50, counter=1), 1.0)             # the new peer is heard
     assert g.max_sources == 3
-    g.set_peers([guard.Peer(FW2, 110)])                                         # fw1 removed
+    g.set_peers([peerspec.Peer(FW2, 110)])                                         # fw1 removed
     assert reason(g, pkt(counter=11), 2.0) == "badsrc"
     assert set(g.sources) == {FW2} and g.max_sources == 1
     assert reason(g, pkt(src=FW2, advskew=110, counter=21), 2.0) == "replay"   # still kept
 
 
 def test_set_peers_drops_the_state_of_a_peer_whose_counter_mode_changed():
-    g = make(peers=(guard.Peer(FW1, 0, "any"),))
+    g = make(peers=(peerspec.Peer(FW1, 0, "any"),))
     g.admit(pkt(counter=2 ** 60), 0.0)                                         # ucarp: a random counter
-    g.set_peers([guard.Peer(FW1, 0)])                                          # now a speaker: forward only
+    g.set_peers([peerspec.Peer(FW1, 0)])                                          # now a speaker: forward only
     assert g.sources == {} and g.seen == {}
     assert g.admit(pkt(counter=5), 1.0)                                        # not locked out by the random one
     g.set_peers([])                                                            # open mode: nothing dropped
@@ -190,11 +195,11 @@ def test_set_peers_drops_the_state_of_a_peer_whose_counter_mode_changed():
 
 def test_parse_peers_skips_comments_and_names_the_bad_line():
     text = "# written by appliance carp\n10.0.0.1,advskew=0\n\n  10.0.0.2,advskew=100  # fw2\n10.0.0.9,counter=any\n"
-    assert guard.parse_peers(text) == [guard.Peer(FW1, 0), guard.Peer(FW2, 100), guard.Peer("10.0.0.9", 0, "any")]
+    assert peerspec.parse_peers(text) == [peerspec.Peer(FW1, 0), peerspec.Peer(FW2, 100), peerspec.Peer("10.0.0.9", 0, "any")]
     with pytest.raises(ValueError, match=r"f:2: .*not an IPv4"):
-        guard.parse_peers("10.0.0.1\nfw2.example\n", "f")
+        peerspec.parse_peers("10.0.0.1\nfw2.example\n", "f")
     with pytest.raises(ValueError, match=r"f:1: .*advskew=300"):
-        guard.parse_peers("10.0.0.1,advskew=300\n", "f")
+        peerspec.parse_peers("10.0.0.1,advskew=300\n", "f")
 
 
 def _replace(path, text: str) -> None:
@@ -207,12 +212,12 @@ def _replace(path, text: str) -> None:
 def test_peers_file_is_reread_when_it_changes_at_most_once_a_second(tmp_path, caplog):
     path = tmp_path / "carp-1.peers"
     path.write_text("10.0.0.1,advskew=0\n")
-    pf = guard.PeersFile(str(path), logging.getLogger("t"), every=1.0)
-    assert pf.read() == [guard.Peer(FW1, 0)]
+    pf = peerspec.PeersFile(str(path), logging.getLogger("t"), every=1.0)
+    assert pf.read() == [peerspec.Peer(FW1, 0)]
     assert pf.poll(0.0) is None                                     # unchanged
     _replace(path, "10.0.0.1,advskew=0\n10.0.0.2,advskew=110\n")
     assert pf.poll(0.5) is None                                     # not looked at before a second has passed
-    assert pf.poll(1.0) == [guard.Peer(FW1, 0), guard.Peer(FW2, 110)]
+    assert pf.poll(1.0) == [peerspec.Peer(FW1, 0), peerspec.Peer(FW2, 110)]
     assert pf.poll(2.0) is None
     caplog.set_level(logging.WARNING)
     _replace(path, "10.0.0.1,advskew=0\nnot-an-address\n")          # bad input: logged once, nothing returned
@@ -223,8 +228,8 @@ def test_peers_file_is_reread_when_it_changes_at_most_once_a_second(tmp_path, ca
     assert pf.poll(5.0) is None and pf.poll(6.0) is None
     assert len([r for r in caplog.records if "No such file" in r.getMessage()]) == 1
     path.write_text("10.0.0.2,advskew=120\n")
-    assert pf.poll(7.0) == [guard.Peer(FW2, 120)]
-    path.write_bytes(b"#" * (guard.PEERS_FILE_MAX + 1))             # bounded read
+    assert pf.poll(7.0) == [peerspec.Peer(FW2, 120)]
+    path.write_bytes(b"#" * (peerspec.PEERS_FILE_MAX + 1))             # bounded read
     assert pf.poll(8.0) is None
 
 
@@ -275,7 +280,7 @@ def test_rotation_window_accepts_the_next_pass_and_only_while_it_is_set(tmp_path
     log = logging.getLogger("test.nextpass")
     assert reason(g, pkt(pw=NEW_PW, counter=10)) == "badauth"          # no rotation: the next pass is a stranger
     f = tmp_path / "carp.pass.next"
-    np = guard.NextPass(str(f), log)
+    np = peerspec.NextPass(str(f), log)
     np.apply(g, 0.0)                                                  # missing file: no rotation
     assert g.next_pw is None
     f.write_bytes(NEW_PW + b"\n")
@@ -284,7 +289,9 @@ def test_rotation_window_accepts_the_next_pass_and_only_while_it_is_set(tmp_path
     np.apply(g, 1.0)
     assert g.next_pw == NEW_PW
     assert g.admit(pkt(pw=NEW_PW, counter=11), 1.0).counter == 11     # a peer already on the new pass
+    assert g.snapshot()[FW1]["signed"] == pass_fingerprint(NEW_PW)    # recorded: a sync may not drop it now
     assert g.admit(pkt(pw=PW, counter=12), 1.1).counter == 12         # a peer still on the old one
+    assert g.snapshot()[FW1]["signed"] == pass_fingerprint(PW) != pass_fingerprint(NEW_PW)
     assert reason(g, pkt(pw=b"third-pass", counter=13)) == "badauth"  # anything else still refused
     assert reason(g, pkt(pw=NEW_PW, counter=11)) == "replay"          # the counter rules hold for both passes
     f.unlink()                                                        # the rotation finished: back to one pass
@@ -298,5 +305,5 @@ def test_a_bad_next_pass_file_is_ignored(tmp_path, caplog):
     f = tmp_path / "carp.pass.next"
     f.write_bytes(b"x" * 40 + b"\n")                                  # longer than carp(4) allows
     with caplog.at_level(logging.WARNING):
-        guard.NextPass(str(f), logging.getLogger("test.nextpass")).apply(g, 0.0)
+        peerspec.NextPass(str(f), logging.getLogger("test.nextpass")).apply(g, 0.0)
     assert g.next_pw is None and "not used" in caplog.text

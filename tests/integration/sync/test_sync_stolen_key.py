@@ -1,9 +1,14 @@
 """Issue 12, finding 2 through the real forced command: a stolen sync key pushes a hook and a pass change (refused,
-nothing runs, one master, sync still works); the pass rotation end to end; a revoked node's key is refused alone."""
+nothing runs, one master, sync still works), walks the pass rotation on the backup alone, changes CARP settings
+while the backup's CARP runs, points the lists outside the tree (all refused); the pass rotation end to end; a
+revoked node's key is refused alone."""
 from __future__ import annotations
 
+import ipaddress
+import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,10 @@ import yaml
 from appliance.core.loader import load
 from appliance.core.paths import Paths
 from appliance.core.state import read_role
+from appliance.ha import protocol as cp
 from appliance.ha import role
+from appliance.ha.guard import Guard
+from appliance.ha.peers import Peer
 from sync import keys as keymod
 from sync import tree
 from sync.errors import BAD_INPUT, SyncError
@@ -24,6 +32,95 @@ def _edit(cfg: Path, fn) -> None:
     data = yaml.safe_load(cfg.read_text())
     fn(data)
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _push(lab: SyncLab, tmp: Path, gen: int, edit) -> tuple[bool, str]:
+    """The live tree with `edit` applied to its appliance.yaml, rsynced with fw1's (stolen) key and received."""
+    evil = tmp / f"push-{gen}"
+    shutil.copytree(lab.master.tree, evil, symlinks=True, ignore=shutil.ignore_patterns("compiled", "node.yaml"))
+    _edit(evil / "appliance.yaml", edit)
+    peer = make_peers(lab.cfg_obj(lab.master.tree), "fw1", lab.master.tree, lab.master.key)[0]
+    rsync_to(peer, evil)
+    try:
+        ask(peer, f"receive {gen} {tree.tree_hash(evil)}", f"refused generation {gen}")
+    except SyncError as e:
+        return False, str(e)
+    return True, ""
+
+
+def _hear_master(lab: SyncLab, password: str) -> None:
+    """The backup's speaker has just accepted an advert from fw1 signed with `password`: a real Guard admits a real
+    advert, and its snapshot goes where the speaker writes its state (what the receiver reads)."""
+    cfg = load(lab.backup.config)
+    c, fw1, fw2 = cfg.cluster, str(cfg.nodes["fw1"].lan.ip), str(cfg.nodes["fw2"].lan.ip)
+    g = Guard(password=password.encode(), vhid=c.vhid, vip=str(c.vip.ip), srcip=fw2, advbase=c.advbase,
+              peers=[Peer(fw1, cfg.nodes["fw1"].advskew)])
+    g.admit(cp.parse_ip(cp.build_packet(password.encode(), c.vhid, str(c.vip.ip), fw1, c.advbase,
+                                        cfg.nodes["fw1"].advskew, 1000)), time.monotonic())
+    Paths(lab.backup.state).engine_state(c.vhid).write_text(json.dumps({"state": "BACKUP", "peers": g.snapshot()}))
+
+
+def test_a_stolen_key_cannot_walk_the_pass_rotation_on_the_backup_alone(lab: SyncLab, tmp_path: Path) -> None:
+    # the review's H2: three pushes, each a valid rotation step against the backup's own live config, left the
+    # backup on the attacker's pass only while the master still sent the old one (two masters)
+    code, r = lab.master.sync()
+    assert code == 0, r
+    old = load(lab.backup.config).cluster.password.get_secret_value()
+    _hear_master(lab, old)                                          # fw1 is heard signing with the old pass
+    ok, err = _push(lab, tmp_path, 3, lambda d: d["cluster"].update(password_next="att4cker"))
+    assert ok, err
+    ok, err = _push(lab, tmp_path, 4, lambda d: d["cluster"].update(password="att4cker", password_next=old))
+    assert ok, err                                                  # the backup still accepts what fw1 sends
+    _hear_master(lab, old)                                          # the speaker rewrites its state every 10 s
+    ok, err = _push(lab, tmp_path, 5, lambda d: (d["cluster"].update(password="att4cker"),
+                                                   d["cluster"].pop("password_next", None)))
+    fw1 = str(load(lab.backup.config).nodes["fw1"].lan.ip)
+    assert not ok and fw1 in err and "no longer accepts" in err and "carp-rotate" in err, err
+    c = load(lab.backup.config).cluster
+    assert old in {c.password.get_secret_value(), c.password_next.get_secret_value()}   # fw1 is still heard
+    # the master repairs it: its own config (the old pass alone) is accepted, since fw1's pass stays accepted
+    _hear_master(lab, old)
+    code, r = lab.master.sync("--force")
+    assert code == 0, json.dumps(r)
+    c = load(lab.backup.config).cluster
+    assert c.password.get_secret_value() == old and c.password_next is None
+
+
+def _moved(iface: str) -> str:
+    """Another host address on the same subnet (config text only: nothing is sent to it)."""
+    ip = ipaddress.IPv4Interface(iface)
+    return f"{ip.network.broadcast_address - 1}/{ip.network.prefixlen}"
+
+
+def test_a_stolen_key_cannot_change_carp_settings_while_the_backups_carp_runs(lab: SyncLab, tmp_path: Path) -> None:
+    # the review's H1: a pushed advskew/advbase/LAN/VIP/node-list change applied on the backup alone made it refuse
+    # the master's adverts (or stop hearing them): both held the VIP
+    code, r = lab.master.sync()
+    assert code == 0, r
+    sleeper = subprocess.Popen(["sleep", "120"])                    # stands in for the backup's CARP supervisor
+    pidfile = Paths(lab.backup.state).carp_pid
+    try:
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(f"{sleeper.pid}\n")
+        edits = {"nodes.fw1.advskew": lambda d: d["nodes"]["fw1"].update(advskew=200),
+                 "cluster.advbase": lambda d: d["cluster"].update(advbase=2),
+                 "nodes.fw1.lan": lambda d: d["nodes"]["fw1"].update(lan=_moved(d["nodes"]["fw1"]["lan"])),
+                 "cluster.vip": lambda d: d["cluster"].update(vip=_moved(d["cluster"]["vip"])),
+                 "cluster.interface": lambda d: d["cluster"].update(interface="em9")}
+        for n, (field, edit) in enumerate(edits.items(), 3):
+            ok, err = _push(lab, tmp_path / field, n, edit)
+            assert not ok and field in err and "Stop `appliance carp` on each backup" in err, (field, err)
+            assert lab.backup.live() == 2
+        outside = str(lab.backup.tree.resolve() / "lists")         # a dir on the peer that has every category
+        ok, err = _push(lab, tmp_path / "lists", 3, lambda d: d["filter"].update(lists=outside))
+        assert not ok and "outside the config tree" in err, err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # with the backup's CARP stopped (root on that node), the same change is a plain sync
+    ok, err = _push(lab, tmp_path / "stopped", 3, lambda d: d["nodes"]["fw1"].update(advskew=200))
+    assert ok, err
+    assert load(lab.backup.config).nodes["fw1"].advskew == 200
 
 
 def _push_evil(lab: SyncLab, tmp: Path, gen: int, *, hook: Path | None, password: str | None) -> SyncError:
