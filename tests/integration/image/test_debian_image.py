@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.root]
 TOOLS = ("mmdebstrap", "sgdisk", "mke2fs", "debugfs", "dumpe2fs", "qemu-img", "mkfs.vfat", "mcopy", "dpkg-deb", "unshare")
 UNITS = {"multi-user.target.wants": ["appliance-proxy.service", "appliance-carp.service", "systemd-networkd.service"],
          "timers.target.wants": ["appliance-sync.timer"]}
+OFF = [("multi-user.target.wants", "networking.service"), ("network-online.target.wants", "networking.service"),
+       ("multi-user.target.wants", "e2scrub_reap.service")]
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +112,8 @@ def test_root_fs_holds_the_node(dist):
             listing = debugfs(img, off, f"ls /etc/systemd/system/{wants}")
             for u in units:
                 assert u in listing, (node, wants, u)
+        for wants, unit in OFF:  # not started at boot (docs/image.md: the boot under TCG)
+            assert unit not in debugfs(img, off, f"ls /etc/systemd/system/{wants}"), (node, wants, unit)
         assert "releases/1" in debugfs(img, off, "stat /var/lib/appliance/current")
         assert "/var/lib/appliance/current" in debugfs(img, off, "stat /etc/appliance")
         for secret in ("/etc/ssh/ssh_host_ed25519_key", "/var/lib/appliance/releases/1/keys/sync_ed25519",
