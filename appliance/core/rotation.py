@@ -38,7 +38,7 @@ def heard_pass_error(new: Cluster, heard: Mapping[str, str]) -> str | None:
     return (f"cluster.password: {', '.join(deaf)} still sign their adverts with a pass this config no longer "
             "accepts; applied here, this node would stop hearing them (two masters). A pass is dropped only after "
             f"every node sends the new one: `{ROTATE_COMMAND}` on the master, sync, and wait for its adverts "
-            "(docs/security.md, \"Rotating the CARP pass\")")
+            "(docs/security.md, \"The CARP pass (two-phase rotation)\")")
 
 
 def pass_step_error(old: Cluster, new: Cluster, heard: Mapping[str, str] | None = None) -> str | None:
