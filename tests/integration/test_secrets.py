@@ -97,16 +97,24 @@ def test_image_outputs_and_overlay_holding_secrets_are_0600(tmp_path: Path):
     r = _run(cfg, state, "image", "--out", str(out), "--only", "fw1", "--json")
     assert r.returncode == 0, r.stderr
     assert PW not in r.stdout + r.stderr
-    sk = (cfg.parent / "keys" / "sync_ed25519").read_bytes()
-    assert b"PRIVATE KEY" in sk and sk.split(b"\n")[1] not in (r.stdout + r.stderr).encode()
+    # per-node keys (keys/hosts/<node>/sync_ed25519): the 4th base64 line holds the private scalar (the first lines
+    # are a header every ed25519 key shares)
+    own, other = ((cfg.parent / "keys" / "hosts" / n / "sync_ed25519").read_bytes() for n in ("fw1", "fw2"))
+    assert not (cfg.parent / "keys" / "sync_ed25519").exists()  # no shared key made
+    secret = own.split(b"\n")[4]
+    assert b"PRIVATE KEY" in own and secret.decode() not in r.stdout + r.stderr
     holders = _holding(out, PW.encode())
     names = {p.relative_to(out).as_posix() for p in holders}
     assert {"fw1.tar", "fw1.ufs", "fw1/overlay/etc/rc.conf.d/netif",
             "fw1/overlay/var/db/appliance/releases/1/appliance.yaml"} <= names, names
     wide = {n: oct(stat.S_IMODE((out / n).stat().st_mode)) for n in names if stat.S_IMODE((out / n).stat().st_mode) & 0o077}
     assert wide == {}, f"files holding the pass readable by others: {wide}"
-    for p in _holding(out, sk.split(b"\n")[1]):  # the sync key's first base64 line
-        assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, p
+    keyfiles = {p.relative_to(out).as_posix() for p in _holding(out, secret)}
+    assert "fw1/overlay/var/db/appliance/keys/sync_ed25519" in keyfiles and "fw1.ufs" in keyfiles, keyfiles
+    for n in keyfiles:  # fw1's own private sync key: only in files readable by root alone
+        assert stat.S_IMODE((out / n).stat().st_mode) & 0o077 == 0, n
+    assert stat.S_IMODE((out / "fw1/overlay/var/db/appliance/keys").stat().st_mode) == 0o700
+    assert _holding(out, other.split(b"\n")[4]) == []  # fw2's private key is in no output of fw1's build
 
 
 def test_carp_pass_file_narrowed_before_write(tmp_path: Path):

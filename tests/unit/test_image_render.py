@@ -227,6 +227,7 @@ def test_no_node_image_carries_another_nodes_private_key(example_tree):
         assert [e.path for e in files if bodies[node]["sync"] in e.data] == [own]
         auth = text(t, "/home/appliance-sync/.ssh/authorized_keys").splitlines()
         assert sorted(l.split()[-1] for l in auth) == [f"appliance-sync@{o}" for o in sorted(set(cfg.nodes) - {node})]
+        assert checks.run_all(t, b"change-me") == []  # every line agrees with doas.conf and sshd's ForceCommand
 
 
 def test_rc_d_script_has_all_commands(rendered):

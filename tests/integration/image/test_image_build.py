@@ -44,7 +44,8 @@ def test_outputs_and_ufs_contents(built):
     assert attrs(fs, "/home/appliance-sync") == (0o755, 0, 0)
     assert attrs(fs, "/home/appliance-sync/.ssh") == (0o750, 0, 1990)
     assert attrs(fs, "/home/appliance-sync/.ssh/authorized_keys") == (0o640, 0, 1990)
-    assert attrs(fs, "/var/db/appliance/releases/1/keys/sync_ed25519") == (0o600, 0, 0)
+    assert attrs(fs, "/var/db/appliance/keys/sync_ed25519") == (0o600, 0, 0)  # fw2's own sync key, outside the release
+    assert attrs(fs, "/var/db/appliance/keys") == (0o700, 0, 0)
     assert attrs(fs, "/var/db/appliance/releases/1/appliance.yaml") == (0o600, 0, 0)
     assert fs.get("/var/db/appliance/releases/1/appliance.yaml").open().read() == cfg_path.read_bytes()
     cur = fs.get("/var/db/appliance/current")
@@ -206,16 +207,30 @@ def test_ufs_sync_access_doas_sshd_and_key_agree(built):
     rules = [l for l in doas.decode().splitlines() if l and not l.startswith("#")]
     assert rules == ["permit nopass setenv { SSH_ORIGINAL_COMMAND SSH_CLIENT } appliance-sync as root "
                      "cmd /usr/local/bin/appliance args sync-serve"]
-    pub = (cfg_path.parent / "keys/sync_ed25519.pub").read_text().split()
+    # per-node keys: fw1 authorises fw2's own key only, from fw2's sync address, tagged appliance-sync@fw2 (the line
+    # `appliance keys init` on fw2 prints for fw1), so `appliance keys revoke fw2` takes it away alone
+    pub = (cfg_path.parent / "keys/hosts/fw2/sync_ed25519.pub").read_text().split()
     auth = fs.get("/home/appliance-sync/.ssh/authorized_keys").open().read().decode()
     assert auth == (f'command="/usr/local/bin/doas -n /usr/local/bin/appliance sync-serve",from="192.168.200.2",restrict '
-                    f"{pub[0]} {pub[1]} appliance-sync\n")
-    # the image still carries the shared-key layout (per-node keys in images are open, docs/security.md): its line is
-    # the one sync.keys makes for the shared key, and its forced command is the one `keys init` gives per-node lines
+                    f"{pub[0]} {pub[1]} appliance-sync@fw2\n")
     from appliance.core import loader
+    from appliance.core.paths import Paths
 
     cfg = loader.load(cfg_path)
-    assert auth == keys.authorized_keys_line(cfg, "fw1", " ".join(pub[:2]), elevate="doas") + "\n"
+    assert auth == "".join(l + "\n" for l in keys.node_authorized_keys(cfg, "fw1", {"fw2": " ".join(pub[:2])}, elevate="doas"))
+    # fw1's own private key where `appliance sync` on fw1 pushes with it (sync.keys.push_key: Paths.sync_key first)
+    own = Paths(Path("/var/db/appliance")).sync_key
+    assert keys.push_key(own, Path("/var/db/appliance/current")) == own
+    assert attrs(fs, str(own)) == (0o600, 0, 0) and attrs(fs, str(own.parent)) == (0o700, 0, 0)
+    assert fs.get(str(own)).open().read() == (cfg_path.parent / "keys/hosts/fw1/sync_ed25519").read_bytes()
+    with pytest.raises(Exception):
+        fs.get("/var/db/appliance/releases/1/keys/sync_ed25519")  # no shared key in the (synced) release
+    # node B's private sync key is nowhere in node A's image (nor A's in B's): the 4th base64 line is the private part
+    for a, b in (("fw1", "fw2"), ("fw2", "fw1")):
+        secret = (cfg_path.parent / f"keys/hosts/{b}/sync_ed25519").read_bytes().split(b"\n")[4]
+        for suffix in (".ufs", ".tar"):
+            assert secret not in (out / f"{a}{suffix}").read_bytes(), (a, b, suffix)
+        assert secret in (out / f"{b}.ufs").read_bytes()  # the needle is right: it is in b's own image
     sshd = fs.get("/etc/ssh/sshd_config").open().read()
     glob, blocks, problems = checks.parse_sshd_config("/etc/ssh/sshd_config", sshd)
     assert problems == [] and glob["permitrootlogin"] == "no"

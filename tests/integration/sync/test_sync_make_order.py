@@ -25,14 +25,15 @@ def test_sync_harness_builds_over_examples_with_keys(tmp_path: Path) -> None:
     """What `make image` does to examples/ (keys/ made once, then reused), then the sync harness on that tree."""
     ex = _examples_copy(tmp_path)
     made = ensure_keys(load(ex / "appliance.yaml"), ex)
-    assert keymod.sync_key(ex) in made and keymod.sync_key(ex).exists()
+    built = [keymod.node_sync_key(ex, n) for n in ("fw1", "fw2")]  # the build's per-node keys (keys/hosts/<node>/)
+    assert set(built) <= set(made) and not keymod.sync_key(ex).exists()
     lab = SyncLab(tmp_path / "lab", examples=ex)
     try:
         # the lab's own keys: no shared key in its tree (not the one the build left in examples/, nor another), and
         # each node pushes with its own node-local key (sync.keys per-node keys), none of them the build's
         assert not keymod.sync_key(lab.root / "seed").exists() and not keymod.sync_key(lab.master.tree).exists()
         own = {n: node.key.read_bytes() for n, node in lab.nodes.items()}
-        assert len(set(own.values())) == len(own) and keymod.sync_key(ex).read_bytes() not in own.values()
+        assert len(set(own.values())) == len(own) and not {k.read_bytes() for k in built} & set(own.values())
     finally:
         lab.close()
 
@@ -45,7 +46,7 @@ def test_image_then_sync_harness(tmp_path: Path) -> None:
     ex = _examples_copy(tmp_path)
     r = run_image(ex / "appliance.yaml", tmp_path / "dist", "-q")
     assert r.returncode == 0, r.stderr
-    assert keymod.sync_key(ex).exists()  # the image step left keys/ behind, as on a clone
+    assert keymod.node_sync_key(ex, "fw1").exists()  # the image step left keys/ behind, as on a clone
     lab = SyncLab(tmp_path / "lab", examples=ex)
     lab.backup.start_sshd()
     try:
