@@ -14,7 +14,7 @@ from appliance.core.model import Appliance
 from sync import keys as keymod
 from sync import tree
 from sync.errors import PEER_FAILED, SyncError, from_reply
-from sync.serve import STAGING_TOKEN
+from sync.releases import STAGING_TOKEN
 
 
 @dataclass

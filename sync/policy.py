@@ -4,15 +4,15 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from appliance.core.errors import ConfigError
 from appliance.core.loader import load
 from appliance.core.model import Appliance
 from appliance.core.fsio import read_json
-from appliance.core.paths import Paths
-from appliance.core.rotation import carp_step_error, pass_step_error
+from appliance.core.paths import Paths, node_name
+from appliance.core.rotation import accepts, carp_step_error, pass_fingerprint, pass_step_error
 from sync.errors import BAD_INPUT, SyncError
 
 HOOKS_DIR = "hooks.d"
@@ -57,6 +57,16 @@ def live_config(tree: Path | None) -> Appliance | None:
         return None
 
 
+def this_node(live: Appliance | None, tree: Path | None) -> str | None:
+    """This node's name (node.yaml beside the live cluster file), or None when it cannot be told."""
+    if live is None or tree is None:
+        return None
+    try:
+        return node_name(live, Path(tree) / CONFIG_NAME)
+    except ConfigError:
+        return None
+
+
 def heard_passes(paths: Paths, live: Appliance | None, now: float | None = None) -> dict[str, str]:
     """{peer LAN address: pass fingerprint} of the adverts this node's CARP engines accepted in the last
     3 x advbase (+ HEARD_SLACK): which pass each peer signs with now. Empty without speaker state files (ucarp,
@@ -77,13 +87,19 @@ def heard_passes(paths: Paths, live: Appliance | None, now: float | None = None)
 
 
 def check_carp_step(old: Appliance | None, new: Appliance, carp_running: bool,
-                    heard: Mapping[str, str] | None = None) -> None:
+                    heard: Mapping[str, str] | None = None, own: Collection[str] = ()) -> None:
     """Refuse a config that would split the cluster if applied here while the peers run `old`: a CARP pass change
     outside the rotation (checked pairwise, and against the pass each peer was just heard signing with), or any
-    other CARP setting change (rotation.carp_settings) while this node's CARP engines run."""
+    other CARP setting change (rotation.carp_settings) while this node's CARP engines run. `own`: the nodes that
+    apply `new` (each may raise its own advskew)."""
     if old is None:
         return
-    errors = [pass_step_error(old.cluster, new.cluster, heard), carp_step_error(old, new) if carp_running else None]
+    errors = [pass_step_error(old.cluster, new.cluster, heard), carp_step_error(old, new, own) if carp_running else None]
     for err in errors:
         if err:
             raise SyncError(f"{CONFIG_NAME}: {err}; refused, nothing applied", BAD_INPUT)
+
+
+def pass_accepts(cfg: Appliance | None) -> list[str]:
+    """What `status` tells a peer about this node's CARP pass: fingerprints of the passes its live config accepts."""
+    return sorted(pass_fingerprint(p) for p in accepts(cfg.cluster)) if cfg is not None else []

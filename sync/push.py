@@ -174,7 +174,8 @@ class Run:
         old = policy.live_config(rel.staging if rel.staging_meta() is not None else None)
         new = policy.live_config(work)
         if new is not None:
-            policy.check_carp_step(old, new, any(s.get("carp_running", True) for s in statuses.values()))
+            policy.check_carp_step(old, new, any(s.get("carp_running", True) for s in statuses.values()),
+                                   own=[n for n in statuses if n != self.node])
 
     def ask_peers(self, peers: list[Peer]) -> dict[str, dict]:
         statuses: dict[str, dict] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 from appliance.core import pids
 from appliance.core.paths import Paths
 from appliance.core.state import read_role, role_of
-from sync import lock, policy, tree
+from sync import confirm, lock, policy, tree
 from appliance.core.loader import load
 from sync.check import CONFIG_NAME, validate_tree, validate_tree_bounded
 from sync.errors import BAD_INPUT, SPLIT_BRAIN, STALE, SyncError
@@ -25,7 +25,8 @@ def status(paths: Paths) -> dict:
     m = rel.meta(live) if live is not None else {}
     role = role_of(paths) or "UNKNOWN"
     return {"ok": True, "role": role, "generation": live, "hash": m.get("hash"), "meta": bool(m.get("meta")),
-            "generations": rel.generations(), "carp_running": carp_running(paths)}
+            "generations": rel.generations(), "carp_running": carp_running(paths),
+            "pass_accepts": policy.pass_accepts(policy.live_config(rel.path(live) if live is not None else None))}
 
 
 def carp_running(paths: Paths) -> bool:
@@ -138,7 +139,9 @@ def _receive(paths: Paths, rel: Releases, gen: int, digest: str, force: bool, so
         raise
     try:  # a CARP change that would split the cluster is not applied by a sync alone (issue 12, #2)
         old = policy.live_config(rel.path(live) if live is not None else None)
-        policy.check_carp_step(old, cfg, carp_running(paths), policy.heard_passes(paths, old))
+        me = policy.this_node(old, rel.path(live) if live is not None else None)
+        policy.check_carp_step(old, cfg, carp_running(paths), policy.heard_passes(paths, old), own=[me] if me else [])
+        confirm.check_peers_accept(paths, old, cfg, rel.path(live) if live is not None else None)
     except SyncError as e:
         note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
         raise

@@ -15,6 +15,8 @@ from appliance.core.fsio import write_json_atomic
 from sync import tree
 from sync.errors import BAD_INPUT, SyncError
 
+STAGING_TOKEN = "staging"  # what the master writes as the remote path; the peer puts its staging dir there
+
 log = logging.getLogger("appliance.sync")
 
 GEN_RE = re.compile(r"^[1-9][0-9]{0,8}$")  # 1 .. 999999999

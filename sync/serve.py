@@ -15,9 +15,8 @@ from sync import lock, tree
 from sync import receive as rcv
 from sync.errors import BAD_INPUT, PEER_FAILED, SyncError
 from sync.journal import note
-from sync.releases import Releases, mirror, parse_generation, parse_hash
+from sync.releases import STAGING_TOKEN, Releases, mirror, parse_generation, parse_hash
 
-STAGING_TOKEN = "staging"  # what the master writes as the remote path; replaced by the real staging dir
 # What the peer's rsync server runs with, whatever the client asked for: recursive, times and permissions, regular
 # files and directories only (no -l/-D/-o/-g/-H/-A/-X: no links, devices, specials, owners, groups), the modes
 # stripped of group/world write and setuid/setgid/sticky, no file over sync.max_file_mb, a mirror (--delete) with

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from appliance.core.model import Appliance, Cluster
 
@@ -69,11 +69,16 @@ def carp_settings(cfg: Appliance) -> dict[str, object]:
     return out
 
 
-def carp_step_error(old: Appliance, new: Appliance) -> str | None:
+def carp_step_error(old: Appliance, new: Appliance, own: Collection[str] = ()) -> str | None:
     """None unless `new` changes a CARP setting (carp_settings): applied on one node while the others still run
-    `old`, the nodes would not hear each other, or refuse each other's adverts, and both would hold the VIP."""
+    `old`, the nodes would not hear each other, or refuse each other's adverts, and both would hold the VIP.
+    `own`: the nodes that apply `new` here. A node raising its own advskew is let through: the others' guards
+    still accept its adverts (only a lower advskew than configured is refused) and it only becomes less preferred."""
     a, b = carp_settings(old), carp_settings(new)
-    changed = [f"{k} {_show(a.get(k))} -> {_show(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    raised = {f"nodes.{n}.advskew" for n in own
+              if n in old.nodes and n in new.nodes and new.nodes[n].advskew > old.nodes[n].advskew}
+    changed = [f"{k} {_show(a.get(k))} -> {_show(b.get(k))}" for k in sorted(set(a) | set(b))
+               if a.get(k) != b.get(k) and k not in raised]
     if not changed:
         return None
     return (f"{'; '.join(changed)}: a CARP setting change splits the cluster while the nodes disagree (each would "

@@ -22,6 +22,11 @@ def test_every_carp_setting_a_peer_checks_is_a_step_error_naming_its_field():
     nodes[first] = nodes[first].model_copy(update={"advskew": nodes[first].advskew + 7})
     err = carp_step_error(old, old.model_copy(update={"nodes": nodes}))
     assert err and f"nodes.{first}.advskew" in err and "Stop `appliance carp` on each backup" in err
+    # the node that applies it may raise its own advskew (it only becomes less preferred), never lower it
+    raised = old.model_copy(update={"nodes": nodes})
+    assert carp_step_error(old, raised, own=[first]) is None
+    assert carp_step_error(raised, old, own=[first]) is not None
+    assert carp_step_error(old, raised, own=[n for n in nodes if n != first]) is not None
     for field, value in (("advbase", old.cluster.advbase + 1), ("vhid", old.cluster.vhid % 255 + 1),
                          ("interface", "em7")):
         err = carp_step_error(old, cfg(**{field: value}))
