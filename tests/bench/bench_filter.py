@@ -139,11 +139,12 @@ def make_cfg(root: Path, domains_file: Path, workers) -> Path:
     shutil.copy(domains_file, etc / "lists" / "big" / "domains")
     (etc / "lists" / "allowlist").mkdir()
     (etc / "lists" / "allowlist" / "domains").write_text("ok.example\n")
+    # connect_ports: the TLS origin listens on a free high port, and the squid peer has no SSL_ports rule either
     cfg = f"""cluster: {{vip: 192.168.1.50/24, vhid: 1, password: change-me}}
 nodes:
   fw1: {{lan: 192.168.1.2/24, sync: 192.168.200.1/30, advskew: 0}}
   fw2: {{lan: 192.168.1.3/24, sync: 192.168.200.2/30, advskew: 100}}
-proxy: {{clients: [127.0.0.0/8], workers: {workers}, metrics_port: {free_port()}, access_log: none}}
+proxy: {{clients: [127.0.0.0/8], workers: {workers}, metrics_port: {free_port()}, access_log: none, connect_ports: ["1-65535"]}}
 filter: {{lists: lists/, block: [big], allow: [allowlist]}}
 """
     (etc / "appliance.yaml").write_text(cfg)
