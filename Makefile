@@ -56,7 +56,7 @@ run: venv
 	$(APPLIANCE) proxy -c $(CONFIG) --listen $(LISTEN) --access-log - 
 
 test: venv apt-test apt-deb
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS) tests
 
 bench: venv apt-bench
 	$(PY) -m tests.bench
