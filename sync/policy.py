@@ -16,6 +16,7 @@ from appliance.core.rotation import accepts, carp_step_error, pass_fingerprint, 
 from sync.errors import BAD_INPUT, SyncError
 
 HOOKS_DIR = "hooks.d"
+KNOWN_HOSTS = "keys/known_hosts"   # sync.keys.known_hosts, relative to the tree
 CONFIG_NAME = "appliance.yaml"
 HEARD_SLACK = 15.0   # seconds: the speaker rewrites its state file every 10 s, plus margin
 
@@ -103,3 +104,16 @@ def check_carp_step(old: Appliance | None, new: Appliance, carp_running: bool,
 def pass_accepts(cfg: Appliance | None) -> list[str]:
     """What `status` tells a peer about this node's CARP pass: fingerprints of the passes its live config accepts."""
     return sorted(pass_fingerprint(p) for p in accepts(cfg.cluster)) if cfg is not None else []
+
+
+def check_trust_files(old_tree: Path | None, new_tree: Path, carp_running: bool) -> None:
+    """keys/known_hosts pins the host key of every node's sync address: this node asks its peers there before it
+    takes a new CARP pass (sync.confirm), so, like the addresses themselves, it changes only while CARP is stopped."""
+    if old_tree is None or not carp_running:
+        return
+    a, b = (Path(t) / KNOWN_HOSTS for t in (old_tree, new_tree))
+    old = a.read_bytes() if a.is_file() else None
+    if old is not None and (b.read_bytes() if b.is_file() else None) != old:
+        raise SyncError(f"{KNOWN_HOSTS}: the pinned host keys change, which a sync does not apply while this node's "
+                        "CARP runs: stop `appliance carp` on each backup, sync, then start it again there "
+                        "(docs/security.md, \"Changing CARP settings\"); refused, nothing applied", BAD_INPUT)

@@ -174,8 +174,9 @@ class Run:
         old = policy.live_config(rel.staging if rel.staging_meta() is not None else None)
         new = policy.live_config(work)
         if new is not None:
-            policy.check_carp_step(old, new, any(s.get("carp_running", True) for s in statuses.values()),
-                                   own=[n for n in statuses if n != self.node])
+            running = any(s.get("carp_running", True) for s in statuses.values())
+            policy.check_carp_step(old, new, running, own=[n for n in statuses if n != self.node])
+            policy.check_trust_files(rel.staging if old is not None else None, work, running)
 
     def ask_peers(self, peers: list[Peer]) -> dict[str, dict]:
         statuses: dict[str, dict] = {}

@@ -60,11 +60,14 @@ def reload_carp(paths: Paths) -> str:
 
 
 def max_file_bytes(paths: Paths) -> int:
-    """The size cap for one synced file: sync.max_file_mb of this node's live config (never the pushed one)."""
+    """The size cap for one synced file: sync.max_file_mb of this node's live config (never the pushed one), and
+    never below the default. A lower live cap would come from an earlier push: rsync would then skip every larger
+    list and no later sync could complete, so one stolen push could lock the master out (review, finding 3)."""
     try:
-        return load(Releases(paths.state).current / CONFIG_NAME).sync.max_file_mb << 20
+        live = load(Releases(paths.state).current / CONFIG_NAME).sync.max_file_mb << 20
     except Exception:  # no live config yet, or it does not load: the default cap
         return tree.MAX_FILE_BYTES
+    return max(live, tree.MAX_FILE_BYTES)
 
 
 def check_generation(state: Path, gen: int, live: int | None, force: bool, source: str) -> None:
@@ -140,7 +143,9 @@ def _receive(paths: Paths, rel: Releases, gen: int, digest: str, force: bool, so
     try:  # a CARP change that would split the cluster is not applied by a sync alone (issue 12, #2)
         old = policy.live_config(rel.path(live) if live is not None else None)
         me = policy.this_node(old, rel.path(live) if live is not None else None)
-        policy.check_carp_step(old, cfg, carp_running(paths), policy.heard_passes(paths, old), own=[me] if me else [])
+        running = carp_running(paths)
+        policy.check_carp_step(old, cfg, running, policy.heard_passes(paths, old), own=[me] if me else [])
+        policy.check_trust_files(rel.path(live) if live is not None else None, tmp, running)
         confirm.check_peers_accept(paths, old, cfg, rel.path(live) if live is not None else None)
     except SyncError as e:
         note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)

@@ -55,15 +55,21 @@ def pass_step_error(old: Cluster, new: Cluster, heard: Mapping[str, str] | None 
 
 
 def carp_settings(cfg: Appliance) -> dict[str, object]:
-    """Everything a node's CARP engine and its advert guard are started with, besides the pass, by config field.
-    Two nodes that differ in any of these may stop hearing (or start refusing) each other: a VIP on another vhid
-    or address, another interface or advbase, a node's LAN address or advskew the guard checks adverts against."""
+    """Everything a node's CARP engine and its advert guard are started with, besides the pass, by config field,
+    and the sync link's addresses. Two nodes that differ in any of these may stop hearing (or start refusing) each
+    other: a VIP on another vhid or address, another interface or advbase, a node's LAN address or advskew the
+    guard checks adverts against."""
     c = cfg.cluster
     out: dict[str, object] = {"cluster.vip": str(c.vip), "cluster.vhid": c.vhid, "cluster.advbase": c.advbase,
-                              "cluster.interface": c.interface, "nodes": sorted(cfg.nodes)}
+                              "cluster.interface": c.interface, "nodes": sorted(cfg.nodes),
+                              # where the nodes reach each other: a node asks its peers there before it takes a
+                              # new pass (sync.confirm), so a push must not be able to point it elsewhere
+                              "cluster.sync_interface": c.sync_interface, "sync.user": cfg.sync.user,
+                              "sync.ssh_port": cfg.sync.ssh_port}
     for name, n in cfg.nodes.items():
         out[f"nodes.{name}.lan"] = str(n.lan)
         out[f"nodes.{name}.advskew"] = n.advskew
+        out[f"nodes.{name}.sync"] = str(n.sync)
     for i, x in enumerate(c.extra_vhids):
         out[f"cluster.extra_vhids[{i}]"] = (x.vhid, str(x.vip), sorted(x.advskew.items()))
     return out

@@ -110,7 +110,7 @@ def test_dispatch_refuses_shells_and_unknown_commands(tmp_path) -> None:
     assert "refused sync command \"sh -c 'id'\"" in (tmp_path / "sync" / "sync.log").read_text()
     st = dispatch("status", paths)
     assert st == {"ok": True, "role": "UNKNOWN", "generation": None, "hash": None, "meta": False, "generations": [],
-                  "carp_running": False}
+                  "carp_running": False, "pass_accepts": []}
 
 
 def test_peer_replies_are_read_as_json_not_as_error_text() -> None:
@@ -546,3 +546,18 @@ def test_sync_serve_unprivileged_error_names_doas(tmp_path) -> None:
     # named by the effective uid (not $USER, which says root here) and pointing at the doas/sudo rule
     assert r.returncode == 1 and "runs as nobody" in r.stderr and "doas -n" in r.stderr, r.stderr
     assert rel.live() == 1
+
+
+def test_a_lowered_size_cap_never_goes_below_the_default(tmp_path: Path) -> None:
+    # review finding 3: a stolen push set sync.max_file_mb: 1; rsync then skipped every larger list for good
+    import yaml as _yaml
+    from appliance.core.paths import Paths as _Paths
+    from sync.receive import max_file_bytes
+    rel = make_tree(tmp_path / "releases" / "1")
+    data = _yaml.safe_load((rel / "appliance.yaml").read_text())
+    for mb, cap in ((1, tree.MAX_FILE_BYTES), (1024, 1024 << 20)):
+        data.setdefault("sync", {})["max_file_mb"] = mb
+        (rel / "appliance.yaml").write_text(_yaml.safe_dump(data))
+        if not (tmp_path / "current").exists():
+            (tmp_path / "current").symlink_to("releases/1")
+        assert max_file_bytes(_Paths(tmp_path)) == cap, mb

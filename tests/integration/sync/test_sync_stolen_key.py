@@ -34,11 +34,14 @@ def _edit(cfg: Path, fn) -> None:
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def _push(lab: SyncLab, tmp: Path, gen: int, edit) -> tuple[bool, str]:
-    """The live tree with `edit` applied to its appliance.yaml, rsynced with fw1's (stolen) key and received."""
+def _push(lab: SyncLab, tmp: Path, gen: int, edit, extra=None) -> tuple[bool, str]:
+    """The live tree with `edit` applied to its appliance.yaml (and `extra` to the tree), rsynced with fw1's
+    (stolen) key and received."""
     evil = tmp / f"push-{gen}"
     shutil.copytree(lab.master.tree, evil, symlinks=True, ignore=shutil.ignore_patterns("compiled", "node.yaml"))
     _edit(evil / "appliance.yaml", edit)
+    if extra is not None:
+        extra(evil)
     peer = make_peers(lab.cfg_obj(lab.master.tree), "fw1", lab.master.tree, lab.master.key)[0]
     rsync_to(peer, evil)
     try:
@@ -68,24 +71,25 @@ def test_a_stolen_key_cannot_walk_the_pass_rotation_on_the_backup_alone(lab: Syn
     assert code == 0, r
     old = load(lab.backup.config).cluster.password.get_secret_value()
     _hear_master(lab, old)                                          # fw1 is heard signing with the old pass
+    # phase 1 would make the backup accept adverts signed with the attacker's pass (forgeable from the LAN), and
+    # phase 2 sign with it: fw1 itself, asked over the sync link, says it accepts neither
     ok, err = _push(lab, tmp_path, 3, lambda d: d["cluster"].update(password_next="att4cker"))
-    assert ok, err                                                  # phase 1 changes nothing the backup sends
-    # phase 2 would make the backup sign with the attacker's pass: fw1 itself says it does not accept it
-    ok, err = _push(lab, tmp_path, 4, lambda d: d["cluster"].update(password="att4cker", password_next=old))
     assert not ok and "fw1 does not accept the pass" in err, err
+    ok, err = _push(lab, tmp_path / "p2", 3, lambda d: d["cluster"].update(password="att4cker", password_next=old))
+    assert not ok and "without the rotation" in err, err           # phase 2 without phase 1: the pairwise check
+    # during a real rotation (phase 1 synced by the master), the key holder jumps to the end on the backup alone:
+    # the backup still hears fw1 signing with the old pass, so dropping it is refused
+    _edit(lab.master.tree / "appliance.yaml", lambda d: d["cluster"].update(password_next="n3xt-pass"))
+    code, r = lab.master.sync()
+    assert code == 0, json.dumps(r)
     _hear_master(lab, old)                                          # the speaker rewrites its state every 10 s
-    ok, err = _push(lab, tmp_path / "drop", 4, lambda d: (d["cluster"].update(password="att4cker"),
-                                                   d["cluster"].pop("password_next", None)))
+    ok, err = _push(lab, tmp_path / "drop", 4, lambda d: (d["cluster"].update(password="n3xt-pass"),
+                                                            d["cluster"].pop("password_next", None)))
     fw1 = str(load(lab.backup.config).nodes["fw1"].lan.ip)
     assert not ok and fw1 in err and "no longer accepts" in err and "carp-rotate" in err, err
     c = load(lab.backup.config).cluster
-    assert c.password.get_secret_value() == old                     # the backup still signs with fw1's pass
-    # the master repairs it: its own config (the old pass alone) is accepted, since fw1's pass stays accepted
-    _hear_master(lab, old)
-    code, r = lab.master.sync("--force")
-    assert code == 0, json.dumps(r)
-    c = load(lab.backup.config).cluster
-    assert c.password.get_secret_value() == old and c.password_next is None
+    assert c.password.get_secret_value() == old and c.password_next.get_secret_value() == "n3xt-pass"
+    assert lab.backup.live() == 3
 
 
 def _moved(iface: str) -> str:
@@ -108,11 +112,17 @@ def test_a_stolen_key_cannot_change_carp_settings_while_the_backups_carp_runs(la
                  "cluster.advbase": lambda d: d["cluster"].update(advbase=2),
                  "nodes.fw1.lan": lambda d: d["nodes"]["fw1"].update(lan=_moved(d["nodes"]["fw1"]["lan"])),
                  "cluster.vip": lambda d: d["cluster"].update(vip=_moved(d["cluster"]["vip"])),
-                 "cluster.interface": lambda d: d["cluster"].update(interface="em9")}
+                 "cluster.interface": lambda d: d["cluster"].update(interface="em9"),
+                 # the sync link: where this node would ask its peers before it takes a new pass (review finding 1)
+                 "nodes.fw1.sync": lambda d: d["nodes"]["fw1"].update(sync="127.0.0.6/29"),
+                 "sync.ssh_port": lambda d: d["sync"].update(ssh_port=2222)}
         for n, (field, edit) in enumerate(edits.items(), 3):
             ok, err = _push(lab, tmp_path / field, n, edit)
             assert not ok and field in err and "Stop `appliance carp` on each backup" in err, (field, err)
             assert lab.backup.live() == 2
+        ok, err = _push(lab, tmp_path / "kh", 3, lambda d: None, extra=lambda t: (t / "keys" / "known_hosts").write_text(
+            "[127.0.0.6]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake\n"))
+        assert not ok and "keys/known_hosts" in err and "stop `appliance carp` on each backup" in err, err
         outside = str(lab.backup.tree.resolve() / "lists")         # a dir on the peer that has every category
         ok, err = _push(lab, tmp_path / "lists", 3, lambda d: d["filter"].update(lists=outside))
         assert not ok and "outside the config tree" in err, err
