@@ -15,6 +15,9 @@ from sync import keys
 from image.errors import BuildError
 from image.keygen import public_key, sync_pubs, uses_shared_key
 from image.tree import Tree
+from sync.releases import STATE_MODE
+
+PRIVATE_KEY_MARK = b"PRIVATE KEY-----"  # PEM and OpenSSH private keys (BEGIN ... PRIVATE KEY-----)
 
 APPLIANCE_BIN = "/usr/local/bin/appliance"
 STATE_DIR = "/var/db/appliance"
@@ -189,6 +192,11 @@ def config_release(tree: Tree, cfg: Appliance, config_path: Path, exclude: list[
             tree.dir(target)
         elif f.is_file():
             data = f.read_bytes()
+            if PRIVATE_KEY_MARK in data:
+                # e.g. an earlier build's output dir left in the config dir: every node's release (and every sync)
+                # would carry another node's private keys
+                raise BuildError(f"{f}: holds a private key and would go into every node's release; keys belong "
+                                 f"in {config_dir / keys.KEYS_DIR} (move earlier build outputs out of the config dir)")
             secret = _is_secret(data, pw, f.stat().st_mode)
             tree.file(target, data, 0o600 if secret else 0o644, secret=secret, source=str(f))
     kdir = f"{rel}/{keys.KEYS_DIR}"
@@ -279,10 +287,10 @@ def render_freebsd(cfg: Appliance, config_path: Path, node: str, exclude: list[P
     t.file("/etc/ssh/ssh_host_ed25519_key", hk.read_bytes(), 0o600, secret=True, source=str(hk))
     t.file("/etc/ssh/ssh_host_ed25519_key.pub", public_key(hk) + f" root@{n.hostname or node}\n", 0o644)
     _sync_login(t, cfg, config_dir, node, acc)
-    t.dir(STATE_DIR, 0o755)
+    t.dir(STATE_DIR, STATE_MODE)           # as a node keeps them (sync.releases): no listing by other users
     own_sync_key(t, config_dir, node)
     t.dir(f"{STATE_DIR}/run", 0o755)
-    t.dir(f"{STATE_DIR}/releases", 0o755)
+    t.dir(f"{STATE_DIR}/releases", STATE_MODE)
     config_release(t, cfg, config_path, list(exclude))
     t.link(f"{STATE_DIR}/current", "releases/1")
     t.file(f"{STATE_DIR}/node.yaml", f"node: {node}\n", 0o644)
@@ -293,3 +301,4 @@ def render_freebsd(cfg: Appliance, config_path: Path, node: str, exclude: list[P
 
 # last: the Debian overlay builds on the helpers above (template, config_release) and imports this module
 from image.debian import overlay as debian_overlay  # noqa: E402
+

@@ -202,6 +202,20 @@ def test_a_sync_key_copied_to_another_node_is_refused(example_tree):
         keygen.ensure_keys(cfg, cdir)
 
 
+def test_an_earlier_build_output_in_the_config_dir_is_refused_not_copied(example_tree):
+    """Review: an old OUT dir inside the config dir went into every node's release, with fw2's private keys in it
+    (0600, so the secrets check let it through). Any private key outside keys/ now stops the build, named."""
+    need_tool("ssh-keygen")
+    cdir = example_tree.parent
+    cfg = cfgmod.load(example_tree)
+    keygen.ensure_keys(cfg, cdir)
+    old_out = cdir / "dist-old" / "fw2-overlay" / "var" / "db" / "appliance" / "keys"
+    old_out.mkdir(parents=True)
+    shutil.copy2(keys.node_sync_key(cdir, "fw2"), old_out / "sync_ed25519")
+    with pytest.raises(BuildError, match=r"dist-old/.*sync_ed25519: holds a private key"):
+        render.render_node(cfg, example_tree, "fw1")
+
+
 def test_no_node_image_carries_another_nodes_private_key(example_tree):
     """Three nodes: each image holds its own private sync key (once, in <state>/keys/) and no other node's private key
     (sync or host), anywhere; each authorises exactly the two others' public keys."""
