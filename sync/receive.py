@@ -9,7 +9,7 @@ from pathlib import Path
 
 from appliance.core import pids
 from appliance.core.paths import Paths
-from appliance.core.state import read_role, role_of
+from appliance.core.state import carp_stopped_on_purpose, read_role, role_of
 from sync import confirm, lock, policy, tree
 from appliance.core.loader import load
 from sync.check import CONFIG_NAME, validate_tree, validate_tree_bounded
@@ -30,8 +30,10 @@ def status(paths: Paths) -> dict:
 
 
 def carp_running(paths: Paths) -> bool:
-    """A CARP supervisor runs on this node (its pidfile names a live process)."""
-    return pids.read_pid(paths.carp_pid) is not None
+    """CARP is on here: a supervisor runs (its pidfile names a live process), or it was not stopped on purpose in
+    this boot (crash-restart window, boot before it starts, never started). Only a deliberate stop lets a sync change
+    CARP settings: whatever is applied in a restart window, the supervisor would start with."""
+    return pids.read_pid(paths.carp_pid) is not None or not carp_stopped_on_purpose(paths)
 
 
 def reload_proxy(paths: Paths) -> str:

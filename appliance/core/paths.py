@@ -127,6 +127,11 @@ class Paths:
         return self.run / "carp.pid"
 
     @property
+    def carp_stopped(self) -> Path:
+        """Written when the CARP supervisor is stopped on purpose (SIGTERM/SIGINT), with the boot it happened in."""
+        return self.run / "carp.stopped"
+
+    @property
     def carp_status(self) -> Path:
         return self.run / "carp.json"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,36 @@ def sync_generation(paths: Paths) -> int | None:
         return None
     name = Path(target).name
     return int(name) if name.isdigit() else None
+
+
+def boot_id() -> str:
+    """This boot's identity: Linux's random boot_id, else the kernel's boot time (FreeBSD kern.boottime)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        pass
+    try:
+        r = subprocess.run(["sysctl", "-n", "kern.boottime"], capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() if r.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def mark_carp_stopped(paths: Paths) -> None:
+    """The CARP supervisor was stopped on purpose (an admin's `systemctl stop` / rc.d stop: SIGTERM)."""
+    write_json_atomic(paths.carp_stopped, {"boot": boot_id(), "at": time.time()})
+
+
+def clear_carp_stopped(paths: Paths) -> None:
+    try:
+        paths.carp_stopped.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def carp_stopped_on_purpose(paths: Paths) -> bool:
+    """True only after a deliberate stop in this boot. A crash (the service manager restarts it), a node that has
+    just booted and not started CARP yet, or one whose supervisor never ran, count as CARP on: a CARP change
+    synced in such a window would be applied when the supervisor starts, without anyone having stopped it."""
+    d = read_json(paths.carp_stopped)
+    return isinstance(d, dict) and bool(d.get("boot")) and d.get("boot") == boot_id()

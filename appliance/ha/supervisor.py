@@ -281,6 +281,7 @@ class CarpSupervisor:
     # -- main loop
     def run_forever(self) -> int:
         self.lock()
+        state.clear_carp_stopped(self.paths)
         self.passfile = write_pass(self.cfg, self.paths)
         self.up, self.down = write_scripts(self.config_path, self.node, self.paths)
         self.env = {"APPLIANCE_STATE_DIR": str(self.paths.state)}
@@ -304,6 +305,8 @@ class CarpSupervisor:
             for e in self.engines:
                 self.stop_engine(e, "carp stop")
             self.write_status()
+            if self.stop.is_set():          # SIGTERM/SIGINT: stopped on purpose (a sync may now change CARP settings)
+                state.mark_carp_stopped(self.paths)
             try:
                 self.paths.carp_pid.unlink()
             except FileNotFoundError:

@@ -110,7 +110,7 @@ def test_dispatch_refuses_shells_and_unknown_commands(tmp_path) -> None:
     assert "refused sync command \"sh -c 'id'\"" in (tmp_path / "sync" / "sync.log").read_text()
     st = dispatch("status", paths)
     assert st == {"ok": True, "role": "UNKNOWN", "generation": None, "hash": None, "meta": False, "generations": [],
-                  "carp_running": False, "pass_accepts": []}
+                  "carp_running": True, "pass_accepts": []}
 
 
 def test_peer_replies_are_read_as_json_not_as_error_text() -> None:
@@ -561,3 +561,19 @@ def test_a_lowered_size_cap_never_goes_below_the_default(tmp_path: Path) -> None
         if not (tmp_path / "current").exists():
             (tmp_path / "current").symlink_to("releases/1")
         assert max_file_bytes(_Paths(tmp_path)) == cap, mb
+
+
+def test_carp_counts_as_on_unless_stopped_on_purpose_in_this_boot(tmp_path: Path, monkeypatch) -> None:
+    from appliance.core import state as st
+    from appliance.core.paths import Paths as _Paths
+    from sync.receive import carp_running
+    paths = _Paths(tmp_path)
+    paths.run.mkdir(parents=True, exist_ok=True)
+    assert carp_running(paths)                      # never started, or crashed: a CARP change would apply at start
+    st.mark_carp_stopped(paths)
+    assert not carp_running(paths)                  # `systemctl stop appliance-carp` in this boot
+    monkeypatch.setattr(st, "boot_id", lambda: "another-boot")
+    assert carp_running(paths)                      # a stop before a reboot does not count after it
+    monkeypatch.undo()
+    st.clear_carp_stopped(paths)                    # the supervisor starts again
+    assert carp_running(paths)

@@ -16,7 +16,7 @@ import yaml
 
 from appliance.core.loader import load
 from appliance.core.paths import Paths
-from appliance.core.state import read_role
+from appliance.core.state import mark_carp_stopped, read_role
 from appliance.ha import protocol as cp
 from appliance.ha import role
 from appliance.ha.guard import Guard
@@ -129,7 +129,12 @@ def test_a_stolen_key_cannot_change_carp_settings_while_the_backups_carp_runs(la
     finally:
         sleeper.kill()
         sleeper.wait()
-    # with the backup's CARP stopped (root on that node), the same change is a plain sync
+    # the supervisor died (a crash: the service manager restarts it a second later): still refused, or the
+    # restarted supervisor would start with the pushed settings (second review, finding 4)
+    ok, err = _push(lab, tmp_path / "window", 3, lambda d: d["nodes"]["fw1"].update(advskew=200))
+    assert not ok and "nodes.fw1.advskew" in err, err
+    # stopped on purpose in this boot (what `appliance carp` records on SIGTERM): the same change is a plain sync
+    mark_carp_stopped(Paths(lab.backup.state))
     ok, err = _push(lab, tmp_path / "stopped", 3, lambda d: d["nodes"]["fw1"].update(advskew=200))
     assert ok, err
     assert load(lab.backup.config).nodes["fw1"].advskew == 200
