@@ -38,12 +38,33 @@ def test_a_counter_seen_from_another_source_is_a_replay():
 
 def test_a_poisoned_high_water_mark_resyncs_after_n_advbase_of_fresh_counters():
     g = make()
-    g.restore({FW2: {"counter": 10**12}}, 0.0)        # e.g. a bad state file
+    for i in range(5):
+        g.admit(pkt(src=FW2, advskew=100, counter=4990 + i), float(i))
+    g.admit(pkt(src=FW2, advskew=100, counter=10**12), 5.0)          # a leap: a forged counter (the pass's holder)
     base = 5000
     for i in range(guard.RECOVER_ADVERTS):
-        assert reason(g, pkt(src=FW2, advskew=100, counter=base + i), float(i)) == "replay"
-    g.admit(pkt(src=FW2, advskew=100, counter=base + guard.RECOVER_ADVERTS), float(guard.RECOVER_ADVERTS))
+        assert reason(g, pkt(src=FW2, advskew=100, counter=base + i), 6.0 + i) == "replay"
+    g.admit(pkt(src=FW2, advskew=100, counter=base + guard.RECOVER_ADVERTS), 6.0 + guard.RECOVER_ADVERTS)
     assert g.snapshot()[FW2]["counter"] == base + guard.RECOVER_ADVERTS and g.counter_resets == 1
+
+
+def test_missed_adverts_replayed_after_the_peer_died_never_resync():
+    # second review, finding 5: adverts this node never accepted (lost, or sent while it restarted) are still
+    # below the mark it reached in small steps; replayed in order once the real peer is silent, they used to
+    # resync and keep a dead master "alive"
+    g = make()
+    for i in range(50):
+        g.admit(pkt(src=FW2, advskew=100, counter=100 + i), float(i))        # 100..149
+    for i in range(10):
+        g.admit(pkt(src=FW2, advskew=100, counter=180 + i), 80.0 + i)        # 150..179 missed; fw2 dies after 189
+    for i in range(30):
+        assert reason(g, pkt(src=FW2, advskew=100, counter=150 + i), 100.0 + i) == "replay"
+    assert g.counter_resets == 0 and g.snapshot()[FW2]["counter"] == 189
+    h = make()                                                               # the same after this node's restart
+    h.restore(g.snapshot(), 0.0)
+    for i in range(30):
+        assert reason(h, pkt(src=FW2, advskew=100, counter=150 + i), 1.0 + i) == "replay"
+    assert h.counter_resets == 0
 
 
 def test_replays_of_accepted_adverts_never_resync():
