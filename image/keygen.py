@@ -30,20 +30,10 @@ def _check_pair(path: Path) -> None:
         raise BuildError(f"{path} is readable by others (mode {oct(os.stat(path).st_mode & 0o777)}); chmod 600 it")
 
 
-# The Debian overlay (image/debian/overlay.py) still authorises the old shared key keys/sync_ed25519 and ships it in the
-# release; FreeBSD images use per-node keys only. Remove an OS here once its overlay uses render.own_sync_key and
-# render.sync_authorized_lines (docs/security.md, "Not done yet").
-SHARED_KEY_OSES = ("debian",)
-
-
-def uses_shared_key(cfg: Appliance) -> bool:
-    return cfg.cluster.os in SHARED_KEY_OSES
-
-
 def wanted_keys(cfg: Appliance, config_dir: Path) -> list[tuple[Path, str]]:
     """Every build-input key of the cluster with its comment: per node its host key and its own sync key (both in
-    keys/hosts/<node>/, node-local), and the old shared sync key only for an OS whose overlay still uses it."""
-    wanted = [(keys.sync_key(config_dir), f"{cfg.sync.user}@carpguard")] if uses_shared_key(cfg) else []
+    keys/hosts/<node>/, node-local). The old shared sync key is neither made nor used."""
+    wanted: list[tuple[Path, str]] = []
     for n in sorted(cfg.nodes):
         wanted.append((keys.host_key(config_dir, n), f"root@{cfg.nodes[n].hostname or n}"))
         wanted.append((keys.node_sync_key(config_dir, n), f"{keys.KEY_COMMENT}@{n}"))

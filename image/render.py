@@ -13,7 +13,7 @@ from appliance.core.paths import Paths
 from sync import keys
 
 from image.errors import BuildError
-from image.keygen import public_key, sync_pubs, uses_shared_key
+from image.keygen import public_key, sync_pubs
 from image.tree import Tree
 from sync.releases import STATE_MODE
 
@@ -201,23 +201,20 @@ def config_release(tree: Tree, cfg: Appliance, config_path: Path, exclude: list[
             tree.file(target, data, 0o600 if secret else 0o644, secret=secret, source=str(f))
     kdir = f"{rel}/{keys.KEYS_DIR}"
     tree.dir(kdir, 0o700)
-    if uses_shared_key(cfg):  # the old layout, for an overlay not yet on per-node keys (keygen.SHARED_KEY_OSES)
-        sk = keys.sync_key(config_dir)
-        tree.file(f"{kdir}/{keys.SYNC_KEY}", sk.read_bytes(), 0o600, secret=True, source=str(sk))
-        tree.file(f"{kdir}/{keys.SYNC_KEY}.pub", public_key(sk) + f" {cfg.sync.user}\n", 0o644)
     hostkeys = {n: public_key(keys.host_key(config_dir, n)) for n in cfg.nodes}
     tree.file(f"{kdir}/{keys.KNOWN_HOSTS}", "".join(l + "\n" for l in keys.known_hosts_lines(cfg, hostkeys)), 0o644)
 
 
-def own_sync_key(tree: Tree, config_dir: Path, node: str, state_dir: str = STATE_DIR) -> None:
+def own_sync_key(tree: Tree, config_dir: Path, node: str, state_dir: str = STATE_DIR, owner=None) -> None:
     """`node`'s own private sync key where `appliance sync` pushes with it (Paths.sync_key: <state>/keys/, 0700, the
     key 0600): in this node's image only, never in a release (so never synced, never in another node's image)."""
     dst = Paths(Path(state_dir)).sync_key
     src = keys.node_sync_key(config_dir, node)
     pub = src.with_name(src.name + ".pub")
-    tree.dir(str(dst.parent), 0o700)
-    tree.file(str(dst), src.read_bytes(), 0o600, secret=True, source=str(src))
-    tree.file(f"{dst}.pub", pub.read_bytes(), 0o644, source=str(pub))
+    own = {"owner": owner} if owner is not None else {}     # the Debian overlay's root is root:root, not root:wheel
+    tree.dir(str(dst.parent), 0o700, **own)
+    tree.file(str(dst), src.read_bytes(), 0o600, secret=True, source=str(src), **own)
+    tree.file(f"{dst}.pub", pub.read_bytes(), 0o644, source=str(pub), **own)
 
 
 def sync_authorized_lines(cfg: Appliance, config_dir: Path, node: str, appliance_bin: str, elevate: str) -> list[str]:

@@ -87,15 +87,16 @@ def _keys(t: Tree, cfg: Appliance, node: str, config_dir: Path, sync_gid: int) -
     explicit_dir(t, "/root/.ssh", 0o700)
     admin = admin_key(config_dir).with_name(ADMIN_KEY + ".pub").read_text().strip()
     lines = [admin]
-    pub = keygen.public_key(keys.sync_key(config_dir))
+    # each other node's own sync key, from its sync address only (one line each: `appliance keys revoke` one alone)
     if cfg.sync.user == "root":
-        lines.append(keys.authorized_keys_line(cfg, node, pub, APPLIANCE_BIN, elevate="none"))
+        lines += render.sync_authorized_lines(cfg, config_dir, node, APPLIANCE_BIN, "none")
     else:  # the .deb's layout: root owns the key file, the sync user's group may read it
         group = ("root", cfg.sync.user, 0, sync_gid)
         explicit_dir(t, SYNC_HOME, 0o750, group)
         explicit_dir(t, f"{SYNC_HOME}/.ssh", 0o750, group)
-        line = keys.authorized_keys_line(cfg, node, pub, APPLIANCE_BIN, elevate="sudo")
-        t.file(f"{SYNC_HOME}/.ssh/authorized_keys", line + "\n", 0o640, owner=group, source="keys:authorized_keys")
+        auth = render.sync_authorized_lines(cfg, config_dir, node, APPLIANCE_BIN, "sudo")
+        t.file(f"{SYNC_HOME}/.ssh/authorized_keys", "".join(l + "\n" for l in auth), 0o640, owner=group,
+               source="keys:authorized_keys")
     t.file("/root/.ssh/authorized_keys", "".join(l + "\n" for l in lines), 0o600, owner=ROOT, source="keys:admin")
 
 
@@ -113,6 +114,7 @@ def render_overlay(cfg: Appliance, config_path: Path, node: str, exclude: list[P
     t.file(SSHD_DROPIN, _t("sshd.conf.j2", port=cfg.sync.ssh_port), owner=ROOT, source="template:debian/sshd.conf.j2")
     _keys(t, cfg, node, config_dir, sync_gid)
     explicit_dir(t, STATE_DIR, 0o700)
+    render.own_sync_key(t, config_dir, node, STATE_DIR, owner=ROOT)     # this node's push key, in its image only
     explicit_dir(t, f"{STATE_DIR}/releases", 0o700)
     render.config_release(t, cfg, config_path, list(exclude), state_dir=STATE_DIR)
     drop_derived(t, RELEASE)

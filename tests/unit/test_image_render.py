@@ -488,12 +488,17 @@ def test_render_dispatches_to_the_debian_templates(example_tree):
     assert "net.ipv4.ip_nonlocal_bind=1" in text(t, "/etc/sysctl.d/60-carpguard.conf")
     sshd = text(t, "/etc/ssh/sshd_config.d/10-carpguard.conf")
     assert "PasswordAuthentication no" in sshd and "PermitRootLogin prohibit-password" in sshd
-    for secret in ("/etc/ssh/ssh_host_ed25519_key", "/var/lib/appliance/releases/1/keys/sync_ed25519", "/root/.ssh/authorized_keys"):
-        assert t.get(secret).mode == 0o600, secret
+    for secret in ("/etc/ssh/ssh_host_ed25519_key", "/var/lib/appliance/keys/sync_ed25519", "/root/.ssh/authorized_keys"):
+        assert t.get(secret).mode == 0o600 and t.get(secret).gname == "root", secret
+    assert t.get("/var/lib/appliance/keys").mode == 0o700
+    # per-node keys: fw2's own key (and no release copy of any sync key), fw1's key authorised from fw1's address
+    assert t.get("/var/lib/appliance/keys/sync_ed25519").data == keys.node_sync_key(example_tree.parent, "fw2").read_bytes()
+    assert t.get("/var/lib/appliance/releases/1/keys/sync_ed25519") is None
     auth = t.get("/var/lib/appliance-sync/.ssh/authorized_keys")
     assert (auth.mode, auth.uname, auth.gname, auth.gid) == (0o640, "root", "appliance-sync", 997)
     line = auth.data.decode()
     assert 'command="/usr/bin/sudo -n /usr/bin/appliance sync-serve",from="192.168.200.1",restrict ssh-ed25519' in line
+    assert line.count("\n") == 1 and line.rstrip().endswith("appliance-sync@fw1")
     known = text(t, "/var/lib/appliance/releases/1/keys/known_hosts")
     assert "192.168.200.1" in known and "192.168.200.2" in known
     overlay.boot_files(t, cfg, "fw2", "6.1.0-0-amd64", "u-u-i-d")

@@ -116,9 +116,11 @@ def test_root_fs_holds_the_node(dist):
             assert unit not in debugfs(img, off, f"ls /etc/systemd/system/{wants}"), (node, wants, unit)
         assert "releases/1" in debugfs(img, off, "stat /var/lib/appliance/current")
         assert "/var/lib/appliance/current" in debugfs(img, off, "stat /etc/appliance")
-        for secret in ("/etc/ssh/ssh_host_ed25519_key", "/var/lib/appliance/releases/1/keys/sync_ed25519",
+        for secret in ("/etc/ssh/ssh_host_ed25519_key", "/var/lib/appliance/keys/sync_ed25519",
                        "/var/lib/appliance/releases/1/appliance.yaml", "/root/.ssh/authorized_keys"):
             assert "Mode:  0600" in debugfs(img, off, f"stat {secret}"), (node, secret)
+        # per-node sync keys: the node's own key above; no sync key in the release (what a sync copies)
+        assert "sync_ed25519" not in debugfs(img, off, "ls /var/lib/appliance/releases/1/keys"), node
         assert "Mode:  0640" in debugfs(img, off, "stat /var/lib/appliance-sync/.ssh/authorized_keys")
 
 
