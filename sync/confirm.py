@@ -14,31 +14,58 @@ from sync.policy import CONFIG_NAME
 
 
 def check_peers_accept(paths: Paths, old: Appliance | None, new: Appliance, live_tree: Path | None) -> None:
-    """A config that makes this node accept a pass it did not accept (rotation phase 1) or sign with another one
-    (phase 2) is applied only once every other node says over the sync link, with this node's own key, that it
-    accepts that pass too (in phase 1 the master's live release already holds password_next when it pushes).
-    The pusher's word is not enough: with a stolen key, a pass of the attacker's would be accepted here (adverts
-    forged with it from the LAN would steer this node), or sent here, and the master would not hear this node.
+    """Before this node takes a new pass, the others say over the sync link, asked with this node's own key, which
+    passes they accept (`status`: pass_accepts). The pusher's word is not enough: with a stolen key, a pass of the
+    attacker's would be accepted here (adverts forged with it from the LAN would steer this node) or sent here.
+    - a pass this config newly accepts (rotation phase 1): the node saying MASTER must accept it already (the
+      master's release goes live before it pushes); backups may still be on the old phase (each waits for the
+      master only, so three or more nodes do not wait for each other);
+    - a new pass to sign with (phase 2): every other node must accept it, or it would not hear this node.
     The peers are reached as the live config says; those settings change only while CARP is stopped
-    (rotation.carp_settings), and the host keys are pinned by the live keys/known_hosts (check_trust_files)."""
+    (rotation.carp_settings), and their host keys are pinned by the live keys/known_hosts (check_trust_files)."""
     if old is None or live_tree is None:
         return
-    fresh = set(accepts(new.cluster)) - set(accepts(old.cluster))
-    if sends(new.cluster) != sends(old.cluster):
-        fresh.add(sends(new.cluster))
-    if not fresh:
+    fresh = {pass_fingerprint(p) for p in set(accepts(new.cluster)) - set(accepts(old.cluster))}
+    signs = pass_fingerprint(sends(new.cluster)) if sends(new.cluster) != sends(old.cluster) else None
+    if not fresh and signs is None:
         return
-    want = {pass_fingerprint(p) for p in fresh}
-    me = node_name(old, Path(live_tree) / CONFIG_NAME)
-    key = keymod.push_key(paths.sync_key, Path(live_tree))
-    for peer in make_peers(old, me, Path(live_tree), key):
+    said, unreachable = _ask(paths, old, Path(live_tree))
+    if signs is not None:
+        if unreachable:
+            raise _refused(f"cannot confirm that {unreachable[0]} accepts the pass this config would sign with; a "
+                           "rotation's phase 2 needs every node up")
+        for name, (_, accepted) in said.items():
+            if signs not in accepted:
+                raise _refused(f"{name} does not accept the pass this config would sign with (it is not on phase 1: "
+                               "cluster.password_next synced to every node first); the two would not hear each other")
+    if fresh:
+        masters = [name for name, (role, _) in said.items() if role == "MASTER"]
+        if not masters:
+            raise _refused("no other node says MASTER, so nothing confirms the pass this config would accept (a "
+                           "rotation step goes live on the master first)")
+        for name in masters:
+            if not fresh <= said[name][1]:
+                raise _refused(f"{name} (MASTER) does not accept the pass this config would accept (a rotation step "
+                               "goes live on the master first, then is synced)")
+
+
+def _ask(paths: Paths, old: Appliance, live_tree: Path) -> tuple[dict[str, tuple[str, set[str]]], list[str]]:
+    """{node: (its role, the pass fingerprints it accepts)} for each other node reached, and the names not reached."""
+    me = node_name(old, live_tree / CONFIG_NAME)
+    key = keymod.push_key(paths.sync_key, live_tree)
+    said: dict[str, tuple[str, set[str]]] = {}
+    unreachable: list[str] = []
+    for peer in make_peers(old, me, live_tree, key):
         try:
-            said = remote_status(peer).get("pass_accepts")
-        except SyncError as e:
-            raise SyncError(f"{CONFIG_NAME}: cluster.password/password_next: this node would take a new pass, but "
-                            f"cannot confirm that {peer.name} accepts it ({e}); a rotation step needs every node up, "
-                            "the master first; refused, nothing applied", BAD_INPUT) from None
-        if not isinstance(said, list) or not want <= set(said):
-            raise SyncError(f"{CONFIG_NAME}: cluster.password/password_next: {peer.name} does not accept the pass "
-                            "this config would add (a rotation step goes live on the master first, then is synced to "
-                            "every node); refused, nothing applied", BAD_INPUT)
+            st = remote_status(peer)
+        except SyncError:
+            unreachable.append(peer.name)
+            continue
+        accepted = st.get("pass_accepts")
+        said[peer.name] = (str(st.get("role") or ""),
+                           {a for a in accepted if isinstance(a, str)} if isinstance(accepted, list) else set())
+    return said, unreachable
+
+
+def _refused(why: str) -> SyncError:
+    return SyncError(f"{CONFIG_NAME}: cluster.password/password_next: {why}; refused, nothing applied", BAD_INPUT)

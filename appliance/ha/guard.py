@@ -34,8 +34,8 @@ COUNTER_TIME_SHIFT = 20     # our counters start at wall-clock ms << 20: a resta
 COUNTER_MASK = (1 << 64) - 1
 OWN_RANGES_MAX = 16         # ranges of counters this node sent (one per run, kept in the state file)
 RECOVER_ADVERTS = 10        # a forward peer refused only by its counter this many advbase periods in a row: resync
-RESYNC_LEAP = 1 << 20       # a forward step this big (12 days of adverts at advbase 1) is a forged or restarted
-                            # counter; only a mark set by such a leap may be resynced below
+RESYNC_LEAP = 1 << 20       # a mark this far above a peer's adverts (12 days of them at advbase 1) cannot be one of
+                            # its own recent counters: a forged, replayed-from-another-source or restarted counter
 
 
 def initial_counter(saved: int | None = None, now_ns: int | None = None) -> int:
@@ -56,7 +56,6 @@ class _Source:
     lo: int = -1                # the contiguous run of counters accepted from it that ends at `counter`
     streak: tuple | None = None  # (first time, first counter, last counter) of adverts refused only by the counter
     signed: str = ""            # pass_fingerprint of the pass its last accepted advert was signed with
-    before: int | None = None   # the mark before the current run when that run began with a leap (RESYNC_LEAP)
 
 
 class Guard:
@@ -175,7 +174,6 @@ class Guard:
                 self.sources.popitem(last=False)
         self.sources.move_to_end(src)
         if counter != s.counter + 1 or s.lo < 0:
-            s.before = s.counter if s.lo >= 0 and counter - s.counter >= RESYNC_LEAP else None
             s.lo = counter
         s.counter, s.last, s.streak = counter, now, None
         s.accepted += 1
@@ -189,14 +187,13 @@ class Guard:
         fail only the counter check, with counters that go up by one each (as a speaker's do), none of them in
         the run already accepted from it, for RECOVER_ADVERTS x advbase seconds without any advert accepted,
         is resynced to its counter (counted in counter_resets). A replay of adverts this node accepted never
-        counts; a break in the sequence starts over. Only a mark that a leap set (the run it ends began RESYNC_LEAP
-        or more above the mark before it: a forged counter, a peer restarted on another clock) is resynced, and
-        only to counters above the mark before the leap. Below a mark reached in small steps, unaccepted counters
-        are adverts this node missed (a lost packet, its own restart): replayed, they must not make a dead master
-        look alive (second review, finding 5)."""
+        counts; a break in the sequence starts over. Only counters RESYNC_LEAP or more below the mark are resynced:
+        the mark is then no recent counter of this peer's (a forged one, another node's advert replayed under this
+        peer's address, a restart on another clock). Counters just below the mark are adverts this node missed (a
+        lost packet, its own restart): replayed once the peer is dead, they must not make it look alive."""
         if s.lo <= counter <= s.counter:
             return False                            # one we accepted already: a plain replay (the streak stays)
-        if s.before is None or counter <= s.before:
+        if s.counter - counter < RESYNC_LEAP:
             return False
         st = s.streak
         if st is None or counter != st[2] + 1:

@@ -82,3 +82,23 @@ def test_a_gap_in_the_refused_sequence_starts_over():
     for i in range(30):
         assert reason(g, pkt(src=FW2, advskew=100, counter=5000 + 2 * i), float(i)) == "replay"
     assert g.counter_resets == 0
+
+
+def test_another_nodes_adverts_replayed_under_a_peers_address_lock_it_out_for_a_bounded_time_only():
+    # third review, finding 1 (clusters of 3+ nodes: fw2's adverts, replayed as fw1's to a third node once the
+    # cross-source memory has forgotten them): two of them, 2 apart, used to lock fw1 out for good
+    g = make()
+    for i in range(5):
+        g.admit(pkt(src=FW1, counter=1000 + i), float(i))
+    far = 1000 + (7 << 30)                                      # another node's counters: started at another ms
+    g.by_counter.clear()                                      # forgotten (a restart of this speaker, or 8192 adverts)
+    g.admit(pkt(src=FW1, counter=far), 5.0)
+    g.admit(pkt(src=FW1, counter=far + 2), 6.0)
+    refused = 0
+    for i in range(3 * guard.RECOVER_ADVERTS):
+        try:
+            g.admit(pkt(src=FW1, counter=1005 + i), 7.0 + i)   # the real fw1 goes on
+            break
+        except Exception:
+            refused += 1
+    assert g.counter_resets == 1 and refused == guard.RECOVER_ADVERTS, refused
