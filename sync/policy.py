@@ -13,10 +13,10 @@ from appliance.core.model import Appliance
 from appliance.core.fsio import read_json
 from appliance.core.paths import Paths, node_name
 from appliance.core.rotation import accepts, carp_step_error, pass_fingerprint, pass_step_error
+from sync import keys
 from sync.errors import BAD_INPUT, SyncError
 
 HOOKS_DIR = "hooks.d"
-KNOWN_HOSTS = "keys/known_hosts"   # sync.keys.known_hosts, relative to the tree
 CONFIG_NAME = "appliance.yaml"
 HEARD_SLACK = 15.0   # seconds: the speaker rewrites its state file every 10 s, plus margin
 
@@ -111,9 +111,9 @@ def check_trust_files(old_tree: Path | None, new_tree: Path, carp_running: bool)
     takes a new CARP pass (sync.confirm), so, like the addresses themselves, it changes only while CARP is stopped."""
     if old_tree is None or not carp_running:
         return
-    a, b = (Path(t) / KNOWN_HOSTS for t in (old_tree, new_tree))
+    a, b = (keys.known_hosts(Path(t)) for t in (old_tree, new_tree))
     old = a.read_bytes() if a.is_file() else None
     if old is not None and (b.read_bytes() if b.is_file() else None) != old:
-        raise SyncError(f"{KNOWN_HOSTS}: the pinned host keys change, which a sync does not apply while this node's "
+        raise SyncError(f"{a.relative_to(old_tree)}: the pinned host keys change, which a sync does not apply while this node's "
                         "CARP runs: stop `appliance carp` on each backup, sync, then start it again there "
                         "(docs/security.md, \"Changing CARP settings\"); refused, nothing applied", BAD_INPUT)

@@ -139,16 +139,7 @@ def _receive(paths: Paths, rel: Releases, gen: int, digest: str, force: bool, so
     tmp = _checked_copy(paths, rel, gen, digest, live)
     try:
         cfg = validate_tree_bounded(tmp, confine=True)
-    except SyncError as e:
-        note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
-        raise
-    try:  # a CARP change that would split the cluster is not applied by a sync alone (issue 12, #2)
-        old = policy.live_config(rel.path(live) if live is not None else None)
-        me = policy.this_node(old, rel.path(live) if live is not None else None)
-        running = carp_running(paths)
-        policy.check_carp_step(old, cfg, running, policy.heard_passes(paths, old), own=[me] if me else [])
-        policy.check_trust_files(rel.path(live) if live is not None else None, tmp, running)
-        confirm.check_peers_accept(paths, old, cfg, rel.path(live) if live is not None else None)
+        _check_no_split(paths, rel.path(live) if live is not None else None, tmp, cfg)
     except SyncError as e:
         note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
         raise
@@ -161,6 +152,17 @@ def _receive(paths: Paths, rel: Releases, gen: int, digest: str, force: bool, so
     note(state, f"generation {gen} from {source} is live (was {live}); {reloaded}; {carp}")
     return {"ok": True, "action": "swapped", "generation": gen, "previous": live, "pruned": pruned,
             "proxy": reloaded, "carp": carp, "seconds": round(time.monotonic() - t0, 3)}
+
+
+def _check_no_split(paths: Paths, live_tree: Path | None, tmp: Path, cfg) -> None:
+    """A CARP change that would split the cluster is not applied by a sync alone (issue 12, #2): compared with the
+    live release, the passes peers are heard with, and what the other nodes confirm over the sync link."""
+    old = policy.live_config(live_tree)
+    me = policy.this_node(old, live_tree)
+    running = carp_running(paths)
+    policy.check_carp_step(old, cfg, running, policy.heard_passes(paths, old), own=[me] if me else [])
+    policy.check_trust_files(live_tree, tmp, running)
+    confirm.check_peers_accept(paths, old, cfg, live_tree)
 
 
 def rollback(paths: Paths, gen: int, reload: bool = True) -> dict:

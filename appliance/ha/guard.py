@@ -15,6 +15,7 @@ source (a bounded cache) is a replay.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -46,6 +47,10 @@ def initial_counter(saved: int | None = None, now_ns: int | None = None) -> int:
     if saved is not None:
         c = max(c, saved + (1 << COUNTER_TIME_SHIFT))
     return c & COUNTER_MASK
+
+
+# one HMAC per pass, not per advert: the pass and, during a rotation, the next one are the only keys in use
+_fingerprint = functools.lru_cache(maxsize=4)(pass_fingerprint)
 
 
 @dataclass
@@ -80,7 +85,6 @@ class Guard:
         self.next_pw: bytes | None = None      # during a pass rotation: adverts signed with it are accepted too
         self.own: list[list[int]] = []          # [first, last] counters this node sent, per run (note_sent)
         self.by_counter: OrderedDict[int, str] = OrderedDict()   # counter -> source it was accepted from (LRU)
-        self._fps: dict[bytes, str] = {}
 
     def note_sent(self, counter: int) -> None:
         """The speaker sent an advert with this counter: one of ours is a replay from any source."""
@@ -136,16 +140,8 @@ class Guard:
         passes = (self._pw, self.next_pw) if self.next_pw else (self._pw,)
         signed = passes[cp.auth_index(a, passes, self.vhid, self.vip)]
         self._count(rx.src, a.counter, now, peer.counter if peer is not None else "any")
-        self.sources[rx.src].signed = self._fingerprint(signed)
+        self.sources[rx.src].signed = _fingerprint(signed)
         return a
-
-    def _fingerprint(self, pw: bytes) -> str:
-        # one HMAC per pass, not per advert: the pass and the next one are the only keys
-        fp = self._fps.get(pw)
-        if fp is None:
-            self._fps = {pw: pass_fingerprint(pw), **{k: v for k, v in self._fps.items() if k in (self._pw, self.next_pw)}}
-            fp = self._fps[pw]
-        return fp
 
     def _count(self, src: str, counter: int, now: float, mode: str) -> None:
         # the digest does not cover the source: a counter we sent, or one accepted from another source, is a
