@@ -263,7 +263,7 @@ def watchdog_cmd(ctx: Ctx, check: str | None, once: bool) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     while not stop:
         t0 = time.monotonic()
-        ok, why = watchdog.probe(*target, timeout=min(1.0, cfg.cluster.advbase))
+        ok, why = watchdog.probe(*target, timeout=cfg.ha.check_timeout)
         change = health.record(ok, why)
         if change is not None:
             state.write_ha(ctx.paths, health_demoted=not change, health_reason=why)

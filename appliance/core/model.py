@@ -319,6 +319,8 @@ class Sync(_Model):
 class HA(_Model):
     watchdog: bool = Field(True, description="check the local proxy every advbase; demote after `failures`")
     failures: int = Field(3, ge=1, le=100, description="failed checks before the node demotes itself")
+    check_timeout: float = Field(1.0, ge=0.1, le=30, description="seconds one proxy check may take before it "
+                                 "counts as failed (raise it on slow hardware or emulated VMs)")
     demote_advskew: int = Field(240, ge=1, le=254, description="advskew used while demoted")
     hook_timeout: int = Field(10, ge=1, le=600, description="seconds a hooks.d script may run")
 

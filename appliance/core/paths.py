@@ -150,6 +150,10 @@ class Paths:
     def engine_state(self, vhid: int) -> Path:
         return self.run / f"carp-{vhid}.engine.json"
 
+    def engine_advskew(self, vhid: int) -> Path:
+        """The speaker's --advskew-file for a vhid: this node's advskew now (demoted or not)."""
+        return self.run / f"carp-{vhid}.advskew"
+
     def engine_peers(self, vhid: int) -> Path:
         """The speaker's --peers-file for a vhid (the other nodes, one spec a line)."""
         return self.run / f"carp-{vhid}.peers"

@@ -10,7 +10,6 @@ only go forward per source); drops are counted by reason in the state file and l
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
@@ -19,7 +18,6 @@ import random
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,8 @@ import time
 from pathlib import Path
 
 from appliance.ha import guard
+from appliance.ha.advskew import AdvskewFile
+from appliance.ha.netio import ETH_P_ARP, garp_frame, link_running, mreqn
 from appliance.ha.peers import NextPass, PeersFile
 from appliance.ha import protocol as cp
 from appliance.ha.fsm import BACKUP, INIT, MASTER, Core
@@ -37,32 +37,11 @@ log = logging.getLogger("carp-speaker")
 
 LINK_POLL = 0.5             # seconds between interface-state checks
 STATE_EVERY = 10.0          # seconds between state-file rewrites while counters change
-ETH_P_ARP = 0x0806
-SIOCGIFFLAGS = 0x8913
-IFF_UP, IFF_RUNNING = 0x1, 0x40
 
 __all__ = ["BACKUP", "INIT", "MASTER", "Core", "Speaker", "main", "parser", "read_pass"]
 
 
 # --------------------------------------------------------------------------- I/O runner
-
-def _mreqn(group: str, addr: str, ifindex: int) -> bytes:
-    return struct.pack("4s4si", socket.inet_aton(group), socket.inet_aton(addr), ifindex)
-
-
-def link_running(sock: socket.socket, iface: str) -> bool:
-    """IFF_UP and IFF_RUNNING (carrier); OSError when the interface is gone."""
-    res = fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, struct.pack("16sh14x", iface.encode(), 0))
-    flags = struct.unpack("16sh14x", res)[1]
-    return bool(flags & IFF_UP) and bool(flags & IFF_RUNNING)
-
-
-def garp_frame(hwaddr: bytes, vip: str) -> bytes:
-    """ucarp's gratuitous ARP: a broadcast request with sender = target = (our MAC, VIP)."""
-    ip = socket.inet_aton(vip)
-    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, hwaddr, ip, hwaddr, ip)
-    return b"\xff" * 6 + hwaddr + struct.pack("!H", ETH_P_ARP) + arp
-
 
 class Speaker:
     """Sockets, signals, the script worker and the event loop around a Core."""
@@ -79,6 +58,9 @@ class Speaker:
                                  advbase=args.advbase, mcast=args.mcast, peers=peers, resync=args.counter_resync)
         self.bad = guard.BadLog(log, burst=args.log_burst)
         self.next_pass = NextPass(args.passfile_next, log) if args.passfile_next else None
+        self.advskew_file = AdvskewFile(args.advskew_file, log) if args.advskew_file else None
+        if self.advskew_file:
+            self.core.advskew = args.advskew = self.advskew_file.initial(args.advskew)
         self.counters: dict[str, int] = {"sent": 0, "send_errors": 0, "received": 0, "transitions": 0}
         self.counter = guard.initial_counter(self._restore())
         self._state_at = 0.0
@@ -97,11 +79,11 @@ class Speaker:
             raise RuntimeError(f"no such interface: {self.iface}") from None
         self.rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, cp.IPPROTO_CARP)
         self.rx.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.iface.encode())
-        self.rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, _mreqn(self.args.mcast, "0.0.0.0", self.ifindex))
+        self.rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn(self.args.mcast, "0.0.0.0", self.ifindex))
         self.rx.setblocking(False)
         self.tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)   # implies IP_HDRINCL
         self.tx.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.iface.encode())
-        self.tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, _mreqn(self.args.mcast, "0.0.0.0", self.ifindex))
+        self.tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn(self.args.mcast, "0.0.0.0", self.ifindex))
         self.tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
         self.ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.garp_sock = None
@@ -297,6 +279,19 @@ class Speaker:
             log.warning("peers updated from %s: %s (was %s)", self.peers_file.path, self.peers_text(), before)
             self.write_state()
 
+    def reload_advskew(self, now: float, force: bool = False) -> None:
+        """--advskew-file changed: the new advskew from now on. A master sends an advert with it at once, so a
+        preempting backup with a better one takes over without waiting for a dead interval (no gap, no restart)."""
+        new = self.advskew_file.poll(now, force) if self.advskew_file else None
+        if new is None or new == self.core.advskew:
+            return
+        log.warning("advskew %d -> %d (%s)", self.core.advskew, new, self.advskew_file.path)
+        self.core.advskew = self.args.advskew = new
+        if self.core.state == MASTER:
+            self.send()
+            self.core.ad_deadline = now + self.core.interval
+        self.write_state()
+
     # -- loop
     def run(self) -> int:
         a = self.args
@@ -322,6 +317,7 @@ class Speaker:
                     link_ok = up
                     old = self.core.state
                     self.apply(self.core.link_down(now) if not up else self.core.link_up(now), old)
+            self.reload_advskew(now, force=self.usr1)
             if self.usr1:
                 self.usr1 = False
                 log.warning("%s on %s vhid %d %s", self.core.state, self.iface, a.vhid,

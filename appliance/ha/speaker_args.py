@@ -75,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
       help="more peers, one IP[,advskew=N][,counter=forward|any] a line (# comments); re-read when it changes "
            "(checked once a second), so a peer's advskew or address changes without a restart. A file that does "
            "not parse, or that would empty the list, is logged and the previous list kept")
+    a("--advskew-file", metavar="FILE",
+      help="this node's advskew (first line, 0-254), re-read when it changes (looked at every 0.25 s, at once on "
+           "SIGUSR1): a demotion or promotion without a restart; a master announces the new value at once, so a "
+           "preempting backup takes over with no gap. Overrides --advskew when readable at start. Not a ucarp option")
     a("--counter-resync", type=float, default=0.0, metavar="SECONDS",
       help="accept a counter below the last one from a source that was silent this long (a ucarp or kernel-CARP "
            "peer that restarted; such a restart picks a random counter). Default 0: never (speaker peers never need it)")

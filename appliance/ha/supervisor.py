@@ -57,7 +57,8 @@ ENGINE_CWD = "/"   # engines never run in an inherited cwd (it may be the config
 def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Path, vip: str, advbase: int,
                 advskew: int, preempt: bool, deadratio: int, upscript: Path, downscript: Path,
                 xparam: str, state_file: Path | None = None, peers: list[str] | tuple = (),
-                peers_file: Path | None = None, passfile_next: Path | None = None) -> list[str]:
+                peers_file: Path | None = None, passfile_next: Path | None = None,
+                advskew_file: Path | None = None) -> list[str]:
     """The one argument builder for both engines (the speaker takes ucarp's options). Both engines send
     the gratuitous ARP themselves (the speaker only while still MASTER), so the scripts pass --no-garp."""
     if engine not in ENGINES:
@@ -78,6 +79,7 @@ def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Pat
         args += [x for p in peers for x in ("--peer", p)]   # adverts from these addresses only (issue 12)
         args += ["--peers-file", str(peers_file)] if peers_file is not None else []
         args += ["--passfile-next", str(passfile_next)] if passfile_next is not None else []   # pass rotation
+        args += ["--advskew-file", str(advskew_file)] if advskew_file is not None else []      # live re-arm
     return head + args
 
 
@@ -185,12 +187,38 @@ class CarpSupervisor:
             passfile=self.passfile, vip=str(e.group.vip.ip), advbase=self.cfg.cluster.advbase, advskew=e.advskew,
             preempt=self.cfg.cluster.preempt, deadratio=self.deadratio, upscript=self.up, downscript=self.down,
             xparam=str(e.group.vhid), state_file=self.paths.engine_state(e.group.vhid),
-            peers_file=self.peers_file(e.group.vhid), passfile_next=self.paths.carp_pass_next)
+            peers_file=self.peers_file(e.group.vhid), passfile_next=self.paths.carp_pass_next,
+            advskew_file=self.advskew_file(e))
         e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env}, cwd=ENGINE_CWD)
         e.started = time.monotonic()
         self.paths.engine_pid(e.group.vhid).write_text(f"{e.proc.pid}\n")
         role.log_line(f"carp: started {self.engine} pid {e.proc.pid} vhid {e.group.vhid} advskew {e.advskew}", self.paths)
         self.write_status()
+
+    def live_rearm(self) -> bool:
+        """The speaker takes a new advskew live; with preempt on, a better backup then takes over at once. ucarp,
+        or preempt off (a backup would never take over from a demoted master), re-arm by a restart instead."""
+        return self.engine == "speaker" and self.cfg.cluster.preempt
+
+    def advskew_file(self, e: CarpProcess) -> Path | None:
+        """The vhid's --advskew-file, written with the advskew the engine starts with (live re-arm only)."""
+        if not self.live_rearm():
+            return None
+        path = self.paths.engine_advskew(e.group.vhid)
+        write_text_atomic(path, f"{e.advskew}\n")
+        return path
+
+    def rearm_engine(self, e: CarpProcess, want: int, why: str) -> None:
+        """Give a running engine a new advskew: written to its advskew file and announced at once (SIGUSR1), or,
+        without live re-arm, a restart (the VIP is dropped; the engine starts again with `want`)."""
+        role.log_line(f"carp: re-arming vhid {e.group.vhid} with advskew {want} ({why})", self.paths)
+        if self.live_rearm() and e.proc is not None:
+            write_text_atomic(self.paths.engine_advskew(e.group.vhid), f"{want}\n")
+            e.advskew = want
+            e.proc.send_signal(signal.SIGUSR1)
+            return
+        self.stop_engine(e, f"re-arm advskew {want}")
+        e.next_start = 0.0
 
     def peers_file(self, vhid: int) -> Path | None:
         """The vhid's peers file, rewritten from the running config (the speaker only; ucarp has no source check)."""
@@ -269,7 +297,7 @@ class CarpSupervisor:
         period = float(self.cfg.cluster.advbase)
         while not self.stop.is_set():
             t0 = time.monotonic()
-            ok, why = watchdog.probe(*self.target, timeout=min(1.0, period))
+            ok, why = watchdog.probe(*self.target, timeout=self.cfg.ha.check_timeout)
             change = self.health.record(ok, why)
             if change is not None:
                 state.write_ha(self.paths, health_demoted=not change, health_reason=why)
@@ -294,7 +322,7 @@ class CarpSupervisor:
         for e in self.engines:
             self.drop(e, "carp start")
         if self.use_watchdog:
-            ok, why = watchdog.probe(*self.target, timeout=1.0)
+            ok, why = watchdog.probe(*self.target, timeout=self.cfg.ha.check_timeout)
             self.health.record(ok, why)
             state.write_ha(self.paths, health_demoted=not ok, health_reason=why)
             threading.Thread(target=self.watch, name="watchdog", daemon=True).start()
@@ -329,10 +357,7 @@ class CarpSupervisor:
                 for e in self.engines:
                     want = effective_advskew(self.cfg, e.group, demoted)
                     if e.proc is not None and e.proc.poll() is None and want != e.advskew:
-                        role.log_line(f"carp: re-arming vhid {e.group.vhid} with advskew {want}"
-                                      f" ({why or 'promoted'})", self.paths)
-                        self.stop_engine(e, f"re-arm advskew {want}")
-                        e.next_start = 0.0
+                        self.rearm_engine(e, want, why or "promoted")
                 self.write_status()
             for e in self.engines:
                 if e.proc is not None:

@@ -1,0 +1,59 @@
+"""The speaker's --advskew-file: its own advskew, changed live by the supervisor (health demotion, admin demote)."""
+from __future__ import annotations
+
+import logging
+import os
+
+MAX_BYTES = 64
+
+
+class AdvskewFile:
+    """One number 0-254 on the first line, re-read when the file's mtime, size or inode changes (looked at no more
+    than once per `every` seconds, or at once when asked). A file that is missing or does not parse is logged once
+    per version and changes nothing: the speaker keeps the advskew it has."""
+
+    def __init__(self, path: str, logger: logging.Logger, every: float = 0.25) -> None:
+        self.path, self.log, self.every = path, logger, every
+        self._sig: tuple | None = None
+        self._next = 0.0
+
+    def read(self) -> int:
+        """The file's advskew now; OSError or ValueError when it cannot be used."""
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            self._sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+            raw = f.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            raise ValueError(f"{self.path}: longer than {MAX_BYTES} bytes")
+        line = raw.decode("ascii", "replace").split("\n", 1)[0].strip()
+        if not line.isdigit() or not 0 <= int(line) <= 254:
+            raise ValueError(f"{self.path}:1: advskew must be a number 0-254 (got {line[:20]!r})")
+        return int(line)
+
+    def initial(self, default: int) -> int:
+        """At start: the file's advskew, else (logged) `default` from --advskew."""
+        try:
+            return self.read()
+        except (OSError, ValueError) as e:
+            self.log.warning("advskew file not used at start, advskew %d: %s", default, getattr(e, "strerror", None) or e)
+            return default
+
+    def poll(self, now: float, force: bool = False) -> int | None:
+        """The new advskew when the file changed since the last look, else None (also when it is unusable)."""
+        if now < self._next and not force:
+            return None
+        self._next = now + self.every
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            if self._sig != ("missing",):
+                self._sig = ("missing",)
+                self.log.warning("advskew file %s: %s; the advskew stays", self.path, e.strerror)
+            return None
+        if (st.st_mtime_ns, st.st_size, st.st_ino) == self._sig:
+            return None
+        try:
+            return self.read()
+        except (OSError, ValueError) as e:
+            self.log.warning("advskew file not used, the advskew stays: %s", getattr(e, "strerror", None) or e)
+            return None
