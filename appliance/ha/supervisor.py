@@ -32,17 +32,28 @@ DEFAULT_ENGINE = "speaker"
 DEFAULT_DEADRATIO = {"ucarp": 2, "speaker": 2}
 
 
-def write_scripts(config_path: Path, node: str, paths: Paths) -> tuple[Path, Path]:
-    """up/down scripts for the engine: `appliance role master|backup --vhid $3 --iface $1` (ucarp's $1 iface, $2 VIP, $3 xparam)."""
+def write_scripts(config_path: Path, node: str, paths: Paths, cfg: Appliance | None = None) -> tuple[Path, Path]:
+    """up/down scripts for the engine: `appliance role master|backup --vhid $3 --iface $1` (ucarp's $1 iface, $2 VIP,
+    $3 xparam). On Linux, given the config, each first adds or removes the vhid's VIP itself with `ip`: that takes
+    milliseconds, where the appliance's start (Python, the config) takes about 0.5 s on hardware and 10-40 s in an
+    emulated VM, and a VIP left on a node that became BACKUP meanwhile is a second holder. The appliance then finds
+    the VIP where it should be, records the role and runs the hooks; its --seq still orders racing scripts."""
     d = paths.run
     d.mkdir(parents=True, exist_ok=True)
     sdir = str(paths.state)
+    vips = [(g.vhid, str(g.vip)) for g in role.groups(cfg, node)] if cfg is not None and role.IS_LINUX else []
     out = []
     for r in ("master", "backup"):
         p = d / f"carp-{'up' if r == 'master' else 'down'}.sh"
+        move = ""
+        if vips:
+            cases = "".join(f"  {vhid}) {shlex.quote(netns.tool('ip'))} -4 addr {'add' if r == 'master' else 'del'} "
+                            f"{vip} dev \"$1\" 2>/dev/null ;;\n" for vhid, vip in vips)
+            move = f"case \"$3\" in\n{cases}esac\n"
         text = (
             "#!/bin/sh\n"
             f"# written by `appliance carp`: the engine calls it with $1 interface, $2 VIP, $3 vhid\n"
+            + move +
             f"APPLIANCE_STATE_DIR={shlex.quote(sdir)} exec {shlex.quote(appliance_bin())} "
             f"-c {shlex.quote(str(config_path))} --node {shlex.quote(node)} role {r} --vhid \"$3\" --iface \"$1\" --seq \"$(date +%s%N)\" --no-garp\n"
         )
@@ -215,7 +226,10 @@ class CarpSupervisor:
         if self.live_rearm() and e.proc is not None:
             write_text_atomic(self.paths.engine_advskew(e.group.vhid), f"{want}\n")
             e.advskew = want
-            e.proc.send_signal(signal.SIGUSR1)
+            # a speaker still starting has no SIGUSR1 handler yet and would die of the signal (default action);
+            # it reads the file itself then (at start, or on its first poll)
+            if pids.catches_signal(e.proc.pid, signal.SIGUSR1):
+                e.proc.send_signal(signal.SIGUSR1)
             return
         self.stop_engine(e, f"re-arm advskew {want}")
         e.next_start = 0.0
@@ -288,6 +302,7 @@ class CarpSupervisor:
         self.iface = new.cluster.interface
         self.target = watchdog.check_target(new, self.check)
         self.passfile = write_pass(new, self.paths)
+        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, new)   # the VIPs they move
         self.engines = [CarpProcess(g) for g in role.groups(new, self.node)]
         self.write_status()
         return changes
@@ -311,7 +326,7 @@ class CarpSupervisor:
         self.lock()
         state.clear_carp_stopped(self.paths)
         self.passfile = write_pass(self.cfg, self.paths)
-        self.up, self.down = write_scripts(self.config_path, self.node, self.paths)
+        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, self.cfg)
         self.env = {"APPLIANCE_STATE_DIR": str(self.paths.state)}
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())

@@ -62,6 +62,12 @@ def test_pass_file_is_0600_and_scripts_call_role(example_tree: Path, state_dir: 
     assert "change-me" not in text and "role backup" in down.read_text()
     r = subprocess.run(["sh", "-n", str(up)])
     assert r.returncode == 0
+    # given the config, the scripts move the VIP themselves first (milliseconds), before the appliance starts
+    up, down = carp.write_scripts(example_tree, "fw2", Paths(state_dir), cfg)
+    for script, verb in ((up, "add"), (down, "del")):
+        text = script.read_text()
+        assert f'  {cfg.cluster.vhid}) ' in text and f" -4 addr {verb} {cfg.cluster.vip} dev \"$1\"" in text
+        assert text.index(f"addr {verb}") < text.index("exec ") and subprocess.run(["sh", "-n", str(script)]).returncode == 0
 
 
 def _edit(path: Path, fn) -> None:
