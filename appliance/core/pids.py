@@ -83,6 +83,27 @@ def start_time(pid: int) -> float | None:
         return None
 
 
+def catches_signal(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for `sig` yet (Linux /proc/PID/status SigCgt); False when unknown."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return bool(int(status.split("SigCgt:")[1].split()[0], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def signal_if_caught(pid: int, sig: int) -> bool:
+    """Send `sig` only once the process handles it: a program still starting (a speaker before its handlers are set)
+    would die of a signal whose default action is to terminate. Whether it was sent."""
+    if not catches_signal(pid, sig):
+        return False
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        return False
+    return True
+
+
 def runs_role(argv: list[str], role: str) -> bool:
     """argv is `appliance ... ROLE ...`: the console script (any path) or `-m appliance.cli`, then the subcommand."""
     for i, a in enumerate(argv):

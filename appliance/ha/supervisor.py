@@ -226,10 +226,7 @@ class CarpSupervisor:
         if self.live_rearm() and e.proc is not None:
             write_text_atomic(self.paths.engine_advskew(e.group.vhid), f"{want}\n")
             e.advskew = want
-            # a speaker still starting has no SIGUSR1 handler yet and would die of the signal (default action);
-            # it reads the file itself then (at start, or on its first poll)
-            if pids.catches_signal(e.proc.pid, signal.SIGUSR1):
-                e.proc.send_signal(signal.SIGUSR1)
+            pids.signal_if_caught(e.proc.pid, signal.SIGUSR1)   # not while starting: it would die; it reads the file
             return
         self.stop_engine(e, f"re-arm advskew {want}")
         e.next_start = 0.0
