@@ -9,6 +9,7 @@ LISTEN     ?= 127.0.0.1:3128
 FREEBSD_DIST ?=
 OUT        ?= dist
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 3
 export PATH := $(PATH):/usr/sbin:/sbin
 
 # binary:Debian-package pairs each verb needs; installed with apt-get when missing and we are root
@@ -55,8 +56,12 @@ apt-bench: ; $(call apt_tools,$(TOOLS_BENCH))
 run: venv
 	$(APPLIANCE) proxy -c $(CONFIG) --listen $(LISTEN) --access-log - 
 
+# Tests run on TEST_WORKERS pytest-xdist workers: most of the suite waits on timers, processes and VMs, so three
+# share two cores; tests that share one image build and package cache form one xdist_group (one worker).
 test: venv apt-test apt-deb
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS) tests
+	@start=$$(date +%s); \
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS) tests; \
+	rc=$$?; echo "make test: $$(( $$(date +%s) - start )) s wall, exit $$rc"; exit $$rc
 
 bench: venv apt-bench
 	$(PY) -m tests.bench

@@ -1,4 +1,5 @@
-"""Shared fixtures: the example tree, a state dir, one origin per module, the sync lab; the `root` marker."""
+"""Shared fixtures: the example tree, a state dir, one origin per module, the sync lab, the one Debian image build;
+the `root` marker."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.debian_build import debian_config, debian_deb, debian_dist  # noqa: F401 (session fixtures)
 from tests.support.env import copy_examples
 from tests.support.proxy import start_origin
 from tests.support.sync_lab import SyncLab

@@ -14,7 +14,8 @@ import pytest
 
 from tests.support.env import ROOT, need_tool
 
-pytestmark = [pytest.mark.slow, pytest.mark.root]
+# xdist_group: these run on one worker (make test runs workers in parallel): one image build, one package cache
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("debian-image")]
 
 BUILD = ROOT / "packaging" / "build_deb.py"
 CACHE = Path(os.environ.get("CARPGUARD_CACHE") or Path.home() / ".cache" / "carpguard")

@@ -3,7 +3,6 @@ mounting (sgdisk, debugfs), two builds byte-identical, and no space left -> one 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,12 @@ from appliance.core import loader
 from filters import ruleset
 from filters.index import read_meta
 from image import debian
-from image.debian import boot, tree
-from tests.support.env import EXAMPLES, ROOT, need_tool
+from image.debian import boot
+from tests.support.env import ROOT, need_tool
 
-pytestmark = [pytest.mark.slow, pytest.mark.root]
+# xdist_group: these run on one worker (make test runs workers in parallel): one image build, one package cache
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("debian-image")]
 
-TOOLS = ("mmdebstrap", "sgdisk", "mke2fs", "debugfs", "dumpe2fs", "qemu-img", "mkfs.vfat", "mcopy", "dpkg-deb", "unshare")
 UNITS = {"multi-user.target.wants": ["appliance-proxy.service", "appliance-carp.service", "systemd-networkd.service"],
          "timers.target.wants": ["appliance-sync.timer"]}
 OFF = [("multi-user.target.wants", "networking.service"), ("network-online.target.wants", "networking.service"),
@@ -27,31 +26,19 @@ OFF = [("multi-user.target.wants", "networking.service"), ("network-online.targe
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of examples/ (debian.yaml, lists/, the git-ignored keys/ when a build made them: same keys, same bytes)."""
-    need_tool(*TOOLS)
-    d = tmp_path_factory.mktemp("etc")
-    shutil.copytree(EXAMPLES, d, dirs_exist_ok=True)
-    return d / "debian.yaml"
+def config(debian_config: Path) -> Path:
+    return debian_config
 
 
 @pytest.fixture(scope="module")
-def deb() -> Path:
-    """One .deb for every build here: others may commit while the tests run, and a new HEAD is a new .deb."""
-    return tree.carpguard_deb(lambda m: print(f"image: {m}", file=sys.stderr))
+def deb(debian_deb: Path) -> Path:
+    return debian_deb
 
 
 @pytest.fixture(scope="module")
-def dist(config: Path, deb: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("dist")
-    cfg = loader.load(config)
-    try:
-        res = debian.build(cfg, config, out, deb=deb, log=lambda m: print(f"image: {m}", file=sys.stderr))
-    except debian.BuildError as e:
-        if "mmdebstrap" in str(e) and "deb.debian.org" in str(e):
-            pytest.skip(f"no Debian mirror and no cached packages: {str(e).splitlines()[0]}")
-        raise
-    return out, res
+def dist(debian_dist: tuple[Path, dict]) -> tuple[Path, dict]:
+    """The session's one build (tests/support/debian_build.py), also booted by tests/integration/lab/test_vmlab.py."""
+    return debian_dist
 
 
 def debugfs(img: Path, offset: int, cmd: str) -> str:
