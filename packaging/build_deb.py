@@ -11,6 +11,7 @@ Usage: python packaging/build_deb.py [--out dist] [--commit REV] [--relock]     
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import io
@@ -68,8 +69,15 @@ def pip(venv: Path, *args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def fetch(venv: Path, lock: Path, cache: Path) -> bool:
-    """Fill the wheel cache; returns True when it had to go to the network (PyPI)."""
+    """Fill the wheel cache; returns True when it had to go to the network (PyPI). One build at a time fills it
+    (an flock on <cache>/.fetch.lock): two builds at once (make test's workers) never write one wheel together."""
     cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".fetch.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        return _fetch(venv, lock, cache)
+
+
+def _fetch(venv: Path, lock: Path, cache: Path) -> bool:
     reqs = ["-r", str(lock), *BUILD_REQS]
     offline = pip(venv, "download", "-q", "--no-index", "--find-links", str(cache), "-d", str(cache), *reqs,
                   check=False, capture_output=True)

@@ -1,6 +1,7 @@
 """The shared Debian tree of one build: the cached base, the carpguard .deb installed in it, then normalised."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import subprocess
@@ -26,11 +27,18 @@ def carpguard_deb(log=print) -> Path:
     if r.returncode != 0:
         raise BuildError(f"{REPO}: not a git checkout; pass the .deb to use (--deb)")
     out = rootfs.cache_root() / "deb" / r.stdout.strip()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".build.lock", "w") as held:  # two image builds at once build one .deb, not two into one dir
+        fcntl.flock(held, fcntl.LOCK_EX)
+        return _cached_deb(out, r.stdout.strip(), log)
+
+
+def _cached_deb(out: Path, commit: str, log) -> Path:
     debs = sorted(out.glob("carpguard_*_amd64.deb"))
     if debs:
         return debs[0]
-    log(f"building the carpguard .deb of commit {r.stdout.strip()[:12]} (packaging/build_deb.py)")
-    run([sys.executable, str(BUILD_DEB), "--out", str(out), "--commit", r.stdout.strip()], "packaging/build_deb.py", timeout=1800,
+    log(f"building the carpguard .deb of commit {commit[:12]} (packaging/build_deb.py)")
+    run([sys.executable, str(BUILD_DEB), "--out", str(out), "--commit", commit], "packaging/build_deb.py", timeout=1800,
         umask=0o022)
     debs = sorted(out.glob("carpguard_*_amd64.deb"))
     if not debs:

@@ -54,7 +54,11 @@ def _bindable(port: int) -> bool:
 def _pool() -> list[int]:
     if not ORIGIN_PORTS:
         span = _below_ephemeral()
-        start = span.start + (os.getpid() * 97) % max(1, len(span) - 4 * _POOL)  # two runs at once rarely overlap
+        # each xdist worker (gwN) draws from its own 1024-port slice; the pid moves the start within it, so two runs
+        # at once rarely meet either
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+        slot = (int(worker) if worker.isdigit() else 0) * 1024 + (os.getpid() * 97) % (1024 - 4 * _POOL)
+        start = span.start + slot % max(1, len(span) - 4 * _POOL)
         for port in range(start, span.stop):  # bounded by the span
             if _bindable(port):
                 ORIGIN_PORTS.append(port)

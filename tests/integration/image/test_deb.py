@@ -14,8 +14,8 @@ import pytest
 
 from tests.support.env import ROOT, need_tool
 
-# xdist_group: these run on one worker (make test runs workers in parallel): one image build, one package cache
-pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("debian-image")]
+# xdist_group: one worker runs this module (its builds share the wheel cache; build_deb.py locks its writes)
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("deb")]
 
 BUILD = ROOT / "packaging" / "build_deb.py"
 CACHE = Path(os.environ.get("CARPGUARD_CACHE") or Path.home() / ".cache" / "carpguard")
