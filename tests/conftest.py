@@ -20,6 +20,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.root)
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """make test's workers (pytest-xdist) get whole modules, never single tests: module fixtures (a lab, a booted VM
+    pair) and tests that build on the one before stay together. An xdist_group spanning modules is one unit: the
+    Debian image tests and the VM lab share one image build."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.rfind("@") > nodeid.rfind("]"):  # "path::test[params]@group" (--dist loadgroup)
+                return nodeid.rsplit("@", 1)[1]
+            return nodeid.split("::", 1)[0]
+
+    return ModulesAndGroups(config, log)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("root") and os.geteuid() != 0:
         pytest.skip("needs root (network namespaces, sshd, privileged ports); CI runs as root")
