@@ -9,7 +9,7 @@ LISTEN     ?= 127.0.0.1:3128
 FREEBSD_DIST ?=
 OUT        ?= dist
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 export PATH := $(PATH):/usr/sbin:/sbin
 
 # binary:Debian-package pairs each verb needs; installed with apt-get when missing and we are root
@@ -56,8 +56,9 @@ apt-bench: ; $(call apt_tools,$(TOOLS_BENCH))
 run: venv
 	$(APPLIANCE) proxy -c $(CONFIG) --listen $(LISTEN) --access-log - 
 
-# Tests run on TEST_WORKERS pytest-xdist workers: most of the suite waits on timers, processes and VMs, so three
-# share two cores; tests that share one image build and package cache form one xdist_group (one worker).
+# Tests run on TEST_WORKERS pytest-xdist workers: most of the suite waits on timers, processes and VMs, so two
+# workers fit two cores (three starved the TCG guests and the failover timings). A worker gets whole modules, and
+# the tests sharing one image build form one xdist_group (tests/conftest.py).
 test: venv apt-test apt-deb
 	@start=$$(date +%s); \
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS) tests; \

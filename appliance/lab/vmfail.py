@@ -13,7 +13,7 @@ from appliance.lab.model import LabError
 from appliance.lab.vmmodel import VmLab
 
 KINDS = ("power-loss", "link-down", "proxy-kill", "demote")
-PROBE_TIMEOUT = 2.0      # one client request's bound (TCG guests answer slower than namespaces)
+PROBE_TIMEOUT = 5.0      # one client request's bound: a busy TCG guest's proxy takes seconds (2 s timed out at host load 8)
 FAILOVER_WAIT = 60.0     # until the backup serves
 RETURN_WAIT = 90.0       # until the master serves again (after a power loss: plus its boot)
 

@@ -179,7 +179,7 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
     fw1 = lab.vm("fw1").lan_ip
     _settled_on(lab, "fw1")
     with vmfail.new_probe(lab) as probe, vmfail.HolderWatch(lab) as watch:
-        assert probe.wait_served({"fw1"}, time.monotonic() - 1, 60) == "fw1"
+        assert probe.wait_served({"fw1"}, time.monotonic() - 1, 180) == "fw1"
         tf = time.monotonic()
         vmfail.inject(lab, "power-loss", "fw1")
         assert probe.wait_served({"fw2"}, tf, vmfail.FAILOVER_WAIT) == "fw2"
