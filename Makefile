@@ -9,7 +9,7 @@ LISTEN     ?= 127.0.0.1:3128
 FREEBSD_DIST ?=
 OUT        ?= dist
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 0
 export PATH := $(PATH):/usr/sbin:/sbin
 
 # binary:Debian-package pairs each verb needs; installed with apt-get when missing and we are root
@@ -40,7 +40,7 @@ define apt_tools
 	fi
 endef
 
-.PHONY: run test bench image lab venv apt-test apt-image apt-lab apt-bench apt-deb clean
+.PHONY: run test test-vm bench image lab venv apt-test apt-image apt-lab apt-bench apt-deb clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -56,13 +56,18 @@ apt-bench: ; $(call apt_tools,$(TOOLS_BENCH))
 run: venv
 	$(APPLIANCE) proxy -c $(CONFIG) --listen $(LISTEN) --access-log - 
 
-# Tests run on TEST_WORKERS pytest-xdist workers: most of the suite waits on timers, processes and VMs, so two
-# workers fit two cores (three starved the TCG guests and the failover timings). A worker gets whole modules, and
-# the tests sharing one image build form one xdist_group (tests/conftest.py).
+# TEST_WORKERS=N runs the suite on N pytest-xdist workers (whole modules each; tests/conftest.py). Default 0: one
+# process. Two or three workers took 15-20 min but starved the TCG guests and the failover timings on 2 cores.
+# test-vm: the Debian images booted under qemu (tests/integration/lab/test_vmlab.py), not yet part of `make test`.
 test: venv apt-test apt-deb
 	@start=$$(date +%s); \
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS) tests; \
+	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) \
+	  --durations=25 $(PYTEST_ARGS) tests; \
 	rc=$$?; echo "make test: $$(( $$(date +%s) - start )) s wall, exit $$rc"; exit $$rc
+
+test-vm: venv apt-test apt-deb apt-vmlab
+	APPLIANCE_TEST_VMLAB=1 $(PY) -m pytest -q -p no:cacheprovider --durations=10 $(PYTEST_ARGS) \
+	  tests/integration/lab/test_vmlab.py
 
 bench: venv apt-bench
 	$(PY) -m tests.bench
