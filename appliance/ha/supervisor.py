@@ -37,7 +37,7 @@ def write_scripts(config_path: Path, node: str, paths: Paths, cfg: Appliance | N
     $3 xparam). On Linux, given the config, each first adds or removes the vhid's VIP itself with `ip`: that takes
     milliseconds, where the appliance's start (Python, the config) takes about 0.5 s on hardware and 10-40 s in an
     emulated VM, and a VIP left on a node that became BACKUP meanwhile is a second holder. The appliance then finds
-    the VIP where it should be, records the role and runs the hooks; its --seq still orders racing scripts."""
+    the VIP in place, records the role and runs the hooks. Speaker only (one script at a time); ucarp's run at once."""
     d = paths.run
     d.mkdir(parents=True, exist_ok=True)
     sdir = str(paths.state)
@@ -299,7 +299,7 @@ class CarpSupervisor:
         self.iface = new.cluster.interface
         self.target = watchdog.check_target(new, self.check)
         self.passfile = write_pass(new, self.paths)
-        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, new)   # the VIPs they move
+        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, new if self.live_rearm() else None)
         self.engines = [CarpProcess(g) for g in role.groups(new, self.node)]
         self.write_status()
         return changes
@@ -323,7 +323,7 @@ class CarpSupervisor:
         self.lock()
         state.clear_carp_stopped(self.paths)
         self.passfile = write_pass(self.cfg, self.paths)
-        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, self.cfg)
+        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, self.cfg if self.live_rearm() else None)
         self.env = {"APPLIANCE_STATE_DIR": str(self.paths.state)}
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
