@@ -4,18 +4,20 @@ from __future__ import annotations
 import logging
 import os
 
+from appliance.ha.watched import WatchedFile
+
 MAX_BYTES = 64
 
 
-class AdvskewFile:
+class AdvskewFile(WatchedFile):
     """One number 0-254 on the first line, re-read when the file's mtime, size or inode changes (looked at no more
     than once per `every` seconds, or at once when asked). A file that is missing or does not parse is logged once
     per version and changes nothing: the speaker keeps the advskew it has."""
 
+    what, keeps = "advskew file", "the advskew stays"
+
     def __init__(self, path: str, logger: logging.Logger, every: float = 0.25) -> None:
-        self.path, self.log, self.every = path, logger, every
-        self._sig: tuple | None = None
-        self._next = 0.0
+        super().__init__(path, logger, every)
 
     def read(self) -> int:
         """The file's advskew now; OSError or ValueError when it cannot be used."""
@@ -37,23 +39,3 @@ class AdvskewFile:
         except (OSError, ValueError) as e:
             self.log.warning("advskew file not used at start, advskew %d: %s", default, getattr(e, "strerror", None) or e)
             return default
-
-    def poll(self, now: float, force: bool = False) -> int | None:
-        """The new advskew when the file changed since the last look, else None (also when it is unusable)."""
-        if now < self._next and not force:
-            return None
-        self._next = now + self.every
-        try:
-            st = os.stat(self.path)
-        except OSError as e:
-            if self._sig != ("missing",):
-                self._sig = ("missing",)
-                self.log.warning("advskew file %s: %s; the advskew stays", self.path, e.strerror)
-            return None
-        if (st.st_mtime_ns, st.st_size, st.st_ino) == self._sig:
-            return None
-        try:
-            return self.read()
-        except (OSError, ValueError) as e:
-            self.log.warning("advskew file not used, the advskew stays: %s", getattr(e, "strerror", None) or e)
-            return None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.ha import protocol as cp
+from appliance.ha.watched import WatchedFile
 
 if TYPE_CHECKING:
     from appliance.ha.guard import Guard
@@ -59,15 +60,12 @@ def parse_peers(text: str, where: str = "peers file") -> list[Peer]:
     return out
 
 
-class PeersFile:
+class PeersFile(WatchedFile):
     """--peers-file: re-read when its mtime, size or inode changes, looked at no more than once per `every`
     seconds (one fstat, at most PEERS_FILE_MAX bytes). A file that is missing or does not parse is logged once
     per version and changes nothing: the caller keeps the list it has."""
 
-    def __init__(self, path: str, logger: logging.Logger, every: float = 1.0) -> None:
-        self.path, self.log, self.every = path, logger, every
-        self._sig: tuple | None = None
-        self._next = 0.0
+    what, keeps = "peers file", "the previous peer list stays"
 
     def read(self) -> list[Peer]:
         """The file's peers now (at start); OSError or ValueError when it cannot be used."""
@@ -81,26 +79,6 @@ class PeersFile:
             return parse_peers(raw.decode(), self.path)
         except UnicodeDecodeError:
             raise ValueError(f"{self.path}: not UTF-8 text") from None
-
-    def poll(self, now: float) -> list[Peer] | None:
-        """The new list when the file changed since the last look, else None (also when it is unusable)."""
-        if now < self._next:
-            return None
-        self._next = now + self.every
-        try:
-            st = os.stat(self.path)
-        except OSError as e:
-            if self._sig != ("missing",):
-                self._sig = ("missing",)
-                self.log.warning("peers file %s: %s; the previous peer list stays", self.path, e.strerror)
-            return None
-        if (st.st_mtime_ns, st.st_size, st.st_ino) == self._sig:
-            return None
-        try:
-            return self.read()
-        except (OSError, ValueError) as e:
-            self.log.warning("peers file not used, the previous peer list stays: %s", getattr(e, "strerror", None) or e)
-            return None
 
 
 class NextPass:
