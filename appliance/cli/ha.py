@@ -24,21 +24,28 @@ IS_FREEBSD = sys.platform.startswith("freebsd")
 @click.argument("new_role", metavar="master|backup", type=click.Choice(["master", "backup"], case_sensitive=False))
 @click.option("--vhid", type=int, help="which CARP group (default: cluster.vhid)")
 @click.option("--iface", metavar="IF", help="interface carrying the VIP (default: cluster.interface)")
-@click.option("--seq", type=int, hidden=True, help="ordering token from the up/down script (its start time in ns); an older one never undoes a newer one")
+@click.option("--seq", type=int, hidden=True, help="ordering token; a lower one never undoes a higher one")
+@click.option("--fork-seq", is_flag=True, hidden=True,
+              help="the ordering token is this process's fork time (the up/down scripts exec into this command)")
 @click.option("--no-vip", is_flag=True, help="do not add/remove the VIP (something else manages the address)")
 @click.option("--garp/--no-garp", default=True, help="send gratuitous ARP when becoming MASTER (the CARP engines send their own)")
 @click.pass_obj
-def role_cmd(ctx: Ctx, new_role: str, vhid: int | None, iface: str | None, seq: int | None, no_vip: bool,
-             garp: bool) -> None:
+def role_cmd(ctx: Ctx, new_role: str, vhid: int | None, iface: str | None, seq: int | None, fork_seq: bool,
+             no_vip: bool, garp: bool) -> None:
     """Become MASTER or BACKUP: record it, move the VIP (Linux), run hooks.d/<role>/. Idempotent."""
     cfg, node = ctx.cfg, ctx.node
+    boot = None
+    if fork_seq:
+        if seq is not None:
+            fail("--seq and --fork-seq exclude each other")
+        boot, seq = pids.fork_order() or (None, None)
     if iface is not None:
         try:
             check_iface(iface)
         except ValueError as e:
             fail(f"--iface {iface!r}: {e}")
     try:
-        role.apply(ctx.paths, cfg, node, new_role, vhid, iface, ctx.config_path, seq=seq,
+        role.apply(ctx.paths, cfg, node, new_role, vhid, iface, ctx.config_path, seq=seq, boot=boot,
                    manage_vip=False if (no_vip or IS_FREEBSD) else None, send_garp=garp)
     except ValueError as e:
         fail(str(e))

@@ -71,11 +71,29 @@ def cmdline(pid: int) -> list[str] | None:
     return r.stdout.split() if r.returncode == 0 and r.stdout.strip() else None
 
 
+def _start_ticks(pid: int) -> int:
+    """Clock ticks from boot to the process's fork (/proc/PID/stat field 22; exec keeps it)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22; fields after the (comm) start at 3
+
+
+def fork_order(pid: int | None = None) -> tuple[str, int] | None:
+    """(boot id, key) ordering processes by when they were forked: start tick, then PID (allocated in order) within
+    a tick. An engine forks its up/down scripts in the order of its transitions, but under load their shells may run
+    in any order, so a time a script reads itself can invert two of them; the fork time cannot. The key is only
+    comparable within one boot. None where /proc cannot be read."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return boot, (_start_ticks(pid) << 22) | pid  # pid_max is at most 2**22
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def start_time(pid: int) -> float | None:
     """When the process started (epoch seconds), from /proc (Linux); None where that cannot be read."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22; fields after the (comm) start at 3
+        ticks = _start_ticks(pid)
         btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                      if line.startswith("btime "))
         return btime + ticks / os.sysconf("SC_CLK_TCK")

@@ -179,8 +179,9 @@ def _move_vip(paths: Paths, role: str, iface: str, vip: ipaddress.IPv4Interface,
 
 def apply(paths: Paths, cfg: Appliance, node: str, role: str, vhid: int | None = None, iface: str | None = None,
           config_path: Path | None = None, seq: int | None = None, manage_vip: bool | None = None,
-          reason: str = "", send_garp: bool = True) -> dict:
-    """Make this node MASTER or BACKUP of one vhid. Idempotent: hooks run and a line is logged only on a change."""
+          reason: str = "", send_garp: bool = True, boot: str | None = None) -> dict:
+    """Make this node MASTER or BACKUP of one vhid. Idempotent: hooks run and a line is logged only on a change.
+    `seq` orders the engine's scripts (pids.fork_order); it is compared only with one recorded in the same `boot`."""
     role = role.upper()
     if role not in ROLES:
         raise BadInput(f"role must be master or backup (got {role.lower()!r})")
@@ -189,14 +190,15 @@ def apply(paths: Paths, cfg: Appliance, node: str, role: str, vhid: int | None =
     manage_vip = IS_LINUX if manage_vip is None else manage_vip
     with _lock(g.vhid, paths):
         old = state.read_role(paths, None if g.main else g.vhid) or {}
-        if seq is not None and isinstance(old.get("seq"), int) and old["seq"] > seq:
-            # an older up/down script (seq = its start time in ns) that lost the race to a newer one:
-            # the newer one's decision stands
+        if seq is not None and isinstance(old.get("seq"), int) and old.get("boot") == boot and old["seq"] > seq:
+            # an older up/down script (forked earlier) that lost the race to a newer one: the newer one's decision stands
             return {**old, "stale": True}
         vip_changed = _move_vip(paths, role, iface, g.vip, send_garp) if manage_vip else False
         extra = {"vip": str(g.vip), "node": node}
         if seq is not None:
             extra["seq"] = seq
+            if boot is not None:
+                extra["boot"] = boot
         data = state.write_role(paths, role, g.vhid, iface, main_vhid=g.main, **extra)
         changed = old.get("role") != role
         if changed:

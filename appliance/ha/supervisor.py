@@ -55,7 +55,7 @@ def write_scripts(config_path: Path, node: str, paths: Paths, cfg: Appliance | N
             f"# written by `appliance carp`: the engine calls it with $1 interface, $2 VIP, $3 vhid\n"
             + move +
             f"APPLIANCE_STATE_DIR={shlex.quote(sdir)} exec {shlex.quote(appliance_bin())} "
-            f"-c {shlex.quote(str(config_path))} --node {shlex.quote(node)} role {r} --vhid \"$3\" --iface \"$1\" --seq \"$(date +%s%N)\" --no-garp\n"
+            f"-c {shlex.quote(str(config_path))} --node {shlex.quote(node)} role {r} --vhid \"$3\" --iface \"$1\" --fork-seq --no-garp\n"
         )
         write_text_atomic(p, text, 0o755)
         out.append(p)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from appliance.core import loader as cfgmod
-from appliance.core import state
+from appliance.core import pids, state
 from appliance.core.paths import Paths
 from appliance.ha import role
 from tests.support.env import APPLIANCE, make_config
@@ -111,6 +111,53 @@ def test_older_script_never_undoes_a_newer_one(example_tree: Path, state_dir: Pa
     assert stale.get("stale") and state.read_role(Paths(state_dir))["role"] == "MASTER"
     role.apply(Paths(state_dir), cfg, "fw1", "backup", config_path=example_tree, manage_vip=False, seq=3000)
     assert state.read_role(Paths(state_dir))["role"] == "BACKUP"
+
+
+def test_scripts_are_ordered_by_fork_not_by_when_their_shell_runs(example_tree: Path, state_dir: Path) -> None:
+    """ucarp forks its up and down scripts without waiting; under load the later one can start its Python first. The
+    up script forked first but run last (a 1.5 s stall before its exec) must not undo the down script forked after it."""
+    base = [APPLIANCE, "-c", str(example_tree), "--node", "fw1", "role"]
+    env = {**os.environ, "APPLIANCE_STATE_DIR": str(state_dir)}
+    up = subprocess.Popen(["sh", "-c", 'sleep 1.5; exec "$0" "$@"', *base, "master", "--fork-seq", "--no-vip"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    down = subprocess.run([*base, "backup", "--fork-seq", "--no-vip"], env=env, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert state.read_role(Paths(state_dir))["role"] == "BACKUP"
+    _, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    rec = state.read_role(Paths(state_dir))
+    assert rec["role"] == "BACKUP", "the up script forked first undid the later down script"
+    assert rec["boot"] == pids.fork_order()[0] and rec["seq"] > pids.fork_order()[1]  # forked after this process
+    # a script forked now (a new transition) still applies
+    r = run_cli("-c", str(example_tree), "--node", "fw1", "role", "master", "--fork-seq", "--no-vip", env=env)
+    assert r.returncode == 0, r.stderr
+    assert state.read_role(Paths(state_dir))["role"] == "MASTER"
+    r = run_cli("-c", str(example_tree), "--node", "fw1", "role", "backup", "--fork-seq", "--seq", "5", "--no-vip", env=env)
+    assert r.returncode == 2 and "--seq and --fork-seq" in r.stderr
+
+
+def test_a_seq_from_another_boot_is_not_compared(example_tree: Path, state_dir: Path) -> None:
+    """Fork ticks restart at boot: a high one recorded before a reboot must not make every later script stale."""
+    cfg = cfgmod.load(example_tree)
+    role.apply(Paths(state_dir), cfg, "fw1", "master", config_path=example_tree, manage_vip=False, seq=10**15, boot="old")
+    role.apply(Paths(state_dir), cfg, "fw1", "backup", config_path=example_tree, manage_vip=False, seq=5, boot="new")
+    assert state.read_role(Paths(state_dir))["role"] == "BACKUP"
+    stale = role.apply(Paths(state_dir), cfg, "fw1", "master", config_path=example_tree, manage_vip=False, seq=4, boot="new")
+    assert stale.get("stale") and state.read_role(Paths(state_dir))["role"] == "BACKUP"
+
+
+def test_fork_order_follows_fork_order() -> None:
+    procs = [subprocess.Popen(["sleep", "5"]) for _ in range(3)]
+    try:
+        keys = [pids.fork_order(p.pid) for p in procs]
+        assert all(k is not None and k[0] == keys[0][0] for k in keys)
+        assert [k[1] for k in keys] == sorted(k[1] for k in keys) and len({k[1] for k in keys}) == 3
+        assert pids.fork_order(procs[0].pid)[1] > pids.fork_order()[1]  # forked after this test process
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert pids.fork_order(procs[0].pid) is None  # gone: no key
 
 
 def test_extra_vhid_has_its_own_state_file(example_tree: Path, state_dir: Path) -> None:
