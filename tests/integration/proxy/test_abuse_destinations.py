@@ -93,7 +93,8 @@ def _refusal(body: bytes, reason: str) -> str:
 
 
 def _connect_body(p: Proxy, target: str, client: str = "127.0.0.1") -> tuple[int, bytes]:
-    """CONNECT target: (status, the body of a refusal; b"" for 200, the tunnel is closed at once)."""
+    """CONNECT target: (status, the body of a refusal; b"" for 200, the tunnel is closed at once). The body is read
+    to its Content-Length: mitmproxy keeps the connection open after a refused CONNECT, the fast path closes it."""
     s = socket.create_connection(("127.0.0.1", p.port), timeout=10, source_address=(client, 0))
     s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nAccept: text/plain\r\n\r\n".encode())
     data = b""
@@ -101,8 +102,10 @@ def _connect_body(p: Proxy, target: str, client: str = "127.0.0.1") -> tuple[int
         while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
             data += chunk
         status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+        head = data.partition(b"\r\n\r\n")[0].lower()
+        length = re.search(rb"\r\ncontent-length: *(\d+)", head)
         if status != 200:
-            while chunk := s.recv(65536):
+            while (length is None or len(data.partition(b"\r\n\r\n")[2]) < int(length[1])) and (chunk := s.recv(65536)):
                 data += chunk
     except (ConnectionResetError, socket.timeout):
         status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
