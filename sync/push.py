@@ -98,8 +98,9 @@ def narrow_secret(path: Path, state: Path) -> None:
 
 
 def sync(cfg: Appliance, node: str, config_path: Path, paths: Paths, force: bool = False, dry_run: bool = False,
-         bwlimit: int | None = None, progress: Progress | None = None) -> dict:
-    """One `appliance sync` run; returns the report (with "exit"). Raises SyncError for whole-run refusals."""
+         bwlimit: int | None = None, progress: Progress | None = None, wait_lock: float = 0.0) -> dict:
+    """One `appliance sync` run; returns the report (with "exit"). Raises SyncError for whole-run refusals.
+    `wait_lock`: seconds to wait for a sync already running before BUSY (exit 5)."""
     t0 = time.monotonic()
     progress = progress or (lambda peer, stage: None)
     role = role_of(paths)
@@ -107,7 +108,7 @@ def sync(cfg: Appliance, node: str, config_path: Path, paths: Paths, force: bool
         msg = f"this node ({node}) is {role or 'without a recorded role'}, not MASTER: nothing to sync"
         note(paths.state, msg)
         return {"ok": True, "exit": OK, "skipped": msg, "node": node, "role": role, "peers": []}
-    with lock.held(paths.run):
+    with lock.held(paths.run, wait_lock):
         run = Run(cfg, node, Path(config_path), paths, force, dry_run, bwlimit, progress)
         return run.go(t0)
 

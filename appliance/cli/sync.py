@@ -73,8 +73,10 @@ def _progress_bar():
 @click.option("--force", is_flag=True, help="push even if a peer's generation is newer (cuts a generation above it)")
 @click.option("--json", "as_json", is_flag=True, help="JSON report (for cron and scripts)")
 @click.option("--bwlimit", type=click.IntRange(1, 10**9), metavar="KBPS", help="rsync bandwidth limit per peer")
+@click.option("--wait", "wait_lock", type=click.FloatRange(0, 3600), default=0, show_default=True, metavar="SECONDS",
+              help="when another sync is running (the timer's), wait up to this long for it instead of exit 5")
 @click.pass_obj
-def sync_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool, bwlimit: int | None) -> None:
+def sync_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool, bwlimit: int | None, wait_lock: float) -> None:
     """On the MASTER: cut a generation if the tree changed, push it to every peer's staging dir, swap it in there.
 
     Exit 0 ok (or not MASTER: a logged no-op), 1 a peer failed, 2 bad input / config refused,
@@ -89,7 +91,7 @@ def sync_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool, bwlimit: int |
         bar.start()
     try:
         report = do_sync(ctx.cfg, node, ctx.config_path, ctx.paths, force=force, dry_run=dry_run, bwlimit=bwlimit,
-                         progress=progress_cb)
+                         progress=progress_cb, wait_lock=wait_lock)
     except SyncError as e:
         _sync_error(e, as_json)
     finally:

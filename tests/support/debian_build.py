@@ -1,8 +1,13 @@
-"""One Debian image build of examples/debian.yaml per test session, shared by the image tests and the VM lab tests."""
+"""One Debian image build of examples/debian.yaml per test run, shared by the image tests and the VM lab tests (also
+when they run on different pytest-xdist workers)."""
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,12 +24,27 @@ def _log(msg: str) -> None:
     print(f"image: {msg}", file=sys.stderr)
 
 
+@contextmanager
+def _shared(tmp_path_factory: pytest.TempPathFactory, name: str):
+    """A dir, held under a lock, that every xdist worker of this run sees (their base temp dirs share a parent); in a
+    run without workers, one of this session's own. The first worker to take the lock fills it, the others reuse it:
+    the image tests and the VM lab may run on two workers at once, and one build takes minutes."""
+    base = tmp_path_factory.getbasetemp()
+    d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    d.mkdir(exist_ok=True)
+    with open(d.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the holder dies
+        yield d, d.parent / f".{name}.done"  # the marker lives beside the dir: the tests check what is in it
+
+
 @pytest.fixture(scope="session")
 def debian_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of examples/ (debian.yaml, lists/, the git-ignored keys/ when a build made them: same keys, same bytes)."""
     need_tool(*TOOLS)
-    d = tmp_path_factory.mktemp("etc")
-    shutil.copytree(EXAMPLES, d, dirs_exist_ok=True)
+    with _shared(tmp_path_factory, "debian-etc") as (d, done):
+        if not done.exists():
+            shutil.copytree(EXAMPLES, d, dirs_exist_ok=True)
+            done.touch()
     return d / "debian.yaml"
 
 
@@ -36,12 +56,14 @@ def debian_deb() -> Path:
 
 @pytest.fixture(scope="session")
 def debian_dist(debian_config: Path, debian_deb: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The build's out dir (NODE.img, NODE.qcow2, SHA256SUMS, manifest.json, admin_ed25519) and its result."""
-    out = tmp_path_factory.mktemp("dist")
-    try:
-        res = debian.build(loader.load(debian_config), debian_config, out, deb=debian_deb, log=_log)
-    except debian.BuildError as e:
-        if "mmdebstrap" in str(e) and "deb.debian.org" in str(e):
-            pytest.skip(f"no Debian mirror and no cached packages: {str(e).splitlines()[0]}")
-        raise
-    return out, res
+    """The build's out dir (NODE.img, NODE.qcow2, SHA256SUMS, manifest.json, admin_ed25519) and its manifest."""
+    with _shared(tmp_path_factory, "debian-dist") as (out, done):
+        if not done.exists():
+            try:
+                debian.build(loader.load(debian_config), debian_config, out, deb=debian_deb, log=_log)
+            except debian.BuildError as e:
+                if "mmdebstrap" in str(e) and "deb.debian.org" in str(e):
+                    pytest.skip(f"no Debian mirror and no cached packages: {str(e).splitlines()[0]}")
+                raise
+            done.touch()
+    return out, json.loads((out / "manifest.json").read_text())

@@ -26,7 +26,7 @@ from tests.support.carp_lan import PY, ROOT, Lan
 from tests.support.env import need_tool
 from tests.support.wait import poll
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timing]
 
 SKEW2 = 100
 FLOOD = 20_000

@@ -19,7 +19,7 @@ from tests.support.carp_lan import PY, ROOT, Lan
 from tests.support.env import APPLIANCE, EXAMPLES, need_tool
 from tests.support.wait import poll
 
-pytestmark = [pytest.mark.root]
+pytestmark = [pytest.mark.root, pytest.mark.timing]
 
 PASS = "watch-pass"
 SEND = """

@@ -15,7 +15,7 @@ from tests.support.carp_lan import Lan
 from tests.support.env import need_tool
 from tests.support.wait import poll
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timing]
 
 
 def _start(lan, node, skew, other, oskew):

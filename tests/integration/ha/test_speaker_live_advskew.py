@@ -13,7 +13,7 @@ from tests.support.carp_lan import Lan
 from tests.support.env import need_tool
 from tests.support.wait import poll
 
-pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(60), pytest.mark.timing]
 
 ADVBASE = 1
 SKEW_N1 = 100

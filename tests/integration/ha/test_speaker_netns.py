@@ -14,7 +14,7 @@ from tests.support.carp_lan import Lan
 from tests.support.wait import poll
 from tests.support.env import need_tool
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timing]
 
 SKEW_B = 100
 DEAD_B = 3 + SKEW_B / 256          # the protocol's takeover time for the backup (advbase 1, deadratio 3)

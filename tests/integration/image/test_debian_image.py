@@ -16,8 +16,7 @@ from image import debian
 from image.debian import boot
 from tests.support.env import ROOT, need_tool
 
-# xdist_group: these run on one worker (make test runs workers in parallel): one image build, one package cache
-pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("debian-image")]
+pytestmark = [pytest.mark.slow, pytest.mark.root]
 
 UNITS = {"multi-user.target.wants": ["appliance-proxy.service", "appliance-carp.service", "systemd-networkd.service"],
          "timers.target.wants": ["appliance-sync.timer"]}

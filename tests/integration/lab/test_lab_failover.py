@@ -20,7 +20,7 @@ from appliance.lab.model import Lab, LabError, lab_dir, list_labs
 from tests.support.env import APPLIANCE, EXAMPLES, need_tool
 from tests.support.wait import poll, wait_until
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timing]
 
 ADVBASE = 1
 LIMIT_FAILURE = 3 * ADVBASE + 0.5   # clients' outage through a failure

@@ -17,7 +17,7 @@ from appliance.lab.model import LAB_ROOT_ENV, Lab, LabError
 from tests.support.env import EXAMPLES, need_tool
 from tests.support.wait import poll
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timing]
 
 
 def vip_holders(lab: Lab) -> dict[str, list[str]]:

@@ -16,7 +16,7 @@ import yaml
 from tests.support.proxy import client_hello, connect_tunnel, fetch, proxy_and_origins, read_to_close
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.timing]
 LIMITS = {"workers": 1, "header_timeout": 1.5, "idle_timeout": 2, "tunnel_idle_timeout": 2, "hello_timeout": 1,
           "max_header_size": 8192, "max_url_length": 2048, "max_client_connections": 20}
 

@@ -23,7 +23,7 @@ from tests.support.dns import StubDNS
 from tests.support.proxy import Proxy, client_hello, make_tree, start_origin
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.timing]
 LIMITS = {"workers": 1, "header_timeout": 1.5, "idle_timeout": 4, "tunnel_idle_timeout": 6, "hello_timeout": 1,
           "max_header_size": 8192, "max_url_length": 2048}
 NAMES = [f"n{i}.test" for i in range(12)]

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -180,6 +181,31 @@ def test_lock_refuses_a_concurrent_sync(lab: SyncLab) -> None:
         code, r = lab.master.sync()
     assert code == 5 and "another sync is running" in r["error"], r
     assert lab.backup.live() == 1
+
+
+def test_wait_outlasts_a_running_sync_and_bad_wait_is_refused(lab: SyncLab) -> None:
+    """`sync --wait N`: an admin's sync started while the timer's holds the lock waits for it instead of exit 5."""
+    release = threading.Event()
+
+    def hold() -> None:
+        with held(lab.master.state / "run"):
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        time.sleep(0.3)
+        threading.Timer(2.0, release.set).start()
+        t0 = time.monotonic()
+        code, r = lab.master.sync("--wait", "60")
+        waited = time.monotonic() - t0
+    finally:
+        release.set()
+        holder.join(10)
+    assert code == 0 and r["ok"], r
+    assert waited >= 1.5, f"sync did not wait for the lock ({waited:.1f} s)"
+    r = lab.master.appliance("sync", "--wait", "-1")
+    assert r.returncode == 2 and "--wait" in r.stderr
 
 
 def test_three_nodes_one_failing_peer_does_not_stop_the_other(tmp_path: Path) -> None:
