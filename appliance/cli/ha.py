@@ -16,6 +16,7 @@ from appliance.core.model import check_iface
 from appliance.ha import ip as netns
 from appliance.ha import role, watch, watchdog
 from appliance.ha import supervisor as carp
+from sync import catchup
 
 IS_FREEBSD = sys.platform.startswith("freebsd")
 
@@ -65,9 +66,11 @@ def carp_cmd(ctx: Ctx, engine: str | None, deadratio: int | None, no_watchdog: b
     if IS_FREEBSD:
         fail("on FreeBSD CARP is in the kernel (ifconfig ... vhid); devd calls `appliance role`", 2)
     cfg, node = ctx.cfg, ctx.node
+    config_path = Path(os.path.abspath(ctx.config_path))
     try:
-        sup = carp.CarpSupervisor(cfg, node, Path(os.path.abspath(ctx.config_path)), ctx.paths,
-                                  engine or carp.DEFAULT_ENGINE, deadratio, not no_watchdog, check)
+        # a node back from an outage waits, demoted, for the generation the master cut meanwhile (ha/catchup.py)
+        sup = carp.CarpSupervisor(cfg, node, config_path, ctx.paths, engine or carp.DEFAULT_ENGINE, deadratio,
+                                  not no_watchdog, check, ahead=lambda: catchup.ahead(cfg, node, config_path, ctx.paths))
         sys.exit(sup.run_forever())
     except (RuntimeError, ValueError) as e:
         fail(str(e), 1 if isinstance(e, RuntimeError) else 2)
@@ -158,7 +161,8 @@ def collect_status(ctx: Ctx, probe: bool = True) -> dict:
         "preempt": cfg.cluster.preempt,
         "demoted": bool(ha.get("demoted")), "health_demoted": bool(ha.get("health_demoted")),
         "carp": {"running": bool(info), "engine": info.get("engine"), "supervisor_pid": info.get("pid"),
-                 "healthy": info.get("healthy"), "health": info.get("health_last")},
+                 "healthy": info.get("healthy"), "health": info.get("health_last"),
+                 "demoted_reason": info.get("demoted_reason") or None},
         "vhids": vhids, "peers": peers,
         "proxy": {"up": ppid is not None, "pid": ppid, "stale": pstale},
         "sync_generation": state.sync_generation(paths),
@@ -186,6 +190,8 @@ def status_cmd(ctx: Ctx, as_json: bool, no_probe: bool) -> None:
         flags.append("demoted by admin (appliance promote to undo)")
     if s["health_demoted"]:
         flags.append("demoted by watchdog: proxy unhealthy")
+    if (s["carp"]["demoted_reason"] or "").startswith("sync catch-up"):
+        flags.append("demoted: " + s["carp"]["demoted_reason"])
     if flags:
         click.echo("      " + "; ".join(flags))
     c = s["carp"]

@@ -1,10 +1,10 @@
-"""This node's CARP settings as the supervisor compares them on a reload, and the pass files it writes."""
+"""This node's CARP settings as the supervisor derives and compares them, and the pass and peers files it writes."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from appliance.core.fsio import write_secret
+from appliance.core.fsio import write_secret, write_text_atomic
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths
 from appliance.core.rotation import pass_step_error
@@ -75,3 +75,21 @@ def carp_changes(old: dict, new: dict) -> list[str]:
         else:
             out += [f"vhid {v} {k} {a[k]} -> {b[k]}" for k in ("vip", "advskew") if a[k] != b[k]]
     return out
+
+
+def effective_advskew(cfg: Appliance, g: role.Group, demoted: bool) -> int:
+    return max(g.advskew, cfg.ha.demote_advskew) if demoted else g.advskew
+
+
+def write_peers(cfg: Appliance, node: str, vhid: int, paths: Paths) -> Path:
+    """The speaker's --peers-file for a vhid, one peer_specs() line each, replaced atomically: the speaker
+    re-reads it when it changes, so another node's advskew or address changes without a restart."""
+    path = paths.engine_peers(vhid)
+    write_text_atomic(path, "".join(f"{x}\n" for x in peer_specs(cfg, node, vhid)))
+    return path
+
+
+def startup_delay(cfg: Appliance, node: str) -> float:
+    """Nodes start in advskew order: the n-th preferred node waits n x 0.5 x advbase, so a backup
+    that boots together with the master never grabs the VIP first."""
+    return cfg.by_preference().index(node) * 0.5 * cfg.cluster.advbase

@@ -19,9 +19,10 @@ from appliance.core.loader import load
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths, appliance_bin
 from appliance.ha import ip as netns
-from appliance.ha import role, watchdog
-from appliance.ha.carpset import (carp_changes, carp_params, peer_specs, peers_only_change,  # noqa: F401 (re-exported)
-                                  refused_change, write_pass)
+from appliance.ha import catchup, role, watchdog
+from appliance.ha.carpset import (carp_changes, carp_params, effective_advskew,  # noqa: F401 (re-exported)
+                                  peer_specs, peers_only_change, refused_change, startup_delay, write_pass,
+                                  write_peers)
 
 ENGINES = ("ucarp", "speaker")
 # One-line switch: the engine `appliance carp` uses when --engine is not given.
@@ -94,24 +95,6 @@ def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Pat
     return head + args
 
 
-def effective_advskew(cfg: Appliance, g: role.Group, demoted: bool) -> int:
-    return max(g.advskew, cfg.ha.demote_advskew) if demoted else g.advskew
-
-
-def write_peers(cfg: Appliance, node: str, vhid: int, paths: Paths) -> Path:
-    """The speaker's --peers-file for a vhid, one peer_specs() line each, replaced atomically: the speaker
-    re-reads it when it changes, so another node's advskew or address changes without a restart."""
-    path = paths.engine_peers(vhid)
-    write_text_atomic(path, "".join(f"{x}\n" for x in peer_specs(cfg, node, vhid)))
-    return path
-
-
-def startup_delay(cfg: Appliance, node: str) -> float:
-    """Nodes start in advskew order: the n-th preferred node waits n x 0.5 x advbase, so a backup
-    that boots together with the master never grabs the VIP first."""
-    return cfg.by_preference().index(node) * 0.5 * cfg.cluster.advbase
-
-
 def supervisor_pid(paths: Paths) -> int | None:
     return pids.read_pid(paths.carp_pid)
 
@@ -149,6 +132,7 @@ class CarpSupervisor:
     deadratio: int | None = None
     use_watchdog: bool = True
     check: str | None = None
+    ahead: catchup.Ahead | None = None   # the sync catch-up question (appliance.ha.catchup); None: no gate
     engines: list[CarpProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -161,6 +145,8 @@ class CarpSupervisor:
         self.health = watchdog.Health(self.cfg.ha.failures)
         self.use_watchdog = self.use_watchdog and self.cfg.ha.watchdog
         self.target = watchdog.check_target(self.cfg, self.check)
+        self.catchup = None if self.ahead is None else catchup.CatchUp(
+            self.ahead, self.paths, self.rearm.set, lambda msg: role.log_line(msg, self.paths), min(self.cfg.sync.timeout, 30))
 
     # -- lifecycle
     def lock(self):
@@ -188,6 +174,8 @@ class CarpSupervisor:
             return True, f"proxy unhealthy ({self.health.last})"
         if not self.use_watchdog and ha.get("health_demoted"):
             return True, "proxy unhealthy (standalone watchdog)"
+        if self.catchup is not None and self.catchup.reason:
+            return True, self.catchup.reason
         return False, ""
 
     def start_engine(self, e: CarpProcess) -> None:
@@ -338,6 +326,8 @@ class CarpSupervisor:
             self.health.record(ok, why)
             state.write_ha(self.paths, health_demoted=not ok, health_reason=why)
             threading.Thread(target=self.watch, name="watchdog", daemon=True).start()
+        if self.catchup is not None:
+            self.catchup.start(self.stop)
         self.stop.wait(startup_delay(self.cfg, self.node))
         try:
             return self.loop()

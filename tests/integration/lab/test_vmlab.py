@@ -175,9 +175,12 @@ def test_sync_pushes_to_backup_over_sync_link(lab: VmLab) -> None:
 
 @pytest.mark.timeout(1200)
 def test_power_loss_of_master_and_return(lab: VmLab) -> None:
-    """SIGKILL fw1's qemu: fw2 serves through the VIP, never two holders; fw1 boots again, its proxy answers
-    before it takes the VIP back (the boot gate: demoted until its proxy answered), and never two holders."""
+    """SIGKILL fw1's qemu: fw2 serves through the VIP, never two holders. The admin changes a list on fw2 and syncs
+    (fw1 is off: its push fails). fw1 boots again: its proxy answers before it takes the VIP back (the boot gate),
+    and it stays demoted until fw2's next sync has pushed the generation it missed (the catch-up gate), then takes
+    the VIP back (preempt) with that generation live; never two holders."""
     fw1 = lab.vm("fw1").lan_ip
+    domain = f"while-fw1-was-off-{secrets.token_hex(3)}.example"
     _settled_on(lab, "fw1")
     with vmfail.new_probe(lab) as probe, vmfail.HolderWatch(lab) as watch:
         assert probe.wait_served({"fw1"}, time.monotonic() - 1, 180) == "fw1"
@@ -186,8 +189,17 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         assert probe.wait_served({"fw2"}, tf, vmfail.FAILOVER_WAIT) == "fw2"
         t1 = time.monotonic()
         outage = probe.outages(tf, t1)
+        _add_domain(lab, "fw2", domain)
+        r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)
+        missed = json.loads(r.stdout)
+        assert r.returncode == 1 and missed["failed"] == ["fw1"], r.stdout + r.stderr   # fw1 is off
         vmlab.boot(lab, "fw1")
         proxy_first = _first_direct_200(lab, fw1, deadline=time.monotonic() + 600)
+        held = _wait_log(lab, "fw1", f"fw2 (MASTER) has generation {missed['generation']}", 300)
+        # fw1's proxy answers, but fw1 waits for the generation it missed: fw2 still serves the VIP, fw1 never did
+        assert held and probe.served_by({"fw2"}, t1, stable=3) == "fw2" and "fw1" not in probe.served(t1, 1e12), held
+        r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)   # fw2's next sync (or its timer's)
+        assert r.returncode == 0, r.stdout + r.stderr
         back = probe.wait_served({"fw1"}, t1, 300)
         time.sleep(probe.timeout + 0.5)
         back_at = next((e["t0"] for e in probe.window(t1) if e["ok"] and e["node"] == "fw1"), None)
@@ -198,6 +210,23 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
     assert watch.most(tf) <= 1, watch.doubles(tf)
     assert back == "fw1" and _settled_on(lab, "fw1") == ["fw1"]
     assert proxy_first is not None and back_at is not None and proxy_first <= back_at, (proxy_first, back_at)
+    assert _generation(lab, "fw1") == missed["generation"]
+    assert client_get(lab, lab.vip, f"http://{domain}/", timeout=CLIENT_TIMEOUT) == "403"   # fw1 blocks it
+    log = vmnode.run(lab, "fw1", "cat /var/lib/appliance/ha.log", timeout=60, check=True).stdout
+    caught = log.find(f"generation {missed['generation']} is live here (from fw2)")
+    assert 0 <= caught < log.rfind("-> MASTER vhid 1"), log[-3000:]   # caught up first, MASTER after
+
+
+def _wait_log(lab: VmLab, node: str, text: str, timeout: float) -> str | None:
+    """The node's ha.log line containing `text`, once it is there (polled over SSH), else None after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # bounded by timeout
+        r = vmnode.run(lab, node, "cat /var/lib/appliance/ha.log", timeout=60)
+        hit = [line for line in r.stdout.splitlines() if text in line]
+        if hit:
+            return hit[-1]
+        time.sleep(2)
+    return None
 
 
 def _first_direct_200(lab: VmLab, ip: str, deadline: float) -> float | None:

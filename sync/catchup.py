@@ -1,0 +1,31 @@
+"""Which MASTER peer, if any, has a newer live generation than this node: asked at start by a node back from an
+outage (appliance.ha.catchup), over the sync link's `status`, with this node's own sync key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.core import state
+from appliance.core.model import Appliance
+from appliance.core.paths import Paths
+from sync import keys as keymod
+from sync.errors import SyncError
+from sync.peer import make_peers, remote_status
+
+
+def ahead(cfg: Appliance, node: str, config_path: Path, paths: Paths) -> tuple[str, int] | None:
+    """(peer, generation) of a peer that says MASTER with a live generation above ours; None when none does, or no
+    peer answers, or this node has no key or pinned host keys to ask with."""
+    work = config_path.resolve().parent
+    key = keymod.push_key(paths.sync_key, work)
+    if not key.exists() or not keymod.known_hosts(work).exists():
+        return None
+    ours = state.sync_generation(paths) or 0
+    for p in make_peers(cfg, node, work, key):
+        try:
+            s = remote_status(p)
+        except SyncError:
+            continue  # unreachable or refusing: that peer cannot be waited for
+        gen = s.get("generation")
+        if s.get("role") == "MASTER" and isinstance(gen, int) and gen > ours:
+            return p.name, gen
+    return None

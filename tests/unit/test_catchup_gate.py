@@ -1,0 +1,105 @@
+"""The sync catch-up gate (appliance/ha/catchup.py) with a fake question: when it holds a node demoted and when not."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from appliance.core import loader
+from appliance.core.paths import Paths
+from appliance.ha import supervisor as carp
+from appliance.ha.catchup import CatchUp
+from tests.support.wait import wait_until
+
+
+def _live(state: Path, gen: int) -> None:
+    (state / "releases" / str(gen)).mkdir(parents=True, exist_ok=True)
+    tmp = state / "current.tmp"
+    os.symlink(f"releases/{gen}", tmp)
+    os.replace(tmp, state / "current")
+
+
+def _gate(state: Path, ask, pending_max: float = 5.0) -> tuple[CatchUp, list[str], list[int], threading.Event]:
+    logs: list[str] = []
+    changes: list[int] = []
+    gate = CatchUp(ask, Paths(state), lambda: changes.append(1), logs.append, pending_max)
+    stop = threading.Event()
+    gate.start(stop, poll=0.05)
+    return gate, logs, changes, stop
+
+
+def test_nothing_ahead_opens_the_gate(tmp_path: Path) -> None:
+    _live(tmp_path, 4)
+    gate, logs, changes, stop = _gate(tmp_path, lambda: None)
+    try:
+        assert gate.reason is not None or changes  # held while asking (unless already answered)
+        wait_until(lambda: gate.reason is None, 5, "gate open")
+        assert changes == [1] and logs == []
+    finally:
+        stop.set()
+
+
+def test_a_master_ahead_holds_the_node_until_its_generation_is_live(tmp_path: Path) -> None:
+    _live(tmp_path, 4)
+    gate, logs, changes, stop = _gate(tmp_path, lambda: ("fw2", 6))
+    try:
+        wait_until(lambda: gate.reason and "fw2 (MASTER) has generation 6, this node 4" in gate.reason, 5, "held")
+        _live(tmp_path, 5)           # an older one does not open it
+        time.sleep(0.3)
+        assert gate.reason is not None
+        _live(tmp_path, 6)           # the master's push arrived
+        wait_until(lambda: gate.reason is None, 5, "gate open")
+        assert any("generation 6 is live here (from fw2)" in m for m in logs), logs
+        assert len(changes) == 2     # held, then released: the supervisor re-arms twice
+    finally:
+        stop.set()
+
+
+def test_an_answer_not_above_ours_or_a_failing_question_opens_it(tmp_path: Path) -> None:
+    _live(tmp_path, 6)
+    gate, _, _, stop = _gate(tmp_path, lambda: ("fw2", 6))
+    wait_until(lambda: gate.reason is None, 5, "gate open (equal generation)")
+    stop.set()
+
+    def broken():
+        raise OSError("no route to host")
+
+    gate, logs, _, stop = _gate(tmp_path, broken)
+    wait_until(lambda: gate.reason is None, 5, "gate open (question failed)")
+    assert any("not asked (OSError: no route to host)" in m for m in logs), logs
+    stop.set()
+
+
+def test_no_answer_within_the_limit_opens_it_and_a_late_answer_closes_it_again(tmp_path: Path) -> None:
+    _live(tmp_path, 1)
+    answer = threading.Event()
+
+    def slow():
+        answer.wait(10)
+        return "fw2", 2
+
+    gate, logs, _, stop = _gate(tmp_path, slow, pending_max=0.3)
+    try:
+        wait_until(lambda: gate.reason is None, 5, "gate open at the deadline")
+        assert any("no answer from the peers within 0.3 s" in m for m in logs), logs
+        answer.set()
+        wait_until(lambda: gate.reason is not None, 5, "held after the late answer")
+    finally:
+        answer.set()
+        stop.set()
+
+
+def test_the_supervisor_counts_the_gate_as_a_demotion(example_tree: Path, state_dir: Path) -> None:
+    cfg = loader.load(example_tree)
+    _live(state_dir, 2)
+    sup = carp.CarpSupervisor(cfg, "fw1", example_tree, Paths(state_dir), use_watchdog=False, ahead=lambda: ("fw2", 3))
+    sup.catchup.start(sup.stop, poll=0.05)
+    try:
+        wait_until(lambda: sup.demoted()[0] and "fw2 (MASTER) has generation 3" in sup.demoted()[1], 5, "demoted")
+        assert sup.rearm.is_set()                   # the engines are re-armed with the demoted advskew
+        _live(state_dir, 3)
+        wait_until(lambda: sup.demoted() == (False, ""), 5, "promoted again")
+    finally:
+        sup.stop.set()
+    assert carp.CarpSupervisor(cfg, "fw1", example_tree, Paths(state_dir)).catchup is None  # no question: no gate
