@@ -13,11 +13,17 @@ from tests.support.proxy import start_origin
 from tests.support.sync_lab import SyncLab
 
 
+# Where a module goes in the run (stable otherwise): the VM lab first, so its guests boot while a second worker runs
+# the rest; the image tests last, when the VM lab's build of the one shared image is done (they would wait for it).
+FIRST, LAST = ("tests/integration/lab/test_vmlab.py",), ("tests/integration/image/test_debian_image.py",)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # the sync lab runs private sshd instances on 127.0.0.x: root, whatever test asks for it
     for item in items:
         if "sync_lab" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.root)
+    items.sort(key=lambda i: 0 if i.nodeid.startswith(FIRST) else 2 if i.nodeid.startswith(LAST) else 1)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):

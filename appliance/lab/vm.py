@@ -19,7 +19,10 @@ from appliance.lab.vmmodel import VmNode
 
 QEMU = "qemu-system-x86_64"
 MEMORY_MB = int(os.environ.get("APPLIANCE_VMLAB_MEMORY", "1024"))
-CPUS = int(os.environ.get("APPLIANCE_VMLAB_CPUS", "2"))  # TCG runs one host thread per vCPU (MTTCG)
+# vCPUs per VM: 2 with KVM; 1 under TCG, where each vCPU is a busy host thread (MTTCG) and two VMs with 2 each
+# outnumbered the cores of a 2-core host; a 1-vCPU node also starts one proxy worker (`workers: auto`), not two
+CPUS = {"kvm": 2, "tcg": 1}
+CPUS_ENV = "APPLIANCE_VMLAB_CPUS"
 KVM_PROBE_SECONDS = 15.0
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 KVM_BOOTED = (b"Linux version", b"Reached target")   # a kernel that prints either of these runs under KVM
@@ -87,7 +90,7 @@ def qemu_argv(name: str, vm: VmNode, accel: str) -> list[str]:
     """The VM's command line: disk = the overlay, eth0 = LAN tap, eth1 = sync tap (fixed PCI slots and MACs),
     serial console to a file, no display, no monitor, no default devices, no user-mode network."""
     argv = [QEMU, "-name", f"{name},process={name}", "-machine", "pc", "-accel", accel, "-m", str(MEMORY_MB),
-            "-smp", str(CPUS), "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
+            "-smp", os.environ.get(CPUS_ENV) or str(CPUS[accel]), "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
             "-chardev", f"file,id=ser0,path={vm.console},append=on", "-serial", "chardev:ser0",
             "-drive", f"file={vm.overlay},if=none,id=disk0,format=qcow2",
             "-device", "virtio-blk-pci,drive=disk0,bus=pci.0,addr=0x5",

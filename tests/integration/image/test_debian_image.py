@@ -154,3 +154,62 @@ def test_baked_list_index_is_current_on_the_image(dist, tmp_path):
     meta = read_meta(ruleset.index_path(rel))
     assert meta["fingerprint"] == ruleset.fingerprint(cfg, rel)
     assert meta["content"] == ruleset.content_fingerprint(cfg, rel)
+
+
+# runs in a copy of fw1's root file system (no network): purge the .deb the image came with, install it again with
+# dpkg -i, purge it again; prints what the test asserts on
+IN_IMAGE = r"""
+set -eu
+export DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin
+snap() {
+  find / -xdev \( -path /proc -o -path /dev -o -path /sys -o -path /tmp -o -path /run -o -path /var/log \
+      -o -path /var/cache -o -path /var/lib/dpkg -o -path /var/lib/apt -o -name '*-' \) -prune -o -print | sort > "$1"
+  cat /etc/passwd /etc/group /etc/shadow /etc/gshadow > "$1.users"
+}
+left() {
+  ls -d /opt/carpguard /usr/bin/appliance /var/lib/appliance /var/lib/appliance-sync /etc/sudoers.d/appliance \
+        /etc/ssh/sshd_config.d/appliance-sync.conf /lib/systemd/system/appliance-* /etc/systemd/system/*/appliance-* \
+        2>/dev/null || true
+  getent passwd carpguard appliance-sync || true
+}
+mkdir -p /run/sshd
+dpkg-query -W -f='INSTALLED ${Status}\n' carpguard
+apt-get purge -y -q carpguard > /tmp/purge1.log 2>&1 || { cat /tmp/purge1.log; exit 1; }
+echo "LEFT1 [$(left | tr '\n' ' ')]"
+snap /tmp/purged
+dpkg -i /tmp/carpguard.deb > /tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
+for u in appliance-proxy.service appliance-carp.service appliance-sync.timer; do echo "ENABLED $u $(systemctl is-enabled $u)"; done
+appliance --help | grep -q sync-receive && echo CLI-OK
+apt-get purge -y -q carpguard > /tmp/purge2.log 2>&1 || { cat /tmp/purge2.log; exit 1; }
+echo "LEFT2 [$(left | tr '\n' ' ')]"
+snap /tmp/again
+diff /tmp/purged /tmp/again && echo FILES-SAME
+diff /tmp/purged.users /tmp/again.users && echo USERS-SAME
+"""
+
+
+def test_purge_and_dpkg_i_in_the_image_leave_nothing(deb, dist, tmp_path):
+    """Issue 10: `apt-get purge` of the .deb in the image leaves no unit, user or file of it; `dpkg -i` of the .deb
+    then installs it again (enabled units, the CLI), offline, and a second purge leaves the tree as the first did.
+    In a copy of fw1's root file system, in private mount and network namespaces (no network at all)."""
+    need_tool("unshare", "chroot", "losetup")
+    out, res = dist
+    part = tmp_path / "root.ext4"
+    off = res["nodes"]["fw1"]["disk"]["root"]["first_lba"] * 512
+    subprocess.run(["dd", f"if={out / 'fw1.img'}", f"of={part}", "bs=1M", f"skip={off}", "iflag=skip_bytes",
+                    "conv=sparse", "status=none"], check=True)
+    root, mnt = tmp_path / "root", tmp_path / "mnt"
+    root.mkdir()
+    mnt.mkdir()
+    script = (f'mount -o loop,ro "{part}" "{mnt}" && cp -a "{mnt}/." "{root}/" && umount "{mnt}" && '
+              f'cp "{deb}" "{root}/tmp/carpguard.deb" && printf %s "$IN_IMAGE" > "{root}/tmp/run.sh" && '
+              f'mount --rbind /dev "{root}/dev" && mount -t proc proc "{root}/proc" && chroot "{root}" /bin/sh /tmp/run.sh')
+    r = subprocess.run(["unshare", "--mount", "--net", "--propagation", "private", "--", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "IN_IMAGE": IN_IMAGE})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "INSTALLED install ok installed" in r.stdout
+    assert "LEFT1 []" in r.stdout and "LEFT2 []" in r.stdout, r.stdout
+    for unit in ("appliance-proxy.service", "appliance-carp.service", "appliance-sync.timer"):
+        assert f"ENABLED {unit} enabled" in r.stdout, r.stdout
+    for ok in ("CLI-OK", "FILES-SAME", "USERS-SAME"):
+        assert ok in r.stdout, r.stdout
