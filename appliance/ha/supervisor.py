@@ -35,10 +35,11 @@ DEFAULT_DEADRATIO = {"ucarp": 2, "speaker": 2}
 
 def write_scripts(config_path: Path, node: str, paths: Paths, cfg: Appliance | None = None) -> tuple[Path, Path]:
     """up/down scripts for the engine: `appliance role master|backup --vhid $3 --iface $1` (ucarp's $1 iface, $2 VIP,
-    $3 xparam). On Linux, given the config, each first adds or removes the vhid's VIP itself with `ip`: that takes
-    milliseconds, where the appliance's start (Python, the config) takes about 0.5 s on hardware and 10-40 s in an
-    emulated VM, and a VIP left on a node that became BACKUP meanwhile is a second holder. The appliance then finds
-    the VIP in place, records the role and runs the hooks. Speaker only (one script at a time); ucarp's run at once."""
+    $3 xparam). On Linux, given the config, each first adds (and announces with a gratuitous ARP) or removes the
+    vhid's VIP itself with `ip`: that takes milliseconds, where the appliance's start (Python, the config) takes about
+    0.5 s on hardware and 10-40 s in an emulated VM, and a VIP left on a node that became BACKUP meanwhile is a second
+    holder. The appliance then finds the VIP in place, records the role and runs the hooks. Speaker only (one script
+    at a time); ucarp's run at once."""
     d = paths.run
     d.mkdir(parents=True, exist_ok=True)
     sdir = str(paths.state)
@@ -48,8 +49,12 @@ def write_scripts(config_path: Path, node: str, paths: Paths, cfg: Appliance | N
         p = d / f"carp-{'up' if r == 'master' else 'down'}.sh"
         move = ""
         if vips:
+            # MASTER: the gratuitous ARP goes out with the move, in the background: the speaker's own comes only when
+            # this script has exited, a Python start later, and until then clients still send to the old master
+            garp = {vhid: f"; {shlex.quote(netns.tool('arping'))} -q -U -c 1 -I \"$1\" {vip.split('/')[0]} "
+                          f"</dev/null >/dev/null 2>&1 &" if r == "master" else "" for vhid, vip in vips}
             cases = "".join(f"  {vhid}) {shlex.quote(netns.tool('ip'))} -4 addr {'add' if r == 'master' else 'del'} "
-                            f"{vip} dev \"$1\" 2>/dev/null ;;\n" for vhid, vip in vips)
+                            f"{vip} dev \"$1\" 2>/dev/null{garp[vhid]} ;;\n" for vhid, vip in vips)
             move = f"case \"$3\" in\n{cases}esac\n"
         text = (
             "#!/bin/sh\n"
