@@ -13,9 +13,10 @@ from tests.support.proxy import start_origin
 from tests.support.sync_lab import SyncLab
 
 
-# Where a module goes in the run (stable otherwise): the VM lab first, so its guests boot while a second worker runs
-# the rest; the image tests last, when the VM lab's build of the one shared image is done (they would wait for it).
-FIRST, LAST = ("tests/integration/lab/test_vmlab.py",), ("tests/integration/image/test_debian_image.py",)
+# The longest modules start first (stable order otherwise), so with workers they run beside the many short ones
+# instead of after them: the Debian image build and its tests, the .deb builds, the VM lab (`make test-vm`).
+FIRST = ("tests/integration/image/test_debian_image.py", "tests/integration/image/test_deb.py",
+         "tests/integration/lab/test_vmlab.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -23,7 +24,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "sync_lab" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.root)
-    items.sort(key=lambda i: 0 if i.nodeid.startswith(FIRST) else 2 if i.nodeid.startswith(LAST) else 1)
+    items.sort(key=lambda i: next((n for n, m in enumerate(FIRST) if i.nodeid.startswith(m)), len(FIRST)))
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):

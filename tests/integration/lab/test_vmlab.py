@@ -23,7 +23,7 @@ from tests.support.env import APPLIANCE, EXAMPLES, need_tool
 
 # the image comes from the run's one build (tests/support/debian_build.py), also when the image tests run on
 # another worker
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.vm]
 
 CONFIG = EXAMPLES / "debian.yaml"
 BLOCKED = "http://adult.example/"        # examples/lists/adult/domains
