@@ -10,11 +10,13 @@ from appliance.core.paths import Paths
 from sync import keys as keymod
 from sync.errors import SyncError
 from sync.peer import make_peers, remote_status
+from sync.releases import MAX_STEP
 
 
 def ahead(cfg: Appliance, node: str, config_path: Path, paths: Paths) -> tuple[str, int] | None:
-    """(peer, generation) of a peer that says MASTER with a live generation above ours; None when none does, or no
-    peer answers, or this node has no key or pinned host keys to ask with."""
+    """(peer, generation) of a peer that says MASTER with a live generation above ours (by at most MAX_STEP, what a
+    push can bring); None when none does, or no peer answers, or this node has no key or pinned host keys to ask
+    with."""
     work = config_path.resolve().parent
     key = keymod.push_key(paths.sync_key, work)
     if not key.exists() or not keymod.known_hosts(work).exists():
@@ -26,6 +28,7 @@ def ahead(cfg: Appliance, node: str, config_path: Path, paths: Paths) -> tuple[s
         except SyncError:
             continue  # unreachable or refusing: that peer cannot be waited for
         gen = s.get("generation")
-        if s.get("role") == "MASTER" and isinstance(gen, int) and gen > ours:
+        # more than MAX_STEP above ours is a number no push could bring here (receive refuses it): not waited for
+        if s.get("role") == "MASTER" and isinstance(gen, int) and ours < gen <= ours + MAX_STEP:
             return p.name, gen
     return None

@@ -103,3 +103,28 @@ def test_the_supervisor_counts_the_gate_as_a_demotion(example_tree: Path, state_
     finally:
         sup.stop.set()
     assert carp.CarpSupervisor(cfg, "fw1", example_tree, Paths(state_dir)).catchup is None  # no question: no gate
+
+
+def test_ahead_waits_only_for_a_master_and_a_number_a_push_could_bring(example_tree: Path, state_dir: Path,
+                                                                        monkeypatch) -> None:
+    """sync.catchup.ahead with the peers' status answers faked: MASTER and above ours by at most MAX_STEP, or nothing."""
+    from sync import catchup, keys
+    from sync.releases import MAX_STEP
+
+    cfg = loader.load(example_tree)
+    paths = Paths(state_dir)
+    _live(state_dir, 5)
+    paths.sync_key.parent.mkdir(parents=True, exist_ok=True)
+    paths.sync_key.write_text("key\n")
+    keys.known_hosts(example_tree.parent).parent.mkdir(exist_ok=True)
+    keys.known_hosts(example_tree.parent).write_text("hosts\n")
+    answers: dict = {}
+    monkeypatch.setattr(catchup, "remote_status", lambda p: answers[p.name])
+    for answer, want in (({"role": "MASTER", "generation": 6}, ("fw2", 6)),
+                         ({"role": "MASTER", "generation": 5 + MAX_STEP}, ("fw2", 5 + MAX_STEP)),
+                         ({"role": "MASTER", "generation": 6 + MAX_STEP}, None),   # receive would refuse it
+                         ({"role": "MASTER", "generation": 5}, None),
+                         ({"role": "BACKUP", "generation": 9}, None),
+                         ({"role": "MASTER", "generation": "9"}, None)):
+        answers["fw2"] = answer
+        assert catchup.ahead(cfg, "fw1", example_tree, paths) == want, answer
