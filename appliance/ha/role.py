@@ -192,6 +192,8 @@ def apply(paths: Paths, cfg: Appliance, node: str, role: str, vhid: int | None =
         old = state.read_role(paths, None if g.main else g.vhid) or {}
         if seq is not None and isinstance(old.get("seq"), int) and old.get("boot") == boot and old["seq"] > seq:
             # an older up/down script (forked earlier) that lost the race to a newer one: the newer one's decision stands
+            log_line(f"carp: {role} for vhid {g.vhid} not applied: a script forked after it already ran "
+                     f"(seq {seq} < {old['seq']}); {old.get('role')} stands", paths)
             return {**old, "stale": True}
         vip_changed = _move_vip(paths, role, iface, g.vip, send_garp) if manage_vip else False
         extra = {"vip": str(g.vip), "node": node}

@@ -25,15 +25,9 @@ def vip_holders(lab: Lab) -> dict[str, list[str]]:
 
 
 def wait_holders(lab: Lab, want: dict[str, list[str]], timeout: float = 25.0) -> dict[str, list[str]]:
-    """The VIP holders per vhid once they are `want`, or as they are after `timeout` (then each node's ha.log tail
-    is printed: the captured output of the failing test)."""
+    """The VIP holders per vhid once they are `want`, or as they are after `timeout`."""
     poll(lambda: vip_holders(lab) == want, timeout, step=0.1)
-    got = vip_holders(lab)
-    if got != want:
-        for name, n in lab.nodes.items():
-            log = n.state / "ha.log"
-            print(f"--- {name} ha.log ---\n" + "\n".join((log.read_text() if log.exists() else "").splitlines()[-25:]))
-    return got
+    return vip_holders(lab)
 
 
 @pytest.fixture(scope="module")
