@@ -90,6 +90,16 @@ def fork_order(pid: int | None = None) -> tuple[str, int] | None:
         return None
 
 
+def order_at(boottime: float) -> tuple[str, int] | None:
+    """fork_order()'s key for a moment (CLOCK_BOOTTIME seconds) instead of a fork: below every process forked in
+    that tick or later, above every one forked before."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return boot, int(boottime * os.sysconf("SC_CLK_TCK")) << 22
+
+
 def start_time(pid: int) -> float | None:
     """When the process started (epoch seconds), from /proc (Linux); None where that cannot be read."""
     try:

@@ -19,7 +19,7 @@ from appliance.core.loader import load
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths, appliance_bin
 from appliance.ha import ip as netns
-from appliance.ha import catchup, role, watchdog
+from appliance.ha import catchup, engine_report, role, watchdog
 from appliance.ha.carpset import (carp_changes, carp_params, effective_advskew,  # noqa: F401 (re-exported)
                                   peer_specs, peers_only_change, refused_change, startup_delay, write_pass,
                                   write_peers)
@@ -123,6 +123,7 @@ class CarpProcess:
     backoff: float = 0.2
     next_start: float = 0.0
     waiting_link: bool = False
+    report: engine_report.EngineReport | None = None   # ucarp only: its own account of its state
 
 
 @dataclass
@@ -193,7 +194,9 @@ class CarpSupervisor:
             xparam=str(e.group.vhid), state_file=self.paths.engine_state(e.group.vhid),
             peers_file=self.peers_file(e.group.vhid), passfile_next=self.paths.carp_pass_next,
             advskew_file=self.advskew_file(e))
-        e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env}, cwd=ENGINE_CWD)
+        e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env}, cwd=ENGINE_CWD,
+                                  stderr=subprocess.PIPE if self.engine == "ucarp" else None)
+        e.report = engine_report.EngineReport(e.proc.stderr) if self.engine == "ucarp" else None
         e.started = time.monotonic()
         self.paths.engine_pid(e.group.vhid).write_text(f"{e.proc.pid}\n")
         role.log_line(f"carp: started {self.engine} pid {e.proc.pid} vhid {e.group.vhid} advskew {e.advskew}", self.paths)
@@ -367,6 +370,8 @@ class CarpSupervisor:
                         self.rearm_engine(e, want, why or "promoted")
                 self.write_status()
             for e in self.engines:
+                if e.report is not None and e.proc is not None:
+                    engine_report.follow(e.report, now, self, e.group)
                 if e.proc is not None:
                     rc = e.proc.poll()
                     if rc is None and not link_ok:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import os
 import stat
@@ -78,6 +79,7 @@ def _edit(path: Path, fn) -> None:
 
 class _FakeProc:
     pid = 4242
+    stderr = io.BytesIO(b"")   # ucarp's: read for its "Switching to state" lines (EOF at once here)
 
     def poll(self):
         return None
