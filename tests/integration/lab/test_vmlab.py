@@ -197,7 +197,8 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         proxy_first = _first_direct_200(lab, fw1, deadline=time.monotonic() + 600)
         held = _wait_log(lab, "fw1", f"fw2 (MASTER) has generation {missed['generation']}", 300)
         # fw1's proxy answers, but fw1 waits for the generation it missed: fw2 still serves the VIP, fw1 never did
-        assert held and probe.served_by({"fw2"}, t1, stable=3) == "fw2" and "fw1" not in probe.served(t1, 1e12), held
+        assert held and probe.served_by({"fw2"}, t1, stable=3) == "fw2" and "fw1" not in probe.served(t1, 1e12), \
+            _node_logs(lab, "fw1")
         r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)   # fw2's next sync (or its timer's)
         assert r.returncode == 0, r.stdout + r.stderr
         back = probe.wait_served({"fw1"}, t1, 300)
@@ -215,6 +216,13 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
     log = vmnode.run(lab, "fw1", "cat /var/lib/appliance/ha.log", timeout=60, check=True).stdout
     caught = log.find(f"generation {missed['generation']} is live here (from fw2)")
     assert 0 <= caught < log.rfind("-> MASTER vhid 1"), log[-3000:]   # caught up first, MASTER after
+
+
+def _node_logs(lab: VmLab, node: str) -> str:
+    """The node's ha.log and CARP supervisor journal tails, for a failure message."""
+    r = vmnode.run(lab, node, "tail -n 40 /var/lib/appliance/ha.log; journalctl -u appliance-carp -n 60 --no-pager",
+                   timeout=120)
+    return r.stdout[-8000:] + r.stderr[-2000:]
 
 
 def _wait_log(lab: VmLab, node: str, text: str, timeout: float) -> str | None:
