@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from appliance.core import state
 from appliance.core.errors import ApplianceError
 
 ROLES = {"proxy": "the appliance proxy", "carp": "the appliance CARP supervisor"}
@@ -84,20 +85,16 @@ def fork_order(pid: int | None = None) -> tuple[str, int] | None:
     comparable within one boot. None where /proc cannot be read."""
     pid = os.getpid() if pid is None else pid
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return boot, (_start_ticks(pid) << 22) | pid  # pid_max is at most 2**22
+        key = (_start_ticks(pid) << 22) | pid  # pid_max is at most 2**22
     except (OSError, ValueError, IndexError):
         return None
+    return state.boot_id(), key
 
 
-def order_at(boottime: float) -> tuple[str, int] | None:
+def order_at(boottime: float) -> tuple[str, int]:
     """fork_order()'s key for a moment (CLOCK_BOOTTIME seconds) instead of a fork: below every process forked in
     that tick or later, above every one forked before."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-    return boot, int(boottime * os.sysconf("SC_CLK_TCK")) << 22
+    return state.boot_id(), int(boottime * os.sysconf("SC_CLK_TCK")) << 22
 
 
 def start_time(pid: int) -> float | None:

@@ -59,6 +59,6 @@ def follow(report: EngineReport, now: float, sup: Any, group: role.Group) -> Non
     want = report.due(now)
     if want is None or netns.has_address(sup.iface, group.vip) == (want == "MASTER"):
         return
-    boot, seq = pids.order_at(report.boottime) or (None, None)
+    boot, seq = pids.order_at(report.boottime)
     role.apply(sup.paths, sup.cfg, sup.node, want.lower(), group.vhid, sup.iface, sup.config_path, seq=seq, boot=boot,
                reason=f"ucarp says {want}; the VIP was {'not ' if want == 'MASTER' else ''}here")
