@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 import os
+from abc import ABC, abstractmethod
 
 
-class WatchedFile:
+class WatchedFile(ABC):
     """Subclasses give read() (the value now; OSError or ValueError when unusable), `what` (for the log) and `keeps`
     (what stays when the file cannot be used). A missing or bad file is logged once per version and changes nothing."""
 
@@ -17,8 +18,9 @@ class WatchedFile:
         self._sig: tuple | None = None
         self._next = 0.0
 
+    @abstractmethod
     def read(self):
-        raise NotImplementedError
+        """The file's value now; OSError or ValueError when it cannot be used."""
 
     def poll(self, now: float, force: bool = False):
         """The new value when the file changed since the last look, else None (also when it is unusable)."""
