@@ -1,4 +1,5 @@
-"""Helpers for the image tests: run `appliance image`, open UFS images and GPT disks with dissect."""
+"""Helpers for the image tests: run `appliance image`, open UFS images and GPT disks with dissect, the start of a
+script run in a Debian root tree."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,19 @@ import subprocess
 from pathlib import Path
 
 from tests.support.env import APPLIANCE
+
+# The start of a script run in a Debian root tree (the .deb test's chroot, a copy of an image's root): every step
+# must pass, apt asks nothing, and `snap FILE` lists the tree's files (not what the kernel, apt and dpkg own) and its
+# users, so two states of the tree compare with diff.
+DEBIAN_TREE_SH = r"""
+set -eu
+export DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin
+snap() {
+  find / -xdev \( -path /proc -o -path /dev -o -path /sys -o -path /tmp -o -path /run -o -path /var/log \
+      -o -path /var/cache -o -path /var/lib/dpkg -o -path /var/lib/apt -o -name '*-' \) -prune -o -print | sort > "$1"
+  cat /etc/passwd /etc/group /etc/shadow /etc/gshadow > "$1.users"
+}
+"""
 
 
 def run_image(config: Path, out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

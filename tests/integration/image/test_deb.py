@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.env import ROOT, need_tool
+from tests.support.image import DEBIAN_TREE_SH
 
 # xdist_group: one worker runs this module (its builds share the wheel cache; build_deb.py locks its writes)
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("deb")]
@@ -105,14 +106,7 @@ def chroot_tar() -> Path:
 
 
 # runs inside the chroot; every step must pass (set -e); prints what the test asserts on
-IN_CHROOT = r"""
-set -eu
-export DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin
-snap() {
-  find / -xdev \( -path /proc -o -path /dev -o -path /sys -o -path /tmp -o -path /run -o -path /var/log \
-      -o -path /var/cache -o -path /var/lib/dpkg -o -path /var/lib/apt -o -name '*-' \) -prune -o -print | sort > "$1"
-  cat /etc/passwd /etc/group /etc/shadow /etc/gshadow > "$1.users"
-}
+IN_CHROOT = DEBIAN_TREE_SH + r"""
 snap /tmp/before
 mkdir -p /run/sshd
 apt-get install -y -q /tmp/carpguard.deb > /tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }

@@ -15,6 +15,7 @@ from filters.index import read_meta
 from image import debian
 from image.debian import boot
 from tests.support.env import ROOT, need_tool
+from tests.support.image import DEBIAN_TREE_SH
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -158,14 +159,7 @@ def test_baked_list_index_is_current_on_the_image(dist, tmp_path):
 
 # runs in a copy of fw1's root file system (no network): purge the .deb the image came with, install it again with
 # dpkg -i, purge it again; prints what the test asserts on
-IN_IMAGE = r"""
-set -eu
-export DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin
-snap() {
-  find / -xdev \( -path /proc -o -path /dev -o -path /sys -o -path /tmp -o -path /run -o -path /var/log \
-      -o -path /var/cache -o -path /var/lib/dpkg -o -path /var/lib/apt -o -name '*-' \) -prune -o -print | sort > "$1"
-  cat /etc/passwd /etc/group /etc/shadow /etc/gshadow > "$1.users"
-}
+IN_IMAGE = DEBIAN_TREE_SH + r"""
 left() {
   ls -d /opt/carpguard /usr/bin/appliance /var/lib/appliance /var/lib/appliance-sync /etc/sudoers.d/appliance \
         /etc/ssh/sshd_config.d/appliance-sync.conf /lib/systemd/system/appliance-* /etc/systemd/system/*/appliance-* \
