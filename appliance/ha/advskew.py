@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from appliance.ha.watched import WatchedFile
 
@@ -21,12 +20,7 @@ class AdvskewFile(WatchedFile):
 
     def read(self) -> int:
         """The file's advskew now; OSError or ValueError when it cannot be used."""
-        with open(self.path, "rb") as f:
-            st = os.fstat(f.fileno())
-            self._sig = (st.st_mtime_ns, st.st_size, st.st_ino)
-            raw = f.read(MAX_BYTES + 1)
-        if len(raw) > MAX_BYTES:
-            raise ValueError(f"{self.path}: longer than {MAX_BYTES} bytes")
+        raw = self.read_bytes(MAX_BYTES)
         line = raw.decode("ascii", "replace").split("\n", 1)[0].strip()
         if not line.isdigit() or not 0 <= int(line) <= 254:
             raise ValueError(f"{self.path}:1: advskew must be a number 0-254 (got {line[:20]!r})")

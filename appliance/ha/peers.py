@@ -69,12 +69,7 @@ class PeersFile(WatchedFile):
 
     def read(self) -> list[Peer]:
         """The file's peers now (at start); OSError or ValueError when it cannot be used."""
-        with open(self.path, "rb") as f:
-            st = os.fstat(f.fileno())
-            self._sig = (st.st_mtime_ns, st.st_size, st.st_ino)
-            raw = f.read(PEERS_FILE_MAX + 1)
-        if len(raw) > PEERS_FILE_MAX:
-            raise ValueError(f"{self.path}: longer than {PEERS_FILE_MAX} bytes")
+        raw = self.read_bytes(PEERS_FILE_MAX)
         try:
             return parse_peers(raw.decode(), self.path)
         except UnicodeDecodeError:

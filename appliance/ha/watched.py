@@ -22,6 +22,16 @@ class WatchedFile(ABC):
     def read(self):
         """The file's value now; OSError or ValueError when it cannot be used."""
 
+    def read_bytes(self, limit: int) -> bytes:
+        """The file's bytes, recording the version read (what poll() compares); ValueError above `limit` bytes."""
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            self._sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+            raw = f.read(limit + 1)
+        if len(raw) > limit:
+            raise ValueError(f"{self.path}: longer than {limit} bytes")
+        return raw
+
     def poll(self, now: float, force: bool = False):
         """The new value when the file changed since the last look, else None (also when it is unusable)."""
         if now < self._next and not force:
