@@ -46,8 +46,10 @@ class Peer:
 
         sock = socket.create_connection((self.address, self.port), timeout=self.timeout,
                                         source_address=(self.bind, 0) if self.bind else None)
+        # lazy: no /etc/fabric.* or ~/.fabric.* files. Everything the link needs is set here, and the CARP unit
+        # (ProtectHome=yes) gets EACCES, not ENOENT, on /root/.fabric.yaml, which fabric does not skip.
         conn = Connection(self.address, user=self.user, port=self.port, connect_timeout=self.timeout,
-                          config=Config(overrides={"load_ssh_configs": False}),
+                          config=Config(overrides={"load_ssh_configs": False}, lazy=True),
                           connect_kwargs={"key_filename": str(self.key), "look_for_keys": False, "allow_agent": False,
                                           "sock": sock, "banner_timeout": self.timeout, "auth_timeout": self.timeout})
         client = paramiko.SSHClient()

@@ -70,7 +70,7 @@ def carp_cmd(ctx: Ctx, engine: str | None, deadratio: int | None, no_watchdog: b
     try:
         # a node back from an outage waits, demoted, for the generation the master cut meanwhile (ha/catchup.py)
         sup = carp.CarpSupervisor(cfg, node, config_path, ctx.paths, engine or carp.DEFAULT_ENGINE, deadratio,
-                                  not no_watchdog, check, ahead=lambda: catchup.ahead(cfg, node, config_path, ctx.paths))
+                                  not no_watchdog, check, ahead=lambda log: catchup.ahead(cfg, node, config_path, ctx.paths, log))
         sys.exit(sup.run_forever())
     except (RuntimeError, ValueError) as e:
         fail(str(e), 1 if isinstance(e, RuntimeError) else 2)

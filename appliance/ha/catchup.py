@@ -18,7 +18,8 @@ from typing import Callable
 from appliance.core import state
 from appliance.core.paths import Paths
 
-Ahead = Callable[[], "tuple[str, int] | None"]  # (MASTER peer, its live generation) when above ours, else None
+# (MASTER peer, its live generation) when above ours, else None; given the log for why a peer was not asked
+Ahead = Callable[[Callable[[str], None]], "tuple[str, int] | None"]
 
 
 @dataclass
@@ -43,7 +44,7 @@ class CatchUp:
 
     def _run(self, stop: threading.Event, poll: float, answered: threading.Event) -> None:
         try:
-            ahead = self.ask()
+            ahead = self.ask(self.log)
         except Exception as e:  # the gate's own failure never keeps the node demoted
             ahead = None
             self.log(f"sync catch-up: the peers were not asked ({type(e).__name__}: {e})")

@@ -31,7 +31,7 @@ def _gate(state: Path, ask, pending_max: float = 5.0) -> tuple[CatchUp, list[str
 
 def test_nothing_ahead_opens_the_gate(tmp_path: Path) -> None:
     _live(tmp_path, 4)
-    gate, logs, changes, stop = _gate(tmp_path, lambda: None)
+    gate, logs, changes, stop = _gate(tmp_path, lambda log: None)
     try:
         assert gate.reason is not None or changes  # held while asking (unless already answered)
         wait_until(lambda: gate.reason is None, 5, "gate open")
@@ -42,7 +42,7 @@ def test_nothing_ahead_opens_the_gate(tmp_path: Path) -> None:
 
 def test_a_master_ahead_holds_the_node_until_its_generation_is_live(tmp_path: Path) -> None:
     _live(tmp_path, 4)
-    gate, logs, changes, stop = _gate(tmp_path, lambda: ("fw2", 6))
+    gate, logs, changes, stop = _gate(tmp_path, lambda log: ("fw2", 6))
     try:
         wait_until(lambda: gate.reason and "fw2 (MASTER) has generation 6, this node 4" in gate.reason, 5, "held")
         _live(tmp_path, 5)           # an older one does not open it
@@ -58,11 +58,11 @@ def test_a_master_ahead_holds_the_node_until_its_generation_is_live(tmp_path: Pa
 
 def test_an_answer_not_above_ours_or_a_failing_question_opens_it(tmp_path: Path) -> None:
     _live(tmp_path, 6)
-    gate, _, _, stop = _gate(tmp_path, lambda: ("fw2", 6))
+    gate, _, _, stop = _gate(tmp_path, lambda log: ("fw2", 6))
     wait_until(lambda: gate.reason is None, 5, "gate open (equal generation)")
     stop.set()
 
-    def broken():
+    def broken(log):
         raise OSError("no route to host")
 
     gate, logs, _, stop = _gate(tmp_path, broken)
@@ -75,7 +75,7 @@ def test_no_answer_within_the_limit_opens_it_and_a_late_answer_closes_it_again(t
     _live(tmp_path, 1)
     answer = threading.Event()
 
-    def slow():
+    def slow(log):
         answer.wait(10)
         return "fw2", 2
 
@@ -93,11 +93,11 @@ def test_no_answer_within_the_limit_opens_it_and_a_late_answer_closes_it_again(t
 def test_the_supervisor_counts_the_gate_as_a_demotion(example_tree: Path, state_dir: Path) -> None:
     cfg = loader.load(example_tree)
     _live(state_dir, 2)
-    sup = carp.CarpSupervisor(cfg, "fw1", example_tree, Paths(state_dir), use_watchdog=False, ahead=lambda: ("fw2", 3))
+    sup = carp.CarpSupervisor(cfg, "fw1", example_tree, Paths(state_dir), use_watchdog=False, ahead=lambda log: ("fw2", 3))
     sup.catchup.start(sup.stop, poll=0.05)
     try:
         wait_until(lambda: sup.demoted()[0] and "fw2 (MASTER) has generation 3" in sup.demoted()[1], 5, "demoted")
-        assert sup.rearm.is_set()                   # the engines are re-armed with the demoted advskew
+        wait_until(sup.rearm.is_set, 5, "re-armed")  # the engines get the demoted advskew (set after the reason)
         _live(state_dir, 3)
         wait_until(lambda: sup.demoted() == (False, ""), 5, "promoted again")
     finally:
@@ -128,3 +128,27 @@ def test_ahead_waits_only_for_a_master_and_a_number_a_push_could_bring(example_t
                          ({"role": "MASTER", "generation": "9"}, None)):
         answers["fw2"] = answer
         assert catchup.ahead(cfg, "fw1", example_tree, paths) == want, answer
+
+
+def test_ahead_says_why_a_peer_was_not_asked(example_tree: Path, state_dir: Path, monkeypatch) -> None:
+    """A gate that opens because the question failed says so in the log (a broken sync link is not silent)."""
+    from sync import catchup, keys
+    from sync.errors import PEER_FAILED, SyncError
+
+    cfg = loader.load(example_tree)
+    paths = Paths(state_dir)
+    logs: list[str] = []
+    assert catchup.ahead(cfg, "fw1", example_tree, paths, logs.append) is None
+    assert logs and "is missing; the peers are not asked" in logs[0] and str(paths.sync_key) in logs[0], logs
+    paths.sync_key.parent.mkdir(parents=True, exist_ok=True)
+    paths.sync_key.write_text("key\n")
+    keys.known_hosts(example_tree.parent).parent.mkdir(exist_ok=True)
+    keys.known_hosts(example_tree.parent).write_text("hosts\n")
+
+    def refused(p):
+        raise SyncError(f"{p.name} (addr:22): cannot ask its status: PermissionError: denied", PEER_FAILED)
+
+    monkeypatch.setattr(catchup, "remote_status", refused)
+    logs.clear()
+    assert catchup.ahead(cfg, "fw1", example_tree, paths, logs.append) is None
+    assert logs == ["sync catch-up: fw2 (addr:22): cannot ask its status: PermissionError: denied"], logs
