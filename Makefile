@@ -9,7 +9,7 @@ LISTEN     ?= 127.0.0.1:3128
 FREEBSD_DIST ?=
 OUT        ?= dist
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 export PATH := $(PATH):/usr/sbin:/sbin
 
 # binary:Debian-package pairs each verb needs; installed with apt-get when missing and we are root
@@ -57,18 +57,19 @@ run: venv
 	$(APPLIANCE) proxy -c $(CONFIG) --listen $(LISTEN) --access-log - 
 
 # make test runs in two parts. First every module not marked `timing`, on TEST_WORKERS pytest-xdist workers (whole
-# modules each, tests/conftest.py): most of them wait on processes. Then the `timing` modules (failover and timeout
-# bounds) in one process, alone, so no other test starves them. TEST_WORKERS=0: the whole suite in one process.
-# test-vm: the VM lab (tests/integration/lab/test_vmlab.py, marked `vm`), not yet in make test (docs/testing.md).
+# modules each, in the order tests/conftest.py gives): the VM lab (two TCG guests, about 10 minutes, most of it waiting
+# on them) takes one worker, the image builds start beside it, the many short modules share the rest. Then the
+# `timing` modules (failover and timeout bounds) in one process, alone, so no other test starves them.
+# TEST_WORKERS=0: the whole suite in one process. test-vm: only the VM lab (tests/integration/lab/test_vmlab.py).
 PYTEST = $(PY) -m pytest -q -p no:cacheprovider
-test: venv apt-test apt-deb
+test: venv apt-test apt-deb apt-vmlab
 	@start=$$(date +%s); \
 	if [ "$(TEST_WORKERS)" = 0 ]; then \
-	  $(PYTEST) -m "not vm" --durations=25 $(PYTEST_ARGS) tests; rc=$$?; \
+	  $(PYTEST) --durations=25 $(PYTEST_ARGS) tests; rc=$$?; \
 	else \
-	  $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup -m "not timing and not vm" --durations=25 $(PYTEST_ARGS) tests; \
+	  $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not timing" --durations=25 $(PYTEST_ARGS) tests; \
 	  rc=$$?; mid=$$(date +%s); echo "make test: parallel part $$(( mid - start )) s, exit $$rc"; \
-	  $(PYTEST) -m "timing and not vm" --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; \
+	  $(PYTEST) -m "timing" --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; \
 	  echo "make test: timing part $$(( $$(date +%s) - mid )) s, exit $$rc2"; \
 	  [ $$rc -ne 0 ] || rc=$$rc2; \
 	fi; \

@@ -13,10 +13,11 @@ from tests.support.proxy import start_origin
 from tests.support.sync_lab import SyncLab
 
 
-# The longest modules start first (stable order otherwise), so with workers they run beside the many short ones
-# instead of after them: the Debian image build and its tests, the .deb builds, the VM lab (`make test-vm`).
-FIRST = ("tests/integration/image/test_debian_image.py", "tests/integration/image/test_deb.py",
-         "tests/integration/lab/test_vmlab.py")
+# The longest modules start first, so with workers they run beside the many short ones instead of after them: the
+# VM lab (a worker of its own for most of the run), the Debian image build and its tests, the .deb builds. Then the
+# modules with more tests (what xdist's own reordering would do; make test turns that off to keep this order).
+FIRST = ("tests/integration/lab/test_vmlab.py", "tests/integration/image/test_debian_image.py",
+         "tests/integration/image/test_deb.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -24,7 +25,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "sync_lab" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.root)
-    items.sort(key=lambda i: next((n for n, m in enumerate(FIRST) if i.nodeid.startswith(m)), len(FIRST)))
+    module = lambda i: i.nodeid.split("::", 1)[0]
+    size: dict[str, int] = {}
+    for item in items:
+        size[module(item)] = size.get(module(item), 0) + 1
+    first = lambda i: next((n for n, m in enumerate(FIRST) if i.nodeid.startswith(m)), len(FIRST))
+    items.sort(key=lambda i: (first(i), -size[module(i)]))  # stable: a module's tests keep their order
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):

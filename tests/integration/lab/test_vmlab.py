@@ -65,9 +65,11 @@ def booted(built: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
     name = f"vt{secrets.token_hex(3)}"
     t0 = time.monotonic()
     images, config = built
-    r = _cli("-c", str(config), "vmlab", "up", "--json", "--name", name, "--images", str(images))
-    took = time.monotonic() - t0
     try:
+        # inside the try: a timeout here (subprocess's or pytest-timeout's) kills `vmlab up`, then down removes
+        # whatever it had started
+        r = _cli("-c", str(config), "vmlab", "up", "--json", "--name", name, "--images", str(images))
+        took = time.monotonic() - t0
         assert r.returncode == 0, f"vmlab up failed:\n{r.stderr[-6000:]}"
         print(f"\nvmlab up: {took:.1f} s", file=sys.__stderr__)
         yield json.loads(r.stdout), load(name)
@@ -181,9 +183,10 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
     the VIP back (preempt) with that generation live; never two holders."""
     fw1 = lab.vm("fw1").lan_ip
     domain = f"while-fw1-was-off-{secrets.token_hex(3)}.example"
-    _settled_on(lab, "fw1")
+    assert _settled_on(lab, "fw1") == ["fw1"], _node_logs(lab, "fw1") + _node_logs(lab, "fw2")
     with vmfail.new_probe(lab) as probe, vmfail.HolderWatch(lab) as watch:
-        assert probe.wait_served({"fw1"}, time.monotonic() - 1, 180) == "fw1"
+        t0 = time.monotonic()
+        assert probe.wait_served({"fw1"}, t0 - 1, 180) == "fw1", _probe_tail(probe, t0) + _node_logs(lab, "fw1")
         tf = time.monotonic()
         vmfail.inject(lab, "power-loss", "fw1")
         assert probe.wait_served({"fw2"}, tf, vmfail.FAILOVER_WAIT) == "fw2"
@@ -218,11 +221,19 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
     assert 0 <= caught < log.rfind("-> MASTER vhid 1"), log[-3000:]   # caught up first, MASTER after
 
 
+def _probe_tail(probe, since: float, n: int = 12) -> str:
+    """The client's last requests through the VIP (start, took, ok, node), for a failure message."""
+    evs = probe.window(since)
+    return f"{len(evs)} requests since; last: " + ", ".join(
+        f"{e['t0'] - since:.1f}+{e['t1'] - e['t0']:.2f}s {'ok ' + str(e['node']) if e['ok'] else 'failed'}"
+        for e in evs[-n:]) + "\n"
+
+
 def _node_logs(lab: VmLab, node: str) -> str:
     """The node's ha.log and CARP supervisor journal tails, for a failure message."""
     r = vmnode.run(lab, node, "tail -n 40 /var/lib/appliance/ha.log; journalctl -u appliance-carp -n 60 --no-pager",
                    timeout=120)
-    return r.stdout[-8000:] + r.stderr[-2000:]
+    return f"\n--- {node}: ha.log, appliance-carp journal ---\n" + r.stdout[-8000:] + r.stderr[-2000:]
 
 
 def _wait_log(lab: VmLab, node: str, text: str, timeout: float) -> str | None:
