@@ -12,6 +12,7 @@ the gate opens. It never keeps a node from becoming MASTER when no other node is
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +21,13 @@ from appliance.core.paths import Paths
 
 # (MASTER peer, its live generation) when above ours, else None; given the log for why a peer was not asked
 Ahead = Callable[[Callable[[str], None]], "tuple[str, int] | None"]
+
+
+def pending_limit(sync_timeout: float) -> float:
+    """How long the question may take before the gate opens: the SSH connection and the status command each get
+    sync.timeout. Waiting longer is safe (the node is only demoted: it still takes over if no peer is MASTER), and
+    a slow box needs it: a TCG guest at boot took about 100 s to load the SSH library and get the peer's answer."""
+    return 2.0 * sync_timeout
 
 
 @dataclass
@@ -43,19 +51,21 @@ class CatchUp:
             self._open(f"sync catch-up: no answer from the peers within {self.pending_max:g} s; not waiting for one")
 
     def _run(self, stop: threading.Event, poll: float, answered: threading.Event) -> None:
+        t0 = time.monotonic()
         try:
             ahead = self.ask(self.log)
         except Exception as e:  # the gate's own failure never keeps the node demoted
             ahead = None
             self.log(f"sync catch-up: the peers were not asked ({type(e).__name__}: {e})")
         answered.set()
+        took = time.monotonic() - t0
         ours = state.sync_generation(self.paths) or 0
         if ahead is None or ahead[1] <= ours:
             self._open(None)
             return
         peer, gen = ahead
         self.reason = f"sync catch-up: {peer} (MASTER) has generation {gen}, this node {ours}"
-        self.log(f"{self.reason}: demoted until {peer}'s sync pushes it")
+        self.log(f"{self.reason}: demoted until {peer}'s sync pushes it (answered in {took:.0f} s)")
         self.on_change()
         while not stop.wait(poll):  # bounded by the supervisor's life: it sets `stop` on exit
             now = state.sync_generation(self.paths) or 0

@@ -151,8 +151,8 @@ class CarpSupervisor:
         self.health = watchdog.Health(self.cfg.ha.failures)
         self.use_watchdog = self.use_watchdog and self.cfg.ha.watchdog
         self.target = watchdog.check_target(self.cfg, self.check)
-        self.catchup = None if self.ahead is None else catchup.CatchUp(
-            self.ahead, self.paths, self.rearm.set, lambda msg: role.log_line(msg, self.paths), min(self.cfg.sync.timeout, 30))
+        self.catchup = None if self.ahead is None else catchup.CatchUp(self.ahead, self.paths, self.rearm.set, (
+            lambda msg: role.log_line(msg, self.paths)), catchup.pending_limit(self.cfg.sync.timeout))
 
     # -- lifecycle
     def lock(self):

@@ -94,6 +94,7 @@ def test_the_supervisor_counts_the_gate_as_a_demotion(example_tree: Path, state_
     cfg = loader.load(example_tree)
     _live(state_dir, 2)
     sup = carp.CarpSupervisor(cfg, "fw1", example_tree, Paths(state_dir), use_watchdog=False, ahead=lambda log: ("fw2", 3))
+    assert sup.catchup.pending_max == 2 * cfg.sync.timeout   # the SSH connection and the command each get it
     sup.catchup.start(sup.stop, poll=0.05)
     try:
         wait_until(lambda: sup.demoted()[0] and "fw2 (MASTER) has generation 3" in sup.demoted()[1], 5, "demoted")

@@ -198,15 +198,23 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)
         missed = json.loads(r.stdout)
         assert r.returncode == 1 and missed["failed"] == ["fw1"], r.stdout + r.stderr   # fw1 is off
+        phases = {"failover": t1 - tf, "sync, fw1 off": time.monotonic() - t1}
+        t = time.monotonic()
         vmlab.boot(lab, "fw1")
         proxy_first = _first_direct_200(lab, fw1, deadline=time.monotonic() + 600)
+        phases["boot to proxy"] = time.monotonic() - t
         held = _wait_log(lab, "fw1", f"fw2 (MASTER) has generation {missed['generation']}", 300)
+        phases["catch-up answer"] = time.monotonic() - t - phases["boot to proxy"]
         # fw1's proxy answers, but fw1 waits for the generation it missed: fw2 still serves the VIP, fw1 never did
         assert held and probe.served_by({"fw2"}, t1, stable=3) == "fw2" and "fw1" not in probe.served(t1, 1e12), \
-            _node_logs(lab, "fw1")
+            f"{phases}\n" + _probe_tail(probe, t1) + _node_logs(lab, "fw1")
+        t = time.monotonic()
         r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)   # fw2's next sync (or its timer's)
         assert r.returncode == 0, r.stdout + r.stderr
+        phases["sync"] = time.monotonic() - t
         back = probe.wait_served({"fw1"}, t1, 300)
+        phases["preempt"] = time.monotonic() - t - phases["sync"]
+        print("\npower loss phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), file=sys.__stderr__)
         time.sleep(probe.timeout + 0.5)
         back_at = next((e["t0"] for e in probe.window(t1) if e["ok"] and e["node"] == "fw1"), None)
         print(f"\npower loss under {lab.accel}: outage {outage}, fw1 back after "
