@@ -57,11 +57,10 @@ run: venv
 	$(APPLIANCE) proxy -c $(CONFIG) --listen $(LISTEN) --access-log - 
 
 # make test runs in three parts. First every module not marked `timing` or `vm`, on TEST_WORKERS pytest-xdist workers
-# (whole modules each, the long ones first: tests/conftest.py); most of them wait on processes. Beside it, once that
-# part's Debian image build is done (the CPU-heavy builds are then mostly over), the VM lab (`vm`: two emulated
-# guests) boots that image ($$CARPGUARD_TEST_SHARE, removed at the end; its output is printed when it ends). Then the
-# `timing` modules (failover and timeout bounds), alone, so nothing starves them. TEST_WORKERS=0: the whole suite in
-# one process. test-vm: only the VM lab.
+# (whole modules each, the long ones first: tests/conftest.py); most of them wait on processes. Then the VM lab
+# (`vm`: two emulated guests, which need both cores) and the `timing` modules (failover and timeout bounds), each
+# alone so nothing starves it. The parts share one Debian image build ($$CARPGUARD_TEST_SHARE, removed at the end).
+# TEST_WORKERS=0: the whole suite in one process. test-vm: only the VM lab.
 PYTEST = $(PY) -m pytest -q -p no:cacheprovider
 test: venv apt-test apt-deb apt-vmlab
 	@start=$$(date +%s); share=$$(mktemp -d /tmp/carpguard-test.XXXXXX); trap 'rm -rf "$$share"' EXIT; \
@@ -70,15 +69,9 @@ test: venv apt-test apt-deb apt-vmlab
 	  $(PYTEST) --durations=25 $(PYTEST_ARGS) tests; rc=$$?; \
 	else \
 	  $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not timing and not vm" --durations=25 \
-	    $(PYTEST_ARGS) tests & par=$$!; \
-	  ( n=0; while [ ! -e "$$share/.debian-dist.done" ] && kill -0 $$par 2>/dev/null && [ $$n -lt 3600 ]; do \
-	      sleep 1; n=$$((n + 1)); done; date +%s > "$$share/vm.start"; \
-	    $(PYTEST) -m "vm" --durations=10 $(PYTEST_ARGS) tests > "$$share/vm.log" 2>&1; echo $$? > "$$share/vm.rc"; \
-	    date +%s > "$$share/vm.end" ) & vm=$$!; \
-	  wait $$par; rc=$$?; echo "make test: parallel part $$(( $$(date +%s) - start )) s, exit $$rc"; \
-	  wait $$vm; cat "$$share/vm.log"; rc2=$$(cat "$$share/vm.rc" 2>/dev/null || echo 1); \
-	  echo "make test: VM part $$(( $$(cat "$$share/vm.end") - $$(cat "$$share/vm.start") )) s (from $$(( $$(cat "$$share/vm.start") - start )) s), exit $$rc2"; \
-	  [ $$rc -ne 0 ] || rc=$$rc2; t2=$$(date +%s); \
+	    $(PYTEST_ARGS) tests; rc=$$?; t1=$$(date +%s); echo "make test: parallel part $$(( t1 - start )) s, exit $$rc"; \
+	  $(PYTEST) -m "vm" --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; t2=$$(date +%s); \
+	  echo "make test: VM part $$(( t2 - t1 )) s, exit $$rc2"; [ $$rc -ne 0 ] || rc=$$rc2; \
 	  $(PYTEST) -m "timing and not vm" --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; \
 	  echo "make test: timing part $$(( $$(date +%s) - t2 )) s, exit $$rc2"; [ $$rc -ne 0 ] || rc=$$rc2; \
 	fi; \
