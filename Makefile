@@ -9,7 +9,7 @@ LISTEN     ?= 127.0.0.1:3128
 FREEBSD_DIST ?=
 OUT        ?= dist
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 export PATH := $(PATH):/usr/sbin:/sbin
 
 # binary:Debian-package pairs each verb needs; installed with apt-get when missing and we are root
