@@ -207,7 +207,7 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         phases["catch-up answer"] = time.monotonic() - t - phases["boot to proxy"]
         # fw1's proxy answers, but fw1 waits for the generation it missed: fw2 still serves the VIP, fw1 never did
         assert held and probe.served_by({"fw2"}, t1, stable=3) == "fw2" and "fw1" not in probe.served(t1, 1e12), \
-            f"{phases}\n" + _probe_tail(probe, t1) + _node_logs(lab, "fw1")
+            f"{phases}\n" + _probe_tail(probe, t1) + _node_logs(lab, "fw1") + _node_logs(lab, "fw2")
         t = time.monotonic()
         r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)   # fw2's next sync (or its timer's)
         assert r.returncode == 0, r.stdout + r.stderr
