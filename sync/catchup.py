@@ -21,7 +21,8 @@ def ahead(cfg: Appliance, node: str, config_path: Path, paths: Paths,
     with. Why a peer was not asked goes to `log`: a gate that opens silently hides a broken sync link."""
     work = config_path.resolve().parent
     key = keymod.push_key(paths.sync_key, work)
-    for missing in (p for p in (key, keymod.known_hosts(work)) if not p.exists()):
+    missing = next((p for p in (key, keymod.known_hosts(work)) if not p.exists()), None)
+    if missing is not None:
         log(f"sync catch-up: {missing} is missing; the peers are not asked")
         return None
     ours = state.sync_generation(paths) or 0

@@ -106,19 +106,26 @@ def test_the_supervisor_counts_the_gate_as_a_demotion(example_tree: Path, state_
     assert carp.CarpSupervisor(cfg, "fw1", example_tree, Paths(state_dir)).catchup is None  # no question: no gate
 
 
+def _key_and_hosts(paths: Paths, example_tree: Path) -> None:
+    """This node's sync key and the tree's pinned host keys, as ahead() needs them to ask at all."""
+    from sync import keys
+
+    paths.sync_key.parent.mkdir(parents=True, exist_ok=True)
+    paths.sync_key.write_text("key\n")
+    keys.known_hosts(example_tree.parent).parent.mkdir(exist_ok=True)
+    keys.known_hosts(example_tree.parent).write_text("hosts\n")
+
+
 def test_ahead_waits_only_for_a_master_and_a_number_a_push_could_bring(example_tree: Path, state_dir: Path,
                                                                         monkeypatch) -> None:
     """sync.catchup.ahead with the peers' status answers faked: MASTER and above ours by at most MAX_STEP, or nothing."""
-    from sync import catchup, keys
+    from sync import catchup
     from sync.releases import MAX_STEP
 
     cfg = loader.load(example_tree)
     paths = Paths(state_dir)
     _live(state_dir, 5)
-    paths.sync_key.parent.mkdir(parents=True, exist_ok=True)
-    paths.sync_key.write_text("key\n")
-    keys.known_hosts(example_tree.parent).parent.mkdir(exist_ok=True)
-    keys.known_hosts(example_tree.parent).write_text("hosts\n")
+    _key_and_hosts(paths, example_tree)
     answers: dict = {}
     monkeypatch.setattr(catchup, "remote_status", lambda p: answers[p.name])
     for answer, want in (({"role": "MASTER", "generation": 6}, ("fw2", 6)),
@@ -133,7 +140,7 @@ def test_ahead_waits_only_for_a_master_and_a_number_a_push_could_bring(example_t
 
 def test_ahead_says_why_a_peer_was_not_asked(example_tree: Path, state_dir: Path, monkeypatch) -> None:
     """A gate that opens because the question failed says so in the log (a broken sync link is not silent)."""
-    from sync import catchup, keys
+    from sync import catchup
     from sync.errors import PEER_FAILED, SyncError
 
     cfg = loader.load(example_tree)
@@ -141,10 +148,7 @@ def test_ahead_says_why_a_peer_was_not_asked(example_tree: Path, state_dir: Path
     logs: list[str] = []
     assert catchup.ahead(cfg, "fw1", example_tree, paths, logs.append) is None
     assert logs and "is missing; the peers are not asked" in logs[0] and str(paths.sync_key) in logs[0], logs
-    paths.sync_key.parent.mkdir(parents=True, exist_ok=True)
-    paths.sync_key.write_text("key\n")
-    keys.known_hosts(example_tree.parent).parent.mkdir(exist_ok=True)
-    keys.known_hosts(example_tree.parent).write_text("hosts\n")
+    _key_and_hosts(paths, example_tree)
 
     def refused(p):
         raise SyncError(f"{p.name} (addr:22): cannot ask its status: PermissionError: denied", PEER_FAILED)
