@@ -62,8 +62,7 @@ run: venv
 # process. test-vm: the VM lab (`vm`), not in make test until its power-loss check passes (docs/testing.md).
 PYTEST = $(PY) -m pytest -q -p no:cacheprovider
 test: venv apt-test apt-deb
-	@start=$$(date +%s); share=$$(mktemp -d /tmp/carpguard-test.XXXXXX); trap 'rm -rf "$$share"' EXIT; \
-	export CARPGUARD_TEST_SHARE=$$share; \
+	@start=$$(date +%s); \
 	if [ "$(TEST_WORKERS)" = 0 ]; then \
 	  $(PYTEST) -m "not vm" --durations=25 $(PYTEST_ARGS) tests; rc=$$?; \
 	else \
