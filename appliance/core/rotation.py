@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING
 
-from appliance.core.model import Appliance, Cluster
+if TYPE_CHECKING:   # annotations only: the speaker imports this module, and pydantic's models cost it seconds on a slow box
+    from appliance.core.model import Appliance, Cluster
 
 ROTATE_COMMAND = "appliance carp-rotate"
 

@@ -31,6 +31,9 @@ DEFAULT_ENGINE = "speaker"
 # to every takeover; deadratio 2 keeps takeovers under 3 x advbase + 0.5 s with either engine, the
 # up script (`appliance role master`, ~0.3 s of Python start-up) included (measured in the lab).
 DEFAULT_DEADRATIO = {"ucarp": 2, "speaker": 2}
+# The main loop's period: how soon an engine's exit or a link going down is seen. 0.1 s is a tenth of the smallest
+# advbase; at 0.05 s the idle loop cost a TCG guest 13% of a vCPU.
+LOOP_PERIOD = 0.1
 
 
 def write_scripts(config_path: Path, node: str, paths: Paths, cfg: Appliance | None = None) -> tuple[Path, Path]:
@@ -351,12 +354,9 @@ class CarpSupervisor:
                 pass
 
     def loop(self) -> int:
-        link_check = 0.0
         while not self.stop.is_set():
             now = time.monotonic()
-            if now >= link_check:
-                link_ok = netns.link_up(self.iface)
-                link_check = now + 0.1
+            link_ok = netns.link_up(self.iface)
             if self.reload.is_set():
                 self.reload.clear()
                 self.reload_config()
@@ -396,5 +396,5 @@ class CarpSupervisor:
                         continue
                     e.waiting_link = False
                     self.start_engine(e)
-            self.stop.wait(0.05)
+            self.stop.wait(LOOP_PERIOD)
         return 0

@@ -80,10 +80,14 @@ def get_status(proxy: tuple[str, int], url: str, timeout: float) -> str:
     return parts[1].decode() if len(parts) > 1 and parts[0].startswith(b"HTTP/1.") else "no-http-answer"
 
 
-def run_probe(proxy_host: str, port: int, url: str, interval: float, timeout: float, duration: float) -> None:
+def run_probe(proxy_host: str, port: int, url: str, interval: float, timeout: float, duration: float,
+              inflight: int = 0) -> None:
     """Client loop (inside the client namespace): one request every `interval`, each on its own thread;
-    one JSON line per request: start/end on CLOCK_MONOTONIC (shared by all processes), ok, which node's address."""
+    one JSON line per request: start/end on CLOCK_MONOTONIC (shared by all processes), ok, which node's address.
+    With `inflight` > 0 a tick is skipped while that many requests are open: a slow proxy is sampled, not buried
+    (requests it cannot answer in time still fail and open an outage)."""
     lock = threading.Lock()
+    slots = threading.BoundedSemaphore(inflight) if inflight > 0 else None
     end = time.monotonic() + duration
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -91,6 +95,8 @@ def run_probe(proxy_host: str, port: int, url: str, interval: float, timeout: fl
     def one() -> None:
         t0 = time.monotonic()
         ok, what = probe_once((proxy_host, port), url, timeout)
+        if slots is not None:
+            slots.release()
         line = json.dumps({"t0": round(t0, 4), "t1": round(time.monotonic(), 4), "ok": ok, "by": what})
         with lock:
             sys.stdout.write(line + "\n")
@@ -98,7 +104,8 @@ def run_probe(proxy_host: str, port: int, url: str, interval: float, timeout: fl
 
     nxt = time.monotonic()
     while not stop.is_set() and time.monotonic() < end:
-        threading.Thread(target=one, daemon=True).start()
+        if slots is None or slots.acquire(blocking=False):
+            threading.Thread(target=one, daemon=True).start()
         nxt += interval
         stop.wait(max(0.0, nxt - time.monotonic()))
     time.sleep(timeout + 0.1)  # the last requests' answers (each bounded by timeout)
@@ -134,6 +141,8 @@ def get_cmd(proxy_host: str, port: int, url: str, timeout: float) -> None:
 @click.argument("interval", type=float)
 @click.argument("timeout", type=float)
 @click.argument("duration", type=float)
-def probe_cmd(proxy_host: str, port: int, url: str, interval: float, timeout: float, duration: float) -> None:
+@click.option("--inflight", type=click.IntRange(0, 1000), default=0, help="skip a tick while this many are open (0: never)")
+def probe_cmd(proxy_host: str, port: int, url: str, interval: float, timeout: float, duration: float,
+              inflight: int) -> None:
     """A GET of URL through PROXY_HOST:PORT every INTERVAL seconds for DURATION; one JSON line per request."""
-    run_probe(proxy_host, port, url, interval, timeout, duration)
+    run_probe(proxy_host, port, url, interval, timeout, duration, inflight)

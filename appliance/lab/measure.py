@@ -19,11 +19,13 @@ from appliance.lab.topology import holders
 class Probe:
     """The client loop through VIP:port to the origin, run in the client namespace; keeps every result."""
 
-    def __init__(self, lab: Lab, interval: float = 0.05, timeout: float = 1.0, duration: float = 900.0):
+    def __init__(self, lab: Lab, interval: float = 0.05, timeout: float = 1.0, duration: float = 900.0,
+                 inflight: int = 0):
         self.lab, self.timeout = lab, timeout
         self.by_ip = lab.node_by_ip()
         argv = netns.in_ns(lab.client.netns, helpers.argv("probe", lab.vip, str(lab.proxy_port), lab.origin,
-                                                          str(interval), str(timeout), str(duration)))
+                                                          str(interval), str(timeout), str(duration),
+                                                          f"--inflight={inflight}"))
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                                      start_new_session=True)
         self.events: list[dict] = []

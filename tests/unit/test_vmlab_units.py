@@ -177,3 +177,43 @@ def test_vmlab_bad_input(tmp_path: Path) -> None:
     r = _cli("vmlab", "failover", env=env)
     assert r.returncode == 2 and "no VM lab is up" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_keeps_at_most_inflight_requests_open() -> None:
+    """The VM lab's probe on a proxy that never answers: no more than `inflight` connections at once, and the requests
+    it did send still fail (a slow proxy is sampled, not buried, and its outage is still seen)."""
+    import socket
+    import threading
+
+    from appliance.lab import helpers
+    srv = socket.create_server(("127.0.0.1", 0))
+    open_now, most, held = [0], [0], []
+
+    def accept() -> None:
+        srv.settimeout(3)
+        for _ in range(200):  # bounded; ends with the server's timeout
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            held.append(c)
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+            threading.Thread(target=lambda c=c: (c.recv(4096), c.settimeout(2), _drain(c), open_now.__setitem__(
+                0, open_now[0] - 1)), daemon=True).start()
+
+    def _drain(c: socket.socket) -> None:
+        try:
+            c.recv(1)  # the probe closes on its timeout: recv returns b""
+        except OSError:
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = srv.getsockname()[1]
+    out = subprocess.run(helpers.argv("probe", "127.0.0.1", str(port), "http://origin.test/", "0.02", "0.4", "1.2",
+                                      "--inflight=2"), capture_output=True, text=True, timeout=30)
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    srv.close()
+    assert out.returncode == 0, out.stderr
+    assert 2 <= len(events) <= 10 and not any(e["ok"] for e in events), events   # 60 ticks, at most 2 open at once
+    assert most[0] <= 2, most[0]

@@ -205,12 +205,15 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         phases["boot to proxy"] = time.monotonic() - t
         held = _wait_log(lab, "fw1", f"fw2 (MASTER) has generation {missed['generation']}", 300)
         phases["catch-up answer"] = time.monotonic() - t - phases["boot to proxy"]
-        # fw1's proxy answers, but fw1 waits for the generation it missed: fw2 still serves the VIP, fw1 never did
-        assert held and probe.served_by({"fw2"}, t1, stable=3) == "fw2" and "fw1" not in probe.served(t1, 1e12), \
+        # fw1's proxy answers, but fw1 waits for the generation it missed: fw2 still serves the VIP (once fw1's boot
+        # no longer starves it: TCG on 2 host cores), fw1 never did
+        t = time.monotonic()
+        assert held and probe.wait_served({"fw2"}, t, 120, stable=3) == "fw2" and "fw1" not in probe.served(t1, 1e12), \
             f"{phases}\n" + _probe_tail(probe, t1) + _node_logs(lab, "fw1") + _node_logs(lab, "fw2")
         t = time.monotonic()
         r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)   # fw2's next sync (or its timer's)
-        assert r.returncode == 0, r.stdout + r.stderr
+        # fw2's timer may have pushed the generation first: fw1 then preempts, and this sync meets it as MASTER
+        assert r.returncode == 0 or _generation(lab, "fw1") == missed["generation"], r.stdout + r.stderr
         phases["sync"] = time.monotonic() - t
         back = probe.wait_served({"fw1"}, t1, 300)
         phases["preempt"] = time.monotonic() - t - phases["sync"]
