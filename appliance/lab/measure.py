@@ -81,11 +81,15 @@ class Probe:
         return None
 
     def outages(self, t_from: float, t_to: float) -> list[float]:
-        """Each outage starting in the window: first failed request's start to the next good request's start."""
+        """Each outage starting in the window: first failed request's start to the next good request's start. A
+        request that was open at `t_from` and then failed opens one at `t_from`: with the VM lab's cap on open
+        requests, those are the only requests a failure at `t_from` meets until they time out."""
         out, opened = [], None
-        for e in self.window(t_from, t_to + self.timeout + 5):
+        for e in self.window(t_from - self.timeout - 1, t_to + self.timeout + 5):
+            if e["t0"] < t_from and (e["ok"] or e["t1"] < t_from):
+                continue    # answered, or failed before the window
             if not e["ok"] and opened is None and e["t0"] <= t_to:
-                opened = e["t0"]
+                opened = max(e["t0"], t_from)
             elif e["ok"] and opened is not None:
                 out.append(round(e["t0"] - opened, 3))
                 opened = None

@@ -217,3 +217,17 @@ def test_probe_keeps_at_most_inflight_requests_open() -> None:
     assert out.returncode == 0, out.stderr
     assert 2 <= len(events) <= 10 and not any(e["ok"] for e in events), events   # 60 ticks, at most 2 open at once
     assert most[0] <= 2, most[0]
+
+
+def test_outage_opens_at_the_failure_for_requests_open_then() -> None:
+    """With the probe's cap on open requests, the requests a power loss meets started before it: their failure opens
+    the outage at the failure's time; answered or earlier-failed requests before it do not."""
+    import threading
+    p = object.__new__(measure.Probe)
+    p.timeout, p._lock = 5.0, threading.Lock()
+    ev = lambda t0, t1, ok: {"t0": t0, "t1": t1, "ok": ok, "node": "fw2" if ok else None}  # noqa: E731
+    p.events = [ev(90.0, 91.0, False), ev(99.8, 100.1, True), ev(99.9, 104.9, False), ev(99.95, 104.95, False),
+                ev(105.0, 105.3, True), ev(105.2, 105.4, True)]
+    assert p.outages(100.0, 105.5) == [5.0]
+    p.events = [ev(99.8, 100.1, True), ev(100.2, 100.3, True)]
+    assert p.outages(100.0, 101.0) == []
