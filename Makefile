@@ -9,7 +9,8 @@ LISTEN     ?= 127.0.0.1:3128
 FREEBSD_DIST ?=
 OUT        ?= dist
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
+TIMING_WORKERS ?= 2
 export PATH := $(PATH):/usr/sbin:/sbin
 
 # binary:Debian-package pairs each verb needs; installed with apt-get when missing and we are root
@@ -56,19 +57,19 @@ apt-bench: ; $(call apt_tools,$(TOOLS_BENCH))
 run: venv
 	$(APPLIANCE) proxy -c $(CONFIG) --listen $(LISTEN) --access-log - 
 
-# make test runs in two parts. First every module not marked `timing` or `vm`, on TEST_WORKERS pytest-xdist workers
-# (whole modules each, the long ones first: tests/conftest.py); most of them wait on processes. Then the `timing`
-# modules (failover and timeout bounds), alone, so nothing starves them. TEST_WORKERS=0: the whole suite in one
-# process. test-vm: the VM lab (`vm`), not in make test until its power-loss check passes (docs/testing.md).
+# make test runs in two parts. First every module not marked `timing`, the VM lab included, on TEST_WORKERS
+# pytest-xdist workers (whole modules each, the VM lab and the image builds first: tests/conftest.py); most of them
+# wait on processes or on the VMs. Then the `timing` modules (failover and timeout bounds) on TIMING_WORKERS, with
+# nothing heavy beside them. TEST_WORKERS=0: the whole suite in one process. test-vm: the VM lab alone.
 PYTEST = $(PY) -m pytest -q -p no:cacheprovider
-test: venv apt-test apt-deb
+test: venv apt-test apt-deb apt-vmlab
 	@start=$$(date +%s); \
 	if [ "$(TEST_WORKERS)" = 0 ]; then \
-	  $(PYTEST) -m "not vm" --durations=25 $(PYTEST_ARGS) tests; rc=$$?; \
+	  $(PYTEST) --durations=25 $(PYTEST_ARGS) tests; rc=$$?; \
 	else \
-	  $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not timing and not vm" --durations=25 \
+	  $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not timing" --durations=25 \
 	    $(PYTEST_ARGS) tests; rc=$$?; t1=$$(date +%s); echo "make test: parallel part $$(( t1 - start )) s, exit $$rc"; \
-	  $(PYTEST) -m "timing and not vm" --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; \
+	  $(PYTEST) -n $(TIMING_WORKERS) --dist loadgroup -m "timing and not vm" --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; \
 	  echo "make test: timing part $$(( $$(date +%s) - t1 )) s, exit $$rc2"; [ $$rc -ne 0 ] || rc=$$rc2; \
 	fi; \
 	echo "make test: $$(( $$(date +%s) - start )) s wall, exit $$rc"; exit $$rc
