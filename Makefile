@@ -9,7 +9,7 @@ LISTEN     ?= 127.0.0.1:3128
 FREEBSD_DIST ?=
 OUT        ?= dist
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 TIMING_WORKERS ?= 2
 export PATH := $(PATH):/usr/sbin:/sbin
 
@@ -57,20 +57,24 @@ apt-bench: ; $(call apt_tools,$(TOOLS_BENCH))
 run: venv
 	$(APPLIANCE) proxy -c $(CONFIG) --listen $(LISTEN) --access-log - 
 
-# make test runs in two parts. First every module not marked `timing`, the VM lab included, on TEST_WORKERS
-# pytest-xdist workers (whole modules each, the VM lab and the image builds first: tests/conftest.py); most of them
-# wait on processes or on the VMs. Then the `timing` modules (failover and timeout bounds) on TIMING_WORKERS, with
-# nothing heavy beside them. TEST_WORKERS=0: the whole suite in one process. test-vm: the VM lab alone.
+# make test runs in three parts. First every module not marked `timing` or `vm` on TEST_WORKERS pytest-xdist workers
+# (whole modules each, the image builds first: tests/conftest.py); most of them wait on processes. Then the VM lab
+# (`vm`: two qemu guests, TCG here, which take both cores; beside the first part both took twice as long), then the
+# `timing` modules (failover and timeout bounds) on TIMING_WORKERS with nothing heavy beside them. The VM part boots
+# the image the first part built ($CARPGUARD_TEST_SHARE: tests/support/debian_build.py). TEST_WORKERS=0: the whole suite in one process. test-vm: the VM lab alone.
 PYTEST = $(PY) -m pytest -q -p no:cacheprovider
 test: venv apt-test apt-deb apt-vmlab
-	@start=$$(date +%s); \
+	@start=$$(date +%s); share=$$(mktemp -d /tmp/carpguard-test.XXXXXX); trap 'rm -rf "$$share"' EXIT; \
+	export CARPGUARD_TEST_SHARE=$$share; \
 	if [ "$(TEST_WORKERS)" = 0 ]; then \
 	  $(PYTEST) --durations=25 $(PYTEST_ARGS) tests; rc=$$?; \
 	else \
-	  $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not timing" --durations=25 \
+	  $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not timing and not vm" --durations=25 \
 	    $(PYTEST_ARGS) tests; rc=$$?; t1=$$(date +%s); echo "make test: parallel part $$(( t1 - start )) s, exit $$rc"; \
+	  $(PYTEST) -m "vm" --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; t2=$$(date +%s); \
+	  echo "make test: VM part $$(( t2 - t1 )) s, exit $$rc2"; [ $$rc -ne 0 ] || rc=$$rc2; \
 	  $(PYTEST) -n $(TIMING_WORKERS) --dist loadgroup -m "timing and not vm" --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; \
-	  echo "make test: timing part $$(( $$(date +%s) - t1 )) s, exit $$rc2"; [ $$rc -ne 0 ] || rc=$$rc2; \
+	  echo "make test: timing part $$(( $$(date +%s) - t2 )) s, exit $$rc2"; [ $$rc -ne 0 ] || rc=$$rc2; \
 	fi; \
 	echo "make test: $$(( $$(date +%s) - start )) s wall, exit $$rc"; exit $$rc
 

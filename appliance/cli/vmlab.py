@@ -78,7 +78,8 @@ def status_cmd(ctx: Ctx, name: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def failover_cmd(ctx: Ctx, name: str | None, kinds: tuple[str, ...], runs: int, as_json: bool) -> None:
-    """A client request every 50 ms through the VIP while the master fails in each way and comes back."""
+    """A client request every 0.2 s (at most two open) through the VIP while the master fails in each way and
+    comes back."""
     lab = load_lab(name, VMLAB)
     try:
         results = vmfail.run_all(lab, kinds or vmfail.KINDS, runs, None if as_json else click.echo)

