@@ -80,6 +80,19 @@ class Probe:
             time.sleep(0.05)
         return None
 
+    def longest_gap(self, t_from: float, t_to: float) -> float:
+        """The longest time with no answer, from the last answer before `t_from` to each next one up to `t_to`: the
+        outage a client saw, also when no request failed (a request open at a power loss is answered by the new
+        holder once its SYN is sent again after the gratuitous ARP). Read it once the requests open at `t_to`
+        have ended."""
+        with self._lock:
+            done = sorted(e["t1"] for e in self.events if e["ok"])
+        after = [t for t in done if t_from < t <= t_to]
+        if not after:
+            return float("inf")
+        points = [max((t for t in done if t <= t_from), default=t_from)] + after
+        return round(max(b - a for a, b in zip(points, points[1:])), 3)
+
     def outages(self, t_from: float, t_to: float) -> list[float]:
         """Each outage starting in the window: first failed request's start to the next good request's start. A
         request that was open at `t_from` and then failed opens one at `t_from`: with the VM lab's cap on open

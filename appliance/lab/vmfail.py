@@ -61,6 +61,13 @@ class HolderWatch:
     def doubles(self, t_from: float = 0.0) -> list[tuple[float, list[str]]]:
         return [(t, h) for t, h in self.samples if t >= t_from and len(h) > 1]
 
+    def most_held(self, t_from: float = 0.0) -> int:
+        """The most holders seen in two samples in a row: an overlap longer than one sample. One sample's window
+        (`arping -w 1`) can span a preempting handover, the old holder answering before its down script ran and
+        the new one after its up script: CARP's own overlap, stretched to about a second by a starved guest."""
+        s = [len(h) for t, h in self.samples if t >= t_from]
+        return max((min(a, b) for a, b in zip(s, s[1:])), default=max(s, default=0))
+
 
 def inject(lab: VmLab, kind: str, node: str) -> None:
     """Make `node` fail the way `kind` names (KINDS)."""

@@ -222,3 +222,20 @@ def test_outage_opens_at_the_failure_for_requests_open_then() -> None:
     assert p.outages(100.0, 105.5) == [5.0]
     p.events = [ev(99.8, 100.1, True), ev(100.2, 100.3, True)]
     assert p.outages(100.0, 101.0) == []
+
+
+def test_longest_gap_without_an_answer_and_sustained_holders() -> None:
+    """The power-loss outage as a client saw it when no request failed (answered late through the new holder), and
+    two VIP holders counted only when two ARP samples in a row saw them."""
+    import threading
+    p = object.__new__(measure.Probe)
+    p.timeout, p._lock = 5.0, threading.Lock()
+    ev = lambda t0, t1, ok: {"t0": t0, "t1": t1, "ok": ok, "node": "fw2"}  # noqa: E731
+    p.events = [ev(99.7, 99.8, True), ev(99.9, 103.1, True), ev(100.1, 103.2, True), ev(103.3, 103.4, True)]
+    assert p.longest_gap(100.0, 110.0) == 3.3          # 99.8 -> 103.1: nothing answered for 3.3 s
+    assert p.longest_gap(104.0, 110.0) == float("inf")  # no answer after the failure at all
+    w = object.__new__(vmfail.HolderWatch)
+    w.samples = [(1.0, ["fw1"]), (2.0, ["fw2", "fw1"]), (3.0, ["fw1"]), (4.0, ["fw1"])]
+    assert w.most(0) == 2 and w.most_held(0) == 1
+    w.samples += [(5.0, ["fw1", "fw2"]), (6.0, ["fw2", "fw1"])]
+    assert w.most_held(0) == 2

@@ -34,6 +34,9 @@ ADVBASE = 1
 # so 3 x advbase + 0.5 s holds there. Under TCG on this 2-core machine that start takes 5-13 s (docs/lab.md); the
 # outages measured were 6.25 s on a quiet host and 9.3 s at load 8, so TCG gets 3 x advbase + 12 s: above every
 # measurement, and below what a lost gratuitous ARP would cost (the client's neighbour entry timing out, > 20 s).
+# The outage is the longest time the client got no answer: a request open at the power loss may not fail at all (its
+# SYN, sent again after the gratuitous ARP, reaches fw2), so failed requests alone showed none. Two holders count when
+# two ARP samples in a row see them (vmfail.HolderWatch.most_held): one sample's 1 s window can span a handover.
 LIMIT_KVM = 3 * ADVBASE + 0.5
 LIMIT_TCG = 3 * ADVBASE + 12.0
 CLIENT_TIMEOUT = 15.0    # one request through a TCG guest's proxy (it answers in 1-3 s when busy)
@@ -193,12 +196,13 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         vmfail.inject(lab, "power-loss", "fw1")
         assert probe.wait_served({"fw2"}, tf, vmfail.FAILOVER_WAIT) == "fw2"
         t1 = time.monotonic()
-        outage = probe.outages(tf, t1)
         _add_domain(lab, "fw2", domain)
         r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)
         missed = json.loads(r.stdout)
         assert r.returncode == 1 and missed["failed"] == ["fw1"], r.stdout + r.stderr   # fw1 is off
         phases = {"failover": t1 - tf, "sync, fw1 off": time.monotonic() - t1}
+        # read after the requests open at t1 have ended (the sync took longer than their timeout)
+        outage, failed = probe.longest_gap(tf, t1), probe.outages(tf, t1)
         t = time.monotonic()
         vmlab.boot(lab, "fw1")
         proxy_first = _first_direct_200(lab, fw1, deadline=time.monotonic() + 600)
@@ -220,11 +224,13 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         print("\npower loss phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), file=sys.__stderr__)
         time.sleep(probe.timeout + 0.5)
         back_at = next((e["t0"] for e in probe.window(t1) if e["ok"] and e["node"] == "fw1"), None)
-        print(f"\npower loss under {lab.accel}: outage {outage}, fw1 back after "
-              f"{back_at - tf if back_at else float('nan'):.1f} s, most holders {watch.most(tf)}", file=sys.__stderr__)
+        doubles = [(round(t - tf, 1), h) for t, h in watch.doubles(tf)]
+        print(f"\npower loss under {lab.accel}: outage {outage} s (failed requests' outages {failed}), fw1 back after "
+              f"{back_at - tf if back_at else float('nan'):.1f} s, most holders {watch.most(tf)} in one ARP sample "
+              f"{doubles}, {watch.most_held(tf)} in two in a row", file=sys.__stderr__)
     limit = LIMIT_KVM if lab.accel == "kvm" else LIMIT_TCG
-    assert outage and outage[0] <= limit, (outage, limit)
-    assert watch.most(tf) <= 1, watch.doubles(tf)
+    assert outage <= limit, (outage, limit)
+    assert watch.most_held(tf) <= 1, doubles
     assert back == "fw1" and _settled_on(lab, "fw1") == ["fw1"]
     assert proxy_first is not None and back_at is not None and proxy_first <= back_at, (proxy_first, back_at)
     assert _generation(lab, "fw1") == missed["generation"]
