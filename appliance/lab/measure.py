@@ -189,6 +189,8 @@ def fmt_result(r: dict, width: int = 12, gaps: bool = True) -> str:
     n_gaps = len(r["failover_outages"])
     after = f" after {r['back_after']} s" if "back_after" in r else ""
     most = f"most holders at once {r['max_holders']}; " if "max_holders" in r else ""
+    if "no_answer" in r:
+        most = f"no answer for {f(r['no_answer'])} / {f(r['no_answer_return'])}; " + most
     return (f"{r['kind']:<{width}} {r['node']} -> {r['took_over'] or 'nobody'}: outage {f(r['failover_outage'])}"
             f"{' (' + str(n_gaps) + ' gaps)' if gaps and n_gaps > 1 else ''}; "
             f"back to {r['node'] if r['returned'] else 'NOT ' + r['node']}{after}: outage {f(r['return_outage'])}; "

@@ -104,8 +104,12 @@ def measure(lab: VmLab, probe: Probe, watch: HolderWatch, kind: str, node: str |
 
     def at_end(tf: float, t1: float) -> dict:
         back_at = next((e["t0"] for e in probe.window(t1) if e["ok"] and e["node"] == node), None)
+        # with at most two requests open, a request met by the failure may be answered late instead of failing:
+        # the longest time with no answer is the outage a client saw (failover; then the return, up to now)
         return {"max_holders": watch.most(tf), "two_holders": watch.doubles(tf),
-                "back_after": round(back_at - tf, 2) if back_at else None}
+                "back_after": round(back_at - tf, 2) if back_at else None,
+                "no_answer": probe.longest_gap(tf, t1),
+                "no_answer_return": probe.longest_gap(t1, time.monotonic() - probe.timeout)}
 
     f = Failure(nodes=set(lab.vms), inject=lambda k, n: inject(lab, k, n), recover=lambda k, n: recover(lab, k, n),
                 holders=lambda: vmnode.holders_arp(lab), fail_wait=FAILOVER_WAIT,

@@ -106,6 +106,9 @@ class _Probe:
     def outages(self, t_from: float, t_to: float) -> list[float]:
         return [1.5, 0.25]
 
+    def longest_gap(self, t_from: float, t_to: float) -> float:
+        return 2.75
+
     def served(self, t_from: float, t_to: float) -> list[str]:
         return ["fw1", "fw2", "fw1"]
 
@@ -130,10 +133,12 @@ def test_vm_failure_measured_by_the_shared_code(monkeypatch: pytest.MonkeyPatch)
     lab = VmLab(name="vm1", dir=Path("/nonexistent"), master="fw1", vms={"fw1": VmNode(**VM)})
     probe = _Probe()
     r = vmfail.measure(lab, probe, _Watch(), "power-loss")  # type: ignore[arg-type]
-    assert list(r) == COMMON + ["max_holders", "two_holders", "back_after", "holders_after", "seconds"]
+    assert list(r) == COMMON + ["max_holders", "two_holders", "back_after", "no_answer", "no_answer_return",
+                                "holders_after", "seconds"]
     assert done == [("inject", "power-loss", "fw1"), ("recover", "power-loss", "fw1")]
     assert r["took_over"] == "fw2" and r["returned"] and r["failover_outage"] == 1.5 and r["return_outages"] == [0.25, 1.5, 0.25]
     assert r["max_holders"] == 1 and r["two_holders"] == [] and r["back_after"] is not None
+    assert r["no_answer"] == 2.75 and "no answer for 2.75 s / 2.75 s" in vmfail.fmt(r)
     assert probe.waits == [vmfail.FAILOVER_WAIT, vmfail.RETURN_WAIT + 180]  # a power loss waits for the boot too
 
 
