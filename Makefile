@@ -61,7 +61,8 @@ run: venv
 # (whole modules each, the image builds first: tests/conftest.py); most of them wait on processes. Then the VM lab
 # (`vm`: two qemu guests, TCG here, which take both cores; beside the first part both took twice as long), then the
 # `timing` modules (failover and timeout bounds) on TIMING_WORKERS with nothing heavy beside them. The VM part boots
-# the image the first part built ($CARPGUARD_TEST_SHARE: tests/support/debian_build.py). TEST_WORKERS=0: the whole suite in one process. test-vm: the VM lab alone.
+# the image the first part built ($CARPGUARD_TEST_SHARE: tests/support/debian_build.py). TEST_WORKERS=0: the whole
+# suite in one process. test-vm: the VM lab alone.
 PYTEST = $(PY) -m pytest -q -p no:cacheprovider
 test: venv apt-test apt-deb apt-vmlab
 	@start=$$(date +%s); share=$$(mktemp -d /tmp/carpguard-test.XXXXXX); trap 'rm -rf "$$share"' EXIT; \

@@ -14,8 +14,9 @@ from tests.support.sync_lab import SyncLab
 
 
 # The longest modules start first, so with workers they run beside the many short ones instead of after them: the
-# VM lab (`make test-vm`), the Debian image build and its tests, the .deb builds. Then the modules with more tests
-# (what xdist's own reordering would do; make test turns that off to keep this order).
+# VM lab (in make test a part of its own; first here for a run of everything in one process or by hand), the Debian
+# image build and its tests, the .deb builds. Then the modules with more tests (what xdist's own reordering would do;
+# make test turns that off to keep this order).
 FIRST = ("tests/integration/lab/test_vmlab.py", "tests/integration/image/test_debian_image.py",
          "tests/integration/image/test_deb.py")
 

@@ -188,13 +188,12 @@ def fmt_result(r: dict, width: int = 12, gaps: bool = True) -> str:
         return "never" if x == float("inf") else f"{x:.2f} s"
     n_gaps = len(r["failover_outages"])
     after = f" after {r['back_after']} s" if "back_after" in r else ""
+    quiet = f"no answer for {f(r['no_answer'])} / {f(r['no_answer_return'])}; " if "no_answer" in r else ""
     most = f"most holders at once {r['max_holders']}; " if "max_holders" in r else ""
-    if "no_answer" in r:
-        most = f"no answer for {f(r['no_answer'])} / {f(r['no_answer_return'])}; " + most
     return (f"{r['kind']:<{width}} {r['node']} -> {r['took_over'] or 'nobody'}: outage {f(r['failover_outage'])}"
             f"{' (' + str(n_gaps) + ' gaps)' if gaps and n_gaps > 1 else ''}; "
             f"back to {r['node'] if r['returned'] else 'NOT ' + r['node']}{after}: outage {f(r['return_outage'])}; "
-            f"served by {' -> '.join(x or '?' for x in r['served'])}; {most}"
+            f"served by {' -> '.join(x or '?' for x in r['served'])}; {quiet}{most}"
             f"vip on {','.join(r['holders_after']) or 'nobody'}")
 
 

@@ -224,7 +224,7 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         print("\npower loss phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), file=sys.__stderr__)
         time.sleep(probe.timeout + 0.5)
         back_at = next((e["t0"] for e in probe.window(t1) if e["ok"] and e["node"] == "fw1"), None)
-        doubles = [(round(t - tf, 1), h) for t, h in watch.doubles(tf)]
+        doubles = [(round(ts - tf, 1), h) for ts, h in watch.doubles(tf)]
         print(f"\npower loss under {lab.accel}: outage {outage} s (failed requests' outages {failed}), fw1 back after "
               f"{back_at - tf if back_at else float('nan'):.1f} s, most holders {watch.most(tf)} in one ARP sample "
               f"{doubles}, {watch.most_held(tf)} in two in a row", file=sys.__stderr__)
