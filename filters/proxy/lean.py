@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from mitmproxy import options
-from mitmproxy.addons import proxyserver, tlsconfig
-from mitmproxy.master import Master
 from mitmproxy.proxy import mode_servers, server
 
 from filters.proxy import ca, front, gate, trims
+from filters.proxy.mitmaddons import Master, proxyserver, tlsconfig
 from filters.proxy.upstream import UpstreamCap
 from filters.proxy.accesslog import AccessLog
 from filters.proxy.addon import FilterAddon, FilterNextLayer, State

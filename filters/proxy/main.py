@@ -252,9 +252,6 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
     nofile, _ = gate.raise_nofile()  # the workers' connection ceilings (gate.worker_ceiling) are taken from this
     # Deferred on purpose: mitmproxy (and filters.proxy.lean, which imports it) loads only once the config, lists and port
     # are known good, so a bad config fails fast; loaded here, before the fork, the workers share the pages.
-    import mitmproxy.addons.proxyserver  # noqa: F401
-    import mitmproxy.master  # noqa: F401
-
     import filters.proxy.lean  # noqa: F401  (the workers' Master, the addon, the trims)
 
     run_dir = state_run_dir()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mitmproxy.addons.next_layer import NextLayer
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import HTTPMode
@@ -15,6 +14,7 @@ from filters.hosts import BadHost, canonical_host, shown
 from filters.proxy import front, gate, sni, verdict
 from filters.proxy.guard import Refusal
 from filters.proxy.inner import InnerGate
+from filters.proxy.mitmaddons import next_layer as mitm_next_layer
 
 log = logging.getLogger("filters.proxy.addon")
 
@@ -31,7 +31,7 @@ def limits(state: Any) -> gate.Limits:
     return getattr(state, "limits", None) or gate.DEFAULTS
 
 
-class FilterNextLayer(NextLayer):
+class FilterNextLayer(mitm_next_layer.NextLayer):
     """mitmproxy's NextLayer, plus: inside a CONNECT tunnel the ClientHello decides (cut, raw tunnel, or intercept),
     and inside intercepted TLS an HTTP/1 client is read through the inner gate (inner.InnerGate)."""
 
