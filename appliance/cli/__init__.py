@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import click
 
 from appliance.core import paths as pathmod
-from appliance.core.errors import EXIT_BAD_INPUT, ApplianceError
+from appliance.core.errors import EXIT_BAD_INPUT, ApplianceError, report
 from appliance.core.loader import load
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths
@@ -76,14 +76,6 @@ class Ctx:
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """Stop the command with an error for the user (printed and turned into the exit status by the group)."""
     raise ApplianceError(str(message), code)
-
-
-def report(e: ApplianceError) -> int:
-    """The one place an error becomes `appliance: error: ...` lines on stderr; returns the exit status."""
-    if not e.reported:
-        for line in str(e).splitlines() or ["error"]:
-            click.echo(f"appliance: error: {line}", err=True)
-    return e.exit_code
 
 
 def emit_json(obj: Any) -> None:

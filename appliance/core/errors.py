@@ -1,6 +1,8 @@
 """The one exception base: a message for the user and the process exit code it maps to."""
 from __future__ import annotations
 
+import sys
+
 # Exit codes every command shares; sync adds its own (sync/errors.py), image its own (image/errors.py).
 EXIT_OK = 0
 EXIT_FAILED = 1  # something did not work (a tool, a peer, a running process)
@@ -23,6 +25,15 @@ class ApplianceError(Exception):
     @property
     def message(self) -> str:
         return str(self)
+
+
+def report(e: ApplianceError) -> int:
+    """The one place an error becomes `appliance: error: ...` lines on stderr (for the CLI and the CARP scripts'
+    entry, appliance/ha/transition.py); returns the exit status."""
+    if not e.reported:
+        for line in str(e).splitlines() or ["error"]:
+            print(f"appliance: error: {line}", file=sys.stderr, flush=True)
+    return e.exit_code
 
 
 class BadInput(ApplianceError, ValueError):

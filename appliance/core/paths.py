@@ -5,10 +5,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.core.errors import ConfigError
-from appliance.core.loader import parse_yaml
-from appliance.core.model import Appliance
+
+if TYPE_CHECKING:  # the role scripts' entry (appliance/ha/transition.py) needs Paths, not the config's model
+    from appliance.core.model import Appliance
 
 LINUX_CONFIG = Path("/etc/appliance/appliance.yaml")
 FREEBSD_CONFIG = Path("/usr/local/etc/appliance/appliance.yaml")
@@ -170,6 +172,8 @@ def _identity(cfg_path: Path) -> tuple[str | None, str]:
         ident = Paths.default().node_file
     if not ident.exists():
         return None, ""
+    from appliance.core.loader import parse_yaml
+
     data = parse_yaml(ident.read_text(encoding="utf-8"), str(ident))
     if not isinstance(data, dict) or set(data) - {"node"} or not isinstance(data.get("node"), str):
         raise ConfigError(f"{ident}:1: node: the identity file must hold exactly `node: NAME`")

@@ -11,11 +11,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.core import state
 from appliance.core.errors import BadInput
-from appliance.core.model import Appliance
 from appliance.core.paths import Paths
+
+if TYPE_CHECKING:  # the up/down scripts' entry (transition.py) runs apply_group without the config's model
+    from appliance.core.model import Appliance
 from appliance.ha import ip as netns
 
 log = logging.getLogger("appliance.ha")
@@ -182,11 +185,18 @@ def apply(paths: Paths, cfg: Appliance, node: str, role: str, vhid: int | None =
           reason: str = "", send_garp: bool = True, boot: str | None = None) -> dict:
     """Make this node MASTER or BACKUP of one vhid. Idempotent: hooks run and a line is logged only on a change.
     `seq` orders the engine's scripts (pids.fork_order); it is compared only with one recorded in the same `boot`."""
+    return apply_group(paths, group_for(cfg, node, vhid), node, role, iface or cfg.cluster.interface,
+                       cfg.ha.hook_timeout, config_path, seq=seq, manage_vip=manage_vip, reason=reason,
+                       send_garp=send_garp, boot=boot)
+
+
+def apply_group(paths: Paths, g: Group, node: str, role: str, iface: str, hook_timeout: float,
+                config_path: Path | None = None, seq: int | None = None, manage_vip: bool | None = None,
+                reason: str = "", send_garp: bool = True, boot: str | None = None) -> dict:
+    """apply() for one group, with what it needs from the config already picked out."""
     role = role.upper()
     if role not in ROLES:
         raise BadInput(f"role must be master or backup (got {role.lower()!r})")
-    g = group_for(cfg, node, vhid)
-    iface = iface or cfg.cluster.interface
     manage_vip = IS_LINUX if manage_vip is None else manage_vip
     with _lock(g.vhid, paths):
         old = state.read_role(paths, None if g.main else g.vhid) or {}
@@ -214,5 +224,5 @@ def apply(paths: Paths, cfg: Appliance, node: str, role: str, vhid: int | None =
                "APPLIANCE_VHID": str(g.vhid), "APPLIANCE_VIP": str(g.vip), "APPLIANCE_IFACE": iface,
                "APPLIANCE_NODE": node}
         hooks = list_hooks(hook_dirs(config_path, role, paths), paths)
-        data["hooks"] = run_hooks(hooks, env, cfg.ha.hook_timeout, paths)
+        data["hooks"] = run_hooks(hooks, env, hook_timeout, paths)
     return data

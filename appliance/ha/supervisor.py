@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -17,9 +16,10 @@ from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.fsio import read_json, write_json_atomic, write_text_atomic
 from appliance.core.loader import load
 from appliance.core.model import Appliance
-from appliance.core.paths import Paths, appliance_bin
+from appliance.core.paths import Paths
 from appliance.ha import ip as netns
 from appliance.ha import catchup, engine_report, role, watchdog
+from appliance.ha.transition import write_scripts  # noqa: F401 (re-exported: tests, the supervisor)
 from appliance.ha.carpset import (carp_changes, carp_params, effective_advskew,  # noqa: F401 (re-exported)
                                   peer_specs, peers_only_change, refused_change, startup_delay, write_pass,
                                   write_peers)
@@ -29,46 +29,11 @@ ENGINES = ("ucarp", "speaker")
 DEFAULT_ENGINE = "speaker"
 # ucarp's backup only looks at its timer when libpcap's 1 s read timeout fires, which adds up to 1 s
 # to every takeover; deadratio 2 keeps takeovers under 3 x advbase + 0.5 s with either engine, the
-# up script (`appliance role master`, ~0.3 s of Python start-up) included (measured in the lab).
+# up script (its role change, a Python start) included (measured in the lab).
 DEFAULT_DEADRATIO = {"ucarp": 2, "speaker": 2}
 # The main loop's period: how soon an engine's exit or a link going down is seen. 0.1 s is a tenth of the smallest
 # advbase; at 0.05 s the idle loop cost a TCG guest 13% of a vCPU.
 LOOP_PERIOD = 0.1
-
-
-def write_scripts(config_path: Path, node: str, paths: Paths, cfg: Appliance | None = None) -> tuple[Path, Path]:
-    """up/down scripts for the engine: `appliance role master|backup --vhid $3 --iface $1` (ucarp's $1 iface, $2 VIP,
-    $3 xparam). On Linux, given the config, each first adds (and announces with a gratuitous ARP) or removes the
-    vhid's VIP itself with `ip`: that takes milliseconds, where the appliance's start (Python, the config) takes about
-    0.5 s on hardware and 10-40 s in an emulated VM, and a VIP left on a node that became BACKUP meanwhile is a second
-    holder. The appliance then finds the VIP in place, records the role and runs the hooks. Speaker only (one script
-    at a time); ucarp's run at once."""
-    d = paths.run
-    d.mkdir(parents=True, exist_ok=True)
-    sdir = str(paths.state)
-    vips = [(g.vhid, str(g.vip)) for g in role.groups(cfg, node)] if cfg is not None and role.IS_LINUX else []
-    out = []
-    for r in ("master", "backup"):
-        p = d / f"carp-{'up' if r == 'master' else 'down'}.sh"
-        move = ""
-        if vips:
-            # MASTER: the gratuitous ARP goes out with the move, in the background: the speaker's own comes only when
-            # this script has exited, a Python start later, and until then clients still send to the old master
-            garp = {vhid: f"; {shlex.quote(netns.tool('arping'))} -q -U -c 1 -I \"$1\" {vip.split('/')[0]} "
-                          f"</dev/null >/dev/null 2>&1 &" if r == "master" else "" for vhid, vip in vips}
-            cases = "".join(f"  {vhid}) {shlex.quote(netns.tool('ip'))} -4 addr {'add' if r == 'master' else 'del'} "
-                            f"{vip} dev \"$1\" 2>/dev/null{garp[vhid]} ;;\n" for vhid, vip in vips)
-            move = f"case \"$3\" in\n{cases}esac\n"
-        text = (
-            "#!/bin/sh\n"
-            f"# written by `appliance carp`: the engine calls it with $1 interface, $2 VIP, $3 vhid\n"
-            + move +
-            f"APPLIANCE_STATE_DIR={shlex.quote(sdir)} exec {shlex.quote(appliance_bin())} "
-            f"-c {shlex.quote(str(config_path))} --node {shlex.quote(node)} role {r} --vhid \"$3\" --iface \"$1\" --fork-seq --no-garp\n"
-        )
-        write_text_atomic(p, text, 0o755)
-        out.append(p)
-    return out[0], out[1]
 
 
 ENGINE_CWD = "/"   # engines never run in an inherited cwd (it may be the config tree)
@@ -298,7 +263,7 @@ class CarpSupervisor:
         self.iface = new.cluster.interface
         self.target = watchdog.check_target(new, self.check)
         self.passfile = write_pass(new, self.paths)
-        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, new if self.live_rearm() else None)
+        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, new, self.live_rearm())
         self.engines = [CarpProcess(g) for g in role.groups(new, self.node)]
         self.write_status()
         return changes
@@ -322,7 +287,7 @@ class CarpSupervisor:
         self.lock()
         state.clear_carp_stopped(self.paths)
         self.passfile = write_pass(self.cfg, self.paths)
-        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, self.cfg if self.live_rearm() else None)
+        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, self.cfg, self.live_rearm())
         self.env = {"APPLIANCE_STATE_DIR": str(self.paths.state)}
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())

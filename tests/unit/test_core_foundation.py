@@ -99,4 +99,4 @@ def test_the_cli_turns_an_error_into_text_and_status_in_one_place(tmp_path: Path
     assert r.exit_code == 2 and "appliance: error: " in r.output and "no such config file" in r.output
     printed = [p for p in (*ROOT.glob("appliance/**/*.py"), *ROOT.glob("filters/**/*.py"), *ROOT.glob("sync/**/*.py"),
                            *ROOT.glob("image/**/*.py")) if 'f"appliance: error: ' in p.read_text()]
-    assert printed == [ROOT / "appliance" / "cli" / "__init__.py"]
+    assert printed == [ROOT / "appliance" / "core" / "errors.py"]
