@@ -62,7 +62,8 @@ run: venv
 # (`vm`: two qemu guests, TCG here, which take both cores; beside the first part both took twice as long), then the
 # `timing` modules (failover and timeout bounds) on TIMING_WORKERS with nothing heavy beside them. The VM part boots
 # the image the first part built ($CARPGUARD_TEST_SHARE: tests/support/debian_build.py). TEST_WORKERS=0: the whole
-# suite in one process. test-vm: the VM lab alone.
+# suite in one process. test-vm: the VM lab alone. The VM part captures at sys level only: its checks print their
+# figures (boot, outage, phases) to the terminal.
 PYTEST = $(PY) -m pytest -q -p no:cacheprovider
 test: venv apt-test apt-deb apt-vmlab
 	@start=$$(date +%s); share=$$(mktemp -d /tmp/carpguard-test.XXXXXX); trap 'rm -rf "$$share"' EXIT; \
@@ -72,7 +73,7 @@ test: venv apt-test apt-deb apt-vmlab
 	else \
 	  $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not timing and not vm" --durations=25 \
 	    $(PYTEST_ARGS) tests; rc=$$?; t1=$$(date +%s); echo "make test: parallel part $$(( t1 - start )) s, exit $$rc"; \
-	  $(PYTEST) -m "vm" --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; t2=$$(date +%s); \
+	  $(PYTEST) -m "vm" --capture=sys --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; t2=$$(date +%s); \
 	  echo "make test: VM part $$(( t2 - t1 )) s, exit $$rc2"; [ $$rc -ne 0 ] || rc=$$rc2; \
 	  $(PYTEST) -n $(TIMING_WORKERS) --dist loadgroup -m "timing and not vm" --durations=10 $(PYTEST_ARGS) tests; rc2=$$?; \
 	  echo "make test: timing part $$(( $$(date +%s) - t2 )) s, exit $$rc2"; [ $$rc -ne 0 ] || rc=$$rc2; \
@@ -80,7 +81,7 @@ test: venv apt-test apt-deb apt-vmlab
 	echo "make test: $$(( $$(date +%s) - start )) s wall, exit $$rc"; exit $$rc
 
 test-vm: venv apt-test apt-deb apt-vmlab
-	$(PYTEST) --durations=10 $(PYTEST_ARGS) tests/integration/lab/test_vmlab.py
+	$(PYTEST) --capture=sys --durations=10 $(PYTEST_ARGS) tests/integration/lab/test_vmlab.py
 
 bench: venv apt-bench
 	$(PY) -m tests.bench
