@@ -11,6 +11,7 @@ import secrets
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -183,9 +184,9 @@ def test_sync_pushes_to_backup_over_sync_link(lab: VmLab) -> None:
 @pytest.mark.timeout(1200)
 def test_power_loss_of_master_and_return(lab: VmLab) -> None:
     """SIGKILL fw1's qemu: fw2 serves through the VIP, never two holders. The admin changes a list on fw2 and syncs
-    (fw1 is off: its push fails). fw1 boots again: its proxy answers before it takes the VIP back (the boot gate),
-    and it stays demoted until fw2's next sync has pushed the generation it missed (the catch-up gate), then takes
-    the VIP back (preempt) with that generation live; never two holders."""
+    as fw1's power comes back (fw1 is not up: its push fails). fw1 boots: its proxy answers before it takes the VIP
+    back (the boot gate), and it stays demoted until fw2's next sync has pushed the generation it missed (the
+    catch-up gate), then takes the VIP back (preempt) with that generation live; never two holders."""
     fw1 = lab.vm("fw1").lan_ip
     domain = f"while-fw1-was-off-{secrets.token_hex(3)}.example"
     assert _settled_on(lab, "fw1") == ["fw1"], _node_logs(lab, "fw1") + _node_logs(lab, "fw2")
@@ -197,14 +198,18 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         assert probe.wait_served({"fw2"}, tf, vmfail.FAILOVER_WAIT) == "fw2"
         t1 = time.monotonic()
         _add_domain(lab, "fw2", domain)
-        r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)
+        # fw1's power comes back as fw2 starts this sync: the push to fw1 fails within seconds (no sshd there for
+        # a minute yet, its catch-up question comes a minute after that), and the boot does not wait for the sync
+        with ThreadPoolExecutor(1) as pool:
+            off = pool.submit(vmnode.run, lab, "fw2", "appliance sync --json --wait 240", timeout=420)
+            t = time.monotonic()
+            vmlab.boot(lab, "fw1")
+            r = off.result()
         missed = json.loads(r.stdout)
-        assert r.returncode == 1 and missed["failed"] == ["fw1"], r.stdout + r.stderr   # fw1 is off
-        phases = {"failover": t1 - tf, "sync, fw1 off": time.monotonic() - t1}
+        assert r.returncode == 1 and missed["failed"] == ["fw1"], r.stdout + r.stderr   # fw1 is not up yet
+        phases = {"failover": t1 - tf, "sync, fw1 booting": time.monotonic() - t1}
         # read after the requests open at t1 have ended (the sync took longer than their timeout)
         outage, failed = probe.longest_gap(tf, t1), probe.outages(tf, t1)
-        t = time.monotonic()
-        vmlab.boot(lab, "fw1")
         proxy_first = _first_direct_200(lab, fw1, deadline=time.monotonic() + 600)
         phases["boot to proxy"] = time.monotonic() - t
         held = _wait_log(lab, "fw1", f"fw2 (MASTER) has generation {missed['generation']}", 300)
