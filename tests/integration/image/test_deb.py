@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from image.debian import tree
 from tests.support.env import ROOT, need_tool
 from tests.support.image import DEBIAN_TREE_SH
 
@@ -35,16 +36,13 @@ def build(out: Path, commit: str, offline: bool = False) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def deb() -> Path:
+    """The .deb of HEAD, built once per commit (image/debian/tree.py: the Debian image build of this run uses the same
+    one; a second build here checks the bytes)."""
     need_tool("dpkg-deb", "git")
     if not Path("/usr/bin/python3").exists():
         pytest.skip("needs Debian's /usr/bin/python3 (python3-venv)")
-    out = tmp_path_factory.mktemp("dist1")
-    r = build(out, COMMIT)
-    assert r.returncode == 0, r.stderr
-    debs = list(out.glob("carpguard_*_amd64.deb"))
-    assert len(debs) == 1, list(out.iterdir())
-    return debs[0]
+    return tree.carpguard_deb(lambda msg: None)
 
 
 def contents(deb: Path) -> dict[str, tarfile.TarInfo]:
