@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 from appliance.core import state
 from appliance.core.errors import BadInput
 from appliance.core.paths import Paths
+from appliance.ha import ip as netns
 
 if TYPE_CHECKING:  # the up/down scripts' entry (transition.py) runs apply_group without the config's model
     from appliance.core.model import Appliance
-from appliance.ha import ip as netns
 
 log = logging.getLogger("appliance.ha")
 ROLES = ("MASTER", "BACKUP")

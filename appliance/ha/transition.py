@@ -74,7 +74,8 @@ def run(argv: list[str] | None = None) -> dict:
     if a.iface is not None and a.iface != iface:
         raise BadInput(f"--iface {a.iface!r}: the plan {a.plan} is for {iface}")
     boot, seq = (pids.fork_order() or (None, None)) if a.fork_seq else (None, None)
-    # the script moved the VIP and sent the gratuitous ARP itself; apply_group finds the VIP in place
+    # the gratuitous ARP comes from the engine or, with the speaker, from the script, which also moved the VIP
+    # before it exec'd this (apply_group then finds the VIP in place)
     return role.apply_group(Paths.default(), g, node, a.role, iface, hook_timeout, config, seq=seq, boot=boot,
                             send_garp=False)
 
