@@ -22,7 +22,7 @@ def due_mod(tmp_path: Path, monkeypatch):
     loader.exec_module(mod)
     (tmp_path / "appliance.yaml").write_text("sync:\n  schedule: '* * * * *'\n")
     monkeypatch.setattr(mod, "CONFIG", str(tmp_path / "appliance.yaml"))
-    monkeypatch.setattr(mod, "STATE", str(tmp_path))
+    monkeypatch.setenv("APPLIANCE_STATE_DIR", str(tmp_path))
     execs: list[list[str]] = []
     monkeypatch.setattr(mod.os, "execv", lambda path, argv: execs.append(argv))
     mod.execs = execs
