@@ -176,10 +176,12 @@ def test_two_workers_share_the_port(tmp_path, origin):
         c_cfg = cfgmod.load(p.cfg_path)
 
         def counted() -> dict | None:
+            # a request is counted when its flow ends, which can be just after the client has read the response
             c = proxyctl.counters(c_cfg) or {}
-            return c if c.get('appliance_proxy_blocks_total{category="blocked"}', 0) >= 40 else None
+            blocks = c.get('appliance_proxy_blocks_total{category="blocked"}', 0)
+            return c if blocks >= 40 and c.get("appliance_proxy_requests_total", 0) >= 80 else None
 
-        c = wait_until(counted, 5, "40 blocks summed over both workers in /metrics")
+        c = wait_until(counted, 5, "80 requests and 40 blocks summed over both workers in /metrics")
         assert c["appliance_proxy_workers"] == 2
         assert c['appliance_proxy_blocks_total{category="blocked"}'] == 40
         assert c["appliance_proxy_requests_total"] >= 80
