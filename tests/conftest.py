@@ -3,6 +3,7 @@ the `root` marker."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,22 @@ from tests.support.sync_lab import SyncLab
 # make test turns that off to keep this order).
 FIRST = ("tests/integration/lab/test_vmlab.py", "tests/integration/image/test_debian_image.py",
          "tests/integration/image/test_deb.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM ends a run as Ctrl-C does, with every fixture's teardown (labs, VMs, namespaces): make test stops its
+    VM part that way when it is itself stopped, and a background job cannot be sent SIGINT (it ignores it)."""
+    me = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != me:  # a process forked from this one (a test's helper) dies of SIGTERM as usual
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # xdist's workers are stopped by their controller
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
