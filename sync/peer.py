@@ -1,10 +1,9 @@
-"""The master's side of one peer: the SSH/fabric connection with the pinned host key, its JSON replies, and rsync."""
+"""The master's side of one peer: ssh with the pinned host key, its JSON replies, and rsync over the same ssh."""
 from __future__ import annotations
 
 import json
 import re
 import shlex
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -39,33 +38,22 @@ class Peer:
             argv += ["-b", self.bind]
         return argv
 
-    def connection(self):
-        """A fabric Connection that only accepts the pinned host key (RejectPolicy, our known_hosts only)."""
-        import paramiko
-        from fabric import Config, Connection
-
-        sock = socket.create_connection((self.address, self.port), timeout=self.timeout,
-                                        source_address=(self.bind, 0) if self.bind else None)
-        # lazy: no /etc/fabric.* or ~/.fabric.* files. Everything the link needs is set here, and the CARP unit
-        # (ProtectHome=yes) gets EACCES, not ENOENT, on /root/.fabric.yaml, which fabric does not skip.
-        conn = Connection(self.address, user=self.user, port=self.port, connect_timeout=self.timeout,
-                          config=Config(overrides={"load_ssh_configs": False}, lazy=True),
-                          connect_kwargs={"key_filename": str(self.key), "look_for_keys": False, "allow_agent": False,
-                                          "sock": sock, "banner_timeout": self.timeout, "auth_timeout": self.timeout})
-        client = paramiko.SSHClient()
-        client.load_host_keys(str(self.known_hosts))
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        conn.client = client
-        return conn
-
     def run(self, command: str) -> tuple[int, str, str]:
-        """Run one sync command on the peer (its forced command dispatches it)."""
-        conn = self.connection()
+        """Run one sync command on the peer (its forced command dispatches it) with the OpenSSH client, the same
+        client and options as rsync's transport: the pinned host key only, no config file, no agent, no tty.
+        SyncError when ssh itself fails (exit 255: no connection, a host key that is not the pinned one, the key
+        refused) or the peer does not answer within 10 x sync.timeout."""
+        argv = self.ssh_argv() + ["-T", f"{self.user}@{self.address}", command]
         try:
-            r = conn.run(command, hide=True, warn=True, in_stream=False, timeout=self.timeout * 10)
-            return r.exited, r.stdout, r.stderr
-        finally:
-            conn.close()
+            r = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=self.timeout * 10)
+        except subprocess.TimeoutExpired:
+            raise SyncError(f"{self.name} ({self.address}:{self.port}): no answer to {command.split()[0]!r} within "
+                            f"{self.timeout * 10} s", PEER_FAILED) from None
+        except OSError as e:  # no ssh binary
+            raise SyncError(f"{self.name}: cannot run ssh: {e}", PEER_FAILED) from None
+        if r.returncode == 255:
+            raise SyncError(f"{self.name} ({self.address}:{self.port}): ssh: {_tail(r.stderr) or 'exit 255'}", PEER_FAILED)
+        return r.returncode, r.stdout, r.stderr
 
 
 def make_peers(cfg: Appliance, node: str, config_dir: Path, key: Path | None = None) -> list[Peer]:

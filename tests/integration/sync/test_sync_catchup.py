@@ -19,8 +19,9 @@ def _add_domain(node, domain: str) -> None:
 
 def test_a_node_back_from_an_outage_finds_the_master_that_moved_on(sync_lab: SyncLab, tmp_path, monkeypatch) -> None:
     fw1, fw2 = sync_lab.master, sync_lab.backup
-    # the CARP unit asks with ProtectHome=yes: nothing under $HOME is read (fabric's ~/.fabric.yaml would fail here)
-    (tmp_path / ".fabric.yaml").write_text("{{ not: yaml\n")
+    # the CARP unit asks with ProtectHome=yes: nothing under $HOME is read (ssh -F /dev/null: this config would fail)
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text("NoSuchOption yes\n")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert fw1.sync()[0] == 0 and fw2.live() == 2
     # fw1 loses power: fw2 takes over, the admin changes a list there; the push to fw1 fails (fw1 is off)

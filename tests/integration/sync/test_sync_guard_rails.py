@@ -30,7 +30,7 @@ def test_unpinned_host_key_is_refused(lab: SyncLab) -> None:
     kh.write_text("\n".join(keymod.known_hosts_lines(cfg, {"fw2": other.with_suffix(".pub").read_text()})) + "\n")
     code, r = lab.master.sync()
     assert code == 1 and not r["ok"] and r["failed"] == ["fw2"], r
-    assert "fw2" in r["peers"][0]["error"]
+    assert "fw2" in r["peers"][0]["error"] and "Host key verification failed" in r["peers"][0]["error"], r
     assert lab.backup.live() == 1
 
 
