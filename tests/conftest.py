@@ -16,10 +16,15 @@ from tests.support.sync_lab import SyncLab
 
 # The longest modules start first, so with workers they run beside the many short ones instead of after them: the
 # VM lab (in make test a part of its own; first here for a run of everything in one process or by hand), the Debian
-# image build and its tests, the .deb builds. Then the modules with more tests (what xdist's own reordering would do;
-# make test turns that off to keep this order).
+# image build and its tests, the .deb builds, then the other modules that took over 30 s on one worker (the sync
+# labs, the CLI's bad-input table, the fuzzers: x16's --durations=0); in x16, with only the first three named, the
+# part's last 100 s kept the two cores 53-73% busy, which is what a long module that starts late does. Then the
+# modules with more tests (what xdist's own reordering would do; make test turns that off to keep this order).
 FIRST = ("tests/integration/lab/test_vmlab.py", "tests/integration/image/test_debian_image.py",
-         "tests/integration/image/test_deb.py")
+         "tests/integration/image/test_deb.py", "tests/integration/sync/test_sync_integration.py",
+         "tests/integration/sync/test_sync_stolen_key.py", "tests/integration/sync/test_sync_escape.py",
+         "tests/unit/test_cli_bad_input.py", "tests/unit/test_fuzz_fastpath.py",
+         "tests/integration/proxy/test_proxy_lifecycle.py", "tests/integration/lab/test_lab_sync.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
