@@ -117,6 +117,68 @@ def _console_tail_on_failure(request: pytest.FixtureRequest):
             print(f"\n--- {node} serial console (tail) ---\n{vm.tail(v.console, 60)}", file=sys.__stderr__)
 
 
+# ---- bad input: each a one-line error, nothing left behind. Before the lab boots: they need none of it, and in
+# make test they run while the timing part still does (they bound their own waits and measure nothing) -------------------------------------------------------
+
+def _one_error_line(r: subprocess.CompletedProcess) -> str:
+    errors = [line for line in r.stderr.splitlines() if line.startswith("appliance: error:")]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr
+    return errors[0]
+
+
+def _nothing_left(root: Path, name: str) -> None:
+    assert not [n for n in netns.netns_list() if n.startswith(name + "-")]
+    assert not (root / name).exists()
+    assert not [p for p in Path("/proc").glob("[0-9]*") if name in _cmdline(p)]
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _fake_images(d: Path, nodes=("fw1", "fw2")) -> Path:
+    """Disks that never boot (empty qcow2) with an admin key and host keys, as an image build lays them out."""
+    (d / "keys").mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "keys/admin_ed25519")], check=True)
+    for n in nodes:
+        (d / f"keys/hosts/{n}").mkdir(parents=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / f"keys/hosts/{n}/ssh_host_ed25519_key")],
+                       check=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / f"{n}.qcow2"), "64M"], check=True)
+    return d
+
+
+def test_up_refused_without_root(tmp_path: Path) -> None:
+    name = f"vn{secrets.token_hex(3)}"
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", APPLIANCE, "-c", str(CONFIG),
+                        "vmlab", "up", "--name", name, "--images", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, VMLAB_ROOT_ENV: str(tmp_path / "labs")})
+    assert "needs root" in _one_error_line(r)
+    _nothing_left(tmp_path / "labs", name)
+
+
+def test_up_refused_without_qemu(tmp_path: Path) -> None:
+    name = f"vn{secrets.token_hex(3)}"
+    r = _cli("-c", str(CONFIG), "vmlab", "up", "--name", name, "--images", str(_fake_images(tmp_path / "img")),
+             timeout=120, env={"PATH": f"{Path(APPLIANCE).parent}:/usr/sbin:/sbin", VMLAB_ROOT_ENV: str(tmp_path / "labs")})
+    assert "qemu-system-x86_64" in _one_error_line(r)
+    _nothing_left(tmp_path / "labs", name)
+
+
+def test_vm_that_never_reaches_multi_user(tmp_path: Path) -> None:
+    """Disks with nothing to boot: a bounded wait, the console tail, one error line, everything removed."""
+    need_tool("qemu-system-x86_64", "qemu-img", "ssh-keygen")
+    name = f"vn{secrets.token_hex(3)}"
+    r = _cli("-c", str(CONFIG), "vmlab", "up", "--name", name, "--images", str(_fake_images(tmp_path / "img")),
+             "--wait", "10", timeout=300, env={VMLAB_ROOT_ENV: str(tmp_path / "labs"), "APPLIANCE_VMLAB_ACCEL": "tcg"})
+    assert "did not reach multi-user" in _one_error_line(r)
+    assert "fw1 console (tail)" in r.stderr and "nothing on the serial console" in r.stderr  # what the VM printed
+    _nothing_left(tmp_path / "labs", name)
+
+
 def test_up_json_shape(booted) -> None:
     d, lab = booted
     assert set(d) == {"vip", "proxy_port", "origin", "client", "nodes"}
@@ -299,66 +361,7 @@ def _first_direct_200(lab: VmLab, ip: str, deadline: float) -> float | None:
     return None
 
 
-# ---- bad input: each a one-line error, nothing left behind -------------------------------------------------------
-
-def _one_error_line(r: subprocess.CompletedProcess) -> str:
-    errors = [line for line in r.stderr.splitlines() if line.startswith("appliance: error:")]
-    assert r.returncode != 0 and len(errors) == 1, r.stderr
-    return errors[0]
-
-
-def _nothing_left(root: Path, name: str) -> None:
-    assert not [n for n in netns.netns_list() if n.startswith(name + "-")]
-    assert not (root / name).exists()
-    assert not [p for p in Path("/proc").glob("[0-9]*") if name in _cmdline(p)]
-
-
-def _cmdline(proc: Path) -> str:
-    try:
-        return (proc / "cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _fake_images(d: Path, nodes=("fw1", "fw2")) -> Path:
-    """Disks that never boot (empty qcow2) with an admin key and host keys, as an image build lays them out."""
-    (d / "keys").mkdir(parents=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "keys/admin_ed25519")], check=True)
-    for n in nodes:
-        (d / f"keys/hosts/{n}").mkdir(parents=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / f"keys/hosts/{n}/ssh_host_ed25519_key")],
-                       check=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / f"{n}.qcow2"), "64M"], check=True)
-    return d
-
-
-def test_up_refused_without_root(tmp_path: Path) -> None:
-    name = f"vn{secrets.token_hex(3)}"
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", APPLIANCE, "-c", str(CONFIG),
-                        "vmlab", "up", "--name", name, "--images", str(tmp_path)], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, VMLAB_ROOT_ENV: str(tmp_path / "labs")})
-    assert "needs root" in _one_error_line(r)
-    _nothing_left(tmp_path / "labs", name)
-
-
-def test_up_refused_without_qemu(tmp_path: Path) -> None:
-    name = f"vn{secrets.token_hex(3)}"
-    r = _cli("-c", str(CONFIG), "vmlab", "up", "--name", name, "--images", str(_fake_images(tmp_path / "img")),
-             timeout=120, env={"PATH": f"{Path(APPLIANCE).parent}:/usr/sbin:/sbin", VMLAB_ROOT_ENV: str(tmp_path / "labs")})
-    assert "qemu-system-x86_64" in _one_error_line(r)
-    _nothing_left(tmp_path / "labs", name)
-
-
-def test_vm_that_never_reaches_multi_user(tmp_path: Path) -> None:
-    """Disks with nothing to boot: a bounded wait, the console tail, one error line, everything removed."""
-    need_tool("qemu-system-x86_64", "qemu-img", "ssh-keygen")
-    name = f"vn{secrets.token_hex(3)}"
-    r = _cli("-c", str(CONFIG), "vmlab", "up", "--name", name, "--images", str(_fake_images(tmp_path / "img")),
-             "--wait", "10", timeout=300, env={VMLAB_ROOT_ENV: str(tmp_path / "labs"), "APPLIANCE_VMLAB_ACCEL": "tcg"})
-    assert "did not reach multi-user" in _one_error_line(r)
-    assert "fw1 console (tail)" in r.stderr and "nothing on the serial console" in r.stderr  # what the VM printed
-    _nothing_left(tmp_path / "labs", name)
-
+# ---- with the lab up
 
 def test_up_refused_when_that_lab_is_up(lab: VmLab) -> None:
     pids = {n: v.qemu_pid for n, v in lab.vms.items()}
