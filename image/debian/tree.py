@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,9 @@ from image.tree import Tree
 
 REPO = Path(config_model.__file__).resolve().parents[2]
 BUILD_DEB = REPO / "packaging" / "build_deb.py"
+# .debs of this many commits stay in the cache (the newest by time): one is built per commit, about 20 MB each, and
+# a test run or an image build of an older checkout may still be using its own
+KEEP_DEBS = 4
 
 
 def carpguard_deb(log=print) -> Path:
@@ -30,7 +34,19 @@ def carpguard_deb(log=print) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / ".build.lock", "w") as held:  # two image builds at once build one .deb, not two into one dir
         fcntl.flock(held, fcntl.LOCK_EX)
-        return _cached_deb(out, r.stdout.strip(), log)
+        deb = _cached_deb(out, r.stdout.strip(), log)
+        prune_debs(out.parent, out.name)
+        return deb
+
+
+def prune_debs(cache: Path, current: str, keep: int = KEEP_DEBS) -> list[str]:
+    """Remove the cached .debs of all but the `keep` newest commits (`current`'s always stays); the names removed."""
+    others = sorted((d for d in cache.iterdir() if d.is_dir() and d.name != current),
+                    key=lambda d: d.stat().st_mtime, reverse=True)
+    gone = [d.name for d in others[max(keep - 1, 0):]]
+    for name in gone:
+        shutil.rmtree(cache / name, ignore_errors=True)
+    return gone
 
 
 def _cached_deb(out: Path, commit: str, log) -> Path:
