@@ -91,8 +91,11 @@ def test_the_watcher_flags_forged_adverts_and_status_shows_them(lan: Lan, tmp_pa
     assert got["sources"] == {attacker: 1, fw2: 1}
     log = (state / "ha.log").read_text()
     assert f"forged advert vhid 1 from {attacker} (advbase 1 advskew 0): {attacker} is not a node's LAN address" in log
-    prom = (state / "run" / "carp-watch.prom").read_text()
-    assert 'appliance_carp_adverts_total{verdict="forged"} 2' in prom
+    # the .prom file is written just after the JSON one (watch.Tally.flush): wait for it, do not race it
+    prom_file, want = state / "run" / "carp-watch.prom", 'appliance_carp_adverts_total{verdict="forged"} 2'
+    poll(lambda: prom_file.exists() and want in prom_file.read_text(), 5)
+    prom = prom_file.read_text()
+    assert want in prom, prom
     st = subprocess.run([APPLIANCE, "-c", str(cfg), "--node", "fw1", "status", "--no-probe"], env=env,
                         capture_output=True, text=True, timeout=60)
     assert st.returncode == 0, st.stderr
