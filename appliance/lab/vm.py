@@ -19,10 +19,16 @@ from appliance.lab.vmmodel import VmNode
 
 QEMU = "qemu-system-x86_64"
 MEMORY_MB = int(os.environ.get("APPLIANCE_VMLAB_MEMORY", "1024"))
-# vCPUs per VM. Under TCG each vCPU is a host thread (MTTCG); 1 vCPU per VM was tried on this 2-core host and booted
-# slower (vmlab up over 500 s, against 191 s with 2)
+# vCPUs per VM. 1 vCPU per VM was tried on this 2-core host and booted slower (vmlab up over 500 s, against 191 s
+# with 2)
 CPUS = {"kvm": 2, "tcg": 2}
 CPUS_ENV = "APPLIANCE_VMLAB_CPUS"
+# TCG runs a VM's vCPUs round-robin on one host thread (thread=single), not one thread each (MTTCG, qemu's default):
+# two VMs of two vCPUs on two host cores made four threads, and a vCPU waiting for its descheduled sibling (an IPI, a
+# TLB shootdown, RCU) spun on a core the other VM needed. Same image, same host (docs/lab.md): vmlab up 169 s against
+# 193 s, the guest's systemd-analyze 68 s against 100 s, and the kernel's rcu_preempt thread from 18 s of CPU to
+# under 8 s. $APPLIANCE_VMLAB_TCG_THREAD=multi goes back.
+TCG_THREAD_ENV = "APPLIANCE_VMLAB_TCG_THREAD"
 KVM_PROBE_SECONDS = 15.0
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 KVM_BOOTED = (b"Linux version", b"Reached target")   # a kernel that prints either of these runs under KVM
@@ -89,7 +95,9 @@ def create_overlay(image: str, overlay: str) -> None:
 def qemu_argv(name: str, vm: VmNode, accel: str) -> list[str]:
     """The VM's command line: disk = the overlay, eth0 = LAN tap, eth1 = sync tap (fixed PCI slots and MACs),
     serial console to a file, no display, no monitor, no default devices, no user-mode network."""
-    argv = [QEMU, "-name", f"{name},process={name}", "-machine", "pc", "-accel", accel, "-m", str(MEMORY_MB),
+    thread = "multi" if os.environ.get(TCG_THREAD_ENV) == "multi" else "single"
+    how = f"tcg,thread={thread}" if accel == "tcg" else accel
+    argv = [QEMU, "-name", f"{name},process={name}", "-machine", "pc", "-accel", how, "-m", str(MEMORY_MB),
             "-smp", os.environ.get(CPUS_ENV) or str(CPUS[accel]), "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
             "-chardev", f"file,id=ser0,path={vm.console},append=on", "-serial", "chardev:ser0",
             "-drive", f"file={vm.overlay},if=none,id=disk0,format=qcow2",

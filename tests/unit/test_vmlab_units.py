@@ -162,6 +162,10 @@ def test_qemu_writes_nothing_outside_the_lab_dir_and_boots_only_the_image(tmp_pa
                   "qemu_log": str(tmp_path / "fw1.qemu.log")})
     argv = vm.qemu_argv("vm1-fw1", v, "tcg")
     assert not {"-pidfile", "-daemonize", "-kernel", "-initrd", "-append", "-nic"} & set(argv), argv
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=single" and argv[argv.index("-smp") + 1] == "2"
+    monkeypatch.setenv(vm.TCG_THREAD_ENV, "multi")
+    assert vm.qemu_argv("vm1-fw1", v, "tcg")[argv.index("-accel") + 1] == "tcg,thread=multi"
+    assert vm.qemu_argv("vm1-fw1", v, "kvm")[argv.index("-accel") + 1] == "kvm"
     paths = [p for a in argv for p in a.replace(",", "=").split("=") if p.startswith("/") and p != "/dev/urandom"]
     assert paths and all(Path(p).parent == tmp_path for p in paths), paths
 

@@ -21,13 +21,13 @@ from appliance.ha import ip as netns
 from appliance.lab import vm, vmfail, vmlab, vmnode
 from appliance.lab.measure import client_get
 from appliance.lab.vmmodel import VMLAB_ROOT_ENV, VmLab, load
-from tests.support.env import APPLIANCE, EXAMPLES, need_tool
+from tests.support.env import need_tool
+from tests.support.vmlab_cli import CONFIG, cli, one_error_line
 
 # the image comes from the run's one build (tests/support/debian_build.py), also when the image tests run on
 # another worker
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.vm]
 
-CONFIG = EXAMPLES / "debian.yaml"
 BLOCKED = "http://adult.example/"        # examples/lists/adult/domains
 ADVBASE = 1
 # Power loss: the backup's speaker declares the master dead after about 2.4 s (deadratio 2 x advbase + its advskew
@@ -44,11 +44,6 @@ LIMIT_TCG = 3 * ADVBASE + 12.0
 CLIENT_TIMEOUT = 15.0    # one request through a TCG guest's proxy (it answers in 1-3 s when busy)
 SETTLE = 180.0           # after boot, health checks of a TCG guest may still move the VIP once: wait it out
 QUIET_ENV = "CARPGUARD_TEST_QUIET"  # a file make test touches when nothing else runs beside this module (Makefile)
-
-
-def _cli(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([APPLIANCE, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +69,7 @@ def booted(built: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
     try:
         # inside the try: a timeout here (subprocess's or pytest-timeout's) kills `vmlab up`, then down removes
         # whatever it had started
-        r = _cli("-c", str(config), "vmlab", "up", "--json", "--name", name, "--images", str(images))
+        r = cli("-c", str(config), "vmlab", "up", "--json", "--name", name, "--images", str(images))
         took = time.monotonic() - t0
         assert r.returncode == 0, f"vmlab up failed:\n{r.stderr[-6000:]}"
         quiet = _wait_quiet()
@@ -115,68 +110,6 @@ def _console_tail_on_failure(request: pytest.FixtureRequest):
         lab = request.getfixturevalue("lab")
         for node, v in lab.vms.items():
             print(f"\n--- {node} serial console (tail) ---\n{vm.tail(v.console, 60)}", file=sys.__stderr__)
-
-
-# ---- bad input: each a one-line error, nothing left behind. Before the lab boots: they need none of it, and in
-# make test they run while the timing part still does (they bound their own waits and measure nothing) -------------------------------------------------------
-
-def _one_error_line(r: subprocess.CompletedProcess) -> str:
-    errors = [line for line in r.stderr.splitlines() if line.startswith("appliance: error:")]
-    assert r.returncode != 0 and len(errors) == 1, r.stderr
-    return errors[0]
-
-
-def _nothing_left(root: Path, name: str) -> None:
-    assert not [n for n in netns.netns_list() if n.startswith(name + "-")]
-    assert not (root / name).exists()
-    assert not [p for p in Path("/proc").glob("[0-9]*") if name in _cmdline(p)]
-
-
-def _cmdline(proc: Path) -> str:
-    try:
-        return (proc / "cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _fake_images(d: Path, nodes=("fw1", "fw2")) -> Path:
-    """Disks that never boot (empty qcow2) with an admin key and host keys, as an image build lays them out."""
-    (d / "keys").mkdir(parents=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "keys/admin_ed25519")], check=True)
-    for n in nodes:
-        (d / f"keys/hosts/{n}").mkdir(parents=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / f"keys/hosts/{n}/ssh_host_ed25519_key")],
-                       check=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / f"{n}.qcow2"), "64M"], check=True)
-    return d
-
-
-def test_up_refused_without_root(tmp_path: Path) -> None:
-    name = f"vn{secrets.token_hex(3)}"
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", APPLIANCE, "-c", str(CONFIG),
-                        "vmlab", "up", "--name", name, "--images", str(tmp_path)], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, VMLAB_ROOT_ENV: str(tmp_path / "labs")})
-    assert "needs root" in _one_error_line(r)
-    _nothing_left(tmp_path / "labs", name)
-
-
-def test_up_refused_without_qemu(tmp_path: Path) -> None:
-    name = f"vn{secrets.token_hex(3)}"
-    r = _cli("-c", str(CONFIG), "vmlab", "up", "--name", name, "--images", str(_fake_images(tmp_path / "img")),
-             timeout=120, env={"PATH": f"{Path(APPLIANCE).parent}:/usr/sbin:/sbin", VMLAB_ROOT_ENV: str(tmp_path / "labs")})
-    assert "qemu-system-x86_64" in _one_error_line(r)
-    _nothing_left(tmp_path / "labs", name)
-
-
-def test_vm_that_never_reaches_multi_user(tmp_path: Path) -> None:
-    """Disks with nothing to boot: a bounded wait, the console tail, one error line, everything removed."""
-    need_tool("qemu-system-x86_64", "qemu-img", "ssh-keygen")
-    name = f"vn{secrets.token_hex(3)}"
-    r = _cli("-c", str(CONFIG), "vmlab", "up", "--name", name, "--images", str(_fake_images(tmp_path / "img")),
-             "--wait", "10", timeout=300, env={VMLAB_ROOT_ENV: str(tmp_path / "labs"), "APPLIANCE_VMLAB_ACCEL": "tcg"})
-    assert "did not reach multi-user" in _one_error_line(r)
-    assert "fw1 console (tail)" in r.stderr and "nothing on the serial console" in r.stderr  # what the VM printed
-    _nothing_left(tmp_path / "labs", name)
 
 
 def test_up_json_shape(booted) -> None:
@@ -361,10 +294,10 @@ def _first_direct_200(lab: VmLab, ip: str, deadline: float) -> float | None:
     return None
 
 
-# ---- with the lab up
+# ---- bad input with the lab up: one error line, the running VMs untouched
 
 def test_up_refused_when_that_lab_is_up(lab: VmLab) -> None:
     pids = {n: v.qemu_pid for n, v in lab.vms.items()}
-    r = _cli("-c", str(CONFIG), "vmlab", "up", "--name", lab.name, "--images", lab.images, timeout=120)
-    assert "already up" in _one_error_line(r)
+    r = cli("-c", str(CONFIG), "vmlab", "up", "--name", lab.name, "--images", lab.images, timeout=120)
+    assert "already up" in one_error_line(r)
     assert all(vm.is_ours(p, lab.vm(n)) for n, p in pids.items()) and load(lab.name).vms.keys() == pids.keys()
