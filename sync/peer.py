@@ -41,19 +41,63 @@ class Peer:
     def run(self, command: str) -> tuple[int, str, str]:
         """Run one sync command on the peer (its forced command dispatches it) with the OpenSSH client, the same
         client and options as rsync's transport: the pinned host key only, no config file, no agent, no tty.
-        SyncError when ssh itself fails (exit 255: no connection, a host key that is not the pinned one, the key
-        refused) or the peer does not answer within 10 x sync.timeout."""
+        SyncError when the key is missing (ssh would fall back to root's own keys), when ssh itself fails (exit
+        255: no connection, a host key that is not the pinned one, the key refused), when the peer does not answer
+        within 10 x sync.timeout, or says more than MAX_REPLY bytes (a reply is one JSON line)."""
+        if not self.key.is_file():
+            raise SyncError(f"{self.key}: missing (the sync key; run `appliance keys init` on this node)", PEER_FAILED)
         argv = self.ssh_argv() + ["-T", f"{self.user}@{self.address}", command]
         try:
-            r = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=self.timeout * 10)
+            code, out, err = _bounded(argv, self.timeout * 10)
         except subprocess.TimeoutExpired:
             raise SyncError(f"{self.name} ({self.address}:{self.port}): no answer to {command.split()[0]!r} within "
                             f"{self.timeout * 10} s", PEER_FAILED) from None
+        except OverflowError:
+            raise SyncError(f"{self.name} ({self.address}:{self.port}): its answer to {command.split()[0]!r} is over "
+                            f"{MAX_REPLY} bytes: not read", PEER_FAILED) from None
         except OSError as e:  # no ssh binary
             raise SyncError(f"{self.name}: cannot run ssh: {e}", PEER_FAILED) from None
-        if r.returncode == 255:
-            raise SyncError(f"{self.name} ({self.address}:{self.port}): ssh: {_tail(r.stderr) or 'exit 255'}", PEER_FAILED)
-        return r.returncode, r.stdout, r.stderr
+        if code == 255:
+            raise SyncError(f"{self.name} ({self.address}:{self.port}): ssh: {_tail(err) or 'exit 255'}", PEER_FAILED)
+        return code, out, err
+
+
+MAX_REPLY = 1 << 20      # bytes of a peer's stdout, and of its stderr, the master reads (a reply is one JSON line)
+
+
+def _bounded(argv: list[str], timeout: float) -> tuple[int, str, str]:
+    """Run argv with stdin closed; (exit code, stdout, stderr) as text. TimeoutExpired after `timeout` s and
+    OverflowError past MAX_REPLY bytes on either stream, the process killed in both cases."""
+    import selectors
+
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    bufs = {p.stdout: bytearray(), p.stderr: bytearray()}
+    deadline = time.monotonic() + timeout
+    try:
+        with selectors.DefaultSelector() as sel:
+            for f in bufs:
+                sel.register(f, selectors.EVENT_READ)
+            while sel.get_map():  # bounded by the deadline and MAX_REPLY
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise subprocess.TimeoutExpired(argv, timeout)
+                for key, _ in sel.select(min(left, 1.0)):
+                    chunk = key.fileobj.read1(65536)  # type: ignore[union-attr]
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        continue
+                    bufs[key.fileobj] += chunk  # type: ignore[index]
+                    if len(bufs[key.fileobj]) > MAX_REPLY:  # type: ignore[index]
+                        raise OverflowError
+        code = p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
+    finally:
+        p.stdout.close()  # type: ignore[union-attr]
+        p.stderr.close()  # type: ignore[union-attr]
+    return code, bufs[p.stdout].decode(errors="replace"), bufs[p.stderr].decode(errors="replace")
 
 
 def make_peers(cfg: Appliance, node: str, config_dir: Path, key: Path | None = None) -> list[Peer]:
@@ -64,10 +108,17 @@ def make_peers(cfg: Appliance, node: str, config_dir: Path, key: Path | None = N
             for name, n in cfg.peers(node).items()]
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """A peer's words for a message: one line, no control characters (terminal escapes), at most `limit` chars."""
+    flat = "".join(c if c.isprintable() else " " for c in str(text))
+    flat = " ".join(flat.split())
+    return flat if len(flat) <= limit else flat[:limit] + "..."
+
+
 def _tail(text: str) -> str:
     """What a failed command last said on stderr, for the message (never parsed)."""
     lines = [l.strip() for l in (text or "").strip().splitlines() if l.strip()]
-    return lines[-1] if lines else ""
+    return one_line(lines[-1]) if lines else ""
 
 
 def ask(peer: Peer, command: str, what: str) -> dict:
@@ -82,8 +133,9 @@ def ask(peer: Peer, command: str, what: str) -> dict:
     tail = _tail(err)
     try:
         return from_reply(data, code, f"exit {code}" + (f": {tail}" if tail else ""))
-    except SyncError as e:
-        raise SyncError(f"{peer.name}: {what} failed: {e}" if what == "status" else f"{peer.name} {what}: {e}",
+    except SyncError as e:  # the peer's own words: one line, bounded, no escapes
+        said = one_line(str(e))
+        raise SyncError(f"{peer.name}: {what} failed: {said}" if what == "status" else f"{peer.name} {what}: {said}",
                         e.exit_code) from None
 
 

@@ -292,13 +292,16 @@ class PeerRoles:
     """watch.PeerRole over the sync link: each peer's role from its sync-serve `status`, asked in the background
     (one question per peer at a time, at most every `every` seconds), so the watcher never waits on SSH."""
 
-    def __init__(self, cfg, node: str, config_dir: Path, every: float = 5.0):
+    def __init__(self, cfg, node: str, config_dir: Path, node_key: Path, every: float = 5.0):
         import threading
 
-        from sync import peer as syncpeer  # deferred: the sync client, only when a watcher asks its peers
+        from sync import keys as keymod  # deferred: the sync client, only when a watcher asks its peers
+        from sync import peer as syncpeer  # deferred: as above
 
         self.ask = syncpeer.remote_status
-        self.peers = {p.name: p for p in syncpeer.make_peers(cfg, node, config_dir)}
+        # the key a sync pushes with: this node's own, else the tree's old shared one (not the shared one first)
+        key = keymod.push_key(node_key, config_dir)
+        self.peers = {p.name: p for p in syncpeer.make_peers(cfg, node, config_dir, key)}
         self.answers: dict[str, tuple[str, float]] = {}
         self.asked: dict[str, float] = {}
         self.every, self.lock, self.threading = every, threading.Lock(), threading
@@ -345,7 +348,8 @@ def carp_watch_cmd(ctx: Ctx, iface: str | None, source: str | None, no_peers: bo
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     end = time.monotonic() + seconds if seconds else None
     done = lambda: bool(stop) or (end is not None and time.monotonic() >= end)  # noqa: E731
-    peers = None if no_peers or len(cfg.nodes) < 2 else PeerRoles(cfg, node, Path(os.path.abspath(ctx.config_path)).parent)
+    config_dir = Path(os.path.abspath(ctx.config_path)).parent
+    peers = None if no_peers or len(cfg.nodes) < 2 else PeerRoles(cfg, node, config_dir, ctx.paths.sync_key)
     say = f"carp-watch: listening for CARP adverts on {iface} (vhids {', '.join(map(str, exp.vips))})"
     if (source or ("tcpdump" if IS_FREEBSD else "raw")) == "raw":
         try:

@@ -21,6 +21,12 @@ if mode == "hang":
     time.sleep(30)
 if mode == "refuse":
     print(json.dumps({{"ok": False, "code": 2, "error": "unknown sync command 'x'"}})); sys.exit(2)
+if mode == "flood":
+    sys.stdout.write("a" * 3000000); sys.exit(0)
+if mode == "bigerr":
+    sys.stderr.write("\\x1b[2J\\x1b[31m" + "e" * 3000000 + "\\n"); sys.exit(255)
+if mode == "nasty-refusal":
+    print(json.dumps({{"ok": False, "code": 2, "error": "first\\nsecond\\x1b[31m" + "x" * 500000}})); sys.exit(2)
 print(json.dumps({{"ok": True, "role": "BACKUP", "generation": 3}}))
 """
 
@@ -34,6 +40,7 @@ def peer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Peer:
     ssh.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("FAKE_SSH_LOG", str(tmp_path / "argv.json"))
+    (tmp_path / "key").write_text("a key\n")
     return Peer("fw2", "10.9.9.2", 2222, "appliance-sync", tmp_path / "key", tmp_path / "known_hosts", "10.9.9.1", 5)
 
 
@@ -69,3 +76,30 @@ def test_the_peers_refusal_keeps_its_code(peer: Peer, monkeypatch) -> None:
     with pytest.raises(SyncError) as e:
         remote_status(peer)
     assert e.value.exit_code == 2 and "unknown sync command" in str(e.value)
+
+
+def test_a_missing_key_is_refused_before_ssh_runs(peer: Peer, tmp_path: Path, monkeypatch) -> None:
+    """ssh drops an -i file it cannot read and offers root's own ~/.ssh keys instead: never get that far."""
+    monkeypatch.setenv("FAKE_SSH_MODE", "ok")
+    (tmp_path / "key").unlink()
+    with pytest.raises(SyncError) as e:
+        remote_status(peer)
+    assert e.value.exit_code == PEER_FAILED and "key: missing" in str(e.value)
+    assert not (tmp_path / "argv.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["flood", "bigerr"])
+def test_a_peer_that_says_too_much_is_cut_off(peer: Peer, monkeypatch, mode: str) -> None:
+    monkeypatch.setenv("FAKE_SSH_MODE", mode)
+    with pytest.raises(SyncError) as e:
+        remote_status(peer)
+    assert "is over 1048576 bytes: not read" in str(e.value) and len(str(e.value)) < 300
+
+
+def test_the_peers_words_are_one_bounded_line(peer: Peer, monkeypatch) -> None:
+    monkeypatch.setenv("FAKE_SSH_MODE", "nasty-refusal")
+    with pytest.raises(SyncError) as e:
+        remote_status(peer)
+    msg = str(e.value)
+    assert e.value.exit_code == 2 and "\n" not in msg and "\x1b" not in msg and len(msg) < 400, msg[:500]
+    assert msg.startswith("fw2: status failed: first second")
