@@ -133,10 +133,24 @@ def kill(pids: list[int], grace: float = 3.0) -> None:
 
 
 def kill_proxy(lab: Lab, node: str) -> None:
-    """SIGKILL the node's proxy and its whole process group (its workers too)."""
+    """SIGKILL the node's proxy and its whole process group (its workers too), and wait (at most 5 s) until it is
+    gone: on a busy host it was still there when the recovery looked, which then started no new proxy."""
     pid = lab.nodes[node].proxy_pid
     if pid_alive(pid):
         os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not gone(pid):
+            time.sleep(0.05)
+
+
+def gone(pid: int | None) -> bool:
+    """The process has exited: no such PID, or only its zombie waits to be reaped."""
+    if not pid_alive(pid):
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return not pid_alive(pid)
 
 
 def run_appliance(lab: Lab, node: str, *args: str) -> None:

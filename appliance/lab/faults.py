@@ -36,7 +36,7 @@ def recover(lab: Lab, kind: str, node: str) -> None:
     if kind == "link-down":
         netns.ip("link", "set", n.lan_if, "up", netns=n.netns)
     elif kind == "proxy-kill":
-        if not daemons.pid_alive(n.proxy_pid):
+        if daemons.gone(n.proxy_pid):
             daemons.start_proxy(lab, node)
     elif kind == "demote":
         daemons.run_appliance(lab, node, "promote")
