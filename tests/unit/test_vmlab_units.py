@@ -4,7 +4,6 @@ command line (nothing written outside the lab dir, no kernel chosen by the envir
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from appliance.lab import measure, vm, vmfail
 from appliance.lab.model import LAB, LabError
 from appliance.lab.vmmodel import VMLAB, VMLAB_ROOT_ENV, VmLab, VmNode, load
-from tests.support.env import APPLIANCE
+from tests.support.vmlab_cli import cli
 
 VM = {"lan": "192.168.1.2/24", "sync": "192.168.200.1/30", "advskew": 0, "image": "/dist/fw1.qcow2",
       "overlay": "/l/fw1.qcow2", "console": "/l/fw1.console", "qemu_log": "/l/fw1.qemu.log",
@@ -170,20 +169,15 @@ def test_qemu_writes_nothing_outside_the_lab_dir_and_boots_only_the_image(tmp_pa
     assert paths and all(Path(p).parent == tmp_path for p in paths), paths
 
 
-def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([APPLIANCE, *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env}, stdin=subprocess.DEVNULL)
-
-
 def test_vmlab_bad_input(tmp_path: Path) -> None:
     name = f"nv{uuid.uuid4().hex[:8]}"
     env = {VMLAB_ROOT_ENV: str(tmp_path)}
-    r = _cli("vmlab", "down", "--name", name, env=env)
+    r = cli("vmlab", "down", "--name", name, timeout=60, env=env)
     assert r.returncode == 2 and f"--name '{name}': no such VM lab (no {tmp_path / name}, no namespaces {name}-*); " \
         "nothing removed" in r.stderr, r.stderr
-    r = _cli("vmlab", "status", "--name", name, env=env)
+    r = cli("vmlab", "status", "--name", name, timeout=60, env=env)
     assert r.returncode == 2 and f"no VM lab named '{name}'" in r.stderr, r.stderr
-    r = _cli("vmlab", "failover", env=env)
+    r = cli("vmlab", "failover", timeout=60, env=env)
     assert r.returncode == 2 and "no VM lab is up" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
 
