@@ -23,6 +23,7 @@ from appliance.lab.measure import client_get
 from appliance.lab.vmmodel import VMLAB_ROOT_ENV, VmLab, load
 from tests.support.env import need_tool
 from tests.support.vmlab_cli import CONFIG, cli, one_error_line
+from tests.support.wait import wait_until
 
 # the image comes from the run's one build (tests/support/debian_build.py), also when the image tests run on
 # another worker
@@ -90,9 +91,7 @@ def _wait_quiet(limit: float = 1800.0) -> float | None:
     if not quiet:
         return None
     t0 = time.monotonic()
-    while not Path(quiet).exists():  # bounded by `limit`
-        assert time.monotonic() - t0 < limit, f"{quiet} not there after {limit:.0f} s: the timing part did not end"
-        time.sleep(1)
+    wait_until(Path(quiet).exists, limit, f"{quiet} (the timing part's end)", step=1.0)
     return time.monotonic() - t0
 
 
