@@ -27,6 +27,7 @@ class Core:
     md_deadline: float | None = None
     last_reason: str = ""
     _last_reassert: float = field(default=-1e9, repr=False)
+    no_preempt_until: float = -1e9      # after stepping down on purpose: no preempting straight back
 
     @property
     def interval(self) -> float:
@@ -93,7 +94,7 @@ class Core:
         if self.state == BACKUP:
             if self.md_deadline is None:       # link down: not participating
                 return []
-            if self.preempt and mine < theirs:
+            if self.preempt and mine < theirs and now >= self.no_preempt_until:
                 return self._become_master(
                     now, f"preempting {src} (advbase {adv.advbase} advskew {adv.advskew})")
             if self.advbase * self.deadratio + self.advskew / 256.0 < theirs:
@@ -109,10 +110,31 @@ class Core:
         self.ad_deadline = self.md_deadline = None
         return acts
 
-    def demote(self, now: float, hold: float = 3.0) -> list[tuple]:
+    def demote(self, now: float, hold: float = 3.0, why: str = "asked to step down (SIGUSR2)") -> list[tuple]:
         """SIGUSR2 (ucarp: 'considering going down'): bow out and hold off for max(hold, dead interval)."""
         acts = [("leave",)] if self.state == MASTER else []
-        return acts + self._become_backup(now, "asked to step down (SIGUSR2)", max(hold, self.dead_interval))
+        self.no_preempt_until = now + max(hold, self.dead_interval)
+        return acts + self._become_backup(now, why, max(hold, self.dead_interval))
+
+    def force_master(self, now: float, why: str) -> list[tuple]:
+        """The fast liveness layer says the master is gone (or handed over): MASTER now, not after the dead timer.
+        A backup whose link is down (not taking part) stays as it is."""
+        if self.state != BACKUP or self.md_deadline is None:
+            return []
+        return self._become_master(now, f"fast liveness: {why}")
+
+    def hold(self, now: float) -> None:
+        """The fast liveness layer hears the master (on the sync link too): the dead timer starts again, as on an
+        advert, so a backup cut off from the LAN alone does not take over."""
+        if self.state == BACKUP and self.md_deadline is not None:
+            self.md_deadline = max(self.md_deadline, now + self.dead_interval)
+
+    def start_master(self, now: float) -> list[tuple]:
+        """Restarted after a crash while MASTER on a healthy node (the supervisor kept the VIP): advertise at once."""
+        self._to(MASTER, "restarted as master after an engine exit (the VIP stayed)")
+        self.md_deadline = None
+        self.ad_deadline = now + self.interval
+        return [("send",), ("garp",)]
 
     def link_down(self, now: float) -> list[tuple]:
         acts = self._become_backup(now, "link down")

@@ -10,7 +10,6 @@ only go forward per source); drops are counted by reason in the state file and l
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import queue
@@ -20,12 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from appliance.ha import guard
+from appliance.ha import engine_ctl, guard, speaker_state
 from appliance.ha.advskew import AdvskewFile
 from appliance.ha.netio import ETH_P_ARP, garp_frame, link_running, mreqn
 from appliance.ha.peers import NextPass, PeersFile
@@ -91,6 +89,7 @@ class Speaker:
             self.garp_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
             self.garp_sock.bind((self.iface, ETH_P_ARP))
             self.hwaddr = bytes.fromhex(Path(f"/sys/class/net/{self.iface}/address").read_text().strip().replace(":", ""))
+        self.ctl_sock = engine_ctl.open_control(self.args.control) if self.args.control else None
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -101,6 +100,18 @@ class Speaker:
         signal.signal(signal.SIGUSR2, lambda *_: setattr(self, "usr2", True))
         self.worker = threading.Thread(target=self._work, name="carp-scripts", daemon=True)
         self.worker.start()
+
+    def control(self) -> None:
+        """Commands from the supervisor's fast liveness layer (see --control)."""
+        for _ in range(16):                       # bounded drain per wake-up
+            try:
+                data = self.ctl_sock.recv(512)
+            except (BlockingIOError, InterruptedError):
+                return
+            old = self.core.state
+            acts = engine_ctl.command(self.core, data, time.monotonic())
+            if acts:
+                self.apply(acts, old)
 
     def _on_exit_signal(self, signum, _frame) -> None:
         self.stop_sig = signum
@@ -188,46 +199,14 @@ class Speaker:
             self.write_state()
 
     def _restore(self) -> int | None:
-        """Counters from the state file an earlier run of this vhid left: our own (so a restarted us continues
-        above it even if the clock went back) and each peer's (so a replay stays a replay across a restart)."""
-        if not self.args.state_file:
-            return None
-        try:
-            old = json.loads(Path(self.args.state_file).read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(old, dict) or old.get("vhid") != self.args.vhid or old.get("vip") != self.args.addr:
-            return None
-        self.guard.restore(old.get("peers") or {}, time.monotonic())
-        self.guard.restore_own(old.get("own_counters"))
-        tx = old.get("tx_counter")
-        return tx if isinstance(tx, int) and 0 <= tx <= guard.COUNTER_MASK else None
+        return speaker_state.restore(self)
 
     def all_counters(self) -> dict[str, int]:
-        c = dict(self.counters)
-        c.update({f"bad_{k}": v for k, v in self.bad.counts.items()})
-        c["log_suppressed"] = self.bad.suppressed
-        c["counter_resets"] = self.guard.counter_resets
-        return c
+        return speaker_state.all_counters(self)
 
     def write_state(self) -> None:
         self._state_at = time.monotonic()
-        if not self.args.state_file:
-            return
-        path = Path(self.args.state_file)
-        data = {"state": self.core.state, "vhid": self.args.vhid, "iface": self.iface, "vip": self.args.addr,
-                "advbase": self.args.advbase, "advskew": self.args.advskew, "since": self.since,
-                "pid": os.getpid(), "engine": "speaker", "counters": self.all_counters(),
-                "tx_counter": self.counter, "own_counters": self.guard.own, "peers_configured": sorted(self.guard.peers),
-                "peers": self.guard.snapshot(), "bad": self.bad.snapshot()}
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, sort_keys=True)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except OSError as e:
-            log.warning("cannot write state file %s: %s", path, e.strerror)
+        speaker_state.write(self)
 
     # -- input
     def receive(self) -> None:
@@ -301,7 +280,11 @@ class Speaker:
         if not self.guard.peers:
             log.warning("no --peer given: adverts from any LAN address are heard (ucarp's behaviour); "
                         "give each other node's address with --peer")
-        self.apply(self.core.start(time.monotonic()), INIT)
+        if a.start_master:
+            self.vip_script = "up"              # the VIP is held: a clean exit runs the down script (--shutdown)
+            self.apply(self.core.start_master(time.monotonic()), INIT)
+        else:
+            self.apply(self.core.start(time.monotonic()), INIT)
         link_ok = True
         next_link_check = 0.0
         while not self.stop_sig:
@@ -336,24 +319,36 @@ class Speaker:
             dl = self.core.next_deadline()
             timeout = LINK_POLL if dl is None else min(max(dl - time.monotonic(), 0.0), LINK_POLL)
             try:
-                ready, _, _ = select.select([self.rx, self.wake_r], [], [], timeout)
+                ready, _, _ = select.select([self.rx, self.wake_r] + ([self.ctl_sock] if self.ctl_sock else []),
+                                           [], [], timeout)
             except InterruptedError:
                 continue
             if self.wake_r in ready:
-                try:
-                    while self.wake_r.recv(64):
-                        pass
-                except BlockingIOError:
-                    pass
+                self._drain_wake()
             if self.rx in ready:
                 self.receive()
+            if self.ctl_sock is not None and self.ctl_sock in ready:
+                self.control()
         log.warning("signal %d: leaving", self.stop_sig)
         return self.shutdown(0)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self.wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
 
     def shutdown(self, code: int) -> int:
         old = self.core.state
         self.apply(self.core.leave(time.monotonic()), old)
         self.write_state()                          # the last counters, for the next run
+        if self.ctl_sock is not None:
+            self.ctl_sock.close()
+            try:
+                os.unlink(self.args.control)
+            except OSError:
+                pass
         self.jobs.put(("quit",))
         self.worker.join(timeout=self.args.script_timeout + 5)
         if self.args.shutdown and self.vip_script == "up":

@@ -82,6 +82,13 @@ def parser() -> argparse.ArgumentParser:
     a("--counter-resync", type=float, default=0.0, metavar="SECONDS",
       help="accept a counter below the last one from a source that was silent this long (a ucarp or kernel-CARP "
            "peer that restarted; such a restart picks a random counter). Default 0: never (speaker peers never need it)")
+    a("--control", metavar="SOCKET",
+      help="a Unix datagram socket (made 0600) for the fast liveness layer: 'master CAUSE' (become master now), "
+           "'hold' (the master is alive: restart the dead timer), 'leave CAUSE' (leave advert, then backup). "
+           "Not a ucarp option")
+    a("--start-master", action="store_true",
+      help="start as MASTER (advert at once, no up script): the supervisor restarting a crashed master that kept "
+           "its VIP. Not a ucarp option")
     a("--log-burst", type=_int_range(1, 10000, "--log-burst"), default=10,
       help="dropped-advert log lines allowed in a burst; refilled over a minute (the rest are counted)")
     return p

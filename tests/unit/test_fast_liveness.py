@@ -1,0 +1,192 @@
+"""The fast liveness layer's pure parts: heartbeat wire format and replay check, the policy, the engine's verbs."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from appliance.ha import engine_ctl
+from appliance.ha import heartbeat as hb
+from appliance.ha.fastpolicy import Own, PeerView, Policy
+from appliance.ha.fsm import BACKUP, MASTER, Core
+
+K = [hb.key(b"s3cret")]
+SOURCES = {("fw1", "sync"): "10.9.0.1", ("fw1", "lan"): "10.0.0.1"}
+
+
+def beat(seq: int, path: str = "sync", epoch: int = 5, echo: int = 7, **kw) -> hb.Beat:
+    return hb.Beat(node="fw1", path=path, epoch=epoch, seq=seq, echo=echo, vhids={1: ("MASTER", 0)}, **kw)
+
+
+def test_round_trip_and_every_field() -> None:
+    b = beat(3, proxy_ok=False, leaving=True, kind=hb.TAKEOVER, cause="proxy exited")
+    got = hb.unpack(hb.pack(b, K), K)
+    assert got == b
+
+
+def test_forged_truncated_and_foreign_datagrams_are_refused() -> None:
+    data = hb.pack(beat(1), K)
+    with pytest.raises(hb.BadHeartbeat) as e:
+        hb.unpack(data, [hb.key(b"other pass")])
+    assert e.value.reason == "mac"
+    flipped = bytearray(data)
+    flipped[30] ^= 1
+    with pytest.raises(hb.BadHeartbeat, match="mac"):
+        hb.unpack(bytes(flipped), K)
+    for bad in (b"", data[:20], b"XXXX" + data[4:], data + b"x" * 2000):
+        with pytest.raises(hb.BadHeartbeat) as e:
+            hb.unpack(bad, K)
+        assert e.value.reason in ("malformed", "mac")
+
+
+def test_next_pass_is_accepted_during_a_rotation() -> None:
+    nxt = [hb.key(b"next pass")]
+    assert hb.unpack(hb.pack(beat(1), nxt), K + nxt).seq == 1
+
+
+def test_replay_check_takes_each_heartbeat_once_per_path() -> None:
+    r = hb.Replay(epoch=7, sources=SOURCES)
+    assert r.admit(beat(1), "10.9.0.1").seq == 1
+    with pytest.raises(hb.BadHeartbeat, match="replayed"):
+        r.admit(beat(1), "10.9.0.1")                       # the same again
+    r.admit(beat(3), "10.9.0.1")
+    with pytest.raises(hb.BadHeartbeat, match="replayed"):
+        r.admit(beat(2), "10.9.0.1")                       # an older one, late
+    with pytest.raises(hb.BadHeartbeat, match="unknown_source"):
+        r.admit(beat(4), "10.9.0.66")                      # right MAC, wrong sender address
+    with pytest.raises(hb.BadHeartbeat, match="unknown_source"):
+        r.admit(beat(4, path="lan"), "10.9.0.1")           # a sync beat replayed onto the LAN path
+    assert r.admit(beat(2, path="lan"), "10.0.0.1").seq == 2  # each path counts on its own
+
+
+def test_a_restarted_receiver_takes_nothing_recorded_before_it_started() -> None:
+    before = beat(50, echo=7)                              # captured while the receiver ran with epoch 7
+    r = hb.Replay(epoch=8, sources=SOURCES)                # the receiver restarted: epoch 8
+    with pytest.raises(hb.BadHeartbeat, match="stale"):
+        r.admit(before, "10.9.0.1")
+    assert r.echo_for("fw1") == 5                          # but it now echoes the sender's epoch
+    assert r.admit(beat(51, echo=8), "10.9.0.1").seq == 51
+    with pytest.raises(hb.BadHeartbeat, match="replayed"):
+        r.admit(beat(49, echo=8), "10.9.0.1")
+
+
+def test_a_restarted_sender_is_taken_at_its_new_epoch_and_its_old_one_refused() -> None:
+    r = hb.Replay(epoch=7, sources=SOURCES)
+    r.admit(beat(900, epoch=5), "10.9.0.1")
+    assert r.admit(beat(1, epoch=6), "10.9.0.1").seq == 1
+    with pytest.raises(hb.BadHeartbeat, match="replayed"):
+        r.admit(beat(901, epoch=5), "10.9.0.1")
+
+
+# ------------------------------------------------------------------ policy
+
+def own(role: str, **kw) -> Own:
+    d = dict(name="fw2", lan_ip="10.0.0.2", roles={1: role}, advskew={1: 100}, proxy_ok=True, link_ok=True)
+    d.update(kw)
+    return Own(**d)
+
+
+def master_peer(heard_at: float, **kw) -> PeerView:
+    p = PeerView("fw1", "10.0.0.1", heard={"sync": heard_at, "lan": heard_at})
+    p.beat = hb.Beat(node="fw1", path="sync", epoch=1, seq=1, echo=1, vhids={1: ("MASTER", 0)}, **kw)
+    return p
+
+
+def test_backup_holds_while_the_master_is_heard_on_one_path() -> None:
+    pol = Policy(0.1, 3)
+    p = master_peer(10.0)
+    p.heard.pop("lan")                                     # the LAN path is gone: the sync link alone carries it
+    assert pol.tick(own(BACKUP), [p], 10.25, "") == [("hold", 1)]
+
+
+def test_backup_takes_over_once_when_the_master_is_silent_on_both_paths() -> None:
+    pol = Policy(0.1, 3)
+    p = master_peer(10.0)
+    assert pol.tick(own(BACKUP), [p], 10.29, "") == [("hold", 1)]
+    acts = pol.tick(own(BACKUP), [p], 10.31, "")
+    assert acts[0][:2] == ("master", 1) and "silent on both paths" in acts[0][2]
+    assert pol.tick(own(BACKUP), [p], 10.35, "") == []     # asked once, not every tick
+
+
+def test_no_takeover_from_a_peer_never_heard_or_by_an_unhealthy_backup() -> None:
+    pol = Policy(0.1, 3)
+    quiet = PeerView("fw1", "10.0.0.1")
+    assert pol.tick(own(BACKUP), [quiet], 99.0, "") == []  # an older node that sends no heartbeats: CARP alone
+    assert pol.tick(own(BACKUP, proxy_ok=False), [master_peer(10.0)], 11.0, "") == []
+    assert pol.tick(own(BACKUP, demoted=True), [master_peer(10.0)], 11.0, "") == []
+
+
+def test_only_the_best_backup_takes_over() -> None:
+    pol = Policy(0.1, 3)
+    better = PeerView("fw3", "10.0.0.3", heard={"sync": 10.9})
+    better.beat = hb.Beat(node="fw3", path="sync", epoch=1, seq=1, echo=1, vhids={1: ("BACKUP", 50)})
+    assert pol.tick(own(BACKUP), [master_peer(10.0), better], 11.0, "") == []
+    better.beat.proxy_ok = False                            # it cannot serve: we are next
+    assert pol.tick(own(BACKUP), [master_peer(10.0), better], 11.0, "")[0][0] == "master"
+
+
+def test_a_hand_over_or_a_failing_master_is_acted_on_at_once() -> None:
+    pol = Policy(0.1, 3)
+    p = master_peer(10.0, proxy_ok=False)
+    acts = pol.tick(own(BACKUP), [p], 10.05, "")
+    assert acts[0][:2] == ("master", 1) and "proxy is down or hung" in acts[0][2]
+    pol = Policy(0.1, 3)
+    p = master_peer(10.0)
+    p.beat.vhids = {1: ("BACKUP", 240)}                     # it stepped down already
+    p.takeover = hb.Beat(node="fw1", path="sync", epoch=1, seq=2, echo=1, kind=hb.TAKEOVER,
+                         vhids={1: ("MASTER", 0)}, cause="LAN link down")
+    p.takeover_at = 10.0
+    acts = pol.tick(own(BACKUP), [p], 10.05, "")
+    assert acts[0][:2] == ("master", 1) and "handed over: LAN link down" in acts[0][2]
+
+
+def test_master_hands_over_once_per_failure_even_if_the_engine_stopped_first() -> None:
+    pol = Policy(0.1, 3)
+    assert pol.tick(own(MASTER), [], 10.0, "") == []
+    assert pol.tick(own(MASTER), [], 10.1, "proxy exited") == [("handover", 1, "proxy exited")]
+    assert pol.tick(own(MASTER), [], 10.2, "proxy exited") == []
+    pol = Policy(0.1, 3)
+    pol.tick(own(MASTER), [], 10.0, "")
+    # the supervisor stopped the engine on link down before this tick: the role reads "" already
+    assert pol.tick(own(""), [], 10.1, "LAN link down") == [("handover", 1, "LAN link down")]
+
+
+# ------------------------------------------------------------------ the engine's side
+
+def core() -> Core:
+    c = Core(vhid=1, advbase=1, advskew=100, srcip="10.0.0.2", deadratio=2, preempt=True)
+    c.start(0.0)
+    return c
+
+
+def test_engine_verbs() -> None:
+    c = core()
+    assert engine_ctl.command(c, b"hold", 2.0) == [] and c.md_deadline == pytest.approx(2.0 + 2 + 100 / 256)
+    acts = engine_ctl.command(c, b"master fw1 silent", 2.1)
+    assert c.state == MASTER and [a[0] for a in acts] == ["send", "up", "garp"]
+    assert "fast liveness: fw1 silent" in c.last_reason
+    acts = engine_ctl.command(c, b"leave proxy hung", 2.2)
+    assert c.state == BACKUP and acts[0] == ("leave",) and c.md_deadline >= 2.2 + 3
+    assert engine_ctl.command(c, b"rm -rf /", 2.3) is None
+    c.link_down(3.0)
+    assert engine_ctl.command(c, b"master x", 3.1) == [] and c.state == BACKUP   # not taking part: no
+
+
+def test_start_master_advertises_at_once_without_the_up_script() -> None:
+    c = Core(vhid=1, advbase=1, advskew=0, srcip="10.0.0.1")
+    assert [a[0] for a in c.start_master(5.0)] == ["send", "garp"] and c.state == MASTER
+
+
+def test_control_socket_is_private(tmp_path) -> None:
+    path = str(tmp_path / "carp-1.ctl")
+    s = engine_ctl.open_control(path)
+    try:
+        assert (tmp_path / "carp-1.ctl").stat().st_mode & 0o777 == 0o600
+        assert engine_ctl.Sender().send(tmp_path / "carp-1.ctl", "hold")
+        assert s.recv(64) == b"hold"
+        assert not engine_ctl.Sender().send(tmp_path / "gone.ctl", "hold")
+        with pytest.raises(ValueError):
+            engine_ctl.Sender().send(tmp_path / "carp-1.ctl", "reboot")
+    finally:
+        s.close()
+    assert isinstance(s, socket.socket)
