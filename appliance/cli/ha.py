@@ -14,7 +14,7 @@ from appliance.cli import Ctx, emit_json, fail, main
 from appliance.core import pids, state
 from appliance.core.model import check_iface
 from appliance.ha import ip as netns
-from appliance.ha import role, watch, watchdog
+from appliance.ha import liveness, role, watch, watchdog
 from appliance.ha import supervisor as carp
 from sync import catchup
 
@@ -167,6 +167,7 @@ def collect_status(ctx: Ctx, probe: bool = True) -> dict:
         "proxy": {"up": ppid is not None, "pid": ppid, "stale": pstale},
         "sync_generation": state.sync_generation(paths),
         "carp_watch": watch.read_state(paths),
+        "fast": liveness.read_status(paths) if info else None,
     }
 
 
@@ -203,6 +204,8 @@ def status_cmd(ctx: Ctx, as_json: bool, no_probe: bool) -> None:
                f"{' (' + s['proxy']['stale'] + ')' if s['proxy'].get('stale') else ''}")
     gen = s["sync_generation"]
     click.echo(f"sync: {'generation ' + str(gen) if gen is not None else 'no release yet'}")
+    for line in liveness.summary(s["fast"]):
+        click.echo(line)
     watched = watch.summary(s["carp_watch"])
     if watched:
         click.echo(f"carp-watch: {watched}")

@@ -323,6 +323,20 @@ class HA(_Model):
                                  "counts as failed (raise it on slow hardware or emulated VMs)")
     demote_advskew: int = Field(240, ge=1, le=254, description="advskew used while demoted")
     hook_timeout: int = Field(10, ge=1, le=600, description="seconds a hooks.d script may run")
+    fast_interval: float = Field(0.1, ge=0, le=1.0, description="seconds between the fast liveness heartbeats on "
+                                 "the sync link and the LAN (docs/ha.md); 0 turns the fast layer off (CARP alone)")
+    fast_misses: int = Field(3, ge=2, le=50, description="heartbeat intervals a master may be silent on both paths "
+                             "before a backup takes over")
+    fast_port: int = Field(7407, ge=1024, le=65535, description="UDP port of the heartbeats (sync and LAN address)")
+    fast_check_timeout: float = Field(0.35, ge=0.05, le=5, description="seconds the master's fast proxy check may "
+                                      "go unanswered before it counts the proxy as hung and hands the VIP over")
+
+    @field_validator("fast_interval")
+    @classmethod
+    def _fast_interval(cls, v: float) -> float:
+        if 0 < v < 0.02:
+            raise ValueError("must be 0 (off) or at least 0.02 s")
+        return v
 
 
 class Appliance(_Model):

@@ -152,6 +152,10 @@ class Paths:
     def engine_state(self, vhid: int) -> Path:
         return self.run / f"carp-{vhid}.engine.json"
 
+    def engine_control(self, vhid: int) -> Path:
+        """The speaker's --control socket for a vhid (the fast liveness layer's commands)."""
+        return self.run / f"carp-{vhid}.ctl"
+
     def engine_advskew(self, vhid: int) -> Path:
         """The speaker's --advskew-file for a vhid: this node's advskew now (demoted or not)."""
         return self.run / f"carp-{vhid}.advskew"

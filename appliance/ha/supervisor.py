@@ -18,7 +18,7 @@ from appliance.core.loader import load
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths
 from appliance.ha import ip as netns
-from appliance.ha import catchup, engine_report, role, watchdog
+from appliance.ha import catchup, engine_report, fastlink, role, watchdog
 from appliance.ha.transition import write_scripts  # noqa: F401 (re-exported: tests, the supervisor)
 from appliance.ha.carpset import (carp_changes, carp_params, effective_advskew,  # noqa: F401 (re-exported)
                                   peer_specs, peers_only_change, refused_change, startup_delay, write_pass,
@@ -43,7 +43,7 @@ def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Pat
                 advskew: int, preempt: bool, deadratio: int, upscript: Path, downscript: Path,
                 xparam: str, state_file: Path | None = None, peers: list[str] | tuple = (),
                 peers_file: Path | None = None, passfile_next: Path | None = None,
-                advskew_file: Path | None = None) -> list[str]:
+                advskew_file: Path | None = None, control: Path | None = None, start_master: bool = False) -> list[str]:
     """The one argument builder for both engines (the speaker takes ucarp's options). Both engines send
     the gratuitous ARP themselves (the speaker only while still MASTER), so the scripts pass --no-garp."""
     if engine not in ENGINES:
@@ -65,6 +65,8 @@ def engine_argv(engine: str, *, iface: str, srcip: str, vhid: int, passfile: Pat
         args += ["--peers-file", str(peers_file)] if peers_file is not None else []
         args += ["--passfile-next", str(passfile_next)] if passfile_next is not None else []   # pass rotation
         args += ["--advskew-file", str(advskew_file)] if advskew_file is not None else []      # live re-arm
+        args += ["--control", str(control)] if control is not None else []                   # fast liveness
+        args += ["--start-master"] if start_master else []
     return head + args
 
 
@@ -92,6 +94,7 @@ class CarpProcess:
     next_start: float = 0.0
     waiting_link: bool = False
     report: engine_report.EngineReport | None = None   # ucarp only: its own account of its state
+    as_master: bool = False                             # restarted as master (fast liveness: the VIP stayed)
 
 
 @dataclass
@@ -119,6 +122,7 @@ class CarpSupervisor:
         self.health = watchdog.Health(self.cfg.ha.failures)
         self.use_watchdog = self.use_watchdog and self.cfg.ha.watchdog
         self.target = watchdog.check_target(self.cfg, self.check)
+        self.fast = None          # the fast liveness layer (appliance.ha.liveness), started by run_forever
         self.catchup = None if self.ahead is None else catchup.CatchUp(self.ahead, self.paths, self.rearm.set, (
             lambda msg: role.log_line(msg, self.paths)), catchup.pending_limit(self.cfg.sync.timeout))
 
@@ -150,9 +154,11 @@ class CarpSupervisor:
             return True, "proxy unhealthy (standalone watchdog)"
         if self.catchup is not None and self.catchup.reason:
             return True, self.catchup.reason
+        if self.fast is not None and self.fast.failure:
+            return True, f"fast liveness: {self.fast.failure}"
         return False, ""
 
-    def start_engine(self, e: CarpProcess) -> None:
+    def start_engine(self, e: CarpProcess, as_master: bool = False) -> None:
         demoted, _ = self.demoted()
         e.advskew = effective_advskew(self.cfg, e.group, demoted)
         argv = engine_argv(
@@ -161,10 +167,12 @@ class CarpSupervisor:
             preempt=self.cfg.cluster.preempt, deadratio=self.deadratio, upscript=self.up, downscript=self.down,
             xparam=str(e.group.vhid), state_file=self.paths.engine_state(e.group.vhid),
             peers_file=self.peers_file(e.group.vhid), passfile_next=self.paths.carp_pass_next,
-            advskew_file=self.advskew_file(e))
+            advskew_file=self.advskew_file(e), start_master=as_master,
+            control=self.paths.engine_control(e.group.vhid) if self.engine == "speaker" else None)
         e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env}, cwd=ENGINE_CWD,
                                   stderr=subprocess.PIPE if self.engine == "ucarp" else None)
         e.report = engine_report.EngineReport(e.proc.stderr) if self.engine == "ucarp" else None
+        e.as_master = as_master
         e.started = time.monotonic()
         self.paths.engine_pid(e.group.vhid).write_text(f"{e.proc.pid}\n")
         role.log_line(f"carp: started {self.engine} pid {e.proc.pid} vhid {e.group.vhid} advskew {e.advskew}", self.paths)
@@ -304,6 +312,7 @@ class CarpSupervisor:
             threading.Thread(target=self.watch, name="watchdog", daemon=True).start()
         if self.catchup is not None:
             self.catchup.start(self.stop)
+        self.fast = fastlink.start(self)
         self.stop.wait(startup_delay(self.cfg, self.node))
         try:
             return self.loop()
@@ -343,6 +352,10 @@ class CarpSupervisor:
                         role.log_line(f"carp: {self.iface} is down; stopping the engine of vhid {e.group.vhid}", self.paths)
                         self.stop_engine(e, "link down")
                         e.next_start = 0.0
+                    elif rc is not None and fastlink.keep_master(self, e, now):
+                        role.log_line(f"carp: engine of vhid {e.group.vhid} exited ({rc}) while MASTER on a healthy "
+                                      f"node; restarting it as master, the VIP stays (restart #{e.restarts})", self.paths)
+                        self.start_engine(e, as_master=True)
                     elif rc is not None:
                         e.proc = None
                         self.drop(e, f"engine exited with {rc}")

@@ -149,7 +149,7 @@ class WorkerSupervisor:
         files = [metrics.worker_file(self.spec.run_dir, i) for i in range(self.nworkers)]
         total = metrics.aggregate(files)
         total["reload_failures"] = max(total["reload_failures"], 0) + self.reload_failures
-        return metrics.prometheus(total, len(self.children))
+        return metrics.prometheus(total, len(self.children)) + metrics.node_files(self.spec.run_dir)
 
     def serve_metrics(self, sock: socket.socket) -> None:
         try:

@@ -99,5 +99,21 @@ def prometheus(total: dict, workers: int, extra: dict | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+# The HA side's own metrics, written by the CARP supervisor and carp-watch beside the proxy's run files: served
+# with the proxy's (one /metrics per node), read as they are (small files, written atomically).
+NODE_PROM_FILES = ("liveness.prom", "carp-watch.prom")
+
+
+def node_files(run: Path) -> str:
+    out = []
+    for name in NODE_PROM_FILES:
+        try:
+            text = (run / name).read_text(errors="replace")
+        except OSError:
+            continue
+        out.append(text if text.endswith("\n") else text + "\n")
+    return "".join(out)
+
+
 def now() -> float:
     return time.time()
