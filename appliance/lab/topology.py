@@ -33,6 +33,9 @@ def build_lan(lab: Lab, prefix: int) -> None:
     lan_ns, cli_ns, br = lab.lan.netns, lab.client.netns, lab.lan.bridge
     add_netns(lab, lan_ns)
     netns.ip("link", "add", br, "type", "bridge", netns=lan_ns)
+    # a fixed address: a bridge otherwise takes its lowest port's, so a port leaving (a lab's LAN cut) would change
+    # the origin's MAC under every node's ARP cache
+    netns.ip("link", "set", br, "address", "02:ca:fe:00:00:01", netns=lan_ns)
     netns.ip("link", "set", br, "up", netns=lan_ns)
     netns.ip("addr", "add", f"{lab.lan.origin_ip}/{prefix}", "dev", br, netns=lan_ns)
     add_netns(lab, cli_ns)

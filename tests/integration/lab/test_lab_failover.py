@@ -14,7 +14,7 @@ import pytest
 
 from appliance.ha import ip as netns
 from appliance.lab import daemons, lifecycle, topology
-from appliance.lab.faults import KINDS, inject_fault, recover
+from appliance.lab.faults import FAST_KINDS, KINDS, inject_fault, recover
 from appliance.lab.measure import Probe, fmt_result, measure
 from appliance.lab.model import Lab, LabError, lab_dir, list_labs
 from tests.support.env import APPLIANCE, EXAMPLES, need_tool
@@ -128,7 +128,7 @@ def test_random_fail_recover_cycles_leave_one_holder(lab, probe) -> None:
     done = []
     try:
         for _ in range(20):
-            node, kind = rng.choice(nodes), rng.choice(KINDS)
+            node, kind = rng.choice(nodes), rng.choice(KINDS + FAST_KINDS)   # the fast liveness cases too
             if kind == "engine-kill" and daemons.engine_pid(lab, node) is None:
                 kind = "link-down"
             # random fault and pause lengths are the point of this test (pacing, not synchronisation)
