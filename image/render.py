@@ -22,6 +22,7 @@ PRIVATE_KEY_MARK = b"PRIVATE KEY-----"  # PEM and OpenSSH private keys (BEGIN ..
 APPLIANCE_BIN = "/usr/local/bin/appliance"
 STATE_DIR = "/var/db/appliance"
 PIDFILE = f"{STATE_DIR}/run/proxy.pid"
+LIVENESS_PIDFILE = f"{STATE_DIR}/run/liveness.pid"
 CONFIG_LINK = "/usr/local/etc/appliance"
 SHARE = "/usr/local/share/carpguard"
 VENV = "/usr/local/carpguard"
@@ -256,12 +257,15 @@ def render_freebsd(cfg: Appliance, config_path: Path, node: str, exclude: list[P
     t = Tree()
     common = dict(node=node, release=c.freebsd, legacy=c.legacy_carp, arch=ARCH, appliance_bin=APPLIANCE_BIN)
     t.file("/boot/loader.conf", template("loader.conf.j2", **common), source="template:loader.conf.j2")
-    t.file("/etc/rc.conf", template("rc.conf.j2", hostname=n.hostname or node, iface_lines=_iface_lines(cfg, node), **common), source="template:rc.conf.j2")
+    t.file("/etc/rc.conf", template("rc.conf.j2", hostname=n.hostname or node, iface_lines=_iface_lines(cfg, node),
+                                        fast=cfg.ha.fast_interval > 0, **common), source="template:rc.conf.j2")
     t.file("/etc/rc.conf.d/netif", template("netif.j2", advskew=n.advskew, carp_lines=_carp_lines(cfg, node), **common),
            0o600, secret=True, source="template:netif.j2")
     t.file("/etc/sysctl.conf", template("sysctl.conf.j2", preempt=c.preempt, carp_log=2 if c.legacy_carp else 1, **common), source="template:sysctl.conf.j2")
     t.file("/usr/local/etc/devd/carp.conf", template("devd-carp.conf.j2", rules=_devd_rules(cfg, node), **common), source="template:devd-carp.conf.j2")
     t.file("/usr/local/etc/rc.d/appliance", template("rc.d-appliance.j2", pidfile=PIDFILE, **common), 0o555, source="template:rc.d-appliance.j2")
+    t.file("/usr/local/etc/rc.d/appliance_liveness", template("rc.d-appliance_liveness.j2", pidfile=LIVENESS_PIDFILE, **common),
+           0o555, source="template:rc.d-appliance_liveness.j2")
     acc = sync_access(cfg)
     fb = dict(share=SHARE, venv=VENV, python=PYTHON, sync_user=cfg.sync.user, sync_uid=SYNC_UID, sync_home=acc["home"])
     t.file("/usr/local/etc/rc.d/appliance_firstboot", template("rc.d-appliance_firstboot.j2", **fb, **common), 0o555,

@@ -24,6 +24,7 @@ COMMANDS = {
     "proxy": "appliance.cli.proxy", "reload": "appliance.cli.proxy", "explain": "appliance.cli.proxy",
     "role": "appliance.cli.ha", "carp": "appliance.cli.ha", "status": "appliance.cli.ha", "demote": "appliance.cli.ha",
     "promote": "appliance.cli.ha", "watchdog": "appliance.cli.ha", "carp-watch": "appliance.cli.ha",
+    "liveness": "appliance.cli.liveness",
     "lab": "appliance.cli.lab", "vmlab": "appliance.cli.vmlab",
     "sync": "appliance.cli.sync", "sync-receive": "appliance.cli.sync", "sync-serve": "appliance.cli.sync",
     "releases": "appliance.cli.sync", "cron": "appliance.cli.sync",

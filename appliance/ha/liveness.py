@@ -8,7 +8,6 @@ decides, as before.
 """
 from __future__ import annotations
 
-import os
 import select
 import socket
 import threading
@@ -21,11 +20,11 @@ from typing import Callable
 from appliance.core.fsio import read_json, write_json_atomic, write_text_atomic
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths
-from appliance.core.pids import read_pid
 from appliance.ha import heartbeat as hb
 from appliance.ha import watchdog
 from appliance.ha.fastpolicy import Own, PeerView, Policy
 from appliance.ha.netio import link_running
+from appliance.ha.proxywatch import ProxyWatch
 
 RTMGRP_LINK = 1
 WRITE_EVERY = 0.5            # seconds between status file writes
@@ -61,78 +60,16 @@ class View:
     demoted: bool
 
 
-class ProxyWatch:
-    """The local proxy: its process through a pidfd (an exit is seen at once) and a check every interval (hung)."""
-
-    def __init__(self, paths: Paths, target: tuple[str, int], interval: float, timeout: float):
-        self.paths, self.target, self.interval, self.timeout = paths, target, interval, timeout
-        self.pid: int | None = None
-        self.pidfd: int | None = None
-        self.exited = False
-        self.last_ok = time.monotonic()
-        self.answered = False        # a proxy that never answered is starting, not hung (the watchdog gates boot)
-        self.down: tuple[float, str] | None = None     # (since, why) while failed
-
-    def fileno(self) -> int | None:
-        return self.pidfd
-
-    def refresh(self) -> None:
-        """Follow the pid file: a new proxy gets a new pidfd (a restarted proxy is watched again)."""
-        pid = read_pid(self.paths.proxy_pid)
-        if pid == self.pid and (self.pidfd is not None or self.exited):
-            return
-        self.close()
-        self.pid, self.exited = pid, False
-        if pid is not None:
-            try:
-                self.pidfd = os.pidfd_open(pid)
-            except OSError:
-                self.exited = True
-
-    def on_exit(self) -> None:
-        self.exited = True
-        self.close()
-
-    def close(self) -> None:
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
-
-    def failure(self, now: float) -> str:
-        """Why the proxy cannot serve ('' when it can). Once failed, it stays failed until a check succeeds after
-        the failure: a proxy that is restarted but not answering yet must not pull the VIP back."""
-        if self.down is not None:
-            since, why = self.down
-            if self.last_ok > since and not self.exited:
-                self.down = None
-                return ""
-            return why
-        if self.pid is None:
-            return ""                 # no proxy recorded yet (starting): the watchdog's boot gate covers it
-        if self.exited:
-            self.down = (now, "proxy exited")
-        elif self.answered and now - self.last_ok > self.timeout + self.interval:
-            self.down = (now, f"proxy hung (no answer within {self.timeout:g} s)")
-        return self.down[1] if self.down else ""
-
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            t0 = time.monotonic()
-            ok, _ = watchdog.probe(*self.target, timeout=self.timeout)
-            if ok:
-                self.last_ok, self.answered = time.monotonic(), True
-            stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
-
-
 class Liveness:
     """Heartbeats out and in on both paths, the policy every interval, actions through `command(vhid, verb, cause)`."""
 
     def __init__(self, cfg: Appliance, node: str, paths: Paths, view: Callable[[], View],
                  command: Callable[[int, str, str], None], log: Callable[[str], None],
-                 on_failure: Callable[[], None] = lambda: None, acting: bool = True, check: tuple[str, int] | None = None):
+                 on_failure: Callable[[], None] = lambda: None, acting: bool = True, check: tuple[str, int] | None = None,
+                 link: Callable[[], bool] | None = None):
         ha = cfg.ha
         self.cfg, self.node, self.paths, self.view, self.command, self.log = cfg, node, paths, view, command, log
-        self.on_failure, self.acting = on_failure, acting
+        self.on_failure, self.acting, self.link_check = on_failure, acting, link
         self.interval, self.port = ha.fast_interval, ha.fast_port
         self.policy = Policy(ha.fast_interval, ha.fast_misses)
         me = cfg.nodes[node]
@@ -166,8 +103,13 @@ class Liveness:
             s.setblocking(False)
             self.socks[path] = s
         self.ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        self.nl.bind((0, RTMGRP_LINK))
+        # link changes as the kernel announces them: netlink on Linux, the routing socket on FreeBSD (RTM_IFINFO,
+        # what devd's LINK_DOWN comes from); each message only makes the next tick come now
+        if hasattr(socket, "AF_NETLINK"):
+            self.nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            self.nl.bind((0, RTMGRP_LINK))
+        else:
+            self.nl = socket.socket(socket.AF_ROUTE, socket.SOCK_RAW, 0)
         self.nl.setblocking(False)
 
     def start(self, stop: threading.Event) -> None:
@@ -263,6 +205,8 @@ class Liveness:
                 self.command(vhid, "master", cause)
 
     def _link(self) -> bool:
+        if self.link_check is not None:
+            return self.link_check()
         try:
             return link_running(self.ctl, self.iface)
         except OSError:
@@ -289,7 +233,7 @@ class Liveness:
             if now >= nxt:
                 self.tick(now)
                 nxt = max(nxt + self.interval, now + self.interval / 4)
-            fds = [*self.socks.values(), self.nl] + ([self.proxy] if self.proxy.fileno() is not None else [])
+            fds = [*self.socks.values(), self.nl] + ([self.proxy] if self.proxy.pidfd is not None else [])
             try:
                 ready, _, _ = select.select(fds, [], [], max(0.0, nxt - time.monotonic()))
             except (InterruptedError, ValueError):

@@ -1,0 +1,96 @@
+"""The local proxy as the fast liveness layer watches it: its process (an exit seen at once: a pidfd on Linux, kqueue
+NOTE_EXIT on FreeBSD) and a GET /healthz every interval (a proxy that stops answering is hung)."""
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+
+from appliance.core.paths import Paths
+from appliance.core.pids import read_pid
+from appliance.ha import watchdog
+
+
+def watch_exit(pid: int):
+    """Something select() reports readable when `pid` exits; OSError when there is no such process."""
+    if hasattr(os, "pidfd_open"):
+        return _Fd(os.pidfd_open(pid))
+    kq = select.kqueue()
+    kq.control([select.kevent(pid, filter=select.KQ_FILTER_PROC, flags=select.KQ_EV_ADD,
+                              fflags=select.KQ_NOTE_EXIT)], 0)
+    return kq
+
+
+class _Fd:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class ProxyWatch:
+    """The local proxy: its process through a pidfd (an exit is seen at once) and a check every interval (hung)."""
+
+    def __init__(self, paths: Paths, target: tuple[str, int], interval: float, timeout: float):
+        self.paths, self.target, self.interval, self.timeout = paths, target, interval, timeout
+        self.pid: int | None = None
+        self.pidfd = None                              # watch_exit()'s object while a proxy is watched
+        self.exited = False
+        self.last_ok = time.monotonic()
+        self.answered = False        # a proxy that never answered is starting, not hung (the watchdog gates boot)
+        self.down: tuple[float, str] | None = None     # (since, why) while failed
+
+    def fileno(self) -> int:
+        return self.pidfd.fileno()
+
+    def refresh(self) -> None:
+        """Follow the pid file: a new proxy gets a new pidfd (a restarted proxy is watched again)."""
+        pid = read_pid(self.paths.proxy_pid)
+        if pid == self.pid and (self.pidfd is not None or self.exited):
+            return
+        self.close()
+        self.pid, self.exited = pid, False
+        if pid is not None:
+            try:
+                self.pidfd = watch_exit(pid)
+            except OSError:
+                self.exited = True
+
+    def on_exit(self) -> None:
+        self.exited = True
+        self.close()
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            self.pidfd.close()
+            self.pidfd = None
+
+    def failure(self, now: float) -> str:
+        """Why the proxy cannot serve ('' when it can). Once failed, it stays failed until a check succeeds after
+        the failure: a proxy that is restarted but not answering yet must not pull the VIP back."""
+        if self.down is not None:
+            since, why = self.down
+            if self.last_ok > since and not self.exited:
+                self.down = None
+                return ""
+            return why
+        if self.pid is None:
+            return ""                 # no proxy recorded yet (starting): the watchdog's boot gate covers it
+        if self.exited:
+            self.down = (now, "proxy exited")
+        elif self.answered and now - self.last_ok > self.timeout + self.interval:
+            self.down = (now, f"proxy hung (no answer within {self.timeout:g} s)")
+        return self.down[1] if self.down else ""
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            ok, _ = watchdog.probe(*self.target, timeout=self.timeout)
+            if ok:
+                self.last_ok, self.answered = time.monotonic(), True
+            stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
