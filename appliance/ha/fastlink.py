@@ -2,6 +2,7 @@
 to the speakers' control sockets, and decide whether a crashed master's engine restarts as master."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -30,17 +31,40 @@ def view(sup: CarpSupervisor) -> liveness.View:
                          advskew={e.group.vhid: e.advskew for e in sup.engines}, demoted=sup.demoted()[0])
 
 
+def settings(sup: CarpSupervisor) -> tuple:
+    """What the running layer was started with: a reload that changes any of it starts a new one."""
+    c = sup.cfg
+    return (c.ha.fast_interval, c.ha.fast_misses, c.ha.fast_port, c.ha.fast_check_timeout, c.cluster.interface,
+            c.cluster.password.get_secret_value(), c.cluster.password_next and c.cluster.password_next.get_secret_value(),
+            tuple((n, str(x.lan.ip), str(x.sync.ip)) for n, x in sorted(c.nodes.items())), sup.target)
+
+
+def stop(sup: CarpSupervisor) -> None:
+    if sup.fast is not None:
+        sup.fast_stop.set()
+        sup.fast.join()
+        sup.fast = None
+
+
+def restart_if_changed(sup: CarpSupervisor, before: tuple) -> None:
+    """After a reload: the layer again with the new settings when they changed (a heartbeat gap of one interval)."""
+    if settings(sup) != before:
+        stop(sup)
+        sup.fast = start(sup)
+
+
 def start(sup: CarpSupervisor) -> liveness.Liveness | None:
     """The layer, running, when ha.fast_interval > 0; it acts through the speaker only (ucarp: report only)."""
     if sup.cfg.ha.fast_interval <= 0:
         return None
+    sup.fast_stop = threading.Event()
     sender = engine_ctl.Sender()
     log = lambda msg: role.log_line(msg, sup.paths)  # noqa: E731
     fast = liveness.Liveness(sup.cfg, sup.node, sup.paths, lambda: view(sup),
                              lambda vhid, verb, cause: sender.send(sup.paths.engine_control(vhid), verb, cause),
                              log, on_failure=sup.rearm.set, acting=sup.engine == "speaker", check=sup.target)
     try:
-        fast.start(sup.stop)
+        fast.start(sup.fast_stop)
     except OSError as e:
         log(f"fast: liveness layer not started, CARP alone decides: cannot open its sockets ({e.strerror or e})")
         return None

@@ -114,8 +114,18 @@ class Liveness:
 
     def start(self, stop: threading.Event) -> None:
         self.open()
-        threading.Thread(target=self.proxy.run, args=(stop,), name="fast-check", daemon=True).start()
-        threading.Thread(target=self.run, args=(stop,), name="fast-liveness", daemon=True).start()
+        self.threads = [threading.Thread(target=self.proxy.run, args=(stop,), name="fast-check", daemon=True),
+                        threading.Thread(target=self.run, args=(stop,), name="fast-liveness", daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def join(self, timeout: float = 3.0) -> None:
+        """After `stop` was set: wait for both threads, then free the port (a reload starts a new layer on it)."""
+        for t in self.threads:
+            t.join(timeout)
+        for s in (*self.socks.values(), self.nl, self.ctl):
+            s.close()
+        self.proxy.close()
 
     def send(self, path: str, peer: str, kind: int, vhids: dict, cause: str = "") -> None:
         self.seq += 1

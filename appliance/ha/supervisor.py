@@ -239,6 +239,13 @@ class CarpSupervisor:
         })
 
     def reload_config(self) -> list[str] | None:
+        before = fastlink.settings(self)
+        try:
+            return self._reload_config()
+        finally:
+            fastlink.restart_if_changed(self, before)
+
+    def _reload_config(self) -> list[str] | None:
         """SIGHUP: re-read the config (through the `current` symlink), and when this node's CARP settings changed
         stop every engine (VIPs dropped, leave adverts sent) and start them with the new ones; when only the other
         nodes changed, rewrite the peers files and keep the engines. A config that does not validate keeps the
@@ -317,6 +324,7 @@ class CarpSupervisor:
         try:
             return self.loop()
         finally:
+            fastlink.stop(self)
             for e in self.engines:
                 self.stop_engine(e, "carp stop")
             self.write_status()

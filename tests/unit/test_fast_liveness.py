@@ -190,3 +190,23 @@ def test_control_socket_is_private(tmp_path) -> None:
     finally:
         s.close()
     assert isinstance(s, socket.socket)
+
+
+def test_a_reload_restarts_the_layer_only_when_its_settings_changed(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from appliance.core.loader import load
+    from appliance.ha import fastlink
+    from tests.support.env import EXAMPLES
+
+    cfg = load(EXAMPLES / "appliance.yaml")
+    sup = SimpleNamespace(cfg=cfg, target=("127.0.0.1", 3128), fast=None)
+    calls = []
+    monkeypatch.setattr(fastlink, "stop", lambda s: calls.append("stop"))
+    monkeypatch.setattr(fastlink, "start", lambda s: calls.append("start") or "new layer")
+    before = fastlink.settings(sup)
+    fastlink.restart_if_changed(sup, before)
+    assert calls == []
+    sup.cfg = cfg.model_copy(update={"ha": cfg.ha.model_copy(update={"fast_misses": 5})})
+    fastlink.restart_if_changed(sup, before)
+    assert calls == ["stop", "start"] and sup.fast == "new layer"
