@@ -17,6 +17,7 @@ def open_control(path: str) -> socket.socket:
     except FileNotFoundError:
         pass
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    # the umask is the process's: the speaker calls this from its one thread, before its script worker starts
     old = os.umask(0o177)
     try:
         s.bind(path)

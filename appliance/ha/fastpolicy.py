@@ -83,7 +83,7 @@ class Policy:
 
     interval: float
     misses: int
-    forced: dict[int, float] = field(default_factory=dict)       # vhid -> when we forced master
+    forced: dict[int, float] = field(default_factory=dict)       # vhid -> when we forced master (until heard again)
     handed: dict[int, str] = field(default_factory=dict)         # vhid -> cause we handed over for
     mastered: dict[int, float] = field(default_factory=dict)     # vhid -> when we were last seen MASTER
 
@@ -97,7 +97,6 @@ class Policy:
         for vhid, role in sorted(own.roles.items()):
             if role == "MASTER":
                 self.mastered[vhid] = now
-                self.forced.pop(vhid, None)
             # a failure that stopped the engine (LAN link down) may have taken MASTER away before this tick saw it
             was_master = now - self.mastered.get(vhid, -1e9) <= self.dead
             if own_failure and was_master:
@@ -130,7 +129,9 @@ class Policy:
         if not why:
             self.forced.pop(vhid, None)
             return ("hold", vhid)
-        if not able or now - self.forced.get(vhid, -1e9) < self.dead or not best_candidate(own, vhid, peers, now, self.dead):
+        # once per silence: a takeover that CARP undid (the master still advertises) is not forced again until the
+        # master is heard again, or both nodes would flap, each gratuitous ARP pulling the clients across
+        if not able or vhid in self.forced or not best_candidate(own, vhid, peers, now, self.dead):
             return None
         self.forced[vhid] = now
         return ("master", vhid, why)

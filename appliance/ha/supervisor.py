@@ -168,7 +168,7 @@ class CarpSupervisor:
             xparam=str(e.group.vhid), state_file=self.paths.engine_state(e.group.vhid),
             peers_file=self.peers_file(e.group.vhid), passfile_next=self.paths.carp_pass_next,
             advskew_file=self.advskew_file(e), start_master=as_master,
-            control=self.paths.engine_control(e.group.vhid) if self.engine == "speaker" else None)
+            control=self.paths.engine_control(e.group.vhid) if self.fast_control() else None)
         e.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, **self.env}, cwd=ENGINE_CWD,
                                   stderr=subprocess.PIPE if self.engine == "ucarp" else None)
         e.report = engine_report.EngineReport(e.proc.stderr) if self.engine == "ucarp" else None
@@ -177,6 +177,10 @@ class CarpSupervisor:
         self.paths.engine_pid(e.group.vhid).write_text(f"{e.proc.pid}\n")
         role.log_line(f"carp: started {self.engine} pid {e.proc.pid} vhid {e.group.vhid} advskew {e.advskew}", self.paths)
         self.write_status()
+
+    def fast_control(self) -> bool:
+        """The speaker gets a control socket only for the fast liveness layer (ha.fast_interval > 0)."""
+        return self.engine == "speaker" and self.cfg.ha.fast_interval > 0
 
     def live_rearm(self) -> bool:
         """The speaker takes a new advskew live; with preempt on, a better backup then takes over at once. ucarp,

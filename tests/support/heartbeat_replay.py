@@ -1,18 +1,24 @@
-"""Run inside the lab's LAN namespace (root): capture one heartbeat on its way to a node and send it to the node
-again, as is (a replay) or with one byte of its body changed (a forgery), the attacks a LAN host can make."""
+"""Run inside the lab's namespaces (root): the attacks a LAN host can make on the fast liveness heartbeats.
+
+`PORT_IFACE DST PORT replay|forge COUNT` (in the LAN namespace, on the node's bridge port): capture one heartbeat on
+its way to the node and send it again, as is (a replay) or with one byte of its body changed (a forgery).
+`holdback IFACE DST PORT SECONDS GO_FILE TO_MAC EVERY` (in the client namespace, the master's heartbeats steered to
+it by a spoofed neighbour entry): keep every heartbeat to DST for SECONDS, then, once GO_FILE exists, release them
+to TO_MAC one every EVERY seconds (a LAN host delaying the master's heartbeats past its death)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import sys
 import time
 
-ETH_P_ALL, PACKET_OUTGOING = 0x0003, 4
+ETH_P_ALL, PACKET_HOST, PACKET_OUTGOING = 0x0003, 0, 4
 
 
-def capture(iface: str, dst: str, port: int, timeout: float) -> bytes:
-    """One IPv4/UDP frame to dst:port leaving `iface` (a bridge port, so towards the node), within timeout."""
+def capture(iface: str, dst: str, port: int, timeout: float, kind: int = PACKET_OUTGOING) -> bytes:
+    """One IPv4/UDP frame to dst:port seen on `iface` (leaving a bridge port towards the node, or `kind`)."""
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     s.bind((iface, 0))
     s.settimeout(0.2)
@@ -23,7 +29,7 @@ def capture(iface: str, dst: str, port: int, timeout: float) -> bytes:
             frame, addr = s.recvfrom(2048)
         except socket.timeout:
             continue
-        if addr[2] != PACKET_OUTGOING or frame[12:14] != b"\x08\x00" or frame[23] != 17 or frame[30:34] != want:
+        if addr[2] != kind or frame[12:14] != b"\x08\x00" or frame[23] != 17 or frame[30:34] != want:
             continue
         ihl = (frame[14] & 0x0F) * 4
         if struct.unpack("!H", frame[14 + ihl + 2:14 + ihl + 4])[0] == port:
@@ -57,5 +63,31 @@ def main(iface: str, dst: str, port: int, mode: str, count: int) -> None:
     print(json.dumps({"mode": mode, "sent": count, "bytes": len(out)}))
 
 
+def hold_back(iface: str, dst: str, port: int, seconds: float, go: str, to_mac: str, every: float) -> None:
+    frames, end = [], time.monotonic() + seconds
+    while time.monotonic() < end and len(frames) < 500:
+        try:
+            frames.append(capture(iface, dst, port, max(0.05, end - time.monotonic()), PACKET_HOST))
+        except SystemExit:
+            break
+    print(f"captured {len(frames)}", flush=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((iface, 0))
+    mac = bytes.fromhex(to_mac.replace(":", ""))
+    for f in frames:
+        out = no_checksum(f)
+        out[0:6] = mac
+        s.send(bytes(out))
+        time.sleep(every)
+    print(json.dumps({"mode": "holdback", "sent": len(frames)}), flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    if sys.argv[1] == "holdback":
+        hold_back(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6], sys.argv[7],
+                  float(sys.argv[8]))
+    else:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))

@@ -14,12 +14,19 @@ K = [hb.key(b"s3cret")]
 SOURCES = {("fw1", "sync"): "10.9.0.1", ("fw1", "lan"): "10.0.0.1"}
 
 
-def beat(seq: int, path: str = "sync", epoch: int = 5, echo: int = 7, **kw) -> hb.Beat:
-    return hb.Beat(node="fw1", path=path, epoch=epoch, seq=seq, echo=echo, vhids={1: ("MASTER", 0)}, **kw)
+def beat(seq: int, path: str = "sync", epoch: int = 5, echo: int = 7, ack: int = 1, **kw) -> hb.Beat:
+    return hb.Beat(node="fw1", path=path, epoch=epoch, seq=seq, echo=echo, ack=ack, vhids={1: ("MASTER", 0)}, **kw)
+
+
+def replay(epoch: int = 7) -> hb.Replay:
+    """A receiver that sent its heartbeat seq 1 at t=100."""
+    r = hb.Replay(epoch=epoch, sources=SOURCES, max_age=0.6)
+    r.note_sent(1, 100.0)
+    return r
 
 
 def test_round_trip_and_every_field() -> None:
-    b = beat(3, proxy_ok=False, leaving=True, kind=hb.TAKEOVER, cause="proxy exited")
+    b = beat(3, proxy_ok=False, leaving=True, kind=hb.TAKEOVER, cause="proxy exited", ack=2**40)
     got = hb.unpack(hb.pack(b, K), K)
     assert got == b
 
@@ -45,37 +52,52 @@ def test_next_pass_is_accepted_during_a_rotation() -> None:
 
 
 def test_replay_check_takes_each_heartbeat_once_per_path() -> None:
-    r = hb.Replay(epoch=7, sources=SOURCES)
-    assert r.admit(beat(1), "10.9.0.1").seq == 1
+    r = replay()
+    assert r.admit(beat(1), "10.9.0.1", 100.1).seq == 1
     with pytest.raises(hb.BadHeartbeat, match="replayed"):
-        r.admit(beat(1), "10.9.0.1")                       # the same again
-    r.admit(beat(3), "10.9.0.1")
+        r.admit(beat(1), "10.9.0.1", 100.1)                       # the same again
+    r.admit(beat(3), "10.9.0.1", 100.1)
     with pytest.raises(hb.BadHeartbeat, match="replayed"):
-        r.admit(beat(2), "10.9.0.1")                       # an older one, late
+        r.admit(beat(2), "10.9.0.1", 100.1)                       # an older one, late
     with pytest.raises(hb.BadHeartbeat, match="unknown_source"):
-        r.admit(beat(4), "10.9.0.66")                      # right MAC, wrong sender address
+        r.admit(beat(4), "10.9.0.66", 100.1)                      # right MAC, wrong sender address
     with pytest.raises(hb.BadHeartbeat, match="unknown_source"):
-        r.admit(beat(4, path="lan"), "10.9.0.1")           # a sync beat replayed onto the LAN path
-    assert r.admit(beat(2, path="lan"), "10.0.0.1").seq == 2  # each path counts on its own
+        r.admit(beat(4, path="lan"), "10.9.0.1", 100.1)           # a sync beat replayed onto the LAN path
+    with pytest.raises(hb.BadHeartbeat, match="unknown_source"):
+        r.admit(beat(4), "10.9.0.1", 100.1, path="lan")           # a sync beat arriving on the LAN socket
+    assert r.admit(beat(4), "10.9.0.1", 100.1, path="sync").seq == 4   # and it was not used up by that
+    assert r.admit(beat(2, path="lan"), "10.0.0.1", 100.1).seq == 2  # each path counts on its own
+
+
+def test_a_held_back_heartbeat_is_refused_once_its_ack_is_old() -> None:
+    """A LAN host that captures the master's heartbeats and releases them later (the master dead meanwhile) must
+    not keep the backup holding: each acks one of the backup's heartbeats from when it was captured."""
+    r = replay()
+    r.note_sent(2, 100.1)
+    assert r.admit(beat(10, ack=2), "10.9.0.1", 100.3).seq == 10
+    with pytest.raises(hb.BadHeartbeat, match="stale"):
+        r.admit(beat(11, ack=2), "10.9.0.1", 100.8)               # released 0.7 s after the ack'd one was sent
+    with pytest.raises(hb.BadHeartbeat, match="stale"):
+        r.admit(beat(12, ack=999), "10.9.0.1", 100.3)             # acks nothing we sent
 
 
 def test_a_restarted_receiver_takes_nothing_recorded_before_it_started() -> None:
     before = beat(50, echo=7)                              # captured while the receiver ran with epoch 7
-    r = hb.Replay(epoch=8, sources=SOURCES)                # the receiver restarted: epoch 8
+    r = replay(epoch=8)                                    # the receiver restarted: epoch 8
     with pytest.raises(hb.BadHeartbeat, match="stale"):
-        r.admit(before, "10.9.0.1")
-    assert r.echo_for("fw1") == 5                          # but it now echoes the sender's epoch
-    assert r.admit(beat(51, echo=8), "10.9.0.1").seq == 51
+        r.admit(before, "10.9.0.1", 100.1)
+    assert r.echo_for("fw1") == 5 and r.ack_for("fw1") == 50   # but it now echoes the sender's epoch and seq
+    assert r.admit(beat(51, echo=8), "10.9.0.1", 100.1).seq == 51
     with pytest.raises(hb.BadHeartbeat, match="replayed"):
-        r.admit(beat(49, echo=8), "10.9.0.1")
+        r.admit(beat(49, echo=8), "10.9.0.1", 100.1)
 
 
 def test_a_restarted_sender_is_taken_at_its_new_epoch_and_its_old_one_refused() -> None:
-    r = hb.Replay(epoch=7, sources=SOURCES)
-    r.admit(beat(900, epoch=5), "10.9.0.1")
-    assert r.admit(beat(1, epoch=6), "10.9.0.1").seq == 1
+    r = replay()
+    r.admit(beat(900, epoch=5), "10.9.0.1", 100.1)
+    assert r.admit(beat(1, epoch=6), "10.9.0.1", 100.1).seq == 1
     with pytest.raises(hb.BadHeartbeat, match="replayed"):
-        r.admit(beat(901, epoch=5), "10.9.0.1")
+        r.admit(beat(901, epoch=5), "10.9.0.1", 100.1)
 
 
 # ------------------------------------------------------------------ policy
@@ -106,6 +128,11 @@ def test_backup_takes_over_once_when_the_master_is_silent_on_both_paths() -> Non
     acts = pol.tick(own(BACKUP), [p], 10.31, "")
     assert acts[0][:2] == ("master", 1) and "silent on both paths" in acts[0][2]
     assert pol.tick(own(BACKUP), [p], 10.35, "") == []     # asked once, not every tick
+    # CARP undid it (the master still advertises): not forced again while the master stays silent here
+    assert pol.tick(own(BACKUP), [p], 11.5, "") == []
+    p.heard["sync"] = 11.6                                  # heard again: the next silence may be acted on
+    assert pol.tick(own(BACKUP), [p], 11.61, "") == [("hold", 1)]
+    assert pol.tick(own(BACKUP), [p], 12.0, "")[0][0] == "master"
 
 
 def test_no_takeover_from_a_peer_never_heard_or_by_an_unhealthy_backup() -> None:

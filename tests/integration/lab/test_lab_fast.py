@@ -207,3 +207,39 @@ def test_no_false_takeover_with_both_cores_saturated(lab, probe) -> None:
     evs = probe.window(t0, time.monotonic())
     assert len(evs) > seconds * 5 and all(e["ok"] and e["node"] == "fw1" for e in evs), \
         [e for e in evs if not e["ok"] or e["node"] != "fw1"][:5]
+
+
+def _mac(ns: str, iface: str) -> str:
+    return json.loads(netns.ip("-j", "link", "show", "dev", iface, netns=ns).stdout)[0]["address"]
+
+
+def test_heartbeats_held_back_by_a_lan_host_do_not_delay_the_takeover(lab, probe, tmp_path) -> None:
+    """Review finding: a LAN host that steers the master's LAN heartbeats to itself (a spoofed ARP entry), keeps
+    them, and releases them after the master died held the backup off for 20 s. Each heartbeat acks one of the
+    backup's own, so one released late is stale: the takeover comes as without the attacker."""
+    wait_fw1_back(lab, probe)
+    fw1, fw2, cli = lab.nodes["fw1"], lab.nodes["fw2"], lab.client
+    fw2_ip = fw2.lan.split("/")[0]
+    netns.ip("neigh", "replace", fw2_ip, "lladdr", _mac(cli.netns, cli.lan_if), "dev", fw1.lan_if, "nud",
+             "permanent", netns=fw1.netns)
+    go = tmp_path / "go"
+    argv = netns.in_ns(cli.netns, [sys.executable, "-m", "tests.support.heartbeat_replay", "holdback", cli.lan_if,
+                                   fw2_ip, "7407", "2.0", str(go), _mac(fw2.netns, fw2.lan_if), "0.1"])
+    helper = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        captured = helper.stdout.readline()
+        assert captured.startswith("captured ") and int(captured.split()[1]) >= 10, captured
+        tf = time.monotonic()
+        inject_fault(lab, "power-loss", "fw1")
+        go.touch()
+        wait_until(lambda: topology.holders(lab) == ["fw1", "fw2"] or topology.holders(lab) == ["fw2"], 25,
+                   "fw2 holds the VIP")
+        took = time.monotonic() - tf
+        helper.wait(timeout=60)
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+        netns.ip("neigh", "del", fw2_ip, "dev", fw1.lan_if, netns=fw1.netns, check=False)
+        recover(lab, "power-loss", "fw1")
+    assert took <= 1.5, f"fw2 took the VIP {took:.2f} s after fw1 died"
+    assert fast_status(lab, "fw2")["counters"].get("bad_stale", 0) >= 10
