@@ -59,7 +59,9 @@ def start(sup: CarpSupervisor) -> liveness.Liveness | None:
         return None
     sup.fast_stop = threading.Event()
     sender = engine_ctl.Sender()
-    log = lambda msg: role.log_line(msg, sup.paths)  # noqa: E731
+    def log(msg: str) -> None:
+        role.log_line(msg, sup.paths)
+
     fast = liveness.Liveness(sup.cfg, sup.node, sup.paths, lambda: view(sup),
                              lambda vhid, verb, cause: sender.send(sup.paths.engine_control(vhid), verb, cause),
                              log, on_failure=sup.rearm.set, acting=sup.engine == "speaker", check=sup.target)
