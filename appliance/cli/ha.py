@@ -14,7 +14,7 @@ from appliance.cli import Ctx, emit_json, fail, main
 from appliance.core import pids, state
 from appliance.core.model import check_iface
 from appliance.ha import ip as netns
-from appliance.ha import liveness, role, watch, watchdog
+from appliance.ha import liveness, liveness_report, role, watch, watchdog
 from appliance.ha import supervisor as carp
 from sync import catchup
 
@@ -204,7 +204,7 @@ def status_cmd(ctx: Ctx, as_json: bool, no_probe: bool) -> None:
                f"{' (' + s['proxy']['stale'] + ')' if s['proxy'].get('stale') else ''}")
     gen = s["sync_generation"]
     click.echo(f"sync: {'generation ' + str(gen) if gen is not None else 'no release yet'}")
-    for line in liveness.summary(s["fast"]):
+    for line in liveness_report.summary(s["fast"]):
         click.echo(line)
     watched = watch.summary(s["carp_watch"])
     if watched:

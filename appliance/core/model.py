@@ -328,6 +328,9 @@ class HA(_Model):
     fast_misses: int = Field(3, ge=2, le=50, description="heartbeat intervals a master may be silent on both paths "
                              "before a backup takes over")
     fast_port: int = Field(7407, ge=1024, le=65535, description="UDP port of the heartbeats (sync and LAN address)")
+    lan_witness: list[IPv4Address] = Field(default_factory=list, max_length=4, description="LAN hosts that answer "
+                                           "ARP (the gateway): they tell a master cut off from the LAN (carrier up) "
+                                           "from a backup cut off; without one, neither moves (docs/ha.md)")
     fast_check_timeout: float = Field(0.35, ge=0.05, le=5, description="seconds the master's fast proxy check may "
                                       "go unanswered before it counts the proxy as hung and hands the VIP over")
 

@@ -24,9 +24,22 @@ def cluster_rules(cfg: Appliance, base: Path | None) -> list[tuple[str, str]]:
     """Every cross-field problem; with `base` (the config file's directory) also missing list directories."""
     seen_addr: dict[IPv4Address, str] = {}
     problems = _node_rules(cfg, seen_addr) + _sync_link_rules(cfg) + _vhid_rules(cfg, seen_addr)
-    problems += _proxy_rules(cfg) + _policy_rules(cfg) + _os_rules(cfg)
+    problems += _proxy_rules(cfg) + _policy_rules(cfg) + _os_rules(cfg) + _witness_rules(cfg, seen_addr)
     if base is not None:
         problems.extend(_check_lists(cfg, base))
+    return problems
+
+
+def _witness_rules(cfg: Appliance, seen_addr: dict[IPv4Address, str]) -> list[tuple[str, str]]:
+    """Each LAN witness a third host on the VIP's subnet: not a node, not a VIP."""
+    c, problems = cfg.cluster, []
+    vips = {c.vip.ip} | {x.vip.ip for x in c.extra_vhids}
+    for i, w in enumerate(cfg.ha.lan_witness):
+        if w not in c.vip.network:
+            problems.append((f"ha.lan_witness[{i}]", f"{w} is not on the LAN ({c.vip.network})"))
+        elif w in seen_addr or w in vips:
+            problems.append((f"ha.lan_witness[{i}]", f"{w} is {seen_addr.get(w, 'a VIP')}'s: a witness must be "
+                                                      "a third host (the gateway, a switch)"))
     return problems
 
 

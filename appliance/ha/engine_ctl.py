@@ -7,7 +7,7 @@ from pathlib import Path
 
 from appliance.ha.fsm import MASTER, Core
 
-VERBS = ("master", "hold", "leave")
+VERBS = ("master", "hold", "leave", "announce")
 
 
 def open_control(path: str) -> socket.socket:
@@ -38,6 +38,10 @@ def command(core: Core, data: bytes, now: float) -> list[tuple] | None:
         return []
     if verb == "leave":
         return core.demote(now, why=f"fast liveness: {cause}") if core.state == MASTER else []
+    if verb == "announce":
+        # another node says it is MASTER too (back from a cut): an advert now settles who stays, and the gratuitous
+        # ARP takes the clients back from the node that held the VIP meanwhile
+        return [("send",), ("garp",)] if core.state == MASTER else []
     return None
 
 

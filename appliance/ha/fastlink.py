@@ -36,7 +36,8 @@ def settings(sup: CarpSupervisor) -> tuple:
     c = sup.cfg
     return (c.ha.fast_interval, c.ha.fast_misses, c.ha.fast_port, c.ha.fast_check_timeout, c.cluster.interface,
             c.cluster.password.get_secret_value(), c.cluster.password_next and c.cluster.password_next.get_secret_value(),
-            tuple((n, str(x.lan.ip), str(x.sync.ip)) for n, x in sorted(c.nodes.items())), sup.target)
+            tuple((n, str(x.lan.ip), str(x.sync.ip)) for n, x in sorted(c.nodes.items())), sup.target,
+            tuple(c.ha.lan_witness), c.cluster.sync_interface)
 
 
 def stop(sup: CarpSupervisor) -> None:

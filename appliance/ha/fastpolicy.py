@@ -44,6 +44,7 @@ class Own:
     proxy_ok: bool
     link_ok: bool
     demoted: bool = False
+    witness: str = ""                    # the LAN witness from here: "" none configured (or not known yet), ok, lost
 
 
 def _rank(advskew: int, lan_ip: str) -> tuple[int, int]:
@@ -86,17 +87,25 @@ class Policy:
     forced: dict[int, float] = field(default_factory=dict)       # vhid -> when we forced master (until heard again)
     handed: dict[int, str] = field(default_factory=dict)         # vhid -> cause we handed over for
     mastered: dict[int, float] = field(default_factory=dict)     # vhid -> when we were last seen MASTER
+    announced: dict[int, float] = field(default_factory=dict)    # vhid -> when we last re-announced it
+    rival: dict[int, float] = field(default_factory=dict)        # vhid -> when a peer last said it was MASTER too
+    lan_up: dict[str, bool] = field(default_factory=dict)        # peer -> its LAN heartbeats were fresh last tick
 
     @property
     def dead(self) -> float:
         return self.interval * self.misses
 
     def tick(self, own: Own, peers: list[PeerView], now: float, own_failure: str) -> list[tuple]:
-        """Actions: ("master", vhid, cause), ("hold", vhid), ("handover", vhid, cause)."""
+        """Actions: ("master", vhid, cause), ("hold", vhid), ("handover", vhid, cause), ("announce", vhid)."""
         acts: list[tuple] = []
+        back = self._lan_back(peers, now)
         for vhid, role in sorted(own.roles.items()):
             if role == "MASTER":
                 self.mastered[vhid] = now
+                # a peer back on the LAN that was MASTER too a moment ago: the clients may still send to it
+                rejoined = back and now - self.rival.get(vhid, -1e9) <= 5.0
+                if not own_failure and (self._other_master(vhid, peers, now) or rejoined):
+                    acts.append(("announce", vhid))
             # a failure that stopped the engine (LAN link down) may have taken MASTER away before this tick saw it
             was_master = now - self.mastered.get(vhid, -1e9) <= self.dead
             if own_failure and was_master:
@@ -112,6 +121,26 @@ class Policy:
                     acts.append(act)
         return acts
 
+    def _lan_back(self, peers: list[PeerView], now: float) -> bool:
+        """Whether some peer's LAN heartbeats came back this tick (a LAN cut just ended)."""
+        back = False
+        for p in peers:
+            up = p.age("lan", now) <= self.dead
+            back = back or (up and not self.lan_up.get(p.name, True))
+            self.lan_up[p.name] = up
+        return back
+
+    def _other_master(self, vhid: int, peers: list[PeerView], now: float) -> bool:
+        """A live peer says it is MASTER of our vhid too (acted on once a second at most)."""
+        if not any(p.beat is not None and p.silent_for(now) <= self.dead and p.beat.role(vhid) == "MASTER"
+                   for p in peers):
+            return False
+        self.rival[vhid] = now
+        if now - self.announced.get(vhid, -1e9) < 1.0:
+            return False
+        self.announced[vhid] = now
+        return True
+
     def _backup(self, own: Own, vhid: int, peers: list[PeerView], now: float) -> tuple | None:
         asker = next((p for p in peers if p.takeover is not None and vhid in p.takeover.vhids
                       and now - p.takeover_at <= self.dead), None)
@@ -124,8 +153,13 @@ class Policy:
             why = f"{m.name} handed over: {asker.takeover.cause}"
         elif silent > self.dead:
             why = f"{m.name} silent on both paths for {silent:.2f} s"
+        elif failing(m.beat):
+            why = f"{m.name} says {failing(m.beat)}"
+        elif m.age("lan", now) > self.dead and m.beat.witness == "lost" and own.witness == "ok":
+            # heard on the sync link only: the master's LAN or ours is cut; the witness answers us, not it
+            why = f"{m.name} is cut off from the LAN (its LAN witness is silent, ours answers)"
         else:
-            why = f"{m.name} says {failing(m.beat)}" if failing(m.beat) else ""
+            why = ""
         if not why:
             self.forced.pop(vhid, None)
             return ("hold", vhid)

@@ -26,7 +26,7 @@ ROLE_CODES = {"": 0, "BACKUP": 1, "MASTER": 2, "INIT": 3}
 ROLE_NAMES = {v: k for k, v in ROLE_CODES.items()}
 MAC_LEN = 16
 MAX_LEN = 1024
-F_PROXY_OK, F_LINK_OK, F_LEAVING = 1, 2, 4
+F_PROXY_OK, F_LINK_OK, F_LEAVING, F_WITNESS_ON, F_WITNESS_OK = 1, 2, 4, 8, 16
 SENT_KEPT = 4096       # own heartbeats remembered for the ack check (seconds of them at 10/s per peer and path)
 _HEAD = struct.Struct("!4sBBBBQQQQ")         # magic, version, kind, path, flags, epoch, seq, echo, ack
 
@@ -58,6 +58,7 @@ class Beat:
     proxy_ok: bool = True
     link_ok: bool = True
     leaving: bool = False
+    witness: str = ""                    # the LAN witness as this node sees it: "" none, "ok" answers, "lost"
     vhids: dict[int, tuple[str, int]] = field(default_factory=dict)
     cause: str = ""
 
@@ -69,6 +70,7 @@ def pack(b: Beat, keys: list[bytes]) -> bytes:
     """The datagram for `b`, its MAC under the first key (the current pass)."""
     name, cause = b.node.encode()[:63], b.cause.encode()[:200]
     flags = (F_PROXY_OK if b.proxy_ok else 0) | (F_LINK_OK if b.link_ok else 0) | (F_LEAVING if b.leaving else 0)
+    flags |= (F_WITNESS_ON if b.witness else 0) | (F_WITNESS_OK if b.witness == "ok" else 0)
     body = _HEAD.pack(MAGIC, VERSION, b.kind, PATHS.index(b.path), flags, b.epoch, b.seq, b.echo, b.ack)
     body += bytes([len(name)]) + name + bytes([len(b.vhids)])
     for vhid, (role, advskew) in sorted(b.vhids.items())[:64]:
@@ -105,6 +107,7 @@ def unpack(data: bytes, keys: list[bytes]) -> Beat:
         raise BadHeartbeat("malformed", "truncated") from None
     return Beat(node=name, path=PATHS[path], epoch=epoch, seq=seq, echo=echo, ack=ack, kind=kind,
                 proxy_ok=bool(flags & F_PROXY_OK), link_ok=bool(flags & F_LINK_OK), leaving=bool(flags & F_LEAVING),
+                witness=("ok" if flags & F_WITNESS_OK else "lost") if flags & F_WITNESS_ON else "",
                 vhids=vhids, cause=cause)
 
 

@@ -23,8 +23,10 @@ from appliance.core.paths import Paths
 from appliance.ha import heartbeat as hb
 from appliance.ha import watchdog
 from appliance.ha.fastpolicy import Own, PeerView, Policy
+from appliance.ha.liveness_report import kind_of, prometheus
 from appliance.ha.netio import link_running
 from appliance.ha.proxywatch import ProxyWatch
+from appliance.ha.witness import Witness
 
 RTMGRP_LINK = 1
 WRITE_EVERY = 0.5            # seconds between status file writes
@@ -84,6 +86,10 @@ class Liveness:
         self.replay = hb.Replay(self.epoch, {(n, path): ip for n, d in self.dest.items() for path, ip in d.items()},
                                 max_age=2 * self.policy.dead)
         self.ifaces = {"sync": cfg.cluster.sync_interface, "lan": cfg.cluster.interface}
+        # the LAN witness needs a packet socket (Linux); without one a LAN-only cut moves nothing
+        self.witness = (Witness(cfg.cluster.interface, self.addr["lan"], [str(w) for w in ha.lan_witness])
+                        if ha.lan_witness and hasattr(socket, "AF_PACKET") else None)
+        self.started = time.monotonic()
         self.proxy = ProxyWatch(paths, check or watchdog.check_target(cfg), ha.fast_interval, ha.fast_check_timeout)
         self.seq = 0
         self.link_ok = True
@@ -117,6 +123,8 @@ class Liveness:
         else:
             self.nl = socket.socket(socket.AF_ROUTE, socket.SOCK_RAW, 0)
         self.nl.setblocking(False)
+        if self.witness is not None:
+            self.witness.open()
 
     def start(self, stop: threading.Event) -> None:
         self.open()
@@ -131,6 +139,8 @@ class Liveness:
             t.join(timeout)
         for s in (*self.socks.values(), self.nl, self.ctl):
             s.close()
+        if self.witness is not None:
+            self.witness.close()
         self.proxy.close()
 
     def send(self, path: str, peer: str, kind: int, vhids: dict, cause: str = "") -> None:
@@ -139,7 +149,8 @@ class Liveness:
         beat = hb.Beat(node=self.node, path=path, epoch=self.epoch, seq=self.seq, echo=self.replay.echo_for(peer),
                        ack=self.replay.ack_for(peer),
                        kind=kind, proxy_ok=not self.failure.startswith("proxy"), link_ok=self.link_ok,
-                       leaving=bool(self.handing), vhids=vhids, cause=cause)
+                       leaving=bool(self.handing), witness=self.witness_state(time.monotonic()), vhids=vhids,
+                       cause=cause)
         try:
             self.socks[path].sendto(hb.pack(beat, self.keys), (self.dest[peer][path], self.port))
             self.counts[f"sent_{path}"] += 1
@@ -168,6 +179,13 @@ class Liveness:
             elif p.beat is None or (beat.epoch, beat.seq) > (p.beat.epoch, p.beat.seq):
                 p.beat = beat
 
+    def witness_state(self, now: float) -> str:
+        """'' (no witness, or not asked long enough yet), 'ok' (one answered lately) or 'lost'."""
+        window = self.policy.dead + self.interval     # a request every interval: tolerates a lost answer or two
+        if self.witness is None or now - self.started < window:
+            return ""
+        return "ok" if self.witness.reachable(now, window) else "lost"
+
     # -- the loop
     def own_failure(self, now: float) -> str:
         if not self.link_ok:
@@ -183,8 +201,10 @@ class Liveness:
             self.log(f"fast: {failure}" if failure else f"fast: {self.failure or 'failure'} over")
             self.failure = failure
             self.on_failure()
+        if self.witness is not None:
+            self.witness.probe()
         own = Own(self.node, self.addr["lan"], v.roles, v.advskew, proxy_ok=not failure.startswith("proxy"),
-                  link_ok=self.link_ok, demoted=v.demoted)
+                  link_ok=self.link_ok, demoted=v.demoted, witness=self.witness_state(now))
         with self.lock:
             acts = self.policy.tick(own, list(self.peers.values()), now, failure)
         for act in acts:
@@ -202,19 +222,19 @@ class Liveness:
 
     def act(self, act: tuple, now: float) -> None:
         verb, vhid = act[0], act[1]
-        if verb == "hold":
+        if verb in ("hold", "announce"):
             if self.acting:
-                self.command(vhid, "hold", "")
+                self.command(vhid, verb, "")
             return
         cause = act[2]
         if verb == "handover":
             self.handing[vhid] = (cause, now + self.policy.dead)
-            self.counts[f"handovers_{_kind(cause)}"] += 1
+            self.counts[f"handovers_{kind_of(cause)}"] += 1
             self.log(f"fast: handing vhid {vhid} over ({cause})")
             if self.acting:
                 self.command(vhid, "leave", cause)
         elif verb == "master":
-            self.takeovers[_kind(cause)] += 1
+            self.takeovers[kind_of(cause)] += 1
             self.log(f"fast: taking vhid {vhid} over: {cause}" + ("" if self.acting else " (report only: the engine "
                                                                                           "has no control; CARP decides)"))
             if self.acting:
@@ -264,6 +284,7 @@ class Liveness:
                 self.tick(now)
                 nxt = max(nxt + self.interval, now + self.interval / 4)
             fds = [*self.socks.values(), self.nl] + ([self.proxy] if self.proxy.pidfd is not None else [])
+            fds += [self.witness] if self.witness is not None else []
             try:
                 ready, _, _ = select.select(fds, [], [], max(0.0, nxt - time.monotonic()))
             except (InterruptedError, ValueError):
@@ -272,6 +293,8 @@ class Liveness:
             for path, s in self.socks.items():
                 if s in ready:
                     self.receive(path, now)
+            if self.witness is not None and self.witness in ready:
+                self.witness.receive(now)
             if self.proxy in ready:
                 self.proxy.on_exit()
                 nxt = now                                   # act on it now, not at the next tick
@@ -303,10 +326,12 @@ class Liveness:
         return {
             "interval": self.interval, "misses": self.policy.misses, "port": self.port, "epoch": self.epoch,
             "acting": self.acting, "link_ok": self.link_ok, "failure": self.failure, "updated": time.time(),
+            "witness": self.witness_state(now),
             "peers": {n: {"sync_age": age(p.age("sync", now)), "lan_age": age(p.age("lan", now)),
                           "roles": {str(k): r for k, (r, _) in p.beat.vhids.items()} if p.beat else {},
                           "proxy_ok": p.beat.proxy_ok if p.beat else None,
-                          "link_ok": p.beat.link_ok if p.beat else None} for n, p in self.peers.items()},
+                          "link_ok": p.beat.link_ok if p.beat else None,
+                          "witness": p.beat.witness if p.beat else None} for n, p in self.peers.items()},
             "counters": dict(sorted(self.counts.items())), "takeovers": dict(sorted(self.takeovers.items())),
         }
 
@@ -318,51 +343,3 @@ class Liveness:
             write_text_atomic(self.paths.run / PROM_NAME, prometheus(snap))
         except OSError:
             pass
-
-
-def summary(s: dict | None) -> list[str]:
-    """`appliance status` lines: each peer's heartbeat age on each path, and what the layer did."""
-    if not s:
-        return []
-    def age(a: float | None) -> str:
-        return "never heard" if a is None else f"{a:.2f} s ago"
-    out = [f"fast: heartbeats every {s['interval']:g} s, takeover after {s['misses']} missed on both paths"
-           + ("" if s["acting"] else " (report only)") + (f"; this node: {s['failure']}" if s["failure"] else "")]
-    for name, p in sorted(s["peers"].items()):
-        out.append(f"fast: {name} sync {age(p['sync_age'])}, lan {age(p['lan_age'])}"
-                   + (f", roles {' '.join(f'{v}:{r}' for v, r in sorted(p['roles'].items()))}" if p["roles"] else ""))
-    done = ", ".join(f"{k} {n}" for k, n in s["takeovers"].items())
-    # stale: genuine but not for this run, or late (each start and each held-back beat); the rest are attacks or bugs
-    refused = {k[4:]: n for k, n in s["counters"].items() if k.startswith("bad_") and k != "bad_stale"}
-    if done or refused:
-        out.append(f"fast: takeovers {done or 'none'}; heartbeats refused {sum(refused.values())}"
-                   + (f" ({', '.join(f'{k} {n}' for k, n in refused.items())})" if refused else ""))
-    return out
-
-
-def _kind(cause: str) -> str:
-    """The takeover/handover cause as a metric label."""
-    for word, kind in (("handed over", "handover"), ("silent", "silent"), ("LAN link", "lan_link"),
-                       ("exited", "proxy_exit"), ("hung", "proxy_hung"), ("says", "peer_failing")):
-        if word in cause:
-            return kind
-    return "other"
-
-
-def prometheus(s: dict) -> str:
-    out = ["# HELP appliance_ha_heartbeat_age_seconds seconds since the last fresh heartbeat from a peer, per path",
-           "# TYPE appliance_ha_heartbeat_age_seconds gauge"]
-    for name, p in sorted(s["peers"].items()):
-        for path in ("sync", "lan"):
-            a = p[f"{path}_age"]
-            out.append(f'appliance_ha_heartbeat_age_seconds{{peer="{name}",path="{path}"}} '
-                       f'{"+Inf" if a is None else a}')
-    out += ["# HELP appliance_ha_takeovers_total fast takeovers by this node, by cause",
-            "# TYPE appliance_ha_takeovers_total counter"]
-    for cause in ("silent", "handover", "peer_failing", "other"):
-        out.append(f'appliance_ha_takeovers_total{{cause="{cause}"}} {s["takeovers"].get(cause, 0)}')
-    out += ["# HELP appliance_ha_heartbeats_total heartbeats by direction/verdict and path",
-            "# TYPE appliance_ha_heartbeats_total counter"]
-    for k, n in s["counters"].items():
-        out.append(f'appliance_ha_heartbeats_total{{what="{k}"}} {n}')
-    return "\n".join(out) + "\n"

@@ -41,7 +41,9 @@ def _new_lab(cfg: Appliance, config_path: Path, name: str, engine: str | None, d
     """The lab's description before anything exists: names, the VIPs, and free LAN addresses for origin and client."""
     c = cfg.cluster
     used = {c.vip.ip} | {n.lan.ip for n in cfg.nodes.values()} | {x.vip.ip for x in c.extra_vhids}
-    origin_ip, client_ip = topology.free_hosts(c.vip.network, used, 2)
+    origin_ip, client_ip = topology.free_hosts(c.vip.network, used | set(cfg.ha.lan_witness), 2)
+    if cfg.ha.lan_witness:      # the origin stands in for the gateway the cluster names as its LAN witness
+        origin_ip = cfg.ha.lan_witness[0]
     return Lab(
         name=name, dir=lab_dir(name), source_config=str(config_path), engine=engine, deadratio=deadratio,
         vip=str(c.vip.ip), vips={str(c.vhid): str(c.vip.ip), **{str(x.vhid): str(x.vip.ip) for x in c.extra_vhids}},

@@ -37,6 +37,10 @@ def build_lan(lab: Lab, prefix: int) -> None:
     # the origin's MAC under every node's ARP cache
     netns.ip("link", "set", br, "address", "02:ca:fe:00:00:01", netns=lan_ns)
     netns.ip("link", "set", br, "up", netns=lan_ns)
+    # the origin (the lab's gateway) answers ARP only on the bridge, as a host of its own would: a node port taken
+    # off the bridge (a LAN cut) must not reach it through the namespace it shares with the bridge
+    for scope in ("all", "default"):
+        netns.sysctl(lan_ns, f"net.ipv4.conf.{scope}.arp_ignore", "1")
     netns.ip("addr", "add", f"{lab.lan.origin_ip}/{prefix}", "dev", br, netns=lan_ns)
     add_netns(lab, cli_ns)
     eth = lab.client.lan_if

@@ -44,7 +44,9 @@ def new_lab(cfg: Appliance, config_path: Path, images: Path, name: str) -> VmLab
     """The lab's description before anything exists: names, addresses, the VMs' files, taps and MACs."""
     c = cfg.cluster
     used = {c.vip.ip} | {n.lan.ip for n in cfg.nodes.values()} | {x.vip.ip for x in c.extra_vhids}
-    origin_ip, client_ip = topology.free_hosts(c.vip.network, used, 2)
+    origin_ip, client_ip = topology.free_hosts(c.vip.network, used | set(cfg.ha.lan_witness), 2)
+    if cfg.ha.lan_witness:      # the origin stands in for the gateway the cluster names as its LAN witness
+        origin_ip = cfg.ha.lan_witness[0]
     d = vmlab_dir(name)
     lab = VmLab(name=name, dir=d, source_config=str(config_path), vip=str(c.vip.ip),
                 vips={str(c.vhid): str(c.vip.ip)}, proxy_port=cfg.proxy.port,

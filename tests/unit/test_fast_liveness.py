@@ -26,7 +26,7 @@ def replay(epoch: int = 7) -> hb.Replay:
 
 
 def test_round_trip_and_every_field() -> None:
-    b = beat(3, proxy_ok=False, leaving=True, kind=hb.TAKEOVER, cause="proxy exited", ack=2**40)
+    b = beat(3, proxy_ok=False, leaving=True, kind=hb.TAKEOVER, cause="proxy exited", ack=2**40, witness="lost")
     got = hb.unpack(hb.pack(b, K), K)
     assert got == b
 
@@ -167,6 +167,19 @@ def test_a_hand_over_or_a_failing_master_is_acted_on_at_once() -> None:
     assert acts[0][:2] == ("master", 1) and "handed over: LAN link down" in acts[0][2]
 
 
+def test_the_lan_witness_tells_which_node_is_cut_off() -> None:
+    pol = Policy(0.1, 3)
+    p = master_peer(10.0)
+    p.heard["lan"] = 9.0                                    # the master is heard on the sync link only
+    p.beat.witness = "ok"
+    assert pol.tick(own(BACKUP, witness="lost"), [p], 10.05, "") == [("hold", 1)]   # we are the one cut off
+    assert pol.tick(own(BACKUP, witness="ok"), [p], 10.05, "") == [("hold", 1)]     # a path between us: nothing
+    assert pol.tick(own(BACKUP), [p], 10.05, "") == [("hold", 1)]                   # no witness: nothing moves
+    p.beat.witness = "lost"
+    acts = pol.tick(own(BACKUP, witness="ok"), [p], 10.05, "")
+    assert acts[0][:2] == ("master", 1) and "cut off from the LAN" in acts[0][2]
+
+
 def test_master_hands_over_once_per_failure_even_if_the_engine_stopped_first() -> None:
     pol = Policy(0.1, 3)
     assert pol.tick(own(MASTER), [], 10.0, "") == []
@@ -237,3 +250,28 @@ def test_a_reload_restarts_the_layer_only_when_its_settings_changed(monkeypatch)
     sup.cfg = cfg.model_copy(update={"ha": cfg.ha.model_copy(update={"fast_misses": 5})})
     fastlink.restart_if_changed(sup, before)
     assert calls == ["stop", "start"] and sup.fast == "new layer"
+
+
+def test_a_master_that_hears_another_master_announces_itself_once_a_second() -> None:
+    pol = Policy(0.1, 3)
+    other = master_peer(10.0)                               # e.g. the backup that took over while we were cut off
+    assert pol.tick(own(MASTER), [other], 10.05, "") == [("announce", 1)]
+    assert pol.tick(own(MASTER), [other], 10.5, "") == []
+    other.heard = {"sync": 11.1}
+    assert pol.tick(own(MASTER), [other], 11.1, "") == [("announce", 1)]
+    c = core()
+    engine_ctl.command(c, b"master x", 1.0)
+    assert engine_ctl.command(c, b"announce", 1.1) == [("send",), ("garp",)]
+
+
+def test_a_master_announces_again_when_a_rival_master_comes_back_on_the_lan() -> None:
+    """fw1 was cut off from the LAN (carrier up) and fw2 took over; the cut ends and fw2 steps down at fw1's first
+    advert: the clients' ARP entries still name fw2, so fw1 announces at once, not a second later."""
+    pol = Policy(0.1, 3)
+    other = master_peer(10.0)
+    other.heard = {"sync": 10.0}                            # fw2's LAN beats do not reach us
+    assert pol.tick(own(MASTER), [other], 10.05, "") == [("announce", 1)]
+    other.beat.vhids = {1: ("BACKUP", 100)}                 # it stepped down
+    other.heard = {"sync": 10.3, "lan": 10.3}               # and the LAN is back
+    assert pol.tick(own(MASTER), [other], 10.35, "") == [("announce", 1)]
+    assert pol.tick(own(MASTER), [other], 10.45, "") == []

@@ -56,6 +56,7 @@ def _config(lan: Lan, d: Path) -> Path:
     data["cluster"].update(vip=f"{lan.vip()}/24", password=PASS)  # interface: the namespace's eth0 via --iface
     data["nodes"]["fw1"]["lan"] = f"{lan.nodes[0].ip}/24"
     data["nodes"]["fw2"]["lan"] = f"{lan.nodes[1].ip}/24"
+    data["ha"]["lan_witness"] = []                      # the example's gateway is not on this LAN
     p = d / "appliance.yaml"
     p.write_text(yaml.safe_dump(data))
     p.chmod(0o600)

@@ -84,8 +84,10 @@ def wait_fw1_back(lab, probe) -> None:
                "fw1 the only holder and serving again")
 
 
-@pytest.mark.parametrize("kind", ["power-loss", "link-down", "proxy-kill", "proxy-hang"])
+@pytest.mark.parametrize("kind", ["power-loss", "link-down", "proxy-kill", "proxy-hang", "lan-cut"])
 def test_master_failure_is_taken_over_in_under_a_second(lab, probe, kind: str) -> None:
+    """lan-cut: the master's port leaves the LAN with its carrier up; the LAN witness (the lab's origin, the
+    example's gateway) still answers fw2 and not fw1, so fw2 takes over although fw1 is heard on the sync link."""
     wait_fw1_back(lab, probe)
     with Holders(lab) as h:
         r = measure(lab, probe, kind, "fw1", timeout=20)
@@ -93,7 +95,8 @@ def test_master_failure_is_taken_over_in_under_a_second(lab, probe, kind: str) -
     assert r["took_over"] == "fw2", fmt_result(r)
     assert r["failover_outage"] <= MAX_OUTAGE, fmt_result(r)
     assert r["returned"] and r["holders_after"] == ["fw1"], fmt_result(r)
-    assert h.longest <= FAST + SAMPLE_SLACK, f"two VIP holders for {h.longest:.2f} s"
+    if kind != "lan-cut":    # fw1 keeps the VIP on its cut-off segment, where no client reaches it
+        assert h.longest <= FAST + SAMPLE_SLACK, f"two VIP holders for {h.longest:.2f} s"
     done = fast_status(lab, "fw2")["takeovers"]
     assert sum(done.values()) >= 1, done
 

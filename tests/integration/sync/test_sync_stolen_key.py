@@ -93,9 +93,10 @@ def test_a_stolen_key_cannot_walk_the_pass_rotation_on_the_backup_alone(lab: Syn
 
 
 def _moved(iface: str) -> str:
-    """Another host address on the same subnet (config text only: nothing is sent to it)."""
+    """Another host address on the same subnet (config text only: nothing is sent to it); not the top one, which
+    the example names as its gateway (ha.lan_witness)."""
     ip = ipaddress.IPv4Interface(iface)
-    return f"{ip.network.broadcast_address - 1}/{ip.network.prefixlen}"
+    return f"{ip.network.broadcast_address - 2}/{ip.network.prefixlen}"
 
 
 def test_a_stolen_key_cannot_change_carp_settings_while_the_backups_carp_runs(lab: SyncLab, tmp_path: Path) -> None:
