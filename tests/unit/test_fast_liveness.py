@@ -275,3 +275,27 @@ def test_a_master_announces_again_when_a_rival_master_comes_back_on_the_lan() ->
     other.heard = {"sync": 10.3, "lan": 10.3}               # and the LAN is back
     assert pol.tick(own(MASTER), [other], 10.35, "") == [("announce", 1)]
     assert pol.tick(own(MASTER), [other], 10.45, "") == []
+
+
+def test_a_missed_check_is_hung_at_once_only_when_the_proxy_used_no_cpu(tmp_path, monkeypatch) -> None:
+    import os
+
+    from appliance.core.paths import Paths
+    from appliance.ha import proxywatch
+    from appliance.ha.proxywatch import ProxyWatch, cpu_ticks
+
+    assert cpu_ticks(os.getpid()) is not None and cpu_ticks(None) is None
+    ticks = iter(range(1000, 2000, 7))                      # busy: the CPU ticks move between samples
+    monkeypatch.setattr(proxywatch, "cpu_ticks", lambda pid: next(ticks))
+    w = ProxyWatch(Paths(tmp_path), ("127.0.0.1", 1), interval=0.1, timeout=0.35)
+    w.pid, w.answered, w.last_ok = 4242, True, 100.0
+    for t in (100.1, 100.2, 100.3, 100.4):
+        assert w.failure(t) == ""
+    assert w.failure(100.5) == ""                           # a missed check, but busy (a big reload, GC)
+    assert "busy" in w.failure(101.5)                       # three times as long: hung all the same
+    monkeypatch.setattr(proxywatch, "cpu_ticks", lambda pid: 5000)   # no CPU used: stopped or deadlocked
+    w = ProxyWatch(Paths(tmp_path), ("127.0.0.1", 1), interval=0.1, timeout=0.35)
+    w.pid, w.answered, w.last_ok = 4242, True, 100.0
+    for t in (100.1, 100.2, 100.3, 100.4):
+        assert w.failure(t) == ""
+    assert "no CPU used" in w.failure(100.5)
