@@ -28,6 +28,7 @@ class Core:
     last_reason: str = ""
     _last_reassert: float = field(default=-1e9, repr=False)
     no_preempt_until: float = -1e9      # after stepping down on purpose: no preempting straight back
+    forced_until: float = -1e9          # just made MASTER by the fast layer: adverts sent before that are stale
 
     @property
     def interval(self) -> float:
@@ -81,7 +82,9 @@ class Core:
         """A verified advert from another node (same vhid)."""
         theirs, mine = adv.interval, self.interval
         if self.state == MASTER:
-            if adv.is_leave:
+            if adv.is_leave or now < self.forced_until:
+                # the master that handed over (or fell silent) may have sent this before it left: one advert in
+                # flight must not bounce the VIP back and forth; a master that really stays says so again
                 return []
             if mine > theirs or (mine == theirs and cp.ucarp_src_less(src, self.srcip)):
                 return self._become_backup(
@@ -121,6 +124,7 @@ class Core:
         A backup whose link is down (not taking part) stays as it is."""
         if self.state != BACKUP or self.md_deadline is None:
             return []
+        self.forced_until = now + self.advbase / 4
         return self._become_master(now, f"fast liveness: {why}")
 
     def hold(self, now: float) -> None:

@@ -299,3 +299,15 @@ def test_a_missed_check_is_hung_at_once_only_when_the_proxy_used_no_cpu(tmp_path
     for t in (100.1, 100.2, 100.3, 100.4):
         assert w.failure(t) == ""
     assert "no CPU used" in w.failure(100.5)
+
+
+def test_an_advert_in_flight_from_the_master_that_handed_over_does_not_bounce_the_vip() -> None:
+    """Seen in make test: fw2 forced master on fw1's hand-over, then fw1's periodic advert sent a few ms before its
+    leave made fw2 step down, the leave made it preempt again: up, down, up scripts, the VIP gone meanwhile."""
+    from appliance.ha import protocol as cp
+
+    c = core()
+    engine_ctl.command(c, b"master fw1 handed over", 5.0)
+    assert c.on_advert(5.005, "10.0.0.1", cp.Advert(vhid=1, advbase=1, advskew=0)) == [] and c.state == MASTER
+    acts = c.on_advert(5.5, "10.0.0.1", cp.Advert(vhid=1, advbase=1, advskew=0))   # it really is still master
+    assert c.state == BACKUP and acts[0][0] == "down"
