@@ -97,8 +97,10 @@ def test_master_failure_is_taken_over_in_under_a_second(lab, probe, kind: str) -
     assert r["returned"] and r["holders_after"] == ["fw1"], fmt_result(r)
     if kind != "lan-cut":    # fw1 keeps the VIP on its cut-off segment, where no client reaches it
         assert h.longest <= FAST + SAMPLE_SLACK, f"two VIP holders for {h.longest:.2f} s"
-    done = fast_status(lab, "fw2")["takeovers"]
-    assert sum(done.values()) >= 1, done
+    # the layer acted: fw2 took over, or fw1 handed over (its leave advert may let CARP move the VIP first)
+    took = fast_status(lab, "fw2")["takeovers"]
+    handed = {k: n for k, n in fast_status(lab, "fw1").get("counters", {}).items() if k.startswith("handovers_")}
+    assert sum(took.values()) + sum(handed.values()) >= 1, (took, handed)
 
 
 def test_engine_sigkill_on_a_healthy_master_is_no_failover(lab, probe) -> None:
