@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from appliance.ha import supervisor as carp
 from appliance.lab import lifecycle
 from appliance.lab.measure import Probe, fmt_result, measure
@@ -38,8 +40,9 @@ def _config(fast: bool) -> Path:
         return EXAMPLES / "appliance.yaml"
     d = Path(tempfile.mkdtemp(prefix="bench-ha-cfg-")) / "examples"
     shutil.copytree(EXAMPLES, d)
-    with open(d / "appliance.yaml", "a") as f:
-        f.write("\nha:\n  fast_interval: 0\n")
+    data = yaml.safe_load((d / "appliance.yaml").read_text())
+    data.setdefault("ha", {})["fast_interval"] = 0
+    (d / "appliance.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return d / "appliance.yaml"
 
 
