@@ -181,7 +181,8 @@ class Liveness:
 
     def witness_state(self, now: float) -> str:
         """'' (no witness, or not asked long enough yet), 'ok' (one answered lately) or 'lost'."""
-        window = self.policy.dead + self.interval     # a request every interval: tolerates a lost answer or two
+        # a request every interval, to the witnesses in turn: each is asked every len(witnesses) intervals
+        window = self.policy.dead + self.interval * len(self.witness.targets) if self.witness else 0.0
         if self.witness is None or now - self.started < window:
             return ""
         return "ok" if self.witness.reachable(now, window) else "lost"

@@ -49,11 +49,13 @@ class Witness:
         return self.sock.fileno()
 
     def probe(self) -> None:
-        for t in self.targets:
-            try:
-                self.sock.send(request_frame(self.hwaddr, self.own_ip, t))
-            except OSError:
-                return                  # link down: nobody answers, which is the answer
+        """One ARP request per call, to the witnesses in turn: at most 10 a second per node whatever their number
+        (switches police ARP per port, e.g. Cisco DAI's default of 15 a second err-disables the port)."""
+        self.turn = (getattr(self, "turn", -1) + 1) % len(self.targets)
+        try:
+            self.sock.send(request_frame(self.hwaddr, self.own_ip, self.targets[self.turn]))
+        except OSError:
+            pass                        # link down: nobody answers, which is the answer
 
     def receive(self, now: float) -> None:
         for _ in range(64):             # bounded drain per wake-up
