@@ -2,7 +2,6 @@
 off (one run, same machine), ucarp as the peer; then 2 minutes with both cores saturated, counting transitions."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import secrets
 import shutil
@@ -18,6 +17,7 @@ from appliance.lab import lifecycle
 from appliance.lab.measure import Probe, fmt_result, measure
 from appliance.lab.model import LAB_ROOT_ENV
 from tests.support.env import EXAMPLES
+from tests.support.load import saturate
 
 RUNS = int(os.environ.get("HA_BENCH_RUNS", "5"))
 KINDS = ("power-loss", "link-down", "proxy-kill", "proxy-hang", "engine-kill", "sync-cut", "demote")
@@ -46,29 +46,16 @@ def _config(fast: bool) -> Path:
     return d / "appliance.yaml"
 
 
-def _burn(seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        pass
-
-
 def _saturated(lab, probe: Probe) -> str:
     """SATURATED seconds with two busy loops per core; transitions in ha.log and failed client requests."""
     before = {n: (lab.nodes[n].state / "ha.log").read_text() for n in lab.nodes}
     t0 = time.monotonic()
-    ctx = multiprocessing.get_context("fork")
-    burners = [ctx.Process(target=_burn, args=(SATURATED,)) for _ in range(2 * (os.cpu_count() or 2))]
-    for b in burners:
-        b.start()
-    for b in burners:
-        b.join(timeout=SATURATED + 30)
-        if b.is_alive():
-            b.kill()
+    burners = saturate(SATURATED)
     lines = [ln for n in lab.nodes for ln in (lab.nodes[n].state / "ha.log").read_text()[len(before[n]):].splitlines()]
     moved = [ln for ln in lines if " -> " in ln or "taking vhid" in ln or "handing vhid" in ln]
     evs = probe.window(t0, time.monotonic())
     bad = sum(1 for e in evs if not e["ok"])
-    return (f"{SATURATED:.0f} s, both cores saturated ({len(burners)} busy loops), client every 50 ms: "
+    return (f"{SATURATED:.0f} s, both cores saturated ({burners} busy loops), client every 50 ms: "
             f"{len(moved)} transitions, {bad} failed of {len(evs)} requests, "
             f"{sum(1 for ln in lines if 'path from' in ln and 'silent' in ln)} one-path silences logged")
 

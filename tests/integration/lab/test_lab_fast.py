@@ -3,7 +3,6 @@ none, never two VIP holders for longer than a fast interval, forged and replayed
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from appliance.lab.faults import inject_fault, port, recover
 from appliance.lab.measure import Probe, fmt_result, measure
 from appliance.lab.model import LabError
 from tests.support.env import EXAMPLES, ROOT, need_tool
+from tests.support.load import saturate
 from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timing]
@@ -181,29 +181,13 @@ def test_status_shows_heartbeat_ages_per_path(lab) -> None:
     assert 'appliance_ha_heartbeat_age_seconds{peer="fw1",path="sync"}' in prom
 
 
-def _burn(seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        pass
-
-
 def test_no_false_takeover_with_both_cores_saturated(lab, probe) -> None:
     """Both cores busy (two bounded busy loops per core) while the client asks every 50 ms: zero transitions."""
     wait_fw1_back(lab, probe)
     seconds = float(os.environ.get("HA_SATURATED_SECONDS", "30"))   # make bench runs the issue's 2 minutes
     logs = {n: (lab.nodes[n].state / "ha.log").read_text() for n in lab.nodes}
     t0 = time.monotonic()
-    ctx = multiprocessing.get_context("fork")
-    burners = [ctx.Process(target=_burn, args=(seconds,)) for _ in range(2 * (os.cpu_count() or 2))]
-    for b in burners:
-        b.start()
-    try:
-        for b in burners:
-            b.join(timeout=seconds + 30)
-    finally:
-        for b in burners:
-            if b.is_alive():
-                b.kill()
+    saturate(seconds)
     new = {n: (lab.nodes[n].state / "ha.log").read_text()[len(logs[n]):] for n in lab.nodes}
     lines = [f"{n}: {line}" for n, text in new.items() for line in text.splitlines()]
     print("\n".join(lines) or "ha.log: nothing new")
