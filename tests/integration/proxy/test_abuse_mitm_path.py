@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+import weakref
 
 import pytest
 import yaml
@@ -108,10 +109,14 @@ def log_lines(p) -> list[str]:
     return path.read_text(errors="replace").splitlines() if path.exists() else []
 
 
+_REST: "weakref.WeakKeyDictionary[socket.socket, bytes]" = weakref.WeakKeyDictionary()
+
+
 def read_response(s: socket.socket, timeout: float = 5) -> bytes:
-    """One HTTP/1.1 response with a Content-Length body (or what came before a close)."""
+    """One HTTP/1.1 response with a Content-Length body (or what came before a close). Bytes past that body (a
+    pipelined answer that came in the same recv, as on a slow client) are kept for the next call on that socket."""
     s.settimeout(timeout)
-    got = b""
+    got = _REST.pop(s, b"")
     while b"\r\n\r\n" not in got:
         chunk = s.recv(65536)
         if not chunk:
@@ -119,13 +124,17 @@ def read_response(s: socket.socket, timeout: float = 5) -> bytes:
         got += chunk
     head, _, body = got.partition(b"\r\n\r\n")
     m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-    want = int(m.group(1)) if m else 0
+    if not m:  # no length: what came so far is this answer
+        return got
+    want = int(m.group(1))
     while len(body) < want:
         chunk = s.recv(65536)
         if not chunk:
             break
         body += chunk
-    return head + b"\r\n\r\n" + body
+    if len(body) > want:
+        _REST[s] = body[want:]
+    return head + b"\r\n\r\n" + body[:want]
 
 
 def via_mitmproxy(p) -> socket.socket:
