@@ -19,12 +19,12 @@ TOOLS_TEST  := ucarp:ucarp sshd:openssh-server ssh:openssh-client rsync:rsync ma
                shellcheck:shellcheck sgdisk:gdisk qemu-img:qemu-utils ip:iproute2 arping:iputils-arping \
                curl:curl bsdtar:libarchive-tools xz:xz-utils mformat:mtools mkfs.vfat:dosfstools \
                openssl:openssl tcpdump:tcpdump lintian:lintian mmdebstrap:mmdebstrap unshare:util-linux \
-               dpkg-deb:dpkg qemu-system-x86_64:qemu-system-x86
+               dpkg-deb:dpkg qemu-system-x86_64:qemu-system-x86 chromium:chromium
 TOOLS_IMAGE := makefs:makefs shellcheck:shellcheck sgdisk:gdisk qemu-img:qemu-utils bsdtar:libarchive-tools \
                xz:xz-utils mformat:mtools mkfs.vfat:dosfstools mmdebstrap:mmdebstrap mke2fs:e2fsprogs \
                debugfs:e2fsprogs dpkg-scanpackages:dpkg-dev unshare:util-linux dpkg-deb:dpkg
 TOOLS_LAB   := ucarp:ucarp ip:iproute2 arping:iputils-arping curl:curl sshd:openssh-server rsync:rsync
-TOOLS_BENCH := $(TOOLS_TEST) wrk:wrk squid:squid
+TOOLS_BENCH := $(TOOLS_TEST) wrk:wrk squid:squid calamaris:calamaris sarg:sarg
 TOOLS_VMLAB := qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils ip:iproute2 arping:iputils-arping \
                ssh:openssh-client curl:curl
 

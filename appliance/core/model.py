@@ -23,6 +23,9 @@ from pydantic import (
 from appliance.core import rules
 from appliance.core.rules import CATEGORY_RE, ClusterRuleError
 from appliance.core.schedule import Schedule
+from appliance.core.modelbase import StrictNetworks, _Model, check_cron
+from appliance.core.model_admin import Admin
+from appliance.core.model_lists import Lists
 
 # carp(4): the key is a char[CARP_KEY_LEN=20] copied with strlcpy, so 19 usable bytes;
 # a longer pass is silently truncated by ifconfig, which would break the pairing with ucarp.
@@ -30,11 +33,6 @@ CARP_PASS_MAX = 19
 IFACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*[0-9]+(\.[0-9]+)?$|^[A-Za-z][A-Za-z0-9_.-]{0,14}$")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 DEBIAN_RELEASES = ("12",)  # cluster.debian: what image/debian can build (12 = bookworm)
-CRON_FIELD_RE = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 def check_iface(v: str) -> str:
@@ -137,21 +135,6 @@ class Node(_Model):
     hostname: Optional[str] = Field(None, description="defaults to the node's name")
 
 
-def _network(x: Any) -> Any:
-    if isinstance(x, str):
-        try:
-            return ipaddress.IPv4Network(x, strict=True)
-        except ValueError as e:
-            if "has host bits set" in str(e):
-                raise ValueError(f"{x} has host bits set (did you mean {ipaddress.IPv4Network(x, strict=False)}?)")
-            raise ValueError(f"{x} is not an IPv4 network") from None
-    return x
-
-
-def _strict_nets(v: Any) -> Any:
-    return [_network(x) for x in v] if isinstance(v, list) else v
-
-
 def _any_network(x: Any) -> Any:
     """An IPv4/IPv6 network or address (a /32 or /128) for proxy.deny_destinations; ValueError saying why not."""
     if isinstance(x, str):
@@ -182,8 +165,6 @@ def _port_spec(x: Any) -> Any:
     return f"{lo}-{hi}"
 
 
-# client subnets are written as networks: 192.168.1.5/24 (host bits set) is refused, with the fix in the message
-StrictNetworks = Annotated[list[IPv4Network], BeforeValidator(_strict_nets)]
 
 
 class Policy(_Model):
@@ -299,14 +280,7 @@ class Sync(_Model):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, v: str) -> str:
-        fields = v.split()
-        if v.startswith("@"):
-            if v not in ("@hourly", "@daily", "@weekly", "@monthly", "@reboot"):
-                raise ValueError("unknown cron shorthand")
-            return v
-        if len(fields) != 5 or not all(CRON_FIELD_RE.match(f) for f in fields):
-            raise ValueError("must be a 5-field cron schedule such as '*/5 * * * *'")
-        return v
+        return check_cron(v)
 
     @field_validator("user")
     @classmethod
@@ -349,6 +323,8 @@ class Appliance(_Model):
     filter: Filter = Field(default_factory=Filter)
     sync: Sync = Field(default_factory=Sync)
     ha: HA = Field(default_factory=HA)
+    admin: Admin = Field(default_factory=Admin)
+    lists: Lists = Field(default_factory=Lists)
 
     @field_validator("nodes")
     @classmethod

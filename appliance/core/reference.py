@@ -24,6 +24,8 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("filter.policies[]", c.Policy),
     ("sync", c.Sync),
     ("ha", c.HA),
+    ("admin", c.Admin),
+    ("lists", c.Lists),
 ]
 
 

@@ -12,6 +12,7 @@ PACKAGES = ("appliance", "filters", "sync", "image")
 
 # layer -> the layers it may import (itself always allowed). Order matters in layer_of: most specific first.
 LAYERS = ["appliance.core", "appliance.ha", "appliance.lab", "appliance.cli", "appliance.speaker",
+          "appliance.report", "appliance.admin", "appliance.migrate", "appliance.lists",
           "filters.proxy", "filters", "sync", "image", "appliance"]
 ALLOWED = {
     "appliance.core": set(),
@@ -23,6 +24,10 @@ ALLOWED = {
     "appliance.lab": {"appliance.core", "appliance.ha", "filters", "filters.proxy", "sync"},
     "appliance.cli": set(LAYERS) - {"appliance.cli"},
     "appliance.speaker": {"appliance.ha"},  # the stable `python -m appliance.speaker` entry point
+    "appliance.report": {"appliance.core"},  # access-log reports: read logs, figures, render
+    "appliance.admin": {"appliance.core", "appliance.report"},  # the status page server
+    "appliance.migrate": {"appliance.core"},  # SquidGuard configuration -> the filter section
+    "appliance.lists": {"appliance.core", "filters", "sync"},  # category list updates: fetch, check, compile, swap
     "appliance": set(),
 }
 MAX_MODULE_LINES = 400
