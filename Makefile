@@ -42,7 +42,7 @@ define apt_tools
 	fi
 endef
 
-.PHONY: run test test-vm bench image lab venv apt-test apt-image apt-lab apt-bench apt-deb clean
+.PHONY: run test test-vm screenshots bench image lab venv apt-test apt-image apt-lab apt-bench apt-deb clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -72,7 +72,7 @@ VM_TESTS = tests/integration/lab/test_vmlab.py
 test: venv apt-test apt-deb apt-vmlab
 	@start=$$(date +%s); share=$$(mktemp -d /tmp/carpguard-test.XXXXXX); vm=""; \
 	trap '[ -z "$$vm" ] || { kill -TERM $$vm 2>/dev/null; wait $$vm; }; rm -rf "$$share"' EXIT; \
-	export CARPGUARD_TEST_SHARE=$$share; \
+	export CARPGUARD_TEST_SHARE=$$share CARPGUARD_REQUIRE_BROWSER=1; \
 	if [ "$(TEST_WORKERS)" = 0 ]; then \
 	  $(PYTEST) --durations=25 $(PYTEST_ARGS) tests; rc=$$?; \
 	else \
@@ -88,6 +88,10 @@ test: venv apt-test apt-deb apt-vmlab
 
 test-vm: venv apt-test apt-deb apt-vmlab
 	$(PYTEST) --capture=sys --durations=10 $(PYTEST_ARGS) $(VM_TESTS)
+
+# the browser tests (status page, HTML report) again, their screenshots copied to docs/images/ for the admin guide
+screenshots: venv apt-test
+	CARPGUARD_REQUIRE_BROWSER=1 CARPGUARD_SCREENSHOT_DIR=$(CURDIR)/docs/images $(PYTEST) -m "browser" tests
 
 bench: venv apt-bench
 	$(PY) -m tests.bench
