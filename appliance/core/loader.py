@@ -110,7 +110,7 @@ def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
 
 
 def _shown(value: Any, loc: tuple) -> str:
-    if any(str(p) == "password" for p in loc):
+    if any("password" in str(p) for p in loc):  # the CARP pass, password_next, admin.password_hash
         return "(hidden)"
     s = repr(value)
     return s if len(s) <= 60 else s[:57] + "..."

@@ -70,6 +70,13 @@ def start_proxy(lab: Lab, node: str) -> int:
     return _start(lab, node, "proxy", proxy_argv(lab, node), node_env(lab, node), lab.nodes[node].dir / "proxy.log")
 
 
+def start_admin(lab: Lab, node: str) -> int:
+    """The node's status page (`appliance admin serve`) on its loopback and sync addresses, with the node's access log."""
+    argv = [f"{VENV_BIN}/appliance", "-c", str(lab.nodes[node].config), "admin", "serve",
+            "--access-log", str(lab.nodes[node].dir / "access.log")]
+    return _start(lab, node, "admin", argv, node_env(lab, node), lab.nodes[node].dir / "admin.log")
+
+
 def start_sshd(lab: Lab, node: str) -> int:
     """The node's private sshd on its sync address (own host key, config and authorized_keys; nothing of the host's)."""
     d = lab.nodes[node].sshd_dir

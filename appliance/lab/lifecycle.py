@@ -103,6 +103,7 @@ def _build(lab: Lab, cfg: Appliance, config_path: Path) -> None:
     daemons.start_origin(lab, ORIGIN_PORT)
     for node in lab.nodes:
         daemons.start_proxy(lab, node)
+        daemons.start_admin(lab, node)
     for node in lab.nodes:
         daemons.start_carp(lab, node)
 

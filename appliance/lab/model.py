@@ -162,6 +162,7 @@ class LabNode(Addressed):
     proxy_pid: int | None = None
     carp_pid: int | None = None
     sshd_pid: int | None = None
+    admin_pid: int | None = None  # the status page (appliance admin serve)
 
     @property
     def sshd_dir(self) -> Path:

@@ -183,6 +183,11 @@ class Guard:
         cluster += [(net, "the cluster's sync subnet") for net in dict.fromkeys(n.sync.network for n in cfg.nodes.values())]
         if isinstance(proxy.listen, (IPv4Address, IPv6Address)):
             cluster.append((proxy.listen, "the proxy's listen address"))
+        # the status page's own listen addresses (admin.listen; loopback, sync and lan are covered above): never
+        # proxied, whatever port, so the admin port cannot be reached through the proxy on any of them
+        admin = getattr(cfg, "admin", None)
+        cluster += [(a, "the status page's listen address (admin.listen)") for a in getattr(admin, "listen", ())
+                    if isinstance(a, (IPv4Address, IPv6Address))]
         if local is None:
             local = local_addresses()
         cluster += [(addr, f"an address of this node ({ifname})") for addr, ifname in local]

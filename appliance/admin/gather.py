@@ -1,0 +1,148 @@
+"""What the page shows, gathered: the node's status (from the CLI's `appliance status` code, passed in), the last
+HA transitions (ha.log), the last sync result (sync.log), the peers' generations (their /status.json over the sync
+link, refreshed in the background) and the access-log traffic."""
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from appliance.admin.traffic import Traffic
+from appliance.core.paths import Paths
+
+TRANSITIONS = 12         # ha.log lines shown
+SYNC_LINES = 3           # sync.log lines shown
+TAIL_BYTES = 64 * 1024   # read from the end of a log, never the whole file
+PEER_EVERY = 10.0        # seconds between two questions to a peer
+PEER_TIMEOUT = 1.5
+
+
+def tail(path: Path, n: int) -> list[str]:
+    """The last n lines of a text file (at most TAIL_BYTES read); [] when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - TAIL_BYTES))
+            data = f.read()
+    except OSError:
+        return []
+    lines = data.decode("utf-8", "replace").splitlines()
+    if size > TAIL_BYTES:
+        lines = lines[1:]  # the first one is cut
+    return [x for x in lines if x.strip()][-n:]
+
+
+def split_line(line: str) -> dict:
+    """`2024-01-03T10:00:00 carp: BACKUP -> MASTER ...` as {"at": ..., "text": ...}."""
+    at, _, text = line.partition(" ")
+    return {"at": at, "text": text} if at[:4].isdigit() else {"at": "", "text": line}
+
+
+def fetch_peer(address: str, port: int, source: str | None, timeout: float = PEER_TIMEOUT) -> dict:
+    """A peer's /status.json over the sync link (from our sync address); its certificate is not checked: the link
+    is the cabled point-to-point one, and nothing secret is asked or sent."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    src = (source, 0) if source else None
+    with socket.create_connection((address, port), timeout=timeout, source_address=src) as raw:
+        with ctx.wrap_socket(raw) as s:
+            s.sendall(f"GET /status.json HTTP/1.0\r\nHost: {address}\r\n\r\n".encode())
+            data = b""
+            while len(data) < 1 << 20:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b"?"
+    if status != b"200":
+        raise OSError(f"answered {status.decode(errors='replace')}")
+    return json.loads(body)
+
+
+@dataclass
+class Peers:
+    """Each peer's last answer ({"role", "generation", "at"} or {"error"}), asked in one background thread."""
+
+    targets: dict[str, str]          # peer name -> its sync address
+    port: int
+    source: str | None
+    fetch: Callable[[str, int, str | None], dict] = fetch_peer
+    answers: dict[str, dict] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        if self.targets:
+            threading.Thread(target=self._run, name="admin-peers", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for name, address in self.targets.items():
+                self.answers[name] = self.ask(name, address)
+            self.stop.wait(PEER_EVERY)
+
+    def ask(self, name: str, address: str) -> dict:
+        try:
+            s = self.fetch(address, self.port, self.source)
+            return {"sync": address, "role": s.get("role"), "generation": s.get("sync", {}).get("generation"),
+                    "at": time.time()}
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:  # bind() failed: nothing was sent
+                return {"sync": address, "error": f"not asked: our sync address {self.source} is not on this host",
+                        "at": time.time()}
+            return {"sync": address, "error": f"{type(e).__name__}: {e}", "at": time.time()}
+        except (ValueError, AttributeError) as e:
+            return {"sync": address, "error": f"{type(e).__name__}: {e}", "at": time.time()}
+
+    def snapshot(self) -> dict:
+        return {name: self.answers.get(name, {"sync": a, "error": "not asked yet"}) for name, a in self.targets.items()}
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """{"name{labels}": value} from Prometheus text (comments and unreadable lines skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+@dataclass
+class Sources:
+    """Everything the server reads. status and metrics come from the CLI (they need appliance.ha and the proxy)."""
+
+    paths: Paths
+    status: Callable[[], dict]
+    metrics: Callable[[], str]
+    traffic: Traffic
+    peers: Peers
+
+
+def snapshot(src: Sources) -> dict:
+    """The whole status as one JSON-ready dict (what /status.json returns and the page renders)."""
+    st = src.status()
+    return {
+        "node": st.get("node"), "role": st.get("role"), "vhids": st.get("vhids", []),
+        "vip": st.get("vip"), "demoted": st.get("demoted"), "health_demoted": st.get("health_demoted"),
+        "engine": st.get("carp", {}), "proxy": st.get("proxy", {}), "fast": st.get("fast"),
+        "carp_watch": st.get("carp_watch"), "counters": parse_prometheus(src.metrics()),
+        "transitions": [split_line(x) for x in tail(src.paths.ha_log, TRANSITIONS)][::-1],
+        "sync": {"generation": st.get("sync_generation"),
+                 "last": [split_line(x) for x in tail(src.paths.state / "sync" / "sync.log", SYNC_LINES)][::-1]},
+        "peers": src.peers.snapshot(),
+        "traffic": src.traffic.get(),
+        "at": time.time(),
+    }

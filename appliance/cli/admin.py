@@ -1,0 +1,90 @@
+"""`appliance admin serve|hash-password`: the read-only status page (HTML, /status.json, /metrics) over HTTPS."""
+from __future__ import annotations
+
+import getpass
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from appliance.admin import access, gather, tls
+from appliance.admin.server import AdminServer
+from appliance.admin.traffic import Traffic
+from appliance.cli import Ctx, fail, main
+from appliance.cli.ha import collect_status
+from filters.proxy import ca, control, metrics
+
+log = logging.getLogger("appliance.admin")
+
+
+@main.group("admin")
+def admin_group() -> None:
+    """The read-only status page of this node (docs/status-page.md)."""
+
+
+def _metrics(ctx: Ctx) -> str:
+    """The proxy's /metrics (it includes the HA files); when the proxy is down, the HA files alone."""
+    text = control.metrics_text(ctx.cfg)
+    if text is not None:
+        return text
+    return "appliance_proxy_up 0\n" + metrics.node_files(ctx.paths.run)
+
+
+def build(ctx: Ctx, port: int | None = None, access_log: str | None = None) -> AdminServer:
+    """The server for this node's config: addresses, certificate, gate and sources (nothing bound yet)."""
+    cfg, node, paths = ctx.cfg, ctx.node, ctx.paths
+    addresses = access.bind_addresses(cfg, node)
+    ca_pem = ca.ca_dir(ctx.base_dir) / f"{ca.BASENAME}-ca.pem"
+    cert, key = tls.ensure_cert(paths, node, addresses, ca_pem)
+    me = cfg.nodes[node]
+    peers = gather.Peers({n: str(x.sync.ip) for n, x in cfg.nodes.items() if n != node}, cfg.admin.port,
+                         str(me.sync.ip))
+    sources = gather.Sources(paths=paths, status=lambda: collect_status(ctx, probe=False),
+                             metrics=lambda: _metrics(ctx), traffic=Traffic(access_log or cfg.proxy.access_log),
+                             peers=peers)
+    return AdminServer(addresses, cfg.admin.port if port is None else port, tls.server_context(cert, key),
+                       access.Gate.from_config(cfg), sources)
+
+
+@admin_group.command("serve")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="instead of admin.port (0: any free one)")
+@click.option("--access-log", metavar="FILE", help="instead of proxy.access_log (the chart and today's summary)")
+@click.pass_obj
+def serve_cmd(ctx: Ctx, port: int | None, access_log: str | None) -> None:
+    """Serve the status page in the foreground until SIGTERM (for systemd and rc.d)."""
+    server = build(ctx, port, access_log)
+    try:
+        bound = server.start()
+    except OSError as e:
+        fail(f"admin: {e}", 1)
+    where = ", ".join(f"https://{a}:{p}/" for a, p in bound)
+    auth = "password required (not from the nodes' sync addresses)" if ctx.cfg.admin.password_hash else "no password"
+    click.echo(f"admin: status page on {where} ({auth})", err=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.stop()
+
+
+@admin_group.command("hash-password")
+@click.option("--rounds", type=click.IntRange(10, 16), default=12, show_default=True, help="bcrypt cost")
+def hash_password_cmd(rounds: int) -> None:
+    """Read a password (twice from a terminal, one line from stdin otherwise); print its bcrypt hash for
+    admin.password_hash."""
+    if sys.stdin.isatty():
+        pw = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != pw:
+            fail("the two passwords differ; nothing printed")
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    if not pw:
+        fail("empty password; nothing printed")
+    if len(pw.encode()) > 72:
+        fail("bcrypt uses only the first 72 bytes of a password: use a shorter one")
+    click.echo(access.hash_password(pw, rounds))
