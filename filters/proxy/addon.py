@@ -36,7 +36,7 @@ class State:
     counters: Counters = field(default_factory=Counters)
     self_hosts: set = field(default_factory=set)
     ca_pem: bytes | None = None
-    pac: bytes = b""
+    pacs: pac.Pacs | None = None  # the /proxy.pac answers, one per VIP order
     dest: Destinations | None = None
 
     def configure(self, cfg: Any, engine: RuleEngine, listen_host: str) -> None:
@@ -48,7 +48,8 @@ class State:
         if listen_host not in ("", "0.0.0.0"):
             hosts.add(listen_host)
         self.self_hosts = hosts
-        self.pac = pac.render(str(cfg.cluster.vip.ip), cfg.proxy.port, [])
+        vips = [str(cfg.cluster.vip.ip)] + [str(x.vip.ip) for x in cfg.cluster.extra_vhids]
+        self.pacs = pac.Pacs(vips, cfg.proxy.port, [])
 
 
 def _host_header(st: State, req: http.Request, target: Host, default_port: int) -> Refusal | None:
@@ -125,7 +126,8 @@ class FilterAddon:
         if path == "/healthz":
             flow.response = http.Response.make(200, b"ok\n", {"Content-Type": "text/plain"})
         elif path in ("/proxy.pac", "/wpad.dat"):
-            flow.response = http.Response.make(200, st.pac, {"Content-Type": pac.CONTENT_TYPE})
+            body = st.pacs.for_client(flow.client_conn.peername[0])  # its VIP order (docs/ha.md, active/active)
+            flow.response = http.Response.make(200, body, {"Content-Type": pac.CONTENT_TYPE})
         elif path == "/ca.pem" and st.ca_pem:
             flow.response = http.Response.make(200, st.ca_pem, {"Content-Type": "application/x-x509-ca-cert",
                                                                 "Content-Disposition": 'attachment; filename="carpguard-ca.pem"'})
