@@ -23,6 +23,7 @@ APPLIANCE_BIN = "/usr/local/bin/appliance"
 STATE_DIR = "/var/db/appliance"
 PIDFILE = f"{STATE_DIR}/run/proxy.pid"
 LIVENESS_PIDFILE = f"{STATE_DIR}/run/liveness.pid"
+ADMIN_PIDFILE = f"{STATE_DIR}/run/admin.pid"
 CONFIG_LINK = "/usr/local/etc/appliance"
 SHARE = "/usr/local/share/carpguard"
 VENV = "/usr/local/carpguard"
@@ -266,12 +267,14 @@ def render_freebsd(cfg: Appliance, config_path: Path, node: str, exclude: list[P
     t.file("/usr/local/etc/rc.d/appliance", template("rc.d-appliance.j2", pidfile=PIDFILE, **common), 0o555, source="template:rc.d-appliance.j2")
     t.file("/usr/local/etc/rc.d/appliance_liveness", template("rc.d-appliance_liveness.j2", pidfile=LIVENESS_PIDFILE, **common),
            0o555, source="template:rc.d-appliance_liveness.j2")
+    t.file("/usr/local/etc/rc.d/appliance_admin", template("rc.d-appliance_admin.j2", pidfile=ADMIN_PIDFILE, state_dir=STATE_DIR, **common),
+           0o555, source="template:rc.d-appliance_admin.j2")
     acc = sync_access(cfg)
     fb = dict(share=SHARE, venv=VENV, python=PYTHON, sync_user=cfg.sync.user, sync_uid=SYNC_UID, sync_home=acc["home"])
     t.file("/usr/local/etc/rc.d/appliance_firstboot", template("rc.d-appliance_firstboot.j2", **fb, **common), 0o555,
            source="template:rc.d-appliance_firstboot.j2")
     t.file("/usr/local/bin/appliance", template("appliance-wrapper.j2", venv=VENV, **common), 0o555, source="template:appliance-wrapper.j2")
-    t.file("/usr/local/etc/cron.d/appliance", template("cron.j2", schedule=cfg.sync.schedule, config=f"{CONFIG_LINK}/appliance.yaml", **common), source="template:cron.j2")
+    t.file("/usr/local/etc/cron.d/appliance", template("cron.j2", schedule=cfg.sync.schedule, lists_schedule=cfg.lists.update_schedule, config=f"{CONFIG_LINK}/appliance.yaml", **common), source="template:cron.j2")
     if c.legacy_carp:
         t.file(f"/usr/src/sys/{ARCH}/conf/CARP", template("CARP.j2", **common), source="template:CARP.j2")
     packages = PACKAGES + ([DOAS_PACKAGE] if acc["elevate"] == "doas" else [])

@@ -29,7 +29,8 @@ LOCK = REPO / "packaging" / "requirements.lock"
 BUILD_REQS = ["setuptools==84.2.1", "wheel==0.48.0"]  # what builds carpguard's own wheel (and sdist-only deps)
 PYTHON = "/usr/bin/python3"  # Debian's interpreter: the venv's bin/python links to it
 PREFIX = "/opt/carpguard"
-UNITS = ["appliance-proxy.service", "appliance-carp.service", "appliance-sync.service", "appliance-sync.timer"]
+UNITS = ["appliance-proxy.service", "appliance-carp.service", "appliance-sync.service", "appliance-sync.timer",
+         "appliance-lists-update.service", "appliance-lists-update.timer", "appliance-admin.service"]
 SYNC_USER = "appliance-sync"  # the cluster file's default sync.user
 APPLIANCE_BIN = "/usr/bin/appliance"
 MARK = "carpguard package"  # first line of every file postinst writes; postrm purges only those
@@ -198,7 +199,7 @@ def put(root: Path, path: str, data: bytes | str, mode: int = 0o644) -> None:
 
 
 def lay_out(root: Path, src: Path, ver: str, commit: str, epoch: int, maint: str) -> None:
-    for name in ("appliance-proxy-start", "appliance-sync-due"):
+    for name in ("appliance-proxy-start", "appliance-sync-due", "appliance-lists-due"):
         put(root, f"{PREFIX}/libexec/{name}", (DEB / "libexec" / name).read_bytes(), 0o755)
     (root / "usr/bin").mkdir(parents=True, exist_ok=True)
     os.symlink(f"{PREFIX}/bin/appliance", root / "usr/bin/appliance")

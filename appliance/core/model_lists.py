@@ -18,7 +18,8 @@ class Lists(_Model):
     update_schedule: Optional[str] = Field(None, description="cron schedule of `appliance lists update` on the "
                                            "MASTER only (a backup never updates on its own); unset: by hand only")
     categories: dict[str, str] = Field(default_factory=dict, description="upstream category -> this config's "
-                                       "category; only these are taken (empty: every upstream category, same name)")
+                                       "category; only these are taken (empty: every upstream category, same name, "
+                                       "a nested one as recreation-sports)")
     min_entries: int = Field(1, ge=1, description="a taken category with fewer entries is refused (an empty or "
                              "truncated download never replaces good lists)")
     min_ratio: float = Field(0.5, ge=0, le=1, description="a taken category may not shrink below this fraction "
@@ -40,8 +41,11 @@ class Lists(_Model):
     @classmethod
     def _names(cls, v: dict[str, str]) -> dict[str, str]:
         for up, ours in v.items():
-            if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", up):
-                raise ValueError(f"upstream category {up!r}: letters, digits, '_', '.', '-' only")
+            parts = up.split("/")
+            if len(parts) > 3 or not all(re.match(r"^[A-Za-z0-9_.-]{1,64}$", p) and p not in (".", "..")
+                                         for p in parts):
+                raise ValueError(f"upstream category {up!r}: letters, digits, '_', '.', '-' (a nested Shallalist "
+                                 f"one as recreation/sports)")
             if not CATEGORY_RE.match(ours):
                 raise ValueError(f"category {ours!r} (for {up!r}) is not a category name")
         return v

@@ -25,7 +25,8 @@ CHROOT_TAR = CACHE / "bookworm-chroot.tar"
 CHROOT_DEPS = ("python3.11,libc6,adduser,init-system-helpers,sudo,openssh-server,openssh-client,rsync,iproute2,"
                "iputils-arping,util-linux,systemd,logrotate")
 COMMIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-UNITS = ("appliance-proxy.service", "appliance-carp.service", "appliance-sync.service", "appliance-sync.timer")
+UNITS = ("appliance-proxy.service", "appliance-carp.service", "appliance-sync.service", "appliance-sync.timer",
+         "appliance-lists-update.service", "appliance-lists-update.timer")
 
 
 def build(out: Path, commit: str, offline: bool = False) -> subprocess.CompletedProcess:
@@ -67,7 +68,7 @@ def test_info_and_contents(deb: Path):
     for unit in UNITS:
         assert m[f"/lib/systemd/system/{unit}"].mode == 0o644
     for exe in ("/opt/carpguard/bin/appliance", "/opt/carpguard/libexec/appliance-proxy-start",
-                "/opt/carpguard/libexec/appliance-sync-due"):
+                "/opt/carpguard/libexec/appliance-sync-due", "/opt/carpguard/libexec/appliance-lists-due"):
         assert m[exe].mode == 0o755
     assert m["/etc/logrotate.d/appliance"].mode == 0o644
     assert not [n for n in m if n.endswith(".pyc") or "__pycache__" in n]
@@ -117,8 +118,8 @@ sudo -l -U appliance-sync | grep -q "/usr/bin/appliance sync-serve" && echo SUDO
 sshd -t && echo SSHD-OK
 echo "FORCE $(sshd -T -C user=appliance-sync,host=peer,addr=192.0.2.7 | grep -i '^forcecommand' | cut -d' ' -f2-)"
 echo "ROOTFORCE $(sshd -T -C user=root,host=peer,addr=192.0.2.7 | grep -i '^forcecommand' | cut -d' ' -f2-)"
-for u in appliance-proxy.service appliance-carp.service appliance-sync.timer; do echo "ENABLED $u $(systemctl is-enabled $u)"; done
-systemd-analyze verify --man=no /lib/systemd/system/appliance-*.service /lib/systemd/system/appliance-sync.timer \
+for u in appliance-proxy.service appliance-carp.service appliance-sync.timer appliance-lists-update.timer; do echo "ENABLED $u $(systemctl is-enabled $u)"; done
+systemd-analyze verify --man=no /lib/systemd/system/appliance-*.service /lib/systemd/system/appliance-*.timer \
   && echo VERIFY-OK
 appliance --help | grep -q sync-receive && echo CLI-OK
 /opt/carpguard/bin/python -c 'import mitmproxy, uvloop, pydantic_core, yaml, filters.engine, sync.keys; print("IMPORTS-OK")'
@@ -155,7 +156,7 @@ def test_install_and_purge_offline_in_chroot(deb: Path, tmp_path: Path):
     assert "PIDLINK ../proxy/run/proxy.pid" in out
     assert "FORCE /usr/bin/sudo -n /usr/bin/appliance sync-serve" in out
     assert "ROOTFORCE none" in out  # the Match block ends with its file: other users keep the main config
-    for unit in ("appliance-proxy.service", "appliance-carp.service", "appliance-sync.timer"):
+    for unit in ("appliance-proxy.service", "appliance-carp.service", "appliance-sync.timer", "appliance-lists-update.timer"):
         assert f"ENABLED {unit} enabled" in out
     for ok in ("VISUDO-OK", "SUDO-RULE-OK", "SSHD-OK", "VERIFY-OK", "CLI-OK", "IMPORTS-OK", "WRAPPER-OK",
                "PYC-COMPILED", "FILES-SAME", "USERS-SAME"):

@@ -1,0 +1,1 @@
+"""Category list updates (`appliance lists update`): fetch, unpack safely, map, validate, compile, swap, reload."""
