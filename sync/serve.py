@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from appliance.core.paths import Paths
-from sync import lock, tree
+from sync import lock, logs, tree
 from sync import receive as rcv
 from sync.errors import BAD_INPUT, PEER_FAILED, SyncError
 from sync.journal import note
@@ -163,7 +163,11 @@ def _run(argv: list[str], paths: Paths) -> dict:
     if verb in ("receive", "sync-receive"):
         gen, digest, force = parse_receive(argv)
         return rcv.receive(paths, gen, digest, force, source=rcv.source_of_connection())
-    raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive|sync-receive)", BAD_INPUT)
+    if verb == "logs":  # read-only: this node's access-log records, nothing else (sync/logs.py)
+        logs.serve(argv, paths, sys.stdout.buffer)
+        raise SystemExit(0)  # stdout holds the gzip stream: no JSON reply after it
+    raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive|sync-receive, logs)",
+                    BAD_INPUT)
 
 
 def dispatch(command: str | None, paths: Paths) -> dict:

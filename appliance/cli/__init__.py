@@ -11,7 +11,8 @@ from typing import Any, NoReturn
 import click
 
 from appliance.core import paths as pathmod
-from appliance.core.errors import EXIT_BAD_INPUT, ApplianceError, report
+from appliance.core.errors import EXIT_BAD_INPUT, ApplianceError
+from appliance.core.errors import report as report_error  # not `report`: the name of the report command's module
 from appliance.core.loader import load
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths
@@ -29,6 +30,10 @@ COMMANDS = {
     "sync": "appliance.cli.sync", "sync-receive": "appliance.cli.sync", "sync-serve": "appliance.cli.sync",
     "releases": "appliance.cli.sync", "cron": "appliance.cli.sync",
     "keys": "appliance.cli.keys", "carp-rotate": "appliance.cli.rotate", "image": "appliance.cli.image",
+    "report": "appliance.cli.report",
+    "lists": "appliance.cli.lists",
+    "admin": "appliance.cli.admin",
+    "import": "appliance.cli.migrate",
 }
 COMMAND_MODULES = sorted(set(COMMANDS.values()))
 
@@ -121,7 +126,7 @@ class ApplianceGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ApplianceError as e:
-            ctx.exit(report(e))
+            ctx.exit(report_error(e))
 
 
 def _add_shared(cmd: click.Command) -> None:

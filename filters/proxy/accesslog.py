@@ -14,12 +14,28 @@ def field(value: str) -> str:
     return "".join(chr(b) if 0x20 < b < 0x7F else f"%{b:02X}" for b in raw)
 
 
+def block_tag(category: str | None) -> str:
+    """The trailing tag of a request blocked by a list category (docs/report.md)."""
+    return f"block:{category or 'none'}"
+
+
+def refusal_tag(reason: str) -> str:
+    """The trailing tag of a request the appliance refused whatever the lists say (a guard, gate or limit reason)."""
+    return f"refused:{reason}"
+
+
+DENIED_TAG = "denied:client"  # a client outside proxy.clients
+
+
 def squid_line(start: float, elapsed_ms: int, client: str, code: str, status: int, size: int, method: str,
-               url: str, peer: str, mime: str, user: str = "-") -> str:
-    """`%ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt`; every text field through field()."""
+               url: str, peer: str, mime: str, user: str = "-", tag: str = "") -> str:
+    """`%ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt`; every text field through field(). A refused
+    request gets one more field, ` [tag]` (block:CATEGORY, refused:REASON, denied:client), bracketed as Squid's
+    log_mime_hdrs extras are, so calamaris -f squid-extended and sarg still read the line (docs/report.md)."""
     hier = "HIER_NONE/-" if not peer or peer == "-" else f"HIER_DIRECT/{field(peer)}"
+    extra = f" [{field(tag).replace('[', '%5B').replace(']', '%5D')}]" if tag else ""
     return (f"{int(start)}.{int(start * 1000) % 1000:03d} {elapsed_ms:6d} {field(client)} {field(code)}/{status:03d} "
-            f"{size} {field(method)} {field(url)} {field(user)} {hier} {field(mime or '-')}\n")
+            f"{size} {field(method)} {field(url)} {field(user)} {hier} {field(mime or '-')}{extra}\n")
 
 
 class AccessLog:

@@ -14,7 +14,7 @@ from mitmproxy.tls import ClientHelloData
 from filters.engine import Decision, RuleEngine
 from filters.hosts import BadHost, Host, canonical_host, host_port, shown
 from filters.proxy import nextlayer, pac, verdict
-from filters.proxy.accesslog import AccessLog
+from filters.proxy.accesslog import AccessLog, refusal_tag
 from filters.proxy.dest import Destinations
 from filters.proxy.guard import Guard, Refusal, bad_host, refusal
 from filters.proxy.metrics import Counters
@@ -163,7 +163,7 @@ class FilterAddon:
         mime = (resp.headers.get("content-type", "-").split(";")[0] if resp is not None else "-") or "-"
         url = flow.metadata.get("cg_url") or (req.pretty_url if req.method != "CONNECT" else f"{req.host}:{req.port}")
         acc.log(start=start, elapsed_ms=elapsed, client=flow.client_conn.peername[0], code=code, status=status,
-                size=size, method=req.method, url=url, peer=peer, mime=mime)
+                size=size, method=req.method, url=url, peer=peer, mime=mime, tag=verdict.tag_of(denied))
 
     # ---------------------------------------------------------------- CONNECT
 
@@ -267,7 +267,9 @@ class FilterAddon:
         if meta is None or acc.fd is None or "start" not in meta:
             return
         code, status, url, peer = nextlayer.tunnel_record(meta)
-        verdict.log_connect(acc, meta["start"], meta["client"], code, status, 0, url, peer=peer)
+        cut = meta.get("cut")  # the report counts refusals by the log's tag (docs/report.md)
+        tag = verdict.tag_of(meta.get("decision") or meta.get("blocked")) or (refusal_tag(cut) if isinstance(cut, str) else "")
+        verdict.log_connect(acc, meta["start"], meta["client"], code, status, 0, url, peer=peer, tag=tag)
 
     def tls_clienthello(self, data: ClientHelloData) -> None:
         """tls: intercept: hosts of an intercept_exempt category are tunnelled untouched."""

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from filters.proxy.accesslog import refusal_tag
 from filters.proxy.framing import HeadScanner
 from filters.proxy.gate import HeadError, Limits, answer_bytes
 
@@ -151,7 +152,7 @@ def refusal_logger(state: Any, client: str) -> Callable[[str, int, str, bytes], 
             method = printable(line[0][:32]) if line and line[0] else "-"
             url = printable(line[1][:512]) if len(line) > 1 else "-"
             acc.log(start=time.time(), elapsed_ms=0, client=client, code="TCP_DENIED", status=status, size=0,
-                    method=method, url=url, peer="-", mime="-")
+                    method=method, url=url, peer="-", mime="-", tag=refusal_tag(reason))
 
     return refuse
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from filters.hosts import BadHost, Host, host_port, shown
 from filters.proxy import gate, sni, verdict
+from filters.proxy.accesslog import refusal_tag
 from filters.proxy.gate import REASON_PHRASE, answer_bytes  # noqa: F401 - the worker and tests take them here
 from filters.proxy.guard import Refusal, bad_host
 from filters.proxy.splice import HIGH_WATER, _connect, _link, _Pipe, _splice, _Tunnel  # noqa: F401 - tests reach them here
@@ -101,8 +102,9 @@ class _Request:
         """host:port; a target the host model could not read (port 0) as the client wrote it (escaped)."""
         return f"{self.host}:{self.port}" if self.port else self.host
 
-    def log(self, code: str, status: int, size: int, url: str | None = None, peer: str = "-") -> None:
-        verdict.log_connect(self.state.access, self.start, self.client, code, status, size, url or self.hostport, peer)
+    def log(self, code: str, status: int, size: int, url: str | None = None, peer: str = "-", tag: str = "") -> None:
+        verdict.log_connect(self.state.access, self.start, self.client, code, status, size, url or self.hostport, peer,
+                            tag)
 
 
 async def handle(conn: socket.socket, state: Any, done: Any = None) -> None:
@@ -146,7 +148,7 @@ async def _handle(loop: asyncio.AbstractEventLoop, conn: socket.socket, state: A
     if d.blocked:
         resp = verdict.refuse(state, d, req.hostport, req.client, accept).http11()
         await loop.sock_sendall(conn, resp)
-        req.log("TCP_DENIED", 403, len(resp))
+        req.log("TCP_DENIED", 403, len(resp), tag=verdict.tag_of(d))
         return _close_soon(conn)
     up = await _open_upstream(loop, conn, req, host, accept)
     if up is None:
@@ -184,7 +186,7 @@ async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket, req: 
         refused(req.state, e.reason)
         log.info("CONNECT from %s refused: %s", req.client, e)
         await _answer(loop, conn, e.status, e.why)
-        req.log("TCP_DENIED", e.status, 0, url="-")
+        req.log("TCP_DENIED", e.status, 0, url="-", tag=refusal_tag(e.reason))
         raise
     return buf[:end], buf[end:]
 
@@ -202,7 +204,7 @@ async def _refuse(loop: asyncio.AbstractEventLoop, conn: socket.socket, req: _Re
     resp = verdict.refuse_guard(req.state, r, req.hostport, req.client, accept).http11()
     log.info("CONNECT %s from %s refused: %s", req.hostport, req.client, r.text)
     await loop.sock_sendall(conn, resp)
-    req.log("TCP_DENIED", r.status, len(resp))
+    req.log("TCP_DENIED", r.status, len(resp), tag=verdict.tag_of(r))
     return _close_soon(conn)
 
 
@@ -254,7 +256,7 @@ async def _check_hello(loop: asyncio.AbstractEventLoop, conn: socket.socket, up:
         refused(req.state, name)
         log.info("cut tunnel to %s from %s: %s (%d bytes read)", req.hostport, req.client, name, len(rest))
         up.close()
-        req.log("TCP_DENIED", 403, 0)
+        req.log("TCP_DENIED", 403, 0, tag=refusal_tag(name))
         conn.close()
         return None
     d = verdict.sni_block(req.state.engine, req.client, req.host, name) if isinstance(name, str) else None
@@ -262,7 +264,7 @@ async def _check_hello(loop: asyncio.AbstractEventLoop, conn: socket.socket, up:
         return rest
     verdict.cut(req.state, d, req.hostport, name, log)
     up.close()
-    req.log("TCP_DENIED", 403, 0, f"{name}:{req.port}")
+    req.log("TCP_DENIED", 403, 0, f"{name}:{req.port}", tag=verdict.tag_of(d))
     conn.close()
     return None
 

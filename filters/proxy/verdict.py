@@ -13,7 +13,7 @@ from filters.engine import Decision
 from filters.proxy import blockpage
 from filters.hosts import BadHost, canonical_host, shown
 from filters.proxy.guard import Refusal, bad_host
-from filters.proxy.accesslog import AccessLog
+from filters.proxy.accesslog import DENIED_TAG, AccessLog, block_tag, refusal_tag
 from filters.proxy.metrics import Counters
 
 
@@ -92,9 +92,18 @@ def cut(state: Any, d: Decision | Refusal, target: str, sni: str, log: logging.L
     log.info("cut tunnel to %s: SNI %s blocked (%s, %s)", shown(target), shown(sni), d.category, d.source)
 
 
+def tag_of(d: Decision | Refusal | None) -> str:
+    """The access log's trailing tag for a decision that refused (block:CATEGORY, denied:client, refused:REASON)."""
+    if isinstance(d, Refusal):
+        return refusal_tag(d.reason)
+    if d is None or not d.blocked:
+        return ""
+    return DENIED_TAG if d.verdict == "deny" else block_tag(d.category)
+
+
 def log_connect(access: AccessLog, start: float, client: str, code: str, status: int, size: int, url: str,
-                peer: str = "-") -> None:
+                peer: str = "-", tag: str = "") -> None:
     """One access-log record for a CONNECT: refused, cut, failed upstream or tunnelled (then `peer` is the origin)."""
     if access.fd is not None:
         access.log(start=start, elapsed_ms=int((time.time() - start) * 1000), client=client, code=code, status=status,
-                   size=size, method="CONNECT", url=url, peer=peer, mime="-")
+                   size=size, method="CONNECT", url=url, peer=peer, mime="-", tag=tag)

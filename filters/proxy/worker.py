@@ -13,7 +13,7 @@ from typing import Any
 
 from filters import ruleset
 from filters.proxy import front, gate, tunnel
-from filters.proxy.accesslog import AccessLog
+from filters.proxy.accesslog import AccessLog, refusal_tag
 from filters.proxy.metrics import worker_file
 
 log = logging.getLogger("appliance.proxy")
@@ -65,7 +65,7 @@ class _Acceptor:
         acc = self.state.access
         if acc.fd is not None:
             acc.log(start=time.time(), elapsed_ms=0, client=client, code="TCP_DENIED", status=503, size=0, method="-",
-                    url="-", peer="-", mime="-")
+                    url="-", peer="-", mime="-", tag=refusal_tag(reason))
 
     async def _accept(self) -> None:
         loop, sock = self.loop, self.sock

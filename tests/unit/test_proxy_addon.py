@@ -31,7 +31,7 @@ DNS = {"example.org": ["192.0.2.10"], "www.blocked.test": ["192.0.2.11"], "block
        "ok.blocked.test": ["192.0.2.12"], "vm": ["192.0.2.13"], "x.org": ["192.0.2.14"], "www.exempt.test": ["192.0.2.15"],
        "to-loopback.test": ["127.0.0.1"], "to-metadata.test": ["169.254.169.254"], "to-mapped.test": ["::ffff:127.0.0.1"],
        "mixed.test": ["192.0.2.16", "127.0.0.1"], "to-node.test": ["192.168.1.2"]}
-SQUID_LINE = re.compile(r"^\d+\.\d{3} +\d+ \S+ [A-Z_]+/\d{3} \d+ [A-Z]+ \S+ \S+ (HIER_DIRECT|HIER_NONE)/\S+ \S+$")
+SQUID_LINE = re.compile(r"^\d+\.\d{3} +\d+ \S+ [A-Z_]+/\d{3} \d+ [A-Z]+ \S+ \S+ (HIER_DIRECT|HIER_NONE)/\S+ \S+( \[\S+\])?$")
 
 
 def _state(tmp_path: Path, **proxy) -> State:
@@ -126,7 +126,7 @@ def test_blocked_request_gets_the_block_page_counted_and_logged(state):
     [line] = _log(state)
     fields = line.split()
     assert fields[2:] == ["127.0.0.1", "TCP_DENIED/403", str(len(r.raw_content) + 100), "GET",
-                          "http://www.blocked.test/index.html", "-", "HIER_NONE/-", "text/html"]
+                          "http://www.blocked.test/index.html", "-", "HIER_NONE/-", "text/html", "[block:blocked]"]
 
 
 def test_block_page_is_plain_text_for_a_non_html_client(state):

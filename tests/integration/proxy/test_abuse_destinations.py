@@ -18,7 +18,7 @@ from tests.support.proxy import LISTS, Proxy, fetch, get_local, make_tree, start
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
-SQUID_LINE = re.compile(r"^\d+\.\d{3} +\d+ \S+ [A-Z_]+/\d{3} \d+ (?:[A-Z]+|-) \S+ \S+ (HIER_DIRECT|HIER_NONE)/\S+ \S+$")
+SQUID_LINE = re.compile(r"^\d+\.\d{3} +\d+ \S+ [A-Z_]+/\d{3} \d+ (?:[A-Z]+|-) \S+ \S+ (HIER_DIRECT|HIER_NONE)/\S+ \S+( \[\S+\])?$")
 LOOPBACK = ("127.0.0.1", "127.1", "2130706433", "0x7f.1", "0177.0.0.1", "127.000.000.001", "[::ffff:127.0.0.1]",
             "localhost.", "127.0.0.2", "0177.0.0.2", "127.000.000.002", "2130706434", "127.2", "0x7f.0.0.2",
             "[::ffff:127.0.0.2]", "[::1]")

@@ -169,12 +169,12 @@ def test_access_log_squid_format(proxy, origin):
     log = proxy.root / "access.log"
     wait_until(lambda: "logged-block" in log.read_text(), 5, "the blocked request in the access log")
     lines = log.read_text().splitlines()
-    line_re = re.compile(r"^\d+\.\d{3} +\d+ \S+ [A-Z_]+/\d{3} \d+ [A-Z]+ \S+ \S+ (HIER_DIRECT|HIER_NONE)/\S+ \S+$")
+    line_re = re.compile(r"^\d+\.\d{3} +\d+ \S+ [A-Z_]+/\d{3} \d+ [A-Z]+ \S+ \S+ (HIER_DIRECT|HIER_NONE)/\S+ \S+( \[\S+\])?$")
     assert all(line_re.match(l) for l in lines), lines
     ok = [l for l in lines if "/logged " in l]
     blk = [l for l in lines if "logged-block" in l]
     assert ok and " TCP_MISS/200 " in ok[0] and "HIER_DIRECT/127.0.0.1" in ok[0]
-    assert blk and " TCP_DENIED/403 " in blk[0] and "HIER_NONE/-" in blk[0]
+    assert blk and " TCP_DENIED/403 " in blk[0] and "HIER_NONE/-" in blk[0] and blk[0].endswith(" [block:blocked]")
 
 
 def test_metrics_counters(proxy, origin):
