@@ -14,7 +14,7 @@ import pytest
 
 from filters.proxy import pac
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = pytest.mark.slow
 
 A, B = "127.0.0.2", "127.0.0.3"
 

@@ -20,7 +20,7 @@ from tests.support import browser
 from tests.support.env import APPLIANCE, EXAMPLES, free_port
 from tests.support.wait import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = pytest.mark.slow
 PASSWORD = "correct horse battery"
 
 

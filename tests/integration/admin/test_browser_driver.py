@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import browser
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
