@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from appliance.admin.traffic import Traffic
+from appliance.core import prom
 from appliance.core.paths import Paths
 
 TRANSITIONS = 12         # ha.log lines shown
@@ -106,20 +107,6 @@ class Peers:
         return {name: self.answers.get(name, {"sync": a, "error": "not asked yet"}) for name, a in self.targets.items()}
 
 
-def parse_prometheus(text: str) -> dict[str, float]:
-    """{"name{labels}": value} from Prometheus text (comments and unreadable lines skipped)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            continue
-    return out
-
-
 @dataclass
 class Sources:
     """Everything the server reads. status and metrics come from the CLI (they need appliance.ha and the proxy)."""
@@ -138,7 +125,7 @@ def snapshot(src: Sources) -> dict:
         "node": st.get("node"), "role": st.get("role"), "vhids": st.get("vhids", []),
         "vip": st.get("vip"), "demoted": st.get("demoted"), "health_demoted": st.get("health_demoted"),
         "engine": st.get("carp", {}), "proxy": st.get("proxy", {}), "fast": st.get("fast"),
-        "carp_watch": st.get("carp_watch"), "counters": parse_prometheus(src.metrics()),
+        "carp_watch": st.get("carp_watch"), "counters": prom.parse(src.metrics()),
         "transitions": [split_line(x) for x in tail(src.paths.ha_log, TRANSITIONS)][::-1],
         "sync": {"generation": st.get("sync_generation"),
                  "last": [split_line(x) for x in tail(src.paths.state / "sync" / "sync.log", SYNC_LINES)][::-1]},

@@ -5,7 +5,7 @@ import signal
 import urllib.request
 from pathlib import Path
 
-from appliance.core import pids
+from appliance.core import pids, prom
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths
 
@@ -50,15 +50,4 @@ def metrics_text(cfg: Appliance, timeout: float = 2.0) -> str | None:
 def counters(cfg: Appliance) -> dict[str, float] | None:
     """Parse /metrics into {"name{labels}": value}; None when the proxy does not answer."""
     text = metrics_text(cfg)
-    if text is None:
-        return None
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            continue
-    return out
+    return None if text is None else prom.parse(text)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import http.server
-import importlib.machinery
-import importlib.util
 import json
 import os
 import ssl
@@ -22,10 +20,10 @@ from appliance.core.paths import Paths
 from appliance.core.state import write_role
 from image import render
 from sync.releases import Releases
-from tests.support.env import APPLIANCE, ROOT, config_tree
+from tests.support import due_script
+from tests.support.env import APPLIANCE, config_tree
 from tests.unit.test_lists import domains, shalla, tarball, ut1
 
-DUE = ROOT / "packaging/debian/libexec/appliance-lists-due"
 
 
 class Node:
@@ -234,16 +232,7 @@ def test_https_download_with_the_test_ca(node: Node, https_server) -> None:
 
 @pytest.fixture
 def due(tmp_path: Path, monkeypatch):
-    loader = importlib.machinery.SourceFileLoader("appliance_lists_due", str(DUE))
-    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
-    loader.exec_module(mod)
-    (tmp_path / "appliance.yaml").write_text("lists:\n  update_schedule: '* * * * *'\n")
-    monkeypatch.setattr(mod, "CONFIG", str(tmp_path / "appliance.yaml"))
-    monkeypatch.setenv("APPLIANCE_STATE_DIR", str(tmp_path))
-    execs: list[list[str]] = []
-    monkeypatch.setattr(mod.os, "execv", lambda path, argv: execs.append(argv))
-    mod.execs = execs
-    return mod
+    return due_script.load("appliance-lists-due", "lists:\n  update_schedule: '* * * * *'\n", tmp_path, monkeypatch)
 
 
 def test_due_master_updates(due, tmp_path: Path) -> None:

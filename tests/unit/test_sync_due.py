@@ -3,30 +3,17 @@ sync.schedule is due in this minute and this node is the MASTER; a backup's tick
 from __future__ import annotations
 
 import datetime as dt
-import importlib.machinery
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.support.env import ROOT
-
-SCRIPT = ROOT / "packaging/debian/libexec/appliance-sync-due"
+from tests.support import due_script
 
 
 @pytest.fixture
 def due_mod(tmp_path: Path, monkeypatch):
-    loader = importlib.machinery.SourceFileLoader("appliance_sync_due", str(SCRIPT))
-    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
-    loader.exec_module(mod)
-    (tmp_path / "appliance.yaml").write_text("sync:\n  schedule: '* * * * *'\n")
-    monkeypatch.setattr(mod, "CONFIG", str(tmp_path / "appliance.yaml"))
-    monkeypatch.setenv("APPLIANCE_STATE_DIR", str(tmp_path))
-    execs: list[list[str]] = []
-    monkeypatch.setattr(mod.os, "execv", lambda path, argv: execs.append(argv))
-    mod.execs = execs
-    return mod
+    return due_script.load("appliance-sync-due", "sync:\n  schedule: '* * * * *'\n", tmp_path, monkeypatch)
 
 
 def _role(d: Path, role: str | None, raw: str | None = None) -> None:
