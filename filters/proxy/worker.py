@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from filters import ruleset
-from filters.proxy import front, gate, tunnel
+from filters.proxy import front, gate, httpfast, tunnel
 from filters.proxy.accesslog import AccessLog, refusal_tag
 from filters.proxy.metrics import worker_file
 
@@ -38,7 +38,8 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 class _Acceptor:
     """Accepts on the shared socket itself. Holds each client to its connection slots (gate.Slots: per address and
     per worker; excess answered 503 and closed, counted). Peeks at the first bytes: CONNECT -> filters.proxy.tunnel
-    (tls: sni), else mitmproxy behind the front gate (front.GateReader: header limits and timeouts)."""
+    (tls: sni); other requests -> filters.proxy.httpfast when proxy.http_fast_path is on (it hands on what it does
+    not serve); the rest to mitmproxy behind the front gate (front.GateReader: header limits and timeouts)."""
 
     PEEK_WAIT = 2.0  # a client that has sent a prefix of "CONNECT " is given this long to send the rest
 
@@ -148,21 +149,32 @@ class _Acceptor:
         if head == b"CONNECT " and self.fast_connect:
             await tunnel.handle(conn, self.state, done)
             return True
+        if head and b"CONNECT "[:len(head)] != head and getattr(self.state.cfg.proxy, "http_fast_path", False):
+            await httpfast.serve(conn, self.state, self._to_mitmproxy)  # plain HTTP/1.1 (proxy.http_fast_path)
+            return False
+        await self._to_mitmproxy(conn)
+        return False
+
+    async def _to_mitmproxy(self, conn: socket.socket, pre: bytes = b"") -> None:
+        """mitmproxy serves the connection behind the front gate; `pre`: what the HTTP fast path read and did not
+        answer (the gate and mitmproxy read it first, as if it had just arrived)."""
+        loop = self.loop
         try:
             peer = conn.getpeername()
             reader = asyncio.StreamReader(limit=2 ** 16, loop=loop)
+            if pre:
+                reader.feed_data(pre)
             protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
             transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=conn)
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         except OSError:
             conn.close()
-            return False
+            return
         gr = front.GateReader(reader, writer, tunnel.limits(self.state), front.refusal_logger(self.state, peer[0]), key=peer)
         try:
             await self.handle_stream(gr, writer)
         finally:
             gr.close()
-        return False
 
     def close(self) -> None:
         self.task.cancel()

@@ -133,7 +133,7 @@ def gen_domains(path: Path, n: int) -> list[str]:
     return out
 
 
-def make_cfg(root: Path, domains_file: Path, workers) -> Path:
+def make_cfg(root: Path, domains_file: Path, workers, extra: str = "") -> Path:
     etc = root / "etc"
     (etc / "lists" / "big").mkdir(parents=True)
     shutil.copy(domains_file, etc / "lists" / "big" / "domains")
@@ -144,7 +144,7 @@ def make_cfg(root: Path, domains_file: Path, workers) -> Path:
 nodes:
   fw1: {{lan: 192.168.1.2/24, sync: 192.168.200.1/30, advskew: 0}}
   fw2: {{lan: 192.168.1.3/24, sync: 192.168.200.2/30, advskew: 100}}
-proxy: {{clients: [127.0.0.0/8], workers: {workers}, metrics_port: {free_port()}, access_log: none, connect_ports: ["1-65535"]}}
+proxy: {{clients: [127.0.0.0/8], workers: {workers}, metrics_port: {free_port()}, access_log: none, connect_ports: ["1-65535"]{extra}}}
 filter: {{lists: lists/, block: [big], allow: [allowlist]}}
 """
     (etc / "appliance.yaml").write_text(cfg)
@@ -353,6 +353,7 @@ def main() -> None:
         print(f"generated {N_DOMAINS:,} domains in {time.monotonic() - t0:.1f} s ({dom_file.stat().st_size / 1e6:.1f} MB)")
         cfg = make_cfg(tmp / "cg", dom_file, 1)
         cfg_auto = make_cfg(tmp / "cg-auto", dom_file, "auto")
+        cfg_fast = make_cfg(tmp / "cg-fast", dom_file, 1, ", http_fast_path: true")  # the plain HTTP fast path
         env = {**os.environ, "APPLIANCE_STATE_DIR": str(tmp / "state")}
         # list compile (appliance check --compile), its time and peak memory
         t0 = time.monotonic()
@@ -365,8 +366,9 @@ def main() -> None:
         peak_kb = int(r.stderr.strip().splitlines()[-1])
         print(f"compile: {idx['entries']:,} entries in {idx['seconds']:.2f} s (command {compile_wall:.2f} s wall, "
               f"peak RSS {peak_kb / 1024:.0f} MB), index {idx['bytes'] / 1e6:.1f} MB")
-        subprocess.run([APPLIANCE, "-c", str(cfg_auto), "check", "--compile"], capture_output=True, timeout=300, env=env,
-                       check=True)
+        for c in (cfg_auto, cfg_fast):
+            subprocess.run([APPLIANCE, "-c", str(c), "check", "--compile"], capture_output=True, timeout=300, env=env,
+                           check=True)
         eb = engine_bench(cfg, domains)
         print(f"index load + engine build: {eb['load_s'] * 1000:.0f} ms, +{eb['load_rss_mb']:.0f} MB RSS (mmap, shared by workers)")
         print(f"engine (per CPU-second, median of 5): {eb['dps']:,.0f} decisions/s on one core with a 20,000-host working set (host cache warm;"
@@ -393,6 +395,8 @@ def main() -> None:
         squid = shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin")
         peers: dict[str, tuple[str, callable]] = {
             "carpguard": ("carpguard, workers: 1, 1M list", lambda p: [APPLIANCE, "-c", str(cfg), "proxy", "--listen", f"127.0.0.1:{p}"]),
+            "carpguard_fast": ("carpguard, workers: 1, http_fast_path", lambda p: [APPLIANCE, "-c", str(cfg_fast), "proxy",
+                                                                                   "--listen", f"127.0.0.1:{p}"]),
             "mitm_filter": ("mitmdump -s filter (same 1M index+engine)", lambda p: mitm + ["-p", str(p), "-s", str(script)]),
             "mitmdump": ("mitmdump plain (no list)", lambda p: mitm + ["-p", str(p)]),
             "squid": ("squid -N (1M dstdomain ACL)", lambda p: [squid, "-N", "-f", str(squid_conf(tmp, p, dom_file))]),
@@ -452,6 +456,8 @@ def main() -> None:
         print(f"HTTP  carpguard / mitmdump plain:  {ratio('carpguard', 'mitmdump', 'http')}  [target >= 2x]")
         print(f"HTTP  carpguard / mitmdump+filter: {ratio('carpguard', 'mitm_filter', 'http')}")
         print(f"HTTP  carpguard / squid:           {ratio('carpguard', 'squid', 'http')}")
+        print(f"HTTP  carpguard fast path / squid: {ratio('carpguard_fast', 'squid', 'http')}  [target >= 0.3x]"
+              f" (fast path / mitmproxy path: {ratio('carpguard_fast', 'carpguard', 'http')})")
         print(f"HTTPS carpguard / squid:           {ratio('carpguard', 'squid', 'tls')}  [target >= 0.8x]")
         print(f"HTTPS carpguard / mitmdump+filter: {ratio('carpguard', 'mitm_filter', 'tls')}")
         print(f"whole box (workers: auto = {os.cpu_count()} processes vs one peer process; the load generator and origin"
