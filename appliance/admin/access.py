@@ -1,5 +1,5 @@
 """Who may see the status page: source addresses (loopback, the sync subnet, admin.allow), HTTP Basic checked with
-bcrypt, a short delay for a client after a few failures, and where the listener binds."""
+bcrypt (a few checks at a time, none for an address or a cluster over its failure budget), and where it binds."""
 from __future__ import annotations
 
 import base64
@@ -8,18 +8,23 @@ import hmac
 import ipaddress
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import bcrypt
 
 from appliance.core.model import Appliance
 
-FREE_FAILURES = 3      # failed logins per client before each answer to it is delayed
-FAIL_WINDOW = 300.0    # seconds a failure is remembered
-FAIL_DELAY = 2.0       # seconds a client past FREE_FAILURES waits for each answer
-MAX_CLIENTS = 4096     # failure records kept (the oldest are forgotten past this: memory stays bounded)
+FREE_FAILURES = 5        # failed logins per address within FAIL_WINDOW; past them it gets 429 without a check
+GLOBAL_FAILURES = 50     # failed logins from all addresses together within FAIL_WINDOW; past them everyone gets 429
+FAIL_WINDOW = 120.0      # seconds a failure is remembered (and so the longest a lock-out lasts)
+CHECKS_AT_ONCE = 2       # bcrypt checks running at the same time (each costs ~0.1 s of a core at cost 10)
+MAX_CLIENTS = 4096       # failure records kept (the oldest are forgotten past this: memory stays bounded)
+PEER_PATH = "/status.json"  # the only thing the peers ask each other for
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+Verdict = Literal["ok", "denied", "locked"]
 
 
 def bind_addresses(cfg: Appliance, node: str) -> list[str]:
@@ -31,24 +36,29 @@ def bind_addresses(cfg: Appliance, node: str) -> list[str]:
 
 @dataclass
 class Gate:
-    """The checks for one config. Once a hash is set every client needs the password (loopback too), except the
-    nodes' own sync addresses (`private`): the peers read each other's /status.json over the sync link."""
+    """The checks for one node's config. Once a hash is set every client needs the password (loopback too), except
+    a peer's sync address asking our sync listener for /status.json: the generation column over the sync link."""
 
     allow: list[Net]
     sync_nets: list[Net]
-    private: set[str]
+    peers: set[str]                 # the OTHER nodes' sync addresses (never this node's own)
+    own_sync: str | None = None     # this node's sync address: the listener the peers reach
     user: str = "admin"
     password_hash: bytes | None = None
+    clock: Callable[[], float] = time.monotonic
     failures: dict[str, list[float]] = field(default_factory=dict)
+    all_failures: deque = field(default_factory=lambda: deque(maxlen=GLOBAL_FAILURES))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    checks: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(CHECKS_AT_ONCE))
 
     @classmethod
-    def from_config(cls, cfg: Appliance) -> "Gate":
+    def from_config(cls, cfg: Appliance, node: str) -> "Gate":
         a = cfg.admin
         h = a.password_hash.get_secret_value().encode() if a.password_hash is not None else None
         sync_nets = list(dict.fromkeys(n.sync.network for n in cfg.nodes.values()))
-        private = {str(n.sync.ip) for n in cfg.nodes.values()}
-        return cls(list(a.allow), sync_nets, private, a.user, h)
+        own = str(cfg.nodes[node].sync.ip)
+        peers = {str(n.sync.ip) for name, n in cfg.nodes.items() if name != node} - {own}
+        return cls(list(a.allow), sync_nets, peers, own, a.user, h)
 
     def source_ok(self, ip: str) -> bool:
         addr = _addr(ip)
@@ -56,35 +66,52 @@ class Gate:
             return False
         return addr in LOOPBACK or any(addr in n for n in (*self.sync_nets, *self.allow))
 
-    def needs_password(self, ip: str) -> bool:
-        addr = _addr(ip)
-        return self.password_hash is not None and not (addr is not None and str(addr) in self.private)
+    def needs_password(self, ip: str, local: str, path: str) -> bool:
+        """Whether this request needs HTTP Basic: always once a hash is set, except a peer's sync address asking
+        for /status.json on our sync address (a local user binding our own sync address gains nothing)."""
+        if self.password_hash is None:
+            return False
+        peer, here = _addr(ip), _addr(local)
+        exempt = (peer is not None and here is not None and self.own_sync is not None
+                  and str(peer) in self.peers and str(here) == self.own_sync and path == PEER_PATH)
+        return not exempt
+
+    def verdict(self, ip: str, authorization: str | None) -> Verdict:
+        """"ok" for the right user and password; "locked" (no bcrypt run) while ip or everyone is over the failure
+        budget; else "denied", recorded as a failure of ip when a password was offered."""
+        user, password = _basic(authorization)
+        if self.password_hash is None or password is None:
+            return "locked" if self.locked(ip) else "denied"
+        with self.checks:
+            # asked again inside: parallel connections queue here, and the ones behind a failure see it
+            if self.locked(ip):
+                return "locked"
+            # bcrypt runs for a wrong user too, so the answer's time does not tell which part was wrong
+            ok = bcrypt.checkpw(password.encode(), self.password_hash)
+        if ok and hmac.compare_digest((user or "").encode(), self.user.encode()):
+            return "ok"
+        self._failed(ip)
+        return "denied"
 
     def check(self, ip: str, authorization: str | None) -> bool:
-        """Whether the Authorization header holds the right user and password; a failure is recorded for ip."""
-        user, password = _basic(authorization)
-        ok = self.password_hash is not None and password is not None
-        # bcrypt runs for a wrong user too, so the answer's time does not tell which part was wrong
-        pw_ok = bcrypt.checkpw((password or "").encode(), self.password_hash) if ok else False
-        ok = ok and pw_ok and hmac.compare_digest((user or "").encode(), self.user.encode())
-        if not ok and authorization is not None:
-            self._failed(ip)
-        return ok
+        return self.verdict(ip, authorization) == "ok"
 
-    def delay(self, ip: str) -> float:
-        """Seconds to wait before answering ip: FAIL_DELAY once it failed more than FREE_FAILURES times lately."""
-        now = time.monotonic()
+    def locked(self, ip: str) -> bool:
+        """Whether ip (FREE_FAILURES) or all clients together (GLOBAL_FAILURES) failed too often within FAIL_WINDOW."""
+        now = self.clock()
         with self.lock:
-            recent = [t for t in self.failures.get(ip, []) if now - t < FAIL_WINDOW]
-            return FAIL_DELAY if len(recent) >= FREE_FAILURES else 0.0
+            mine = [t for t in self.failures.get(ip, []) if now - t < FAIL_WINDOW]
+            everyone = sum(1 for t in self.all_failures if now - t < FAIL_WINDOW)
+        return len(mine) >= FREE_FAILURES or everyone >= GLOBAL_FAILURES
 
     def _failed(self, ip: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             if ip not in self.failures and len(self.failures) >= MAX_CLIENTS:
                 self.failures.pop(next(iter(self.failures)))
-            recent = [t for t in self.failures.get(ip, []) if now - t < FAIL_WINDOW]
-            self.failures[ip] = (recent + [now])[-FREE_FAILURES * 4:]
+            recent = [t for t in self.failures.pop(ip, []) if now - t < FAIL_WINDOW]
+            self.failures[ip] = (recent + [now])[-FREE_FAILURES:]  # re-inserted: the oldest entries go first
+            self.all_failures.append(now)
 
 
 def _addr(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -114,4 +141,3 @@ def _basic(header: str | None) -> tuple[str | None, str | None]:
 def hash_password(password: str, rounds: int = 12) -> str:
     """A bcrypt hash for admin.password_hash."""
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds)).decode()
-

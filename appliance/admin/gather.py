@@ -4,15 +4,14 @@ link, refreshed in the background) and the access-log traffic."""
 from __future__ import annotations
 
 import errno
-import json
-import socket
-import ssl
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from appliance.admin.probe import fetch_peer
 from appliance.admin.traffic import Traffic
 from appliance.core import prom
 from appliance.core.paths import Paths
@@ -21,7 +20,8 @@ TRANSITIONS = 12         # ha.log lines shown
 SYNC_LINES = 3           # sync.log lines shown
 TAIL_BYTES = 64 * 1024   # read from the end of a log, never the whole file
 PEER_EVERY = 10.0        # seconds between two questions to a peer
-PEER_TIMEOUT = 1.5
+STALE_ROUNDS = 3         # an answer older than this many rounds is marked stale on the page
+log = logging.getLogger("appliance.admin")
 
 
 def tail(path: Path, n: int) -> list[str]:
@@ -46,29 +46,6 @@ def split_line(line: str) -> dict:
     return {"at": at, "text": text} if at[:4].isdigit() else {"at": "", "text": line}
 
 
-def fetch_peer(address: str, port: int, source: str | None, timeout: float = PEER_TIMEOUT) -> dict:
-    """A peer's /status.json over the sync link (from our sync address); its certificate is not checked: the link
-    is the cabled point-to-point one, and nothing secret is asked or sent."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    src = (source, 0) if source else None
-    with socket.create_connection((address, port), timeout=timeout, source_address=src) as raw:
-        with ctx.wrap_socket(raw) as s:
-            s.sendall(f"GET /status.json HTTP/1.0\r\nHost: {address}\r\n\r\n".encode())
-            data = b""
-            while len(data) < 1 << 20:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b"?"
-    if status != b"200":
-        raise OSError(f"answered {status.decode(errors='replace')}")
-    return json.loads(body)
-
-
 @dataclass
 class Peers:
     """Each peer's last answer ({"role", "generation", "at"} or {"error"}), asked in one background thread."""
@@ -86,25 +63,41 @@ class Peers:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            for name, address in self.targets.items():
-                self.answers[name] = self.ask(name, address)
+            try:
+                for name, address in self.targets.items():
+                    self.answers[name] = self.ask(name, address)
+            except Exception:  # noqa: BLE001 - the loop must outlive any bug: a dead thread shows old answers forever
+                log.exception("admin: asking the peers failed; asking again in %.0f s", PEER_EVERY)
             self.stop.wait(PEER_EVERY)
 
     def ask(self, name: str, address: str) -> dict:
+        """One peer's answer, or its error: whatever a peer sends back, this returns (a peer is not trusted)."""
         try:
             s = self.fetch(address, self.port, self.source)
-            return {"sync": address, "role": s.get("role"), "generation": s.get("sync", {}).get("generation"),
-                    "at": time.time()}
+            sync = s.get("sync")
+            generation = sync.get("generation") if isinstance(sync, dict) else None
+            role = s.get("role")
+            return {"sync": address, "role": role if isinstance(role, str) else None,
+                    "generation": generation if isinstance(generation, int) else None, "at": time.time()}
         except OSError as e:
             if e.errno == errno.EADDRNOTAVAIL:  # bind() failed: nothing was sent
                 return {"sync": address, "error": f"not asked: our sync address {self.source} is not on this host",
                         "at": time.time()}
             return {"sync": address, "error": f"{type(e).__name__}: {e}", "at": time.time()}
-        except (ValueError, AttributeError) as e:
-            return {"sync": address, "error": f"{type(e).__name__}: {e}", "at": time.time()}
+        except Exception as e:  # noqa: BLE001 - a peer's body is untrusted: deep JSON raises RecursionError, ...
+            return {"sync": address, "error": f"{type(e).__name__}: {str(e)[:200]}", "at": time.time()}
 
-    def snapshot(self) -> dict:
-        return {name: self.answers.get(name, {"sync": a, "error": "not asked yet"}) for name, a in self.targets.items()}
+    def snapshot(self, now: float | None = None) -> dict:
+        """Each peer's last answer with its age in seconds and whether it is stale (older than STALE_ROUNDS)."""
+        now = time.time() if now is None else now
+        out = {}
+        for name, a in self.targets.items():
+            answer = dict(self.answers.get(name, {"sync": a, "error": "not asked yet"}))
+            if "at" in answer:
+                answer["age"] = max(0, round(now - answer["at"]))
+                answer["stale"] = answer["age"] > STALE_ROUNDS * PEER_EVERY
+            out[name] = answer
+        return out
 
 
 @dataclass

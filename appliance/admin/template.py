@@ -27,7 +27,7 @@ svg .axis{stroke:#999} svg text{font-size:11px;fill:#555}
 <tr><td>{{ s.node }} (this node)</td><td>{{ s.role }}</td><td></td><td class="num">{{ s.sync.generation if s.sync.generation is not none else "none" }}</td><td></td></tr>
 {% for name, p in s.peers.items() %}<tr><td>{{ name }}</td><td>{{ p.role or "?" }}</td><td>{{ p.sync }}</td>
 <td class="num">{{ p.generation if p.generation is not none else "?" }}</td>
-<td>{% if p.error %}<span class="warn">{{ p.error }}</span>{% else %}{{ when(p.at) }}{% endif %}</td></tr>{% endfor %}
+<td>{% if p.error %}<span class="warn">{{ p.error }}</span> {% endif %}{% if p.at %}{{ when(p.at) }} ({{ p.age }} s ago){% endif %}{% if p.stale %} <span class="warn stale">stale</span>{% endif %}</td></tr>{% endfor %}
 </table>
 <p>VIP holder: {% if holder %}<b>{{ holder }}</b>{% else %}<span class="warn">none known</span>{% endif %}
 {% if s.demoted %} · <span class="warn">demoted by admin</span>{% endif %}

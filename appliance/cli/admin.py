@@ -1,20 +1,25 @@
-"""`appliance admin serve|hash-password`: the read-only status page (HTML, /status.json, /metrics) over HTTPS."""
+"""`appliance admin serve|cert|hash-password`: the read-only status page (HTML, /status.json, /metrics) over HTTPS."""
 from __future__ import annotations
 
 import getpass
+import grp
 import logging
+import os
+import pwd
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 
-from appliance.admin import access, gather, tls
+from appliance.admin import access, gather, probe, tls
 from appliance.admin.server import AdminServer
 from appliance.admin.traffic import Traffic
 from appliance.cli import Ctx, fail, main
 from appliance.cli.ha import collect_status
-from filters.proxy import ca, control, metrics
+from appliance.core.loader import load
+from filters.proxy import ca, metrics
 
 log = logging.getLogger("appliance.admin")
 
@@ -26,7 +31,7 @@ def admin_group() -> None:
 
 def _metrics(ctx: Ctx) -> str:
     """The proxy's /metrics (it includes the HA files); when the proxy is down, the HA files alone."""
-    text = control.metrics_text(ctx.cfg)
+    text = probe.proxy_metrics(ctx.cfg.proxy.metrics_port)
     if text is not None:
         return text
     return "appliance_proxy_up 0\n" + metrics.node_files(ctx.paths.run)
@@ -36,8 +41,8 @@ def build(ctx: Ctx, port: int | None = None, access_log: str | None = None) -> A
     """The server for this node's config: addresses, certificate, gate and sources (nothing bound yet)."""
     cfg, node, paths = ctx.cfg, ctx.node, ctx.paths
     addresses = access.bind_addresses(cfg, node)
-    ca_pem = ca.ca_dir(ctx.base_dir) / f"{ca.BASENAME}-ca.pem"
-    cert, key = tls.ensure_cert(paths, node, addresses, ca_pem)
+    # made by `admin cert` (root) before the service starts; made here only for a hand-run server (tests)
+    cert, key = tls.ensure_cert(paths, node, addresses, _ca_pem(ctx))
     me = cfg.nodes[node]
     peers = gather.Peers({n: str(x.sync.ip) for n, x in cfg.nodes.items() if n != node}, cfg.admin.port,
                          str(me.sync.ip))
@@ -45,22 +50,31 @@ def build(ctx: Ctx, port: int | None = None, access_log: str | None = None) -> A
                              metrics=lambda: _metrics(ctx), traffic=Traffic(access_log or cfg.proxy.access_log),
                              peers=peers)
     return AdminServer(addresses, cfg.admin.port if port is None else port, tls.server_context(cert, key),
-                       access.Gate.from_config(cfg), sources)
+                       access.Gate.from_config(cfg, node), sources)
+
+
+def _ca_pem(ctx: Ctx) -> Path:
+    return ca.ca_dir(ctx.base_dir) / f"{ca.BASENAME}-ca.pem"
 
 
 @admin_group.command("serve")
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="instead of admin.port (0: any free one)")
 @click.option("--access-log", metavar="FILE", help="instead of proxy.access_log (the chart and today's summary)")
+@click.option("--config-copy", metavar="FILE", help="read the cluster file's text from FILE, a copy only this server "
+              "can read (systemd's LoadCredential=); -c still names the original (the node identity beside it)")
 @click.pass_obj
-def serve_cmd(ctx: Ctx, port: int | None, access_log: str | None) -> None:
+def serve_cmd(ctx: Ctx, port: int | None, access_log: str | None, config_copy: str | None) -> None:
     """Serve the status page in the foreground until SIGTERM (for systemd and rc.d)."""
+    if config_copy:
+        # the list directories sit beside the original, which this user cannot see: the proxy checks them
+        ctx._cfg = load(config_copy, check_lists=False)  # noqa: SLF001 - the one config this command then uses
     server = build(ctx, port, access_log)
     try:
         bound = server.start()
     except OSError as e:
         fail(f"admin: {e}", 1)
     where = ", ".join(f"https://{a}:{p}/" for a, p in bound)
-    auth = "password required (not from the nodes' sync addresses)" if ctx.cfg.admin.password_hash else "no password"
+    auth = "password required (but for the peers' /status.json)" if ctx.cfg.admin.password_hash else "no password"
     click.echo(f"admin: status page on {where} ({auth})", err=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,6 +84,25 @@ def serve_cmd(ctx: Ctx, port: int | None, access_log: str | None) -> None:
             pass
     finally:
         server.stop()
+
+
+@admin_group.command("cert")
+@click.option("--owner", metavar="USER", help="give the key (0600) and the certificate to USER, the server's user")
+@click.pass_obj
+def cert_cmd(ctx: Ctx, owner: str | None) -> None:
+    """Make the status page's certificate and key if they are missing (as root, before the server starts: signing
+    reads the appliance CA's key, which the server itself must never be able to read)."""
+    node = ctx.node
+    cert, key = tls.ensure_cert(ctx.paths, node, access.bind_addresses(ctx.cfg, node), _ca_pem(ctx))
+    if owner:
+        try:
+            user = pwd.getpwnam(owner)
+        except KeyError:
+            fail(f"admin cert --owner: no user {owner!r}")
+        for f in (cert, key):
+            os.chown(f, user.pw_uid, user.pw_gid)
+        os.chmod(key, 0o600)
+        click.echo(f"admin: {cert} and {key} belong to {owner} ({grp.getgrgid(user.pw_gid).gr_name})", err=True)
 
 
 @admin_group.command("hash-password")

@@ -9,7 +9,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from appliance.core.modelbase import StrictNetworks, _Model
 
-BCRYPT_RE = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+# cost 10 or more: a cheaper hash lets a stolen config be brute-forced and makes each check too cheap to matter
+BCRYPT_RE = re.compile(r"^\$2[aby]\$(1[0-9]|2[0-9]|3[01])\$[./A-Za-z0-9]{53}$")
 PRIVATE_LISTEN = ("loopback", "sync")  # reachable only from the box and over the dedicated sync link
 
 
@@ -22,15 +23,16 @@ class Admin(_Model):
     allow: StrictNetworks = Field(default_factory=list, description="management subnets that may connect when "
                                   "admin.listen opens the page beyond loopback and the sync link")
     user: str = Field("admin", description="HTTP Basic user name")
-    password_hash: Optional[SecretStr] = Field(None, description="bcrypt hash of the password ($2b$...); required "
-                                               "when admin.listen goes beyond loopback and sync; never logged")
+    password_hash: Optional[SecretStr] = Field(None, description="bcrypt hash of the password ($2b$..., cost 10 or "
+                                               "more); required when admin.listen goes beyond loopback and sync; "
+                                               "never logged")
 
     @field_validator("password_hash")
     @classmethod
     def _bcrypt(cls, v: Optional[SecretStr]) -> Optional[SecretStr]:
         if v is not None and not BCRYPT_RE.match(v.get_secret_value()):
-            raise ValueError("not a bcrypt hash ($2b$12$ and 53 more characters; make one with "
-                             "`appliance admin hash-password`)")
+            raise ValueError("not a bcrypt hash of cost 10 or more ($2b$12$ and 53 more characters; make one "
+                             "with `appliance admin hash-password`)")
         return v
 
     @field_validator("user")

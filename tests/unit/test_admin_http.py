@@ -12,12 +12,13 @@ import bcrypt
 import pytest
 
 from appliance.admin import access, gather, page, tls
+from appliance.admin.limits import Throttle
 from appliance.admin.server import AdminServer, Listener
 from appliance.admin.traffic import Traffic
 from appliance.core.paths import Paths
 
 PASSWORD = "hunter2 hunter2"
-HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4))
+HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10))  # the lowest cost the config takes (~0.1 s, once)
 STATUS = {"node": "fw1", "role": "MASTER", "sync_generation": 7, "proxy": {"up": True, "pid": 42},
           "carp": {"running": True, "engine": "speaker", "supervisor_pid": 41, "healthy": True},
           "vhids": [{"vhid": 1, "role": "MASTER", "vip": "192.168.1.50/24", "iface": "em0", "advskew": 0,
@@ -35,7 +36,7 @@ def server(tmp_path: Path):
     paths.state.mkdir()
     paths.ha_log.write_text("2024-01-03T10:00:00 carp: BACKUP -> MASTER vhid 1 <script>alert(1)</script>\n")
     cert, key = tls.ensure_cert(paths, "fw1", ["127.0.0.1"])
-    gate = access.Gate(allow=[], sync_nets=[], private=set(), user="ops", password_hash=HASH)
+    gate = access.Gate(allow=[], sync_nets=[], peers=set(), user="ops", password_hash=HASH)
     src = gather.Sources(paths=paths, status=lambda: STATUS, metrics=lambda: "appliance_proxy_workers 2\n",
                          traffic=Traffic(tmp_path / "access.log"), peers=NoPeers({}, 0, None))
     s = AdminServer(["127.0.0.1"], 0, tls.server_context(cert, key), gate, src)
@@ -101,9 +102,9 @@ def test_no_secret_in_the_log(server, caplog) -> None:
 
 
 def test_sources_outside_the_gate_are_closed_before_tls() -> None:
-    gate = access.Gate(allow=[], sync_nets=[], private=set())
+    gate = access.Gate(allow=[], sync_nets=[], peers=set())
     lst = Listener.__new__(Listener)
-    lst.gate = gate
+    lst.gate, lst.throttle = gate, Throttle()
     assert lst.verify_request(None, ("127.0.0.1", 1)) and not lst.verify_request(None, ("192.0.2.1", 1))
 
 

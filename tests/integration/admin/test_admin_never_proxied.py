@@ -21,7 +21,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory):
     cfg = make_tree(root)
     data = yaml.safe_load(cfg.read_text())
     data["admin"] = {"listen": ["loopback", "sync", ADMIN_IP], "port": PORT, "allow": ["10.77.0.0/24"],
-                     "password_hash": bcrypt.hashpw(b"x", bcrypt.gensalt(4)).decode()}
+                     "password_hash": bcrypt.hashpw(b"x", bcrypt.gensalt(10)).decode()}
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     (root / "state").mkdir()
     p = Proxy(cfg, root / "state").wait_ready()

@@ -29,7 +29,7 @@ def _tree(root: Path, port: int) -> tuple[Path, Path]:
     shutil.copytree(EXAMPLES / "lists", etc / "lists")
     data = yaml.safe_load((EXAMPLES / "appliance.yaml").read_text())
     data["admin"] = {"listen": ["loopback"], "port": port, "user": "ops",
-                     "password_hash": bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()}
+                     "password_hash": bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()}
     data["proxy"]["metrics_port"] = free_port()  # nothing listens there: the page shows the proxy down
     (etc / "appliance.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     (etc / "node.yaml").write_text("node: fw1\n")
@@ -56,7 +56,12 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     cfg, log = _tree(root, port)
     env = {**os.environ, "APPLIANCE_STATE_DIR": str(root / "state")}
     err = open(root / "serve.log", "wb")
-    p = subprocess.Popen([APPLIANCE, "-c", str(cfg), "admin", "serve", "--access-log", str(log)], env=env,
+    # as the systemd unit runs it: the config's text from a private copy (LoadCredential=), -c the original
+    cred = root / "credentials"
+    cred.mkdir(mode=0o700)
+    shutil.copy(cfg, cred / "appliance.yaml")
+    p = subprocess.Popen([APPLIANCE, "-c", str(cfg), "admin", "serve", "--access-log", str(log), "--config-copy",
+                          str(cred / "appliance.yaml")], env=env,
                          stdout=subprocess.DEVNULL, stderr=err)
     try:
         wait_until(lambda: p.poll() is not None or b"status page on" in (root / "serve.log").read_bytes(), 30,

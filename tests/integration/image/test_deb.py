@@ -110,7 +110,8 @@ snap /tmp/before
 mkdir -p /run/sshd
 apt-get install -y -q /tmp/carpguard.deb > /tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
 echo "USERS $(getent passwd carpguard | cut -d: -f1,6,7) $(getent passwd appliance-sync | cut -d: -f1,6,7)"
-echo "MODES $(stat -c '%n=%a:%U:%G' /var/lib/appliance /var/lib/appliance/proxy/run /var/log/appliance \
+echo "ADMINUSER $(getent passwd carpguard-admin | cut -d: -f1,6,7)"
+echo "MODES $(stat -c '%n=%a:%U:%G' /var/lib/appliance /var/lib/appliance/admin /var/lib/appliance/proxy/run /var/log/appliance \
   /var/log/appliance/access.log /etc/sudoers.d/appliance /var/lib/appliance-sync/.ssh)"
 echo "PIDLINK $(readlink /var/lib/appliance/run/proxy.pid)"
 visudo -c -q && echo VISUDO-OK
@@ -149,7 +150,9 @@ def test_install_and_purge_offline_in_chroot(deb: Path, tmp_path: Path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert "USERS carpguard:/nonexistent:/usr/sbin/nologin appliance-sync:/var/lib/appliance-sync:/bin/sh" in out
-    for mode in ("/var/lib/appliance=700:root:root", "/var/lib/appliance/proxy/run=755:carpguard:carpguard",
+    assert "ADMINUSER carpguard-admin:/nonexistent:/usr/sbin/nologin" in out  # the status page's own user
+    for mode in ("/var/lib/appliance=710:root:carpguard-admin", "/var/lib/appliance/admin=750:root:carpguard-admin",
+                 "/var/lib/appliance/proxy/run=755:carpguard:carpguard",
                  "/var/log/appliance=750:root:carpguard", "/var/log/appliance/access.log=640:carpguard:adm",
                  "/etc/sudoers.d/appliance=440:root:root", "/var/lib/appliance-sync/.ssh=750:root:appliance-sync"):
         assert mode in out
