@@ -134,6 +134,12 @@ def test_multi_user_units_active_no_failed_unit(lab: VmLab) -> None:
         assert st.system == "running" and not st.failed, f"{node}: {st}"
         assert all(s == "active" for s in st.units.values()), f"{node}: {st}"
         assert vm.console_has(lab.vm(node), "Reached target")
+        # the status page (its own user, the config as a credential copy, the certificate made by root first)
+        r = vmnode.run(lab, node, "systemctl is-active appliance-admin.service && /opt/carpguard/bin/python -c "
+                       "'import json, ssl, urllib.request as u; c = ssl._create_unverified_context(); "
+                       "print(json.load(u.urlopen(\"https://127.0.0.1:8443/status.json\", context=c, timeout=60))"
+                       "[\"node\"])'", timeout=180)
+        assert r.returncode == 0 and r.stdout.split()[-1:] == [node], f"{node}: {r.stdout[-500:]} {r.stderr[-500:]}"
 
 
 def _settled_on(lab: VmLab, node: str) -> list[str]:
