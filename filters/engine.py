@@ -8,6 +8,9 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
+from zlib import crc32
+
+from filters.index import M32, MULTI
 from filters.lists import fast_host, split_url, strip_www
 
 HOST_CACHE = 65536  # per-engine cache of host -> domain-list hits (cleared on reload with the engine)
@@ -107,6 +110,7 @@ class RuleEngine:
         depths = meta.get("depths")  # label counts present in the domain lists (None: an older index, probe all)
         self._depths = tuple(sorted({int(d) for d in depths}, reverse=True)) if depths is not None else None
         self._lookup_host = getattr(index, "lookup_host", None) if self._depths is not None else None
+        self._probe = getattr(index, "probe", None) if self._lookup_host is not None else None
         # expressions: one combined regex over every category, named groups tell which line matched
         self._expression, self._expression_groups = self._combine_expressions(expressions or {})
         self.categories = set(self.allow) | set(self.block) | set(self.exempt)
@@ -264,11 +268,34 @@ class RuleEngine:
         if url is None:  # a host only (CONNECT, SNI): the domain lists alone
             cache = self._host_cache
             dom = cache.get(host)
-            if dom is None:  # _cache_host_hits(), with its common case inline
+            if dom is None:  # _cache_host_hits(), with its common case and the index's lookup_host() inline
                 h = host.lower()
-                if self._lookup_host is not None and h.isascii() and h[-1:] not in NOT_NAME_END and ":" not in h \
-                        and " " not in h:
-                    dom = self._lookup_host(h, self._depths)
+                probe = self._probe
+                if probe is not None and h.isascii() and h[-1:] not in NOT_NAME_END and ":" not in h and " " not in h:
+                    slots, mask, mm, names, files, index = probe
+                    hb = h.encode() + b"\n"  # index keys end with a newline: one slice compares key and length
+                    dom = ()
+                    k = hb.count(b".") + 1  # labels in hb[i + 1:]
+                    i = -1
+                    for d in self._depths:  # descending: most specific first
+                        if d > k:
+                            continue
+                        while k > d:
+                            i = hb.find(b".", i + 1)
+                            k -= 1
+                        key = hb[i + 1:]
+                        hv = crc32(key)
+                        j = (hv << 1) & mask
+                        while v := slots[j]:  # a slot: crc32 << 32 | key offset, category << 32 | line
+                            if v >> 32 == hv:
+                                o = v & M32
+                                if mm[o:o + len(key)] == key:
+                                    w = slots[j + 1]
+                                    c = w >> 32
+                                    dom += (names[c], files[c], w & M32, h[i + 1:]) if c != MULTI \
+                                        else index.multi(w, h[i + 1:])
+                                    break
+                            j = (j + 2) & mask
                     if len(cache) >= HOST_CACHE:
                         cache.clear()
                     cache[host] = dom

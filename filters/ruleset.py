@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from appliance.core.loader import load as load_config
 from appliance.core.model import Appliance
 from filters import lists as flists
 from filters.engine import PolicyRule, RuleEngine, ipv4_network
-from filters.index import DomainIndex, IndexFormatError, read_meta, write_index
+from filters.index import REC, DomainIndex, IndexFormatError, Section, read_meta, write_index
 
 log = logging.getLogger("filters")
 INDEX_NAME = "compiled/filter.idx"  # inside the config tree, so sync ships it with its lists
@@ -38,6 +39,8 @@ class CompileReport:
     seconds: float = 0.0
     compiled: bool = False
     size: int = 0
+    parsed: list[str] = field(default_factory=list)  # categories whose lists were parsed
+    reused: list[str] = field(default_factory=list)  # categories taken unchanged from the previous index
 
 
 def index_path(base: Path) -> Path:
@@ -56,6 +59,9 @@ def _shown(cfg: Appliance, base: Path, cat: str, kind: str) -> str:
 # Part of both fingerprints: bump it when what they cover changes. An index made another way (no "content", or a
 # "fingerprint" of another recipe) then never matches, so it is recompiled, never misread.
 FINGERPRINT_VERSION = 3
+# Part of each category section's record: bump it when filters.lists reads a line differently, so that a later
+# compile parses every category again instead of reusing sections of the old reading.
+PARSER_VERSION = 1
 
 
 def _sources(cfg: Appliance, base: Path) -> tuple[list, list[tuple[str, Path]]]:
@@ -98,60 +104,115 @@ def content_fingerprint(cfg: Appliance, base: Path) -> str:
     return _digest(parts)
 
 
-def compile_index(cfg: Appliance, base: Path, out: Path | None = None) -> CompileReport:
-    """Parse every referenced list and write the index; raises ListError under bad_lines: reject."""
+def _read_category(cfg: Appliance, base: Path, cat: str) -> tuple[dict, dict]:
+    """({kind: bytes or None}, {kind: sha256 or None}) of a category's list files, each read once: what is hashed is
+    what is parsed."""
+    data, digests = {}, {}
+    for kind in flists.KINDS:
+        f = cfg.lists_dir(base) / cat / kind
+        try:
+            data[kind] = f.read_bytes() if f.exists() else None
+        except OSError as e:
+            raise ListError(f"{_shown(cfg, base, cat, kind)}: cannot read: {e}") from None
+        digests[kind] = hashlib.sha256(data[kind]).hexdigest() if data[kind] is not None else None
+    return data, digests
+
+
+def _previous(path: Path | None) -> DomainIndex | None:
+    """An earlier index of this node whose unchanged categories may be reused; None (a full compile) when there is
+    none or it cannot be read, is of another format or parser version."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        prev = DomainIndex(path)
+        if prev.meta.get("parser") == PARSER_VERSION and isinstance(prev.meta.get("categories"), list):
+            return prev
+        prev.close()
+    except (OSError, IndexFormatError, ValueError, KeyError, TypeError) as e:
+        log.info("previous list index %s not used: %s", path, e)
+    return None
+
+
+def _reuse(prev: DomainIndex | None, cid: int, cmeta: dict) -> Section | None:
+    """The category's section of the previous index when its list files have the same bytes (sha256 of what was
+    read now) and the same shown names; None when it must be parsed. A section whose checksum fails is parsed."""
+    if prev is None:
+        return None
+    for old_id, old in enumerate(prev.meta["categories"]):
+        if isinstance(old, dict) and old.get("name") == cmeta["name"]:
+            break
+    else:
+        return None
+    if any(old.get(k) != cmeta[k] for k in ("digests", *flists.KINDS)) or "urls_parsed" not in old:
+        return None
+    try:
+        sec = prev.section(old_id)
+    except (KeyError, TypeError, ValueError):
+        sec = None
+    if sec is None:
+        return None
+    sec.recs[3::REC] = array("I", [cid]) * (len(sec.recs) // REC)
+    cmeta.update({k: old[k] for k in ("bad", "bad_count", "urls_parsed", "expressions_parsed")})
+    return sec
+
+
+def _parse_category(cid: int, cmeta: dict, data: dict) -> Section:
+    """Parse a category's list files: its section; bad lines, URL prefixes and expressions into cmeta."""
+    sec, bad, count = Section.empty(), [], 0
+    urls, exprs = [], []
+    for kind in flists.KINDS:
+        if data[kind] is None:
+            continue
+        if kind == "domains":
+            part = flists.parse_domains(data[kind], cmeta[kind])
+            sec, found = Section.from_part(part, cid), part.bad
+        else:
+            parsed = flists.parse_bytes(data[kind], kind, cmeta[kind])
+            found = parsed.bad
+            (urls if kind == "urls" else exprs).extend(list(e) for e in parsed.entries)
+        count += len(found)
+        bad.extend(str(b) for b in found[:MAX_BAD_SHOWN])
+    cmeta.update({"bad": bad, "bad_count": count, "urls_parsed": urls, "expressions_parsed": exprs})
+    return sec
+
+
+def compile_index(cfg: Appliance, base: Path, out: Path | None = None, previous: Path | None = None) -> CompileReport:
+    """Read and hash every referenced list, parse the categories whose files changed since `previous` (an index
+    this node compiled; default: the one at `out`), reuse the others' sections, write the index. Raises ListError
+    under bad_lines: reject (reused categories' bad lines count too)."""
     t0 = time.monotonic()
     out = out or index_path(base)
-    fp, content = fingerprint(cfg, base), content_fingerprint(cfg, base)  # before parsing: a change meanwhile is stale
-    lists_dir = cfg.lists_dir(base)
-    cats = _cat_order(cfg)
+    fp = fingerprint(cfg, base)  # before reading: a change meanwhile makes the index stale
+    policy, _ = _sources(cfg, base)
     report = CompileReport(out, compiled=True)
-    domains: dict[bytes, object] = {}
-    urls: dict[str, list] = {}
-    exprs: dict[str, list] = {}
-    categories = []
-    for cid, cat in enumerate(cats):
-        files = {k: _shown(cfg, base, cat, k) for k in flists.KINDS}
-        categories.append({"name": cat, **files})
-        for kind in flists.KINDS:
-            f = lists_dir / cat / kind
-            if not f.exists():
-                continue
-            try:
-                parsed = flists.parse_file(f, kind, files[kind])
-            except OSError as e:
-                raise ListError(f"{files[kind]}: cannot read: {e}") from None
-            report.bad_count += len(parsed.bad)
-            report.bad.extend(str(b) for b in parsed.bad[: MAX_BAD_SHOWN])
-            if kind == "domains":
-                hi = cid << 32
-                for host, line in parsed.entries:
-                    key = host.encode()
-                    v = hi | line
-                    old = domains.get(key)
-                    if old is None:
-                        domains[key] = v
-                    elif isinstance(old, list):
-                        if not any(o >> 32 == cid for o in old):
-                            old.append(v)
-                    elif old >> 32 != cid:
-                        domains[key] = [old, v]
-            elif kind == "urls":
-                for host, prefix, line in parsed.entries:
-                    urls.setdefault(host, []).append([prefix, cat, f"{files[kind]}:{line}", f"{host}{prefix}"])
-            else:
-                exprs[cat] = [[rx, f"{files[kind]}:{line}"] for rx, line in parsed.entries]
+    prev = _previous(previous if previous is not None else out)
+    sections, categories, content = [], [], [*policy, "content"]
+    try:
+        for cid, cat in enumerate(_cat_order(cfg)):
+            data, digests = _read_category(cfg, base, cat)
+            content.extend([f"{cat}/{k}", digests[k]] for k in flists.KINDS)
+            cmeta = {"name": cat, **{k: _shown(cfg, base, cat, k) for k in flists.KINDS}, "digests": digests}
+            sec = _reuse(prev, cid, cmeta)
+            (report.reused if sec is not None else report.parsed).append(cat)
+            sections.append(sec if sec is not None else _parse_category(cid, cmeta, data))
+            categories.append(cmeta)
+            del data
+    finally:
+        if prev is not None:
+            prev.close()
+    report.bad = [b for c in categories for b in c["bad"]]
+    report.bad_count = sum(c["bad_count"] for c in categories)
     if report.bad_count and cfg.filter.bad_lines == "reject":
         raise ListError("filter.bad_lines is reject and the lists have bad lines:\n" + "\n".join(report.bad)
                         + (f"\n... {report.bad_count - len(report.bad)} more" if report.bad_count > len(report.bad) else ""))
-    report.entries = len(domains) + sum(len(v) for v in urls.values()) + sum(len(v) for v in exprs.values())
-    single = any(b"." not in k for k in domains)
-    depths = sorted({k.count(b".") + 1 for k in domains})  # the engine probes only suffixes with these label counts
-    meta = {"fingerprint": fp, "content": content, "single_label": single, "depths": depths, "urls": urls, "expressions": exprs, "bad": report.bad, "bad_count": report.bad_count}
+    depths = sorted(set().union(*(s.depths for s in sections)))  # the engine probes only suffixes with these label counts
+    meta = {"fingerprint": fp, "content": _digest(content), "single_label": 1 in depths, "depths": depths,
+            "bad": report.bad, "bad_count": report.bad_count, "parser": PARSER_VERSION, "categories": categories}
     try:
-        report.size = write_index(out, categories, domains, meta)
+        report.size = write_index(out, sections, meta)
     except OSError as e:
         raise ListError(f"{out}: cannot write the list index: {e.strerror or e}") from None
+    report.entries = meta["entries"] + sum(len(c["urls_parsed"]) + len(c["expressions_parsed"]) for c in categories)
     report.seconds = time.monotonic() - t0
     return report
 
@@ -216,18 +277,24 @@ def ensure_index(cfg: Appliance, base: Path, in_child: bool = True) -> CompileRe
         log.warning("%s is stale and %s is read-only for this process: compiling the lists into %s",
                     index_path(base), index_path(base).parent, out)
     if not in_child or not hasattr(os, "fork"):
-        return compile_index(cfg, base, out)
-    return _compile_in_child(cfg, base, out)
+        return compile_index(cfg, base, out, _previous_path(candidates, out))
+    return _compile_in_child(cfg, base, out, _previous_path(candidates, out))
 
 
-def _compile_in_child(cfg: Appliance, base: Path, out: Path) -> CompileReport:
+def _previous_path(candidates: list[Path], out: Path) -> Path | None:
+    """The stale index to reuse unchanged categories from: the one being replaced, else the release's own."""
+    return next((p for p in (out, *candidates) if p.is_file()), None)
+
+
+def _compile_in_child(cfg: Appliance, base: Path, out: Path, previous: Path | None = None) -> CompileReport:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: compile, report as JSON, exit without running parent cleanups
         os.close(r)
         try:
-            rep = compile_index(cfg, base, out)
-            msg = {"ok": True, "entries": rep.entries, "bad": rep.bad, "bad_count": rep.bad_count, "seconds": rep.seconds, "size": rep.size}
+            rep = compile_index(cfg, base, out, previous)
+            msg = {"ok": True, "entries": rep.entries, "bad": rep.bad, "bad_count": rep.bad_count, "seconds": rep.seconds,
+                   "size": rep.size, "parsed": rep.parsed, "reused": rep.reused}
         except ListError as e:
             msg = {"ok": False, "error": str(e)}
         except Exception as e:  # noqa: BLE001 - reported to the parent
@@ -245,7 +312,21 @@ def _compile_in_child(cfg: Appliance, base: Path, out: Path) -> CompileReport:
         raise ListError("compiling the lists failed (the compiler process died)") from None
     if not msg["ok"]:
         raise ListError(msg["error"])
-    return CompileReport(out, msg["entries"], msg["bad"], msg["bad_count"], msg["seconds"], True, msg["size"])
+    return CompileReport(out, msg["entries"], msg["bad"], msg["bad_count"], msg["seconds"], True, msg["size"],
+                         msg["parsed"], msg["reused"])
+
+
+def url_rules(meta: dict) -> tuple[dict, dict]:
+    """The engine's URL prefixes (host -> [(prefix, category, "file:line", entry)]) and expressions (category ->
+    [(regex, "file:line")]) from the index's categories, in category and line order."""
+    urls: dict[str, list] = {}
+    exprs: dict[str, list] = {}
+    for c in meta["categories"]:
+        for host, prefix, line in c["urls_parsed"]:
+            urls.setdefault(host, []).append((prefix, c["name"], f"{c['urls']}:{line}", f"{host}{prefix}"))
+        if c["expressions_parsed"]:
+            exprs[c["name"]] = [(rx, f"{c['expressions']}:{line}") for rx, line in c["expressions_parsed"]]
+    return urls, exprs
 
 
 def build_engine(cfg: Appliance, base: Path, compile_in_child: bool = True, clock=None) -> tuple[RuleEngine, CompileReport]:
@@ -256,9 +337,7 @@ def build_engine(cfg: Appliance, base: Path, compile_in_child: bool = True, cloc
     if report.bad_count > len(report.bad):
         log.warning("... and %d more bad list lines", report.bad_count - len(report.bad))
     index = DomainIndex(report.path)
-    meta = index.meta
-    urls = {h: [tuple(x) for x in v] for h, v in meta.get("urls", {}).items()}
-    exprs = {c: [tuple(x) for x in v] for c, v in meta.get("expressions", {}).items()}
+    urls, exprs = url_rules(index.meta)
     f = cfg.filter
     policies = [
         PolicyRule(p.name or f"policy[{i}]", tuple(ipv4_network(n) for n in p.clients), tuple(p.allow), tuple(p.block), p.schedule)

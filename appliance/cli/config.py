@@ -116,7 +116,8 @@ def check(ctx: Ctx, as_json: bool, compile_: bool) -> None:
         except (ruleset.ListError, OSError) as e:
             fail(str(e))
         s["filter"]["index"] = {"path": str(rep.path), "entries": rep.entries, "bad_lines": rep.bad_count,
-                                "seconds": round(rep.seconds, 3), "bytes": rep.size}
+                                "seconds": round(rep.seconds, 3), "bytes": rep.size, "parsed": rep.parsed,
+                                "reused": rep.reused}
         s["filter"]["index"]["bad"] = rep.bad
         if not as_json:
             for b in rep.bad:  # file:line: why, so the admin can fix the list

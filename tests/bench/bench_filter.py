@@ -340,6 +340,56 @@ def squid_conf(tmp: Path, port: int, domains: Path) -> Path:
                             extra="dns_v4_first on\n")
 
 
+def check_compile(cfg: Path, env: dict) -> dict:
+    """`appliance check --compile --json`: the index figures, its wall time and peak RSS (KiB) and CPU seconds."""
+    t0 = time.monotonic()
+    r = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", APPLIANCE, "-c", str(cfg), "check", "--compile", "--json"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr)
+    peak, user, sys_ = r.stderr.strip().splitlines()[-1].split()
+    return {**json.loads(r.stdout)["filter"]["index"], "wall": wall, "peak_kb": int(peak), "cpu": float(user) + float(sys_)}
+
+
+def index_rows(cfg: Path, domains: list[str], env: dict) -> None:
+    """The compile rows (full, then incremental) and the engine rows."""
+    big = cfg.parent / "lists" / "big" / "domains"
+    (cfg.parent / "compiled" / "filter.idx").unlink(missing_ok=True)
+    idx = check_compile(cfg, env)
+    print(f"compile: {idx['entries']:,} entries in {idx['seconds']:.2f} s (command {idx['wall']:.2f} s wall, "
+          f"{idx['cpu']:.2f} CPU-s, peak RSS {idx['peak_kb'] / 1024:.0f} MB), index {idx['bytes'] / 1e6:.1f} MB"
+          "  [target <= 1.5 s, <= 200 MB]")
+    (cfg.parent / "lists" / "allowlist" / "domains").write_text("ok.example\nok2.example\n")
+    inc = check_compile(cfg, env)
+    print(f"incremental compile, the small category changed: {inc['seconds']:.2f} s (parsed {inc['parsed']},"
+          f" reused {inc['reused']}; command {inc['wall']:.2f} s wall, {inc['cpu']:.2f} CPU-s)")
+    with open(big, "a") as f:
+        f.write("one-more-line.example\n")
+    one = check_compile(cfg, env)
+    print(f"incremental compile, one line added to the 1M list: {one['seconds']:.2f} s (parsed {one['parsed']};"
+          f" command {one['wall']:.2f} s wall, {one['cpu']:.2f} CPU-s, peak RSS {one['peak_kb'] / 1024:.0f} MB)")
+    eb = engine_bench(cfg, domains)
+    print(f"index load + engine build: {eb['load_s'] * 1000:.0f} ms, +{eb['load_rss_mb']:.0f} MB RSS (mmap, shared by workers)")
+    print(f"engine (per CPU-second, median of 5): {eb['dps']:,.0f} decisions/s on one core with a 20,000-host working set (host cache warm;"
+          f" half listed subdomains, {eb['blocked_frac']:.0%} blocked), {eb['dps_url']:,.0f}/s with full URL;"
+          f" cold (every host new, no cache): {eb['dps_cold']:,.0f}/s  [target >= 600,000]"
+          f" = {eb['dps_cold_unlisted']:,.0f}/s for new unlisted hosts, {eb['dps_cold_listed']:,.0f}/s for new listed ones")
+
+
+def index_main() -> None:
+    """Only the compile and engine rows: `python -m tests.bench.bench_filter index`."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-index-"))
+    try:
+        print(f"load average before the run {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+        dom_file = tmp / "domains"
+        domains = gen_domains(dom_file, N_DOMAINS)
+        index_rows(make_cfg(tmp / "cg", dom_file, 1), domains, {**os.environ, "APPLIANCE_STATE_DIR": str(tmp / "state")})
+        print(f"load average after the run {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-filter-"))
     procs: list[subprocess.Popen] = []
@@ -355,26 +405,10 @@ def main() -> None:
         cfg_auto = make_cfg(tmp / "cg-auto", dom_file, "auto")
         cfg_fast = make_cfg(tmp / "cg-fast", dom_file, 1, ", http_fast_path: true")  # the plain HTTP fast path
         env = {**os.environ, "APPLIANCE_STATE_DIR": str(tmp / "state")}
-        # list compile (appliance check --compile), its time and peak memory
-        t0 = time.monotonic()
-        r = subprocess.run(["/usr/bin/time", "-f", "%M", APPLIANCE, "-c", str(cfg), "check", "--compile", "--json"],
-                           capture_output=True, text=True, timeout=300, env=env)
-        compile_wall = time.monotonic() - t0
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr)
-        idx = json.loads(r.stdout)["filter"]["index"]
-        peak_kb = int(r.stderr.strip().splitlines()[-1])
-        print(f"compile: {idx['entries']:,} entries in {idx['seconds']:.2f} s (command {compile_wall:.2f} s wall, "
-              f"peak RSS {peak_kb / 1024:.0f} MB), index {idx['bytes'] / 1e6:.1f} MB")
+        index_rows(cfg, domains, env)
         for c in (cfg_auto, cfg_fast):
             subprocess.run([APPLIANCE, "-c", str(c), "check", "--compile"], capture_output=True, timeout=300, env=env,
                            check=True)
-        eb = engine_bench(cfg, domains)
-        print(f"index load + engine build: {eb['load_s'] * 1000:.0f} ms, +{eb['load_rss_mb']:.0f} MB RSS (mmap, shared by workers)")
-        print(f"engine (per CPU-second, median of 5): {eb['dps']:,.0f} decisions/s on one core with a 20,000-host working set (host cache warm;"
-              f" half listed subdomains, {eb['blocked_frac']:.0%} blocked), {eb['dps_url']:,.0f}/s with full URL;"
-              f" cold (every host new, no cache): {eb['dps_cold']:,.0f}/s  [target >= 500,000]"
-              f" = {eb['dps_cold_unlisted']:,.0f}/s for new unlisted hosts, {eb['dps_cold_listed']:,.0f}/s for new listed ones")
 
         origin_port = free_port()
         procs.append(subprocess.Popen([PY, "-c", ORIGIN, str(origin_port)]))
@@ -474,4 +508,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    index_main() if sys.argv[1:] == ["index"] else main()

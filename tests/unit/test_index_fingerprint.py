@@ -9,7 +9,7 @@ from pathlib import Path
 from appliance.core import loader as cfgmod
 from filters import lists as flists
 from filters import ruleset
-from filters.index import DomainIndex, read_meta, write_index
+from filters.index import DomainIndex, Section, read_meta, write_index
 from tests.support.proxy import make_tree
 
 
@@ -56,7 +56,8 @@ def _old_recipe(cfg, base: Path) -> str:
 def test_an_index_of_the_old_recipe_is_recompiled_never_used(tmp_path):
     cfg, base = _compiled(tmp_path)
     path = ruleset.index_path(base)
-    write_index(path, [{"name": "blocked"}], {b"old.test": 1}, {"fingerprint": _old_recipe(cfg, base), "depths": [2]})
+    old = Section.from_part(flists.parse_domains(b"old.test\n", "lists/blocked/domains"), 0)
+    write_index(path, [old], {"fingerprint": _old_recipe(cfg, base), "depths": [2], "categories": [{"name": "blocked"}]})
     assert not ruleset.is_fresh(cfg, base)
     rep = ruleset.ensure_index(cfg, base, in_child=False)
     assert rep.compiled and DomainIndex(path).lookup("old.test") is None and "content" in read_meta(path)
