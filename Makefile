@@ -24,7 +24,7 @@ TOOLS_IMAGE := makefs:makefs shellcheck:shellcheck sgdisk:gdisk qemu-img:qemu-ut
                xz:xz-utils mformat:mtools mkfs.vfat:dosfstools mmdebstrap:mmdebstrap mke2fs:e2fsprogs \
                debugfs:e2fsprogs dpkg-scanpackages:dpkg-dev unshare:util-linux dpkg-deb:dpkg
 TOOLS_LAB   := ucarp:ucarp ip:iproute2 arping:iputils-arping curl:curl sshd:openssh-server rsync:rsync
-TOOLS_BENCH := $(TOOLS_TEST) wrk:wrk squid:squid calamaris:calamaris sarg:sarg
+TOOLS_BENCH := $(TOOLS_TEST) wrk:wrk squid:squid-openssl /usr/lib/squid/security_file_certgen:squid-openssl e2guardian:e2guardian calamaris:calamaris sarg:sarg
 TOOLS_VMLAB := qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils ip:iproute2 arping:iputils-arping \
                ssh:openssh-client curl:curl
 

@@ -1,6 +1,7 @@
 """The worker's lean mitmproxy Master: only the proxy server, the filter hooks and (intercept) TLS config."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from mitmproxy import options
@@ -13,6 +14,8 @@ from filters.proxy.accesslog import AccessLog
 from filters.proxy.addon import FilterAddon, FilterNextLayer, State
 
 __all__ = ["make_master", "make_state", "trims"]
+# tests and benches only (like dest.REACH_ENV): the CA file intercepted origins are verified against instead of certifi's
+UPSTREAM_CA_ENV = "APPLIANCE_PROXY_TEST_UPSTREAM_CA"
 
 
 def make_state(spec: Any) -> State:
@@ -74,5 +77,7 @@ def make_master(spec: Any, state: State) -> tuple[Master, mode_servers.ServerIns
     upd = {"server": False, "connection_strategy": "lazy" if intercept else "eager", "http2": True}
     if intercept:  # certificates from the SNI, no upstream probe: a blocked host is never contacted
         upd.update(confdir=str(ca.ca_dir(spec.base)), upstream_cert=False)
+        if os.environ.get(UPSTREAM_CA_ENV):
+            upd["ssl_verify_upstream_trusted_ca"] = os.environ[UPSTREAM_CA_ENV]
     opts.update(**upd)
     return master, mode_servers.ServerInstance.make("regular", ps)
