@@ -63,7 +63,7 @@ def _cluster(ctx: Ctx, fig: Figures, window: Window, strict: bool) -> None:
                 fig.sources.append(src)
                 read_lines((line for _, line in group), src, fig, window, strict)
         except SyncError as e:
-            fail(f"--cluster: {e}", 1)
+            fail(textview.printable(f"--cluster: {e}"), 1)  # a peer's words: never a raw terminal escape
 
 
 @main.command("report")

@@ -11,7 +11,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from appliance.lists.errors import refused
 
@@ -21,7 +21,8 @@ CHUNK = 1 << 20
 _BROKEN = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
 # tarfile's stream reader takes a compressed stream that just stops as a shorter archive: the compressors' own
 # readers check the end marker and the checksum, so a cut download is refused instead of read as fewer lists
-_COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+_COMPRESSED = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")), (b"BZh", bz2.BZ2File),
+               (b"\xfd7zXZ\x00", lzma.LZMAFile))
 
 
 @dataclass
@@ -43,14 +44,17 @@ def _clean(name: str, shown: str) -> str:
 
 
 class TarSource:
-    """A tarball (any compression tarfile reads), read twice as a stream: once for the names, once to copy."""
+    """A tarball (any compression tarfile reads), read twice as a stream: once for the names, once to copy; always
+    from the one open file whose SHA-256 was checked (never reopened by its path, which may change meanwhile)."""
 
-    def __init__(self, path: Path, shown: str):
-        self.path, self.shown = path, shown
+    def __init__(self, file: BinaryIO | Path, shown: str):
+        self.file = open(file, "rb") if isinstance(file, Path) else file  # noqa: SIM115 - a path: the tests' tarballs
+        self.shown = shown
 
     def _members(self) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
         try:
-            with tarfile.open(self.path, "r|*") as tf:
+            self.file.seek(0)
+            with tarfile.open(fileobj=self.file, mode="r|*") as tf:
                 for n, m in enumerate(tf):  # bounded: MAX_MEMBERS
                     if n >= MAX_MEMBERS:
                         raise refused(f"{self.shown}: more than {MAX_MEMBERS} members; not a list archive")
@@ -61,14 +65,15 @@ class TarSource:
 
     def verify(self) -> None:
         """Read a compressed tarball through to its end marker and checksum (bounded by MAX_TOTAL and a block)."""
-        with open(self.path, "rb") as f:
-            magic = f.read(6)
+        self.file.seek(0)
+        magic = self.file.read(6)
         opener = next((o for m, o in _COMPRESSED if magic.startswith(m)), None)
         if opener is None:
             return
         seen = 0
         try:
-            with opener(self.path, "rb") as z:
+            self.file.seek(0)
+            with opener(self.file) as z:
                 while chunk := z.read(CHUNK):  # bounded: the byte cap ends it
                     seen += len(chunk)
                     if seen > MAX_TOTAL + CHUNK:
@@ -79,11 +84,14 @@ class TarSource:
 
     def listing(self) -> Listing:
         self.verify()
-        out, total = Listing(), 0
+        out, total, seen = Listing(), 0, set()
         for _, m in self._members():
             name = _clean(m.name, self.shown)
             if m.isdir() or not name:
                 continue
+            if name in seen:  # `a/b` then `./a/b`: the listing and the copy would each take another one
+                raise refused(f"{self.shown}: member {name[:200]!r} appears twice; nothing was unpacked")
+            seen.add(name)
             if not m.isreg():  # symlinks, hard links, devices, FIFOs: never extracted
                 out.skipped.append(name)
                 continue
@@ -161,5 +169,6 @@ def _append(src, dest: Path, size: int) -> None:
     os.chmod(dest, 0o644)
 
 
-def open_source(kind: str, path: Path, shown: str) -> TarSource | DirSource:
-    return DirSource(path, shown) if kind == "directory" else TarSource(path, shown)
+def open_source(kind: str, path: Path | BinaryIO, shown: str) -> TarSource | DirSource:
+    """A directory by its path; a tarball as the open file that was hashed."""
+    return DirSource(path, shown) if kind == "directory" else TarSource(path, shown)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance.core.model import Appliance
 from appliance.lists.errors import failed, refused
@@ -19,7 +20,7 @@ CA_ENV = "APPLIANCE_LISTS_CA_FILE"  # a CA bundle to trust instead of the system
 MAX_DOWNLOAD = 512 << 20  # UT1's whole tarball is about 20 MiB; anything near this is not a list archive
 TIMEOUT = 60.0  # seconds one connect or read may take
 DEADLINE = 1800.0  # seconds the whole download may take
-CHUNK = 1 << 20
+CHUNK = 1 << 16
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Source:
     kind: str  # "url" | "tarball" | "directory"
     path: Path | None  # the local tarball or directory (a URL: None until downloaded)
     sha256: str | None  # expected SHA-256 of the tarball, or None
+    file: BinaryIO | None = None  # the tarball, open: hashed and unpacked from this one file (update closes it)
 
 
 def parse_sha(text: str, what: str = "--sha256") -> str:
@@ -60,17 +62,19 @@ def resolve(arg: str | None, sha_arg: str | None, cfg: Appliance, base: Path) ->
     raise refused(f"{text}: no such file or directory (SOURCE is an https URL, a tarball or a directory)")
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(f: BinaryIO) -> str:
+    """The SHA-256 of an open file, read from its start."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+    f.seek(0)
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
     return h.hexdigest()
 
 
-def check_sha(path: Path, expected: str | None, shown: str) -> str:
-    """The file's SHA-256; a mismatch with `expected` is refused before anything is unpacked."""
-    got = file_sha256(path)
+def check_sha(f: BinaryIO, expected: str | None, shown: str) -> str:
+    """The open file's SHA-256; a mismatch with `expected` is refused before anything is unpacked. The caller
+    unpacks from this same open file, so what was hashed is what is read."""
+    got = file_sha256(f)
     if expected is not None and got != expected:
         raise refused(f"{shown}: SHA-256 {got} is not the expected {expected}; nothing was unpacked")
     return got
@@ -94,10 +98,10 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _HttpsOnlyRedirect())
 
 
-def download(url: str, dest: Path, max_bytes: int = MAX_DOWNLOAD) -> int:
+def download(url: str, dest: Path, max_bytes: int = MAX_DOWNLOAD, deadline_s: float = DEADLINE) -> int:
     """Fetch url into dest (0600); returns the byte count. Refuses more than max_bytes; exit 1 when the network or
     the server fails, exit 2 when what came is not acceptable (too large, certificate refused)."""
-    deadline = time.monotonic() + DEADLINE
+    deadline = time.monotonic() + deadline_s
     got = 0
     try:
         with _opener().open(urllib.request.Request(url, headers={"User-Agent": "carpguard-lists"}),
@@ -107,12 +111,14 @@ def download(url: str, dest: Path, max_bytes: int = MAX_DOWNLOAD) -> int:
                 raise refused(f"{url}: {int(length)} bytes is over the {max_bytes >> 20} MiB cap of a list download")
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as out:
-                while chunk := r.read(CHUNK):  # bounded: the byte cap and the deadline end it
+                # read1: what has arrived (at most CHUNK), after at most TIMEOUT s of silence; r.read(CHUNK) would
+                # wait for the whole chunk, so a server trickling a byte a minute never reached the deadline check
+                while chunk := r.read1(CHUNK):  # bounded: the byte cap and the deadline end it
                     got += len(chunk)
                     if got > max_bytes:
                         raise refused(f"{url}: more than the {max_bytes >> 20} MiB cap of a list download")
                     if time.monotonic() > deadline:
-                        raise failed(f"{url}: the download took over {DEADLINE:.0f} s")
+                        raise failed(f"{url}: the download took over {deadline_s:.0f} s")
                     out.write(chunk)
     except urllib.error.HTTPError as e:
         raise failed(f"{url}: HTTP {e.code} {e.reason}") from None

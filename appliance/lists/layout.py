@@ -12,6 +12,9 @@ from filters.lists import KINDS
 MARKERS = {"blacklists": "UT1", "BL": "Shallalist"}
 _PART = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SHOWN = 12  # names listed in a message
+# categories one update takes at most (UT1 has about 100): each is a directory of up to three files in the synced
+# tree, which holds at most sync.tree.MAX_FILES entries; an update the sync would then refuse must never go live
+MAX_CATEGORIES = 1000
 
 
 @dataclass
@@ -71,7 +74,15 @@ def _names(cats) -> str:
 
 def select(layout: Layout, mapping: dict[str, str], shown: str) -> Selection:
     """lists.categories (upstream -> ours) picks and renames; empty takes every category under its own name
-    (a nested Shallalist name such as recreation/sports becomes recreation-sports)."""
+    (a nested Shallalist name such as recreation/sports becomes recreation-sports). Refused over MAX_CATEGORIES."""
+    sel = _select(layout, mapping, shown)
+    if len(sel.take) > MAX_CATEGORIES:
+        raise refused(f"{shown}: {len(sel.take)} categories to take, over the {MAX_CATEGORIES} an update takes "
+                      f"(docs/lists.md); name the ones this cluster uses in lists.categories")
+    return sel
+
+
+def _select(layout: Layout, mapping: dict[str, str], shown: str) -> Selection:
     sel = Selection()
     if mapping:
         missing = [up for up in mapping if up not in layout.categories]

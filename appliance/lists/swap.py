@@ -13,6 +13,7 @@ from appliance.core.model import Appliance
 from appliance.lists.errors import failed, refused
 from filters import ruleset
 from filters.lists import KINDS
+from sync import tree
 
 NEW_TAG, OLD_TAG = ".update-", ".old-"
 _RENAME_EXCHANGE = 2
@@ -123,3 +124,26 @@ def install(cfg: Appliance, base: Path, live: Path, new: Path) -> None:
         raise failed(f"the new lists were swapped in but their index failed ({e}); the old lists are back") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _entries_beside(base: Path, skip: set[Path]) -> int:
+    """Entries of the release under `base` outside the `skip` directories (the live and the new lists trees)."""
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(base):  # does not follow directory links; bounded by the tree
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if here / d not in skip]
+        n += len(dirnames) + len(filenames)
+    return n
+
+
+def sync_check(cfg: Appliance, base: Path, live: Path, new: Path) -> None:
+    """The sync's own check of a tree (sync.tree.check_staged: entry types and modes, sync.max_file_mb, at most
+    sync.tree.MAX_FILES entries) on the release as it will be with the new lists: a tree every later sync would
+    refuse is refused here, before the swap (review F5)."""
+    inside = live.resolve().is_relative_to(base.resolve())
+    beside = _entries_beside(base, {live, new}) + 1 if inside else 0  # + 1: the lists directory itself
+    problems = tree.check_staged(new, cfg.sync.max_file_mb << 20, max(tree.MAX_FILES - beside, 0))
+    if problems:
+        shown = "; ".join(problems[:tree.MAX_SHOWN])
+        raise refused(f"the release with the new lists would be refused by every sync: {shown}; the live lists are "
+                      f"unchanged")

@@ -2,12 +2,15 @@
 that cuts a generation of it and pushes it (the same `appliance sync` the timer runs)."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths
@@ -15,13 +18,14 @@ from appliance.core.state import role_of
 from appliance.lists import archive, fetch, layout, swap, validate
 from appliance.lists.errors import ListsError, refused
 from sync import lock
-from sync.errors import SyncError
+from sync.errors import BUSY, SyncError
 from sync.journal import note
 from sync.push import sync as run_sync
 from sync.receive import reload_proxy
 
 SYNC_WAIT = 300.0  # seconds the update's sync waits for a timer sync that holds the lock
 SHOWN = 20  # skipped member names listed in the report
+UPDATE_LOCK = "lists-update.lock"
 
 
 @dataclass
@@ -59,11 +63,12 @@ def _fetch(req: Request, src: fetch.Source, work: Path, report: dict) -> None:
         src.path = work / "download"
         report["bytes"] = fetch.download(src.text, src.path)
     if src.kind != "directory":
-        report["sha256"] = fetch.check_sha(src.path, src.sha256, src.text)
+        src.file = open(src.path, "rb")  # noqa: SIM115 - closed by update(); hashed and read from this one file
+        report["sha256"] = fetch.check_sha(src.file, src.sha256, src.text)
 
 
 def _plan(req: Request, src: fetch.Source, report: dict):
-    source = archive.open_source(src.kind, src.path, src.text)
+    source = archive.open_source(src.kind, src.path if src.kind == "directory" else src.file, src.text)
     listing = source.listing()
     lay = layout.detect(list(listing.files), src.text)
     sel = layout.select(lay, req.cfg.lists.categories, src.text)
@@ -96,6 +101,7 @@ def _build_check(req: Request, source, sel, live: Path, at: Path, work: Path, re
         swap.build(live, at, source, sel.take)
         report["categories"] = validate.check(req.cfg, at, live, {c: [u for u, _ in ups] for c, ups in sel.take.items()})
         report["compiled_entries"] = swap.compile_check(req.cfg, base, at, work / "check.idx")
+        swap.sync_check(req.cfg, base, live, at)
     except BaseException:
         shutil.rmtree(at, ignore_errors=True)
         raise
@@ -141,20 +147,45 @@ def update(req: Request) -> dict:
     if skip is not None:
         return skip
     work = req.paths.state / "lists-update"
+    src = None
     try:
-        report = _run(req, role, work)
+        with _one_update(req.paths):  # one work dir per node: a second update waits for none, it is refused
+            src = fetch.resolve(req.source, req.sha256, req.cfg, req.config_path.resolve().parent)
+            try:
+                report = _run(req, role, src, work)
+            finally:
+                if src.file is not None:
+                    src.file.close()
+                shutil.rmtree(work, ignore_errors=True)
     except ListsError as e:
         shown = req.source or req.cfg.lists.source
         note(req.paths.state, f"lists update from {shown} refused: {str(e).splitlines()[0]}", logging.WARNING)
         raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.monotonic() - t0, 3)
     return report
 
 
-def _run(req: Request, role: str | None, work: Path) -> dict:
-    src = fetch.resolve(req.source, req.sha256, req.cfg, req.config_path.resolve().parent)
+@contextmanager
+def _one_update(paths: Paths) -> Iterator[None]:
+    """Hold `<run>/lists-update.lock` (its own lock, not the sync's: the update takes the sync lock for the swap
+    and its sync): two updates would share and remove each other's work dir."""
+    paths.run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.run / UPDATE_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ListsError(f"another lists update is running (pid {holder}, lock {paths.run / UPDATE_LOCK})",
+                             BUSY) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run(req: Request, role: str | None, src: fetch.Source, work: Path) -> dict:
     report: dict = {"ok": True, "exit": 0, "node": req.node, "role": role, "dry_run": req.dry_run,
                     "source": src.text, "kind": src.kind}
     shutil.rmtree(work, ignore_errors=True)

@@ -8,6 +8,14 @@ from rich.text import Text
 from appliance.report.summary import human_bytes
 
 MAX_HOUR_ROWS = 48  # more hours than this: the terminal shows the busiest ones only (the page and JSON have all)
+# C0, DEL and C1 controls: a log line (or a peer's) may carry terminal escapes (clear screen, window title, OSC 52
+# clipboard writes) and rich prints them as they are
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def printable(text: str) -> str:
+    """Text from a log or a peer for the terminal: every control character shown as \\xNN, never sent raw."""
+    return str(text).translate(_CONTROLS)
 
 
 def _table(title: str, head: tuple[str, ...], rows: list[tuple], empty: str = "none") -> Table:
@@ -15,7 +23,7 @@ def _table(title: str, head: tuple[str, ...], rows: list[tuple], empty: str = "n
     for i, h in enumerate(head):
         t.add_column(h, justify="right" if i else "left")
     for r in rows:
-        t.add_row(*(Text(str(x)) for x in r))  # log text is never markup
+        t.add_row(*(Text(printable(str(x))) for x in r))  # log text is never markup nor an escape
     if not rows:
         t.add_row(empty, *([""] * (len(head) - 1)))
     return t
@@ -59,7 +67,7 @@ def _footer(s: dict, console: Console) -> None:
                       f"by up to {s['max_error']}[/yellow]")
     for src in s["sources"]:
         if src["error"]:
-            console.print(f"{src['file']}: read stopped after line {src['lines']}: {src['error']}", style="red",
+            console.print(printable(f"{src['file']}: read stopped after line {src['lines']}: {src['error']}"), style="red",
                           markup=False, soft_wrap=True)
     for line in s["bad_samples"]:
-        console.print(f"bad line {line}", style="yellow", markup=False, soft_wrap=True)
+        console.print(printable(f"bad line {line}"), style="yellow", markup=False, soft_wrap=True)

@@ -67,6 +67,11 @@ class Node:
         return self.state / "current" / "appliance.yaml"
 
     @property
+    def log_dir(self) -> Path:
+        """This node's own log directory (`<root>/<name>-log`, not made here): what its `logs` verb may read."""
+        return self.lab.root / f"{self.name}-log"
+
+    @property
     def tree(self) -> Path:
         return (self.state / "current").resolve()
 
@@ -109,7 +114,8 @@ class Node:
             "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nPidFile none\nLogLevel VERBOSE\n"
             "AllowTcpForwarding no\nX11Forwarding no\nPermitTTY no\nMaxStartups 50\n"
         )
-        bin_ = f"/usr/bin/env APPLIANCE_STATE_DIR={self.state} APPLIANCE_SYNC_NO_COMPILE={os.environ.get('APPLIANCE_SYNC_NO_COMPILE', '0')} {APPLIANCE}"
+        # APPLIANCE_LOG_DIR: the only directory this node's `logs` verb serves (node-local, like the state dir)
+        bin_ = f"/usr/bin/env APPLIANCE_STATE_DIR={self.state} APPLIANCE_LOG_DIR={self.log_dir} APPLIANCE_SYNC_NO_COMPILE={os.environ.get('APPLIANCE_SYNC_NO_COMPILE', '0')} {APPLIANCE}"
         pubs = {n: node.key.with_name(node.key.name + ".pub").read_text() for n, node in self.lab.nodes.items()}
         lines = keymod.node_authorized_keys(self.lab.cfg_obj(), self.name, pubs, appliance_bin=bin_)  # every other node's own key
         (d / "authorized_keys").write_text("".join(l + "\n" for l in lines))

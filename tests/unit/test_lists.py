@@ -1,8 +1,11 @@
 """appliance.lists: safe tarball reading, layout detection, mapping and selection, the size floor, the swap."""
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,8 @@ import pytest
 from appliance.core.loader import load
 from appliance.lists import archive, fetch, layout, swap, validate
 from appliance.lists.errors import ListsError
+from filters import lists as flists
+from sync import tree as sync_tree
 from tests.support.env import config_tree
 
 
@@ -167,9 +172,64 @@ def test_source_and_sha_resolution(tree: Path, tmp_path: Path) -> None:
     assert fetch.resolve(str(tmp_path), None, cfg, tree).kind == "directory"
     with pytest.raises(ListsError, match="is a directory"):
         fetch.resolve(str(tmp_path), "a" * 64, cfg, tree)
-    with pytest.raises(ListsError, match="is not the expected"):
-        fetch.check_sha(t, "0" * 64, "ut1.tgz")
-    assert fetch.check_sha(t, None, "ut1.tgz") == fetch.file_sha256(t)
+    with open(t, "rb") as f:
+        with pytest.raises(ListsError, match="is not the expected"):
+            fetch.check_sha(f, "0" * 64, "ut1.tgz")
+        assert fetch.check_sha(f, None, "ut1.tgz") == fetch.file_sha256(f) == hashlib.sha256(t.read_bytes()).hexdigest()
+
+
+def test_the_tarball_hashed_is_the_tarball_read(tmp_path: Path) -> None:
+    """What was hashed is what is unpacked: the source reads the one open file, so a path swapped after the check
+    (a local tarball replaced meanwhile) changes nothing."""
+    t = ut1(tmp_path / "ut1.tgz")
+    with open(t, "rb") as f:
+        fetch.check_sha(f, hashlib.sha256(t.read_bytes()).hexdigest(), "ut1.tgz")
+        os.replace(tarball(tmp_path / "evil.tgz", {"blacklists/evil/domains": domains(50, "evil")}), t)
+        assert "blacklists/evil/domains" not in archive.open_source("tarball", f, "ut1.tgz").listing().files
+
+
+def test_a_member_twice_after_normalisation_is_refused(tmp_path: Path) -> None:
+    """Review F5b: `blacklists/adult/domains` then `./blacklists/adult/domains`: the listing kept the last size, the
+    copy the first content, so a 6 MB file passed a 1 MiB sync.max_file_mb."""
+    t = tarball(tmp_path / "dup.tgz", {"blacklists/adult/domains": domains(3000, "big"),
+                                        "./blacklists/adult/domains": domains(2, "small")})
+    with pytest.raises(ListsError, match="'blacklists/adult/domains' appears twice; nothing was unpacked"):
+        archive.TarSource(t, "dup.tgz").listing()
+    with pytest.raises(ListsError, match="appears twice"):
+        archive.TarSource(tarball(tmp_path / "fl.tgz", {"blacklists/adult/domains": "a.test\n"},
+                                  links={"./blacklists/adult/domains": "/etc/passwd"}), "fl.tgz").listing()
+
+
+def test_the_number_of_categories_taken_is_capped() -> None:
+    """Review F5a: 60k categories (an empty lists.categories takes all) made a tree every sync refused."""
+    many = layout.Layout("UT1", "blacklists", {f"c{i}": {"domains": f"blacklists/c{i}/domains"}
+                                               for i in range(layout.MAX_CATEGORIES + 1)})
+    with pytest.raises(ListsError, match=f"{layout.MAX_CATEGORIES + 1} categories to take, over the "
+                                         f"{layout.MAX_CATEGORIES}"):
+        layout.select(many, {}, "many.tgz")
+    assert len(layout.select(many, {"c1": "one"}, "many.tgz").take) == 1
+
+
+def test_a_release_the_sync_would_refuse_is_refused_before_the_swap(tree: Path, tmp_path: Path) -> None:
+    """Review F5: the sync's own staged-tree check (file count, sync.max_file_mb) runs on the release as it would
+    be with the new lists, before the swap."""
+    cfg = load(tree / "appliance.yaml")
+    new, _ = _build(tree, tmp_path, ut1(tmp_path / "ut1.tgz"))
+    swap.sync_check(cfg, tree, tree / "lists", new)  # as it is: fine
+    (new / "adult" / "domains").write_bytes(b"x.test\n" * ((1 << 20) // 7 + 1))
+    small = cfg.model_copy(update={"sync": cfg.sync.model_copy(update={"max_file_mb": 1})})
+    with pytest.raises(ListsError, match=r"refused by every sync: adult/domains: \d+ bytes, over the cap of 1048576"):
+        swap.sync_check(small, tree, tree / "lists", new)
+    beside = sum(1 for _ in tree.rglob("*")) - sum(1 for _ in (tree / "lists").rglob("*"))
+    monkey = pytest.MonkeyPatch()
+    try:
+        monkey.setattr(sync_tree, "MAX_FILES", beside + sum(1 for _ in new.rglob("*")) - 1)  # one entry too many
+        with pytest.raises(ListsError, match="more than .* files and directories"):
+            swap.sync_check(cfg, tree, tree / "lists", new)
+        monkey.setattr(sync_tree, "MAX_FILES", beside + sum(1 for _ in new.rglob("*")))
+        swap.sync_check(cfg, tree, tree / "lists", new)
+    finally:
+        monkey.undo()
 
 
 # ---------------------------------------------------------------- the floor, the swap
@@ -240,3 +300,25 @@ def test_a_failed_index_puts_the_old_lists_back(tree: Path, tmp_path: Path, monk
         swap.install(cfg, tree, tree / "lists", at)
     assert (tree / "lists" / "adult" / "domains").read_text() == before
     assert swap.leftovers(tree / "lists") == []
+
+
+def test_counts_stream_in_bounded_memory_and_agree_with_the_proxys_parser(tmp_path: Path) -> None:
+    """Review F6: 10 MB of `-` lines took 850 MB and one 200 MB line 1.08 GB in the main process. The count now keeps
+    no line (counts only, each line read at most MAX_LINE at a time) and runs in the bounded child (check())."""
+    mixed = tmp_path / "mixed"
+    mixed.write_bytes(b"# c\n\na.test\nWWW.B.TEST.\n*.c.test\n.d.test\nbad host\n/x\n1.2.3.4\n01.2.3.4\n\xff.test\n"
+                      b"xn--bcher-kva.test\n\xc3\xa9.test\n" + b"e" * 300 + b".test\n-\n")
+    assert validate.count_file(mixed, "domains") == dict(zip(("entries", "bad_lines"), flists.count_file(mixed, "domains")))
+    urls = tmp_path / "urls"
+    urls.write_bytes(b"a.test/x\nhttp://b.test:80/y?q\nbad url/ x\n[::1]/z\nhttp://[nope/\n")
+    assert validate.count_file(urls, "urls") == dict(zip(("entries", "bad_lines"), flists.count_file(urls, "urls")))
+    bomb = tmp_path / "domains"
+    with open(bomb, "wb") as f:
+        f.write(b"ok.test\n" + b"-\n" * (1 << 17) + b"a" * (24 << 20) + b"\nlast.test")
+    tracemalloc.start()
+    try:
+        got = validate.count_file(bomb, "domains")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == {"entries": 2, "bad_lines": (1 << 17) + 1} and peak < 4 << 20, peak

@@ -3,6 +3,7 @@ the live lists and the generation as they were, a backup refusing, the https fet
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import http.server
 import json
@@ -10,6 +11,7 @@ import os
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,8 @@ import yaml
 from appliance.core.model_lists import Lists
 from appliance.core.paths import Paths
 from appliance.core.state import write_role
+from appliance.lists import fetch
+from appliance.lists.errors import ListsError
 from image import render
 from sync.releases import Releases
 from tests.support import due_script
@@ -225,6 +229,63 @@ def test_https_download_with_the_test_ca(node: Node, https_server) -> None:
     code, r = node.update("--no-sync", env=env)
     assert code == 0 and r["sha256"] == sha and r["kind"] == "url" and r["bytes"] > 0, r
     assert node.explain("http://site5.adult.test/")["verdict"] == "block"
+
+
+def test_a_trickling_server_meets_the_deadline(tmp_path: Path, monkeypatch) -> None:
+    """Review F7: the deadline was checked only after each 1 MiB read, so a byte a minute held the update forever;
+    now each read returns what has arrived and the deadline is checked every time."""
+    ca, cert, key = _ca(tmp_path)
+    stop = threading.Event()
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(10 << 20))
+            self.end_headers()
+            for _ in range(60):  # bounded: 30 s at most, stopped with the test
+                if stop.wait(0.5):
+                    return
+                self.wfile.write(b"\x1f")
+                self.wfile.flush()
+
+        def log_message(self, *a) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("APPLIANCE_LISTS_CA_FILE", str(ca))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ListsError, match="the download took over 2 s"):
+            fetch.download(f"https://127.0.0.1:{srv.server_address[1]}/x.tgz", tmp_path / "dl", deadline_s=2)
+    finally:
+        stop.set()
+        srv.shutdown()
+        srv.server_close()
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_second_update_is_refused_while_one_runs(node: Node, tmp_path: Path) -> None:
+    """Two updates shared <state>/lists-update and removed each other's work: one at a time (its own lock)."""
+    run = node.state / "run"
+    run.mkdir(exist_ok=True)
+    work = node.state / "lists-update"
+    work.mkdir()
+    (work / "download").write_bytes(b"the running update's")
+    fd = os.open(run / "lists-update.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"4242\n")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, r = node.update(str(ut1(tmp_path / "ut1.tgz")), "--no-sync")
+    finally:
+        os.close(fd)
+    assert code == 5 and "another lists update is running (pid 4242" in r["error"], r
+    assert (work / "download").read_bytes() == b"the running update's"
+    code, r = node.update(str(ut1(tmp_path / "ut1.tgz")), "--no-sync")
+    assert code == 0 and not work.exists(), r
 
 
 # ---------------------------------------------------------------- the due script
