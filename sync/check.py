@@ -2,6 +2,7 @@
 directories, then the filter's list compiler (which writes the index into the tree)."""
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -15,11 +16,24 @@ from sync.errors import BAD_INPUT, SyncError
 CONFIG_NAME = "appliance.yaml"
 
 
-def validate_tree(root: Path, compile_lists: bool = True, confine: bool = False) -> Appliance:
+def compile_lists_into(cfg: Appliance, base: Path, previous: Path | None = None) -> ruleset.CompileReport:
+    """ruleset.compile_index into base/compiled/, reusing the categories of `previous` whose list bytes are unchanged
+    (an index this node compiled itself: the compiler hashes the bytes it reads now and compares them with what that
+    index recorded; a missing or corrupt one is a full compile). Until the compiler takes `previous`, a full one."""
+    if previous is not None and _TAKES_PREVIOUS:
+        return ruleset.compile_index(cfg, base, previous=previous)
+    return ruleset.compile_index(cfg, base)
+
+
+_TAKES_PREVIOUS = "previous" in inspect.signature(ruleset.compile_index).parameters
+
+
+def validate_tree(root: Path, compile_lists: bool = True, confine: bool = False, previous: Path | None = None) -> Appliance:
     """Load root/appliance.yaml with the config validator, then compile its lists.
 
     confine: a received tree; its lists must be inside it (filter.lists relative, no '..'), so that the check reads
-    nothing outside the tree. Raises SyncError(BAD_INPUT) carrying the validator's or the compiler's own message."""
+    nothing outside the tree. previous: this node's own index of its live release (see compile_lists_into).
+    Raises SyncError(BAD_INPUT) carrying the validator's or the compiler's own message."""
     path = Path(root) / CONFIG_NAME
     try:
         cfg = load(path)
@@ -31,7 +45,7 @@ def validate_tree(root: Path, compile_lists: bool = True, confine: bool = False)
                         f"tree carries its lists (use a relative path such as lists/)", BAD_INPUT)
     if compile_lists and os.environ.get("APPLIANCE_SYNC_NO_COMPILE") != "1":
         try:
-            ruleset.compile_index(cfg, path.resolve().parent)
+            compile_lists_into(cfg, path.resolve().parent, previous)
         except (ruleset.ListError, OSError) as e:
             raise SyncError(str(e), BAD_INPUT) from None
     return cfg

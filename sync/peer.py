@@ -38,17 +38,27 @@ class Peer:
             argv += ["-b", self.bind]
         return argv
 
-    def run(self, command: str) -> tuple[int, str, str]:
+    def start(self, command: str) -> subprocess.Popen:
+        """Start a sync command that waits for one line on its stdin (`receive ... --after-transfer`): the ssh
+        connection and the peer's start-up happen while the transfer runs. Finish it with run(command, started)."""
+        return subprocess.Popen(self._argv(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+    def _argv(self, command: str) -> list[str]:
+        if not self.key.is_file():
+            raise SyncError(f"{self.key}: missing (the sync key; run `appliance keys init` on this node)", PEER_FAILED)
+        return self.ssh_argv() + ["-T", f"{self.user}@{self.address}", command]
+
+    def run(self, command: str, started: subprocess.Popen | None = None, line: bytes = b"") -> tuple[int, str, str]:
         """Run one sync command on the peer (its forced command dispatches it) with the OpenSSH client, the same
         client and options as rsync's transport: the pinned host key only, no config file, no agent, no tty.
+        `started`: the command as start() began it, sent `line` and end of file on its stdin now.
         SyncError when the key is missing (ssh would fall back to root's own keys), when ssh itself fails (exit
         255: no connection, a host key that is not the pinned one, the key refused), when the peer does not answer
         within 10 x sync.timeout, or says more than MAX_REPLY bytes (a reply is one JSON line)."""
-        if not self.key.is_file():
-            raise SyncError(f"{self.key}: missing (the sync key; run `appliance keys init` on this node)", PEER_FAILED)
-        argv = self.ssh_argv() + ["-T", f"{self.user}@{self.address}", command]
+        argv = self._argv(command)
         try:
-            code, out, err = _bounded(argv, self.timeout * 10)
+            code, out, err = _bounded(argv, self.timeout * 10, started, line)
         except subprocess.TimeoutExpired:
             raise SyncError(f"{self.name} ({self.address}:{self.port}): no answer to {command.split()[0]!r} within "
                             f"{self.timeout * 10} s", PEER_FAILED) from None
@@ -65,12 +75,25 @@ class Peer:
 MAX_REPLY = 1 << 20      # bytes of a peer's stdout, and of its stderr, the master reads (a reply is one JSON line)
 
 
-def _bounded(argv: list[str], timeout: float) -> tuple[int, str, str]:
-    """Run argv with stdin closed; (exit code, stdout, stderr) as text. TimeoutExpired after `timeout` s and
-    OverflowError past MAX_REPLY bytes on either stream, the process killed in both cases."""
+def _bounded(argv: list[str], timeout: float, started: subprocess.Popen | None = None,
+             line: bytes = b"") -> tuple[int, str, str]:
+    """Run argv with stdin closed (or finish `started`: `line` and end of file on its stdin); (exit code, stdout,
+    stderr) as text. TimeoutExpired after `timeout` s and OverflowError past MAX_REPLY bytes on either stream, the
+    process killed in both cases."""
     import selectors
 
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = started or subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if started is not None:
+        try:
+            p.stdin.write(line)  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        except BrokenPipeError:  # it has answered already (a refusal): read what it said
+            pass
+        finally:
+            try:
+                p.stdin.close()  # type: ignore[union-attr]
+            except BrokenPipeError:
+                pass
     bufs = {p.stdout: bytearray(), p.stderr: bytearray()}
     deadline = time.monotonic() + timeout
     try:
@@ -121,9 +144,10 @@ def _tail(text: str) -> str:
     return one_line(lines[-1]) if lines else ""
 
 
-def ask(peer: Peer, command: str, what: str) -> dict:
-    """Run one sync command on the peer and return its JSON reply; SyncError with the peer's code when it refused."""
-    code, out, err = peer.run(command)
+def ask(peer: Peer, command: str, what: str, started: subprocess.Popen | None = None, line: bytes = b"") -> dict:
+    """Run one sync command on the peer (or finish `started`, see Peer.run) and return its JSON reply; SyncError
+    with the peer's code when it refused."""
+    code, out, err = peer.run(command, started, line)
     try:
         data = json.loads(out) if out.strip() else None
     except ValueError:
@@ -190,3 +214,39 @@ def rsync_to(peer: Peer, src: Path, dry_run: bool = False, bwlimit: int | None =
     out = parse_rsync_output(r.stdout)
     out["transfer_seconds"] = round(time.monotonic() - t0, 3)
     return out
+
+
+AFTER_TRANSFER = "--after-transfer"  # receive waits for STAGED on its stdin: sync/serve.py
+STAGED = b"staged\n"
+
+
+def start_receive(peer: Peer, command: str) -> subprocess.Popen | None:
+    """`receive ...` started before the transfer, waiting for it (the ssh connection and the peer's start-up
+    overlap the rsync); None when ssh cannot even be started (the plain receive reports that)."""
+    try:
+        return peer.start(f"{command} {AFTER_TRANSFER}")
+    except (OSError, SyncError):
+        return None
+
+
+def finish_receive(peer: Peer, command: str, started: subprocess.Popen | None, what: str) -> dict:
+    """The reply of a receive start_receive began, told that the transfer is done. A peer that does not know
+    --after-transfer (an older version) or stopped waiting for it gets the plain `receive` instead."""
+    if started is not None:
+        try:
+            return ask(peer, f"{command} {AFTER_TRANSFER}", what, started, STAGED)
+        except SyncError as e:
+            if "expected `receive GENERATION HASH" not in str(e) and f"receive {AFTER_TRANSFER}:" not in str(e):
+                raise
+    return ask(peer, command, what)
+
+
+def cancel_receive(started: subprocess.Popen | None) -> None:
+    """The transfer failed: end of file, no STAGED, so the waiting receive changes nothing and exits."""
+    if started is None:
+        return
+    try:
+        started.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        started.kill()
+        started.communicate()

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,16 +14,40 @@ from typing import Callable
 from appliance.core.model import Appliance
 from appliance.core.paths import Paths
 from appliance.core.state import role_of
+from filters import ruleset
+from sync import delta, lock, policy, tree
 from sync import keys as keymod
-from sync import lock, policy, tree
+from sync.background import Compile
 from sync.check import validate_tree
 from sync.errors import BAD_INPUT, OK, PEER_FAILED, SPLIT_BRAIN, STALE, SyncError
 from sync.journal import note
-from sync.peer import Peer, ask, make_peers, remote_status, rsync_to
+from sync.peer import Peer, cancel_receive, finish_receive, make_peers, remote_status, rsync_to, start_receive
 from sync.receive import reload_carp, reload_proxy
 from sync.releases import MAX_GEN, MAX_STEP, Releases, mirror
+from sync.timing import Phases
 
 Progress = Callable[[str, str], None]  # (peer, stage)
+
+
+class Beside(threading.Thread):
+    """fn() in a thread beside the main one (work that waits on ssh, rsync or hashing, which free the GIL);
+    wait() joins it and raises what fn raised."""
+
+    def __init__(self, fn: Callable[[], None]):
+        super().__init__(daemon=True)
+        self.fn, self.error = fn, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as e:  # noqa: BLE001 - raised by wait() in the main thread
+            self.error = e
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 @dataclass
@@ -33,12 +59,13 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
 
 
-def plan_cut(rel: Releases, work: Path, above: int | None = None) -> Plan:
+def plan_cut(rel: Releases, work: Path, above: int | None = None, digest: str | None = None) -> Plan:
     """Decide whether this sync cuts a new generation from the working tree, and its number.
 
-    `above`: with --force over peers that are newer or diverged, the new generation goes above theirs."""
+    `above`: with --force over peers that are newer or diverged, the new generation goes above theirs.
+    `digest`: the working tree's hash when the caller has it already."""
     live = rel.live()
-    digest = tree.tree_hash(work)
+    digest = digest or tree.tree_hash(work)
     gens = rel.generations()
     reasons = []
     if live is None:
@@ -67,13 +94,13 @@ def plan_cut(rel: Releases, work: Path, above: int | None = None) -> Plan:
     return Plan(live, digest, False, live, reasons)
 
 
-def needs_check(rel: Releases, work: Path) -> bool:
+def needs_check(rel: Releases, work: Path, digest: str | None = None) -> bool:
     """False only when the working tree is exactly the live, already checked generation (the cron no-op case)."""
     live = rel.live()
     if live is None or live != max(rel.generations()):
         return True
     m = rel.meta(live, compute=False)
-    return not m.get("meta") or tree.tree_hash(work) != m["hash"]
+    return not m.get("meta") or (digest or tree.tree_hash(work)) != m["hash"]
 
 
 def stale_peers(live: int | None, ours_meta: dict, peers: dict[str, dict]) -> list[str]:
@@ -127,46 +154,111 @@ class Run:
     progress: Progress
     results: dict[str, dict] = field(default_factory=dict)
 
+    phases: Phases = field(default_factory=Phases)
+    checked: str = "unchanged"
+    compiling: Compile | None = None
+
     def go(self, t0: float) -> dict:
-        state, work = self.paths.state, self.config_path.resolve().parent
+        state, work, ph = self.paths.state, self.config_path.resolve().parent, self.phases
         if not self.dry_run:
             narrow_secret(self.config_path.resolve(), state)
-        # what the peers would refuse is refused here first: the same check, every path of the tree
-        tree.refuse(tree.check_staged(work, self.cfg.sync.max_file_mb << 20), f"the config tree {work}")
+        with ph("tree check"):  # what the peers would refuse is refused here first: the same check, every path
+            tree.refuse(tree.check_staged(work, self.cfg.sync.max_file_mb << 20), f"the config tree {work}")
         if self.force:
             note(state, f"sync --force on {self.node}: peers' generation checks are overridden", logging.WARNING)
         rel = Releases(state)
-        t_check = time.monotonic()
-        if needs_check(rel, work):
-            validate_tree(work)  # and compile the list index into the tree before it is hashed and cut
-        t_check = time.monotonic() - t_check
-        key = keymod.push_key(self.paths.sync_key, work)
-        for p in (key, keymod.known_hosts(work)):
-            if not p.exists():
-                raise SyncError(f"{p}: missing (run `appliance keys init` on this node and pin the peers' host keys)",
-                                BAD_INPUT)
-        if key != self.paths.sync_key:
-            note(state, f"pushing with the old shared key {key} (in the synced tree: any node's root can use it); "
-                        f"run `appliance keys init` on every node (docs/security.md)", logging.WARNING)
-        peers = make_peers(self.cfg, self.node, work, key)
-        statuses = self.ask_peers(peers)
+        with ph("hash"):
+            digest = tree.tree_hash(work)
+        key, missing = self.push_key(work)
+        peers = make_peers(self.cfg, self.node, work, key) if missing is None else []
+        statuses = self.check_and_ask(rel, work, digest, peers)
+        if missing is not None:
+            raise missing
         above = self.guard(rel, peers, statuses)
-        plan = plan_cut(rel, work, above)
+        plan = plan_cut(rel, work, above, digest)
         if plan.cut:
             self.check_policy(rel, work, statuses)
         report = {"ok": True, "node": self.node, "dry_run": self.dry_run, "generation": plan.generation,
                   "previous": plan.live, "cut": plan.cut, "reasons": plan.reasons, "hash": plan.digest, "peers": [],
-                  "check_seconds": round(t_check, 3)}
-        if plan.cut and not self.dry_run:
-            self.cut(rel, work, plan, report)
-        src = rel.path(plan.generation) if not (plan.cut and self.dry_run) else work
-        target_hash = plan.digest if plan.cut else rel.meta(plan.generation)["hash"]
-        for p in peers:
-            if p.name not in self.results:
-                self.results[p.name] = self.push(p, statuses[p.name], plan, target_hash, src)
-        if plan.cut and not self.dry_run:  # the master applies its own CARP changes last, after its peers
+                  "check": self.checked, "check_seconds": ph.wall.get("check", 0.0)}
+        tidy = None
+        try:
+            if plan.cut and not self.dry_run:
+                tidy = self.cut(rel, work, plan, report)
+            src = rel.path(plan.generation) if not (plan.cut and self.dry_run) else work
+            target_hash = plan.digest if plan.cut else rel.meta(plan.generation)["hash"]
+            for p in peers:
+                if p.name not in self.results:
+                    with ph(f"push {p.name}"):
+                        self.results[p.name] = self.push(p, statuses[p.name], plan, target_hash, src)
+        finally:
+            self.finish_compile(report)
+            if tidy is not None:
+                tidy.wait()
+        if plan.cut and not self.dry_run:  # the proxy once its index is current; its own CARP changes after the peers
+            report["proxy"] = reload_proxy(self.paths)
             report["carp"] = reload_carp(self.paths)
         return self.summary(report, peers, t0)
+
+    def check_and_ask(self, rel: Releases, work: Path, digest: str, peers: list[Peer]) -> dict[str, dict]:
+        """The tree's check here and the peers' status, at once (one waits on the CPU, the other on ssh)."""
+        statuses: dict[str, dict] = {}
+
+        def ask() -> None:
+            with self.phases("status"):
+                statuses.update(self.ask_peers(peers))
+
+        asking = Beside(ask)
+        try:
+            with self.phases("check"):
+                self.checked = self.check(rel, work, digest)
+        finally:
+            asking.wait()
+        return statuses
+
+    def push_key(self, work: Path) -> tuple[Path, SyncError | None]:
+        """This node's sync key, or the error for a missing key / known_hosts (raised after the tree's check)."""
+        key = keymod.push_key(self.paths.sync_key, work)
+        for p in (key, keymod.known_hosts(work)):
+            if not p.exists():
+                return key, SyncError(f"{p}: missing (run `appliance keys init` on this node and pin the peers' host "
+                                      f"keys)", BAD_INPUT)
+        if key != self.paths.sync_key:
+            note(self.paths.state, f"pushing with the old shared key {key} (in the synced tree: any node's root can use "
+                                   f"it); run `appliance keys init` on every node (docs/security.md)", logging.WARNING)
+        return key, None
+
+    def check(self, rel: Releases, work: Path, digest: str) -> str:
+        """The tree's check before a cut: "unchanged" (the live generation, checked when it went live), "changed
+        lines" (the config, and the list lines that differ from the generation that went live here: sync/delta.py;
+        the index is compiled in the background after the cut), or "full" (`check --compile` into the tree)."""
+        if not needs_check(rel, work, digest):
+            return "unchanged"
+        base = delta.base_tree(rel)
+        if base is not None and delta.check_changed(work, base) is not None:  # loads work's config again: the
+            # one the command loaded may predate the tree's hash
+            return "changed lines"
+        validate_tree(work)  # and compile the list index into the tree before it is hashed and cut
+        return "full"
+
+    def start_compile(self, release: Path, previous: Path | None) -> None:
+        """Compile the new release's index in a child while the peers are pushed (not needed when the full check
+        compiled it into the tree: the copy carries it), reusing the unchanged categories of `previous`."""
+        if os.environ.get("APPLIANCE_SYNC_NO_COMPILE") == "1" or ruleset.is_fresh(self.cfg, release):
+            return
+        self.compiling = Compile(self.cfg, release, previous)
+
+    def finish_compile(self, report: dict) -> None:
+        if self.compiling is None:
+            return
+        with self.phases("master compile (wait)"):
+            try:
+                report["compile"] = self.compiling.wait()
+            except ruleset.ListError as e:  # the changed lines passed: only an I/O error or a full disk gets here
+                report.update(ok=False, error=f"compiling this node's index failed: {e}")
+                note(self.paths.state, report["error"], logging.ERROR)
+            finally:
+                self.compiling = None
 
     def check_policy(self, rel: Releases, work: Path, statuses: dict[str, dict]) -> None:
         """Before a cut: the tree carries no code, and no CARP change that would split the cluster (compared with
@@ -212,23 +304,33 @@ class Run:
             raise SyncError(msg, STALE)
         return max((s.get("generation") or 0) for s in statuses.values()) if stale else None
 
-    def cut(self, rel: Releases, work: Path, plan: "Plan", report: dict) -> None:
-        """Make the working tree live here as the new generation, and the staging mirror of it."""
-        t_cut = time.monotonic()
-        self.progress("local", "cut")
-        rel.prepare_dirs()
-        live_dir = rel.path(plan.live) if plan.live is not None else (rel.current.resolve() if rel.current.is_dir() else None)
-        rel.install(work, plan.generation, plan.digest, f"cut on {self.node}", carry_from=live_dir)
-        rel.activate(plan.generation)
-        if plan.live is not None:
-            report["restored_pristine"] = rel.restore_pristine(plan.live)
-        mirror(rel.path(plan.generation), rel.staging, transfer=True)
-        rel.write_staging_meta(plan.generation, plan.digest)
-        report["pruned"] = rel.prune(self.cfg.sync.keep_releases)
-        report["proxy"] = reload_proxy(self.paths)
-        note(self.paths.state, f"cut generation {plan.generation} on {self.node} ({'; '.join(plan.reasons)})")
-        self.progress("local", "done")
-        report["cut_seconds"] = round(time.monotonic() - t_cut, 3)
+    def cut(self, rel: Releases, work: Path, plan: "Plan", report: dict) -> Beside:
+        """Make the working tree live here as the new generation; its index is compiled in the background when the
+        check did not compile it (the proxy is reloaded after that). Returns the thread that puts the old release
+        back as it went live, mirrors the new one into staging and prunes: nothing the push needs, so it runs beside
+        it (join it before the report)."""
+        with self.phases("cut"):
+            self.progress("local", "cut")
+            rel.prepare_dirs()
+            live_dir = rel.path(plan.live) if plan.live is not None else (rel.current.resolve() if rel.current.is_dir() else None)
+            # a "changed lines" check left the tree's compiled/ stale: not copied, compiled into the release instead
+            rel.install(work, plan.generation, plan.digest, f"cut on {self.node}", carry_from=live_dir,
+                        derived=self.checked != "changed lines")
+            rel.activate(plan.generation)
+            self.start_compile(rel.path(plan.generation), ruleset.index_path(live_dir) if live_dir else None)
+            note(self.paths.state, f"cut generation {plan.generation} on {self.node} ({'; '.join(plan.reasons)})")
+            self.progress("local", "done")
+        report["cut_seconds"] = self.phases.wall["cut"]
+
+        def tidy() -> None:
+            with self.phases("tidy (beside the push)"):
+                if plan.live is not None:
+                    report["restored_pristine"] = rel.restore_pristine(plan.live)
+                mirror(rel.path(plan.generation), rel.staging, transfer=True)
+                rel.write_staging_meta(plan.generation, plan.digest)
+                report["pruned"] = rel.prune(self.cfg.sync.keep_releases)
+
+        return Beside(tidy)
 
     def push(self, p: Peer, s: dict, plan: "Plan", target_hash: str, src: Path) -> dict:
         """rsync into one peer's staging dir and ask it to receive; a failure stays with this peer."""
@@ -236,15 +338,20 @@ class Run:
         if not plan.cut and s.get("generation") == plan.generation and s.get("hash") == target_hash:
             return {**res, "ok": True, "action": "up-to-date", "exit": OK}
         t1 = time.monotonic()
+        cmd = f"receive {plan.generation} {target_hash}" + (" --force" if self.force else "")
+        waiting = None if self.dry_run else start_receive(p, cmd)  # starts on the peer while the transfer runs
         try:
             self.progress(p.name, "transfer")
-            res.update(rsync_to(p, src, dry_run=self.dry_run, bwlimit=self.bwlimit))
+            try:
+                res.update(rsync_to(p, src, dry_run=self.dry_run, bwlimit=self.bwlimit))
+            except BaseException:
+                cancel_receive(waiting)
+                raise
             if self.dry_run:
                 res.update(ok=True, action="would-push", exit=OK)
             else:
                 self.progress(p.name, "receive")
-                cmd = f"receive {plan.generation} {target_hash}" + (" --force" if self.force else "")
-                reply = ask(p, cmd, f"refused generation {plan.generation}")
+                reply = finish_receive(p, cmd, waiting, f"refused generation {plan.generation}")
                 res.update(ok=True, action="pushed", exit=OK, receive=reply)
         except SyncError as e:
             res.update(ok=False, action="failed", error=str(e), exit=e.exit_code)
@@ -259,9 +366,14 @@ class Run:
         failed = [r for r in report["peers"] if not r["ok"]]
         codes = {r["exit"] for r in failed}
         report["failed"] = [r["peer"] for r in failed]
-        report["ok"] = not failed
+        report["ok"] = report["ok"] and not failed
         report["exit"] = OK if not failed else (codes.pop() if len(codes) == 1 else PEER_FAILED)
+        if not report["ok"] and not failed:  # this node's own compile failed (finish_compile)
+            report["exit"] = BAD_INPUT
         report["seconds"] = round(time.monotonic() - t0, 3)
+        report["phases"] = self.phases.report()
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        report["cpu"] = {"self": round(me.ru_utime + me.ru_stime, 3), "children": round(kids.ru_utime + kids.ru_stime, 3)}
         for r in failed:
             note(self.paths.state, f"sync to {r['peer']} failed: {r['error']}", logging.ERROR)
         return report

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -12,10 +13,12 @@ from appliance.core.paths import Paths
 from appliance.core.state import carp_stopped_on_purpose, read_role, role_of
 from sync import confirm, lock, policy, tree
 from appliance.core.loader import load
+from filters import ruleset
 from sync.check import CONFIG_NAME, validate_tree, validate_tree_bounded
 from sync.errors import BAD_INPUT, SPLIT_BRAIN, STALE, SyncError
 from sync.journal import note
 from sync.releases import MAX_STEP, Releases, carry_node_local, mirror
+from sync.timing import Phases
 
 
 def status(paths: Paths) -> dict:
@@ -107,14 +110,16 @@ def receive(paths: Paths, gen: int, digest: str, force: bool = False, source: st
             raise
 
 
-def _checked_copy(paths: Paths, rel: Releases, gen: int, digest: str, live: int | None) -> Path:
+def _checked_copy(paths: Paths, rel: Releases, gen: int, digest: str, live: int | None, ph: Phases) -> Path:
     """The staged tree copied into a fresh releases/.incoming-<gen>, checked entry by entry, hashed, with this
     node's node-local files carried over from the live release. compiled/ is never copied: the check rebuilds it."""
     cap = max_file_bytes(paths)
-    tree.refuse(tree.check_staged(rel.staging, cap))
-    tmp = rel.incoming(rel.staging, gen, transfer=True)
-    tree.refuse(tree.check_staged(tmp, cap), "the copy of the staged tree")  # what goes live, not what may change
-    got = tree.tree_hash(tmp)
+    with ph("copy"):
+        tree.refuse(tree.check_staged(rel.staging, cap))
+        tmp = rel.incoming(rel.staging, gen, transfer=True)
+        tree.refuse(tree.check_staged(tmp, cap), "the copy of the staged tree")  # what goes live, not what may change
+    with ph("hash"):
+        got = tree.tree_hash(tmp)
     if got != digest:
         raise SyncError(f"staged tree hash {got[:16]} does not match the master's {digest[:16]}: the transfer is incomplete "
                         f"or the tree changed; the next sync completes it", 1)
@@ -136,22 +141,38 @@ def _receive(paths: Paths, rel: Releases, gen: int, digest: str, force: bool, so
     if live is not None and gen == live and live_meta.get("hash") == digest:
         return {"ok": True, "action": "up-to-date", "generation": gen, "previous": live, "seconds": 0.0}
     check_generation(state, gen, live, force, source)
-    tmp = _checked_copy(paths, rel, gen, digest, live)
+    ph = Phases()
+    tmp = _checked_copy(paths, rel, gen, digest, live, ph)
     try:
-        cfg = validate_tree_bounded(tmp, confine=True)
-        _check_no_split(paths, rel.path(live) if live is not None else None, tmp, cfg)
+        with ph("check (bounded child)"):
+            # the live release's index was compiled here (compiled/ is never taken from a push): its unchanged
+            # categories are reused, every changed list file is parsed in full
+            previous = ruleset.index_path(rel.path(live)) if live is not None else None
+            cfg = validate_tree_bounded(tmp, confine=True, previous=previous)
+        with ph("carp policy"):
+            _check_no_split(paths, rel.path(live) if live is not None else None, tmp, cfg)
     except SyncError as e:
         note(state, f"generation {gen} from {source} refused, generation {live} stays live: {e}", logging.WARNING)
         raise
-    rel.commit(tmp, gen, digest, f"sync from {source}" + (" (--force)" if force else ""))
-    rel.activate(gen)
-    rel.write_staging_meta(gen, digest)
-    pruned = rel.prune(cfg.sync.keep_releases)
-    reloaded = reload_proxy(paths) if reload else "not asked"
-    carp = reload_carp(paths) if reload else "not asked"
+    with ph("swap"):
+        rel.commit(tmp, gen, digest, f"sync from {source}" + (" (--force)" if force else ""))
+        rel.activate(gen)
+        rel.write_staging_meta(gen, digest)
+        pruned = rel.prune(cfg.sync.keep_releases)
+    with ph("reload"):
+        reloaded = reload_proxy(paths) if reload else "not asked"
+        carp = reload_carp(paths) if reload else "not asked"
     note(state, f"generation {gen} from {source} is live (was {live}); {reloaded}; {carp}")
     return {"ok": True, "action": "swapped", "generation": gen, "previous": live, "pruned": pruned,
-            "proxy": reloaded, "carp": carp, "seconds": round(time.monotonic() - t0, 3)}
+            "proxy": reloaded, "carp": carp, "seconds": round(time.monotonic() - t0, 3),
+            "phases": ph.report(), "cpu": _cpu_seconds()}
+
+
+def _cpu_seconds() -> dict:
+    """CPU seconds of this receive: its own process (Python start-up included) and its children (the bounded
+    check, the local rsync copy)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"self": round(me.ru_utime + me.ru_stime, 3), "children": round(kids.ru_utime + kids.ru_stime, 3)}
 
 
 def _check_no_split(paths: Paths, live_tree: Path | None, tmp: Path, cfg) -> None:

@@ -174,9 +174,10 @@ class Releases:
             p.unlink(missing_ok=True)
 
     def install(self, src: Path, gen: int, digest: str, source: str, carry_from: Path | None = None,
-                expect: str | None = None) -> Path:
-        """Copy src into releases/<gen> (via a temp dir and a rename) with its metadata; not yet live."""
-        tmp = self.incoming(src, gen, carry_from)
+                expect: str | None = None, derived: bool = True) -> Path:
+        """Copy src into releases/<gen> (via a temp dir and a rename) with its metadata; not yet live.
+        derived=False leaves out src's compiled/ (stale: the caller compiles the release's own)."""
+        tmp = self.incoming(src, gen, carry_from, transfer=not derived)
         got = tree.tree_hash(tmp)
         if got != (expect or digest):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -262,5 +263,5 @@ class Releases:
             return False
         if tree.tree_hash(self.staging) != m["hash"] or tree.tree_hash(self.path(gen)) == m["hash"]:
             return False
-        mirror(self.staging, self.path(gen))
+        mirror(self.staging, self.path(gen), transfer=True)  # its compiled/ stays (a sync may be compiling from it)
         return True

@@ -5,15 +5,18 @@ import logging
 import os
 import pwd
 import re
+import select
 import shlex
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from appliance.core.paths import Paths
 from sync import lock, logs, tree
 from sync import receive as rcv
 from sync.errors import BAD_INPUT, PEER_FAILED, SyncError
+from sync.peer import AFTER_TRANSFER, STAGED
 from sync.journal import note
 from sync.releases import STAGING_TOKEN, Releases, mirror, parse_generation, parse_hash
 
@@ -35,6 +38,7 @@ _LONG_VALUES = {  # passed on as given (they change only what is said, how fast,
     "--out-format": re.compile(r"^%[a-zA-Z]( ?%[a-zA-Z])*$"),
 }
 _IGNORED = {"--stats", "--partial"}  # the server keeps its own
+AFTER_TRANSFER_WAIT = 900.0  # seconds a `receive --after-transfer` waits for the transfer; then the plain receive
 
 
 def _client_options(opts: list[str]) -> tuple[str, str, list[str], bool]:
@@ -106,6 +110,25 @@ def parse_receive(argv: list[str]) -> tuple[int, str, bool]:
     return parse_generation(args[0]), parse_hash(args[1]), force
 
 
+def wait_for_transfer(stream, timeout: float = AFTER_TRANSFER_WAIT) -> None:
+    """`receive ... --after-transfer`: the master starts the receive while its rsync runs (the ssh connection and
+    this process's start-up overlap the transfer) and says STAGED on stdin once the transfer is done. Anything
+    else, end of file or no word within `timeout`: SyncError, before the lock is taken or the staging dir touched
+    (a cut-off transfer keeps what arrived, the next push's delta base)."""
+    fd, got, deadline = stream.fileno(), b"", time.monotonic() + timeout
+    while len(got) < len(STAGED) and not got.endswith(b"\n"):  # bounded: at most len(STAGED) bytes
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, len(STAGED) - len(got))
+        if not chunk:
+            break
+        got += chunk
+    if got != STAGED:
+        raise SyncError(f"receive {AFTER_TRANSFER}: the master did not say the transfer was done "
+                        f"(within {timeout:.0f} s); nothing done", PEER_FAILED)
+
+
 def seed_staging(rel: Releases, max_file_bytes: int = tree.MAX_FILE_BYTES) -> None:
     """Before rsync writes: the state dirs with their modes, a staging dir that holds nothing unsafe (else it is
     emptied), and before the first push a copy of the live release so rsync sends only the difference."""
@@ -161,11 +184,13 @@ def _run(argv: list[str], paths: Paths) -> dict:
         sys.stdout.flush()
         os.execv(new_argv[0], new_argv)  # rsync speaks its own protocol on stdout from here
     if verb in ("receive", "sync-receive"):
-        gen, digest, force = parse_receive(argv)
+        after = argv[-1] == AFTER_TRANSFER
+        gen, digest, force = parse_receive(argv[:-1] if after else argv)
+        if after:  # started beside the transfer: nothing is touched before the master says it is done
+            wait_for_transfer(sys.stdin.buffer)
         return rcv.receive(paths, gen, digest, force, source=rcv.source_of_connection())
-    if verb == "logs":  # read-only: this node's access-log records, nothing else (sync/logs.py)
-        logs.serve(argv, paths, sys.stdout.buffer)
-        raise SystemExit(0)  # stdout holds the gzip stream: no JSON reply after it
+    if verb == "logs":  # read-only: this node's access-log records, nothing else; bounded (sync/logs.py)
+        raise SystemExit(logs.run(argv, paths, sys.stdout.buffer))  # stdout holds the gzip stream: no JSON after it
     raise SyncError(f"unknown sync command {verb!r} (allowed: status, rsync --server, receive|sync-receive, logs)",
                     BAD_INPUT)
 

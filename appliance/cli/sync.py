@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from appliance.cli import Ctx, emit_json, fail, main
 from appliance.core.errors import ApplianceError
@@ -19,10 +17,10 @@ from appliance.core.loader import load
 from appliance.core.model import Appliance
 from appliance.core.paths import appliance_bin as this_bin
 from sync.errors import SyncError, failure_reply
-from sync.push import sync as do_sync
-from sync.receive import receive, rollback, source_of_connection
 from sync.releases import Releases, parse_generation, parse_hash
-from sync.serve import dispatch
+
+# rich, the master's push and the peer's receive are imported by the commands that use them: a peer runs
+# `sync-serve` three times per push (status, rsync, receive), and each start-up pays for what this module imports.
 
 CRON_FILE = "/etc/cron.d/appliance-sync"
 
@@ -36,6 +34,9 @@ def _sync_error(e: ApplianceError, as_json: bool) -> NoReturn:
 
 
 def _print_report(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     con = Console(stderr=False)
     if r.get("skipped"):
         con.print(r["skipped"])
@@ -89,6 +90,8 @@ def sync_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool, bwlimit: int |
     bar, progress_cb = _progress_bar() if not as_json and sys.stdout.isatty() else (None, None)
     if bar:
         bar.start()
+    from sync.push import sync as do_sync  # deferred: the master's push, only for `sync`
+
     try:
         report = do_sync(ctx.cfg, node, ctx.config_path, ctx.paths, force=force, dry_run=dry_run, bwlimit=bwlimit,
                          progress=progress_cb, wait_lock=wait_lock)
@@ -112,6 +115,8 @@ def sync_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool, bwlimit: int |
 @click.pass_obj
 def sync_receive(ctx: Ctx, generation: str, digest: str, force: bool, as_json: bool) -> None:
     """Check the staged tree (<state>/sync/staging) and swap it in as GENERATION (what the master runs over SSH)."""
+    from sync.receive import receive, source_of_connection  # deferred: only for `sync-receive`
+
     try:
         r = receive(ctx.paths, parse_generation(generation), parse_hash(digest), force, source=source_of_connection())
     except SyncError as e:
@@ -128,6 +133,8 @@ def sync_serve(ctx: Ctx) -> None:
     """The forced command of the sync key on a peer: runs SSH_ORIGINAL_COMMAND if it is a sync command.
 
     The master reads the one-line JSON reply on stdout ({"ok": false, "code": N, "error": ...} when refused)."""
+    from sync.serve import dispatch  # deferred: only for `sync-serve` (three start-ups per push on a peer)
+
     command = os.environ.get("SSH_ORIGINAL_COMMAND")
     try:
         reply = dispatch(command, ctx.paths)
@@ -144,6 +151,11 @@ def sync_serve(ctx: Ctx) -> None:
 @click.pass_obj
 def releases_cmd(ctx: Ctx, rollback_to: str | None, as_json: bool) -> None:
     """List this node's config generations (time, hash, live), or roll back to one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sync.receive import rollback  # deferred: only for `releases`
+
     state = ctx.paths.state
     if rollback_to is not None:
         try:
