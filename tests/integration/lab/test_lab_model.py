@@ -10,7 +10,7 @@ from appliance.lab.model import LAB_ROOT_ENV, Lab, LabError, lab_dir, list_labs,
 
 NODE = {"netns": "cg1-fw1", "lan_if": "em0", "sync_if": "em1", "lan": "192.168.1.2/24", "sync": "192.168.200.1/30",
         "config": "/l/fw1/state/current/appliance.yaml", "state": "/l/fw1/state", "dir": "/l/fw1",
-        "engine_pid": 11, "proxy_pid": 12, "carp_pid": 13, "sshd_pid": 14}
+        "engine_pid": 11, "proxy_pid": 12, "carp_pid": 13, "sshd_pid": 14, "admin_pid": 15}
 STATE = {  # a lab.json as `lab up` wrote it before the model existed
     "name": "cg1", "dir": "/l", "source_config": "/etc/appliance/appliance.yaml", "engine": None, "deadratio": 3,
     "vip": "192.168.1.50", "vips": {"1": "192.168.1.50", "2": "192.168.1.51"}, "proxy_port": 3128,
