@@ -135,11 +135,15 @@ def test_multi_user_units_active_no_failed_unit(lab: VmLab) -> None:
         assert all(s == "active" for s in st.units.values()), f"{node}: {st}"
         assert vm.console_has(lab.vm(node), "Reached target")
         # the status page (its own user, the config as a credential copy, the certificate made by root first)
-        r = vmnode.run(lab, node, "systemctl is-active appliance-admin.service && /opt/carpguard/bin/python -c "
-                       "'import json, ssl, urllib.request as u; c = ssl._create_unverified_context(); "
-                       "print(json.load(u.urlopen(\"https://127.0.0.1:8443/status.json\", context=c, timeout=60))"
-                       "[\"node\"])'", timeout=180)
-        assert r.returncode == 0 and r.stdout.split()[-1:] == [node], f"{node}: {r.stdout[-500:]} {r.stderr[-500:]}"
+        # (listening only after its Python has started: up to a minute in a TCG guest beside the other services)
+        r = vmnode.run(lab, node, "for i in $(seq 90); do timeout 2 bash -c '</dev/tcp/127.0.0.1/8443' 2>/dev/null "
+                       "&& break; sleep 1; done; systemctl is-active appliance-admin.service && "
+                       "/opt/carpguard/bin/python -c 'import json, ssl, urllib.request as u; "
+                       "c = ssl._create_unverified_context(); print(json.load(u.urlopen("
+                       "\"https://127.0.0.1:8443/status.json\", context=c, timeout=60))[\"node\"])'", timeout=300)
+        if r.returncode != 0 or r.stdout.split()[-1:] != [node]:
+            journal = vmnode.run(lab, node, "journalctl -u appliance-admin -n 40 --no-pager", timeout=60).stdout
+            pytest.fail(f"{node}: the status page did not answer: {r.stdout[-500:]} {r.stderr[-500:]}\n{journal}")
 
 
 def _settled_on(lab: VmLab, node: str) -> list[str]:
@@ -181,6 +185,18 @@ def _add_domain(lab: VmLab, node: str, domain: str) -> None:
     vmnode.run(lab, node, f"echo {domain} >> /etc/appliance/lists/adult/domains", timeout=30, check=True)
 
 
+def _wait_role(lab: VmLab, node: str, role: str, timeout: float) -> str:
+    """The node's recorded role (role.json, written by its up/down script) once it is `role`, or the last one read."""
+    deadline, got = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:  # bounded by timeout
+        r = vmnode.run(lab, node, "cat /var/lib/appliance/role.json", timeout=30)
+        got = json.loads(r.stdout).get("role", "") if r.returncode == 0 and r.stdout.strip() else ""
+        if got == role:
+            break
+        time.sleep(1)
+    return got
+
+
 @pytest.mark.timeout(1200)
 def test_power_loss_of_master_and_return(lab: VmLab) -> None:
     """SIGKILL fw1's qemu: fw2 serves through the VIP, never two holders. The admin changes a list on fw2 and syncs
@@ -201,6 +217,9 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         assert probe.wait_served({"fw2"}, tf, vmfail.FAILOVER_WAIT) == "fw2"
         t1 = time.monotonic()
         _add_domain(lab, "fw2", domain)
+        # the VIP moves at once, the recorded role once the up script has run (a TCG guest starts Python in 3-5 s):
+        # `appliance sync` reads the role, and on a node that says BACKUP it syncs nothing
+        assert _wait_role(lab, "fw2", "MASTER", 120) == "MASTER"
         # the admin syncs while fw1 is still off, and fw1's power comes back after: booted beside the sync, a fast
         # host had fw1's sshd up within the sync's connect retries, and the push reached it (seen twice)
         r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)
