@@ -53,6 +53,11 @@ def build(ctx: Ctx, port: int | None = None, access_log: str | None = None) -> A
                        access.Gate.from_config(cfg, node), sources)
 
 
+def node_file(ctx: Ctx) -> Path:
+    """This node's name as `admin cert` resolved it (as root), beside the certificate."""
+    return ctx.paths.state / "admin" / "node"
+
+
 def _ca_pem(ctx: Ctx) -> Path:
     return ca.ca_dir(ctx.base_dir) / f"{ca.BASENAME}-ca.pem"
 
@@ -68,6 +73,10 @@ def serve_cmd(ctx: Ctx, port: int | None, access_log: str | None, config_copy: s
     if config_copy:
         # the list directories sit beside the original, which this user cannot see: the proxy checks them
         ctx._cfg = load(config_copy, check_lists=False)  # noqa: SLF001 - the one config this command then uses
+    # node.yaml is root's (unreadable to the server's user): `admin cert`, run as root first, wrote the name here
+    named = node_file(ctx)
+    if not ctx.node_arg and not os.environ.get("APPLIANCE_NODE") and named.is_file():
+        ctx.node_arg = named.read_text(encoding="utf-8").strip()
     server = build(ctx, port, access_log)
     try:
         bound = server.start()
@@ -94,6 +103,9 @@ def cert_cmd(ctx: Ctx, owner: str | None) -> None:
     reads the appliance CA's key, which the server itself must never be able to read)."""
     node = ctx.node
     cert, key = tls.ensure_cert(ctx.paths, node, access.bind_addresses(ctx.cfg, node), _ca_pem(ctx))
+    named = node_file(ctx)
+    named.write_text(node + "\n", encoding="utf-8")  # not a secret: the server, which cannot read node.yaml, reads this
+    os.chmod(named, 0o644)
     if owner:
         try:
             user = pwd.getpwnam(owner)
