@@ -67,8 +67,9 @@ def populate(cfg: Appliance, config_path: Path, node: str, root: Path, out: Path
              root_uuid: str) -> Tree:
     """Write the node's overlay over its copy of the common tree and compile its release's list index; returns the
     overlay. Everything of the root file system but make_ext4's normalisation and the boot loader."""
-    gid = tree.ids(root)[1].get(cfg.sync.user, 0)
-    t = render.render_node(cfg, config_path, node, exclude=[out], sync_gid=gid)
+    groups = tree.ids(root)[1]
+    t = render.render_node(cfg, config_path, node, exclude=[out], sync_gid=groups.get(cfg.sync.user, 0),
+                           admin_gid=groups.get(overlay.ADMIN_GROUP, 0))
     overlay.boot_files(t, cfg, node, kernel, root_uuid)
     overlay.check(t, cfg.cluster.password.get_secret_value().encode())
     tree.apply(t, root)

@@ -12,9 +12,10 @@ from image.errors import CheckFailed
 from image.tree import Entry, Tree
 
 APPLIANCE_BIN = "/usr/bin/appliance"  # the .deb's
-STATE_DIR = "/var/lib/appliance"  # the .deb's state dir (root 0700); the proxy's is STATE_DIR/proxy
+STATE_DIR = "/var/lib/appliance"  # the .deb's state dir (root:carpguard-admin 0710); the proxy's is STATE_DIR/proxy
 RELEASE = f"{STATE_DIR}/releases/1"  # the image's one release; its list index is compiled by tree.bake_index
 CONFIG_LINK = "/etc/appliance"  # -> STATE_DIR/current -> releases/1, where the units read appliance.yaml
+ADMIN_GROUP = "carpguard-admin"  # the status page's user and group (the .deb's postinst makes them)
 SYNC_HOME = "/var/lib/appliance-sync"  # the .deb's sync user's home (root:appliance-sync 0750)
 ADMIN_KEY = "admin_ed25519"  # keys/admin_ed25519[.pub] in the config dir: root's login key (made once if missing)
 ROOT = ("root", "root", 0, 0)
@@ -100,7 +101,8 @@ def _keys(t: Tree, cfg: Appliance, node: str, config_dir: Path, sync_gid: int) -
     t.file("/root/.ssh/authorized_keys", "".join(l + "\n" for l in lines), 0o600, owner=ROOT, source="keys:admin")
 
 
-def render_overlay(cfg: Appliance, config_path: Path, node: str, exclude: list[Path] = (), sync_gid: int = 0) -> Tree:
+def render_overlay(cfg: Appliance, config_path: Path, node: str, exclude: list[Path] = (), sync_gid: int = 0,
+                   admin_gid: int = 0) -> Tree:
     """The overlay written over the Debian tree (with the .deb installed) for `node`; keys must exist."""
     c, n = cfg.cluster, cfg.nodes[node]
     config_dir = config_path.resolve().parent
@@ -113,7 +115,8 @@ def render_overlay(cfg: Appliance, config_path: Path, node: str, exclude: list[P
     t.file(SYSCTL, _t("sysctl.conf.j2", iface=c.interface), owner=ROOT, source="template:debian/sysctl.conf.j2")
     t.file(SSHD_DROPIN, _t("sshd.conf.j2", port=cfg.sync.ssh_port), owner=ROOT, source="template:debian/sshd.conf.j2")
     _keys(t, cfg, node, config_dir, sync_gid)
-    explicit_dir(t, STATE_DIR, 0o700)
+    # as the .deb's postinst makes it: the status page's user may pass through (role, ha.log, run/, admin/), list nothing
+    explicit_dir(t, STATE_DIR, 0o710, owner=("root", ADMIN_GROUP, 0, admin_gid))
     render.own_sync_key(t, config_dir, node, STATE_DIR, owner=ROOT)     # this node's push key, in its image only
     explicit_dir(t, f"{STATE_DIR}/releases", 0o700)
     render.config_release(t, cfg, config_path, list(exclude), state_dir=STATE_DIR)
