@@ -62,6 +62,8 @@ FINGERPRINT_VERSION = 3
 # Part of each category section's record: bump it when filters.lists reads a line differently, so that a later
 # compile parses every category again instead of reusing sections of the old reading.
 PARSER_VERSION = 1
+# compile_index(previous=NO_PREVIOUS): parse every category (not a regular file, so no index is read from it)
+NO_PREVIOUS = Path(os.devnull)
 
 
 def _sources(cfg: Appliance, base: Path) -> tuple[list, list[tuple[str, Path]]]:
@@ -128,7 +130,7 @@ def _previous(path: Path | None) -> DomainIndex | None:
         if prev.meta.get("parser") == PARSER_VERSION and isinstance(prev.meta.get("categories"), list):
             return prev
         prev.close()
-    except (OSError, IndexFormatError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with it, the compile parses every category instead
         log.info("previous list index %s not used: %s", path, e)
     return None
 
@@ -180,12 +182,25 @@ def compile_index(cfg: Appliance, base: Path, out: Path | None = None, previous:
     """Read and hash every referenced list, parse the categories whose files changed since `previous` (an index
     this node compiled; default: the one at `out`), reuse the others' sections, write the index. Raises ListError
     under bad_lines: reject (reused categories' bad lines count too)."""
-    t0 = time.monotonic()
     out = out or index_path(base)
+    prev = _previous(previous if previous is not None else out)
+    if prev is None:
+        return _compile(cfg, base, out, None)
+    try:
+        return _compile(cfg, base, out, prev)
+    except ListError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a previous index that breaks the merge only costs a full compile
+        log.warning("reusing the previous list index failed (%s: %s): full compile", type(e).__name__, e)
+        return _compile(cfg, base, out, None)
+
+
+def _compile(cfg: Appliance, base: Path, out: Path, prev: DomainIndex | None) -> CompileReport:
+    """compile_index with `prev` opened (closed here)."""
+    t0 = time.monotonic()
     fp = fingerprint(cfg, base)  # before reading: a change meanwhile makes the index stale
     policy, _ = _sources(cfg, base)
     report = CompileReport(out, compiled=True)
-    prev = _previous(previous if previous is not None else out)
     sections, categories, content = [], [], [*policy, "content"]
     try:
         for cid, cat in enumerate(_cat_order(cfg)):

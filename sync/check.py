@@ -2,7 +2,6 @@
 directories, then the filter's list compiler (which writes the index into the tree)."""
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
@@ -17,15 +16,10 @@ CONFIG_NAME = "appliance.yaml"
 
 
 def compile_lists_into(cfg: Appliance, base: Path, previous: Path | None = None) -> ruleset.CompileReport:
-    """ruleset.compile_index into base/compiled/, reusing the categories of `previous` whose list bytes are unchanged
-    (an index this node compiled itself: the compiler hashes the bytes it reads now and compares them with what that
-    index recorded; a missing or corrupt one is a full compile). Until the compiler takes `previous`, a full one."""
-    if previous is not None and _TAKES_PREVIOUS:
-        return ruleset.compile_index(cfg, base, previous=previous)
-    return ruleset.compile_index(cfg, base)
-
-
-_TAKES_PREVIOUS = "previous" in inspect.signature(ruleset.compile_index).parameters
+    """ruleset.compile_index into base/compiled/, reusing the categories of `previous` whose list bytes are unchanged:
+    a private copy of an index root compiled, checked against its recorded sha256 (sync/indextrust.py). None: every
+    category parsed, never the index already in base (a live release's compiled/ may belong to the proxy user)."""
+    return ruleset.compile_index(cfg, base, previous=previous if previous is not None else ruleset.NO_PREVIOUS)
 
 
 def validate_tree(root: Path, compile_lists: bool = True, confine: bool = False, previous: Path | None = None) -> Appliance:

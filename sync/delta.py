@@ -20,7 +20,8 @@ def base_tree(rel: Releases) -> Path | None:
     here, from its bytes), else None. That generation passed the full check when it went live on this node (cut
     here, or received and checked as a backup), so its lines need not be parsed again."""
     live, sm = rel.live(), rel.staging_meta()
-    if live is None or not sm or sm.get("generation") != live:
+    # a base mirrored under another list parser: its lines were read another way, so every line is checked again
+    if live is None or not sm or sm.get("generation") != live or sm.get("parser") != ruleset.PARSER_VERSION:
         return None
     m = rel.meta(live, compute=False)
     if not m.get("meta") or sm.get("hash") != m["hash"] or tree.tree_hash(rel.staging) != m["hash"]:
@@ -76,9 +77,10 @@ class _Lines:
         return self.data
 
 
-def _bad_lines(new_file: Path, old_file: Path, kind: str, shown: str) -> list[str]:
+def _bad_lines(new_file: Path, old_file: Path | None, kind: str, shown: str) -> list[str]:
+    """The bad lines of new_file among those old_file (checked when it went live) lacks; None: every line."""
     new = new_file.read_bytes()
-    old = old_file.read_bytes() if old_file.is_file() else b""
+    old = old_file.read_bytes() if old_file is not None and old_file.is_file() else b""
     first, lines = changed_lines(old, new)
     parsed = flists.parse_file(_Lines(b"\n".join(lines)), kind, shown)  # type: ignore[arg-type]
     for b in parsed.bad:
@@ -90,7 +92,8 @@ def check_changed(work: Path, base: Path, cfg: Appliance | None = None) -> Appli
     """The config loaded in full (or `cfg`, work's config as the caller loaded it) and every list line that differs
     from base checked, raising SyncError(BAD_INPUT) with the compiler's message (file:line) when filter.bad_lines is
     reject. None when this check does not apply (base's config does not load, or filter.lists / bad_lines changed):
-    the caller runs the full check."""
+    the caller runs the full check. A category base's config did not reference is parsed in full: its files may
+    have sat in base's tree unchecked (the compiler reads only referenced categories), so base proves nothing."""
     try:
         cfg, old = cfg or load(work / CONFIG_NAME), load(base / CONFIG_NAME)
     except Exception:  # noqa: BLE001 - the full check reports the new config's errors; an old one that fails: full
@@ -100,12 +103,14 @@ def check_changed(work: Path, base: Path, cfg: Appliance | None = None) -> Appli
             or cfg.filter.bad_lines != old.filter.bad_lines:
         return None
     bad: list[str] = []
+    checked_before = old.filter.categories()
     for cat in sorted(cfg.filter.categories()):
         for kind in flists.KINDS:
             f = cfg.lists_dir(work) / cat / kind
             if f.is_file():
+                prior = old.lists_dir(base) / cat / kind if cat in checked_before else None
                 try:
-                    bad += _bad_lines(f, old.lists_dir(base) / cat / kind, kind, str(lists / cat / kind))
+                    bad += _bad_lines(f, prior, kind, str(lists / cat / kind))
                 except OSError as e:
                     raise SyncError(f"{lists / cat / kind}: cannot read: {e}", BAD_INPUT) from None
     if bad and cfg.filter.bad_lines == "reject":

@@ -15,7 +15,7 @@ from appliance.core.model import Appliance
 from appliance.core.paths import Paths
 from appliance.core.state import role_of
 from filters import ruleset
-from sync import delta, lock, policy, tree
+from sync import delta, indextrust, lock, policy, tree
 from sync import keys as keymod
 from sync.background import Compile
 from sync.check import validate_tree
@@ -25,6 +25,7 @@ from sync.peer import Peer, cancel_receive, finish_receive, make_peers, remote_s
 from sync.receive import reload_carp, reload_proxy
 from sync.releases import MAX_GEN, MAX_STEP, Releases, mirror
 from sync.timing import Phases
+from sync.uncut import uncut
 
 Progress = Callable[[str, str], None]  # (peer, stage)
 
@@ -157,6 +158,8 @@ class Run:
     phases: Phases = field(default_factory=Phases)
     checked: str = "unchanged"
     compiling: Compile | None = None
+    base: Path | None = None  # the staging mirror when it holds the live generation as it went live (delta.base_tree)
+    compile_failed: bool = False
 
     def go(self, t0: float) -> dict:
         state, work, ph = self.paths.state, self.config_path.resolve().parent, self.phases
@@ -192,10 +195,13 @@ class Run:
                     with ph(f"push {p.name}"):
                         self.results[p.name] = self.push(p, statuses[p.name], plan, target_hash, src)
         finally:
-            self.finish_compile(report)
+            self.finish_compile(rel, plan, report)
             if tidy is not None:
                 tidy.wait()
-        if plan.cut and not self.dry_run:  # the proxy once its index is current; its own CARP changes after the peers
+            if self.compile_failed:  # never leave live here a release this node cannot compile
+                report["uncut"] = uncut(rel, work, plan.live, plan.generation, bool(report.get("restored_pristine")))
+        if plan.cut and not self.dry_run and not self.compile_failed:
+            # the proxy once its index is current; its own CARP changes after the peers
             report["proxy"] = reload_proxy(self.paths)
             report["carp"] = reload_carp(self.paths)
         return self.summary(report, peers, t0)
@@ -234,27 +240,34 @@ class Run:
         the index is compiled in the background after the cut), or "full" (`check --compile` into the tree)."""
         if not needs_check(rel, work, digest):
             return "unchanged"
-        base = delta.base_tree(rel)
+        self.base = base = delta.base_tree(rel)
         if base is not None and delta.check_changed(work, base) is not None:  # loads work's config again: the
             # one the command loaded may predate the tree's hash
             return "changed lines"
-        validate_tree(work)  # and compile the list index into the tree before it is hashed and cut
+        with indextrust.trusted_previous(rel, rel.live()) as previous:
+            validate_tree(work, previous=previous)  # and compile the list index into the tree before the cut
         return "full"
 
-    def start_compile(self, release: Path, previous: Path | None) -> None:
+    def start_compile(self, rel: Releases, gen: int, previous: int | None) -> None:
         """Compile the new release's index in a child while the peers are pushed (not needed when the full check
-        compiled it into the tree: the copy carries it), reusing the unchanged categories of `previous`."""
-        if os.environ.get("APPLIANCE_SYNC_NO_COMPILE") == "1" or ruleset.is_fresh(self.cfg, release):
+        compiled it into the tree: the copy carries it), reusing the unchanged categories of release `previous`."""
+        release = rel.path(gen)
+        if os.environ.get("APPLIANCE_SYNC_NO_COMPILE") == "1":
             return
-        self.compiling = Compile(self.cfg, release, previous)
+        if ruleset.is_fresh(self.cfg, release):
+            indextrust.record(rel, gen, ruleset.index_path(release))  # the new release's compiled/ is root's yet
+            return
+        self.compiling = Compile(self.cfg, release, rel, previous)
 
-    def finish_compile(self, report: dict) -> None:
+    def finish_compile(self, rel: Releases, plan: Plan, report: dict) -> None:
         if self.compiling is None:
             return
         with self.phases("master compile (wait)"):
             try:
                 report["compile"] = self.compiling.wait()
-            except ruleset.ListError as e:  # the changed lines passed: only an I/O error or a full disk gets here
+                indextrust.record(rel, plan.generation, ruleset.index_path(rel.path(plan.generation)))
+            except ruleset.ListError as e:  # the checks passed: an I/O error, a full disk, a hung compiler
+                self.compile_failed = True
                 report.update(ok=False, error=f"compiling this node's index failed: {e}")
                 note(self.paths.state, report["error"], logging.ERROR)
             finally:
@@ -262,14 +275,20 @@ class Run:
 
     def check_policy(self, rel: Releases, work: Path, statuses: dict[str, dict]) -> None:
         """Before a cut: the tree carries no code, and no CARP change that would split the cluster (compared with
-        the generation as it went live, the staging mirror; a vhid change only while the peers' CARP is stopped)."""
+        the generation as it went live: the staging mirror while its hash is that generation's, else the live
+        release; a vhid change only while the peers' CARP is stopped). Staging alone is not trusted: a peer's sync key
+        can rsync into it (sync-serve), and a tree put there must not decide what this node may push."""
         policy.check_no_code(work)
-        old = policy.live_config(rel.staging if rel.staging_meta() is not None else None)
+        base = self.base if self.base is not None else delta.base_tree(rel)
+        live = rel.live()
+        if base is None and live is not None:
+            base = rel.path(live)
+        old = policy.live_config(base)
         new = policy.live_config(work)
         if new is not None:
             running = any(s.get("carp_running", True) for s in statuses.values())
             policy.check_carp_step(old, new, running, own=[n for n in statuses if n != self.node])
-            policy.check_trust_files(rel.staging if old is not None else None, work, running)
+            policy.check_trust_files(base if old is not None else None, work, running)
 
     def ask_peers(self, peers: list[Peer]) -> dict[str, dict]:
         statuses: dict[str, dict] = {}
@@ -317,7 +336,7 @@ class Run:
             rel.install(work, plan.generation, plan.digest, f"cut on {self.node}", carry_from=live_dir,
                         derived=self.checked != "changed lines")
             rel.activate(plan.generation)
-            self.start_compile(rel.path(plan.generation), ruleset.index_path(live_dir) if live_dir else None)
+            self.start_compile(rel, plan.generation, plan.live)
             note(self.paths.state, f"cut generation {plan.generation} on {self.node} ({'; '.join(plan.reasons)})")
             self.progress("local", "done")
         report["cut_seconds"] = self.phases.wall["cut"]

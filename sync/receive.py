@@ -11,7 +11,7 @@ from pathlib import Path
 from appliance.core import pids
 from appliance.core.paths import Paths
 from appliance.core.state import carp_stopped_on_purpose, read_role, role_of
-from sync import confirm, lock, policy, tree
+from sync import confirm, indextrust, lock, policy, tree
 from appliance.core.loader import load
 from filters import ruleset
 from sync.check import CONFIG_NAME, validate_tree, validate_tree_bounded
@@ -145,10 +145,12 @@ def _receive(paths: Paths, rel: Releases, gen: int, digest: str, force: bool, so
     tmp = _checked_copy(paths, rel, gen, digest, live, ph)
     try:
         with ph("check (bounded child)"):
-            # the live release's index was compiled here (compiled/ is never taken from a push): its unchanged
-            # categories are reused, every changed list file is parsed in full
-            previous = ruleset.index_path(rel.path(live)) if live is not None else None
-            cfg = validate_tree_bounded(tmp, confine=True, previous=previous)
+            # the live release's index, when its bytes are those root compiled here (recorded in <state>/sync/;
+            # compiled/ is never taken from a push, and may belong to the proxy user): its unchanged categories are
+            # reused, every changed list file is parsed in full
+            with indextrust.trusted_previous(rel, live) as previous:
+                cfg = validate_tree_bounded(tmp, confine=True, previous=previous)
+            indextrust.record(rel, gen, ruleset.index_path(tmp))  # tmp is root's 0700 copy until the swap
         with ph("carp policy"):
             _check_no_split(paths, rel.path(live) if live is not None else None, tmp, cfg)
     except SyncError as e:

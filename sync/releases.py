@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from appliance.core.fsio import write_json_atomic
+from filters.ruleset import PARSER_VERSION
 from sync import tree
 from sync.errors import BAD_INPUT, SyncError
 
@@ -242,8 +243,11 @@ class Releases:
         return removed
 
     def write_staging_meta(self, gen: int, digest: str) -> None:
+        """Record what the staging mirror holds, with the list parser that checked it (sync/delta.py trusts its
+        lines only under the same parser)."""
         ensure_dir(self.staging_json.parent, PRIVATE_MODE)
-        write_json_atomic(self.staging_json, {"generation": gen, "hash": digest, "time": time.time()}, mode=0o600)
+        write_json_atomic(self.staging_json, {"generation": gen, "hash": digest, "time": time.time(),
+                                              "parser": PARSER_VERSION}, mode=0o600)
 
     def staging_meta(self) -> dict | None:
         try:

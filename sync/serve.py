@@ -1,6 +1,7 @@
 """The forced command of the sync key: dispatch SSH_ORIGINAL_COMMAND to status, a staging-only rsync server, or receive."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pwd
@@ -10,12 +11,16 @@ import shlex
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from appliance.core.loader import load
 from appliance.core.paths import Paths
+from appliance.core.state import role_of
 from sync import lock, logs, tree
 from sync import receive as rcv
-from sync.errors import BAD_INPUT, PEER_FAILED, SyncError
+from sync.errors import BAD_INPUT, BUSY, PEER_FAILED, SPLIT_BRAIN, SyncError
 from sync.peer import AFTER_TRANSFER, STAGED
 from sync.journal import note
 from sync.releases import STAGING_TOKEN, Releases, mirror, parse_generation, parse_hash
@@ -38,7 +43,11 @@ _LONG_VALUES = {  # passed on as given (they change only what is said, how fast,
     "--out-format": re.compile(r"^%[a-zA-Z]( ?%[a-zA-Z])*$"),
 }
 _IGNORED = {"--stats", "--partial"}  # the server keeps its own
-AFTER_TRANSFER_WAIT = 900.0  # seconds a `receive --after-transfer` waits for the transfer; then the plain receive
+# A `receive --after-transfer` waits for the transfer at most this many times the live sync.timeout (the master
+# then falls back to the plain receive), and only one waits at a time: a stolen key cannot pin many processes.
+AFTER_TRANSFER_TIMEOUTS = 5
+AFTER_TRANSFER_MAX = 900.0
+WAIT_LOCK = "receive-wait.lock"
 
 
 def _client_options(opts: list[str]) -> tuple[str, str, list[str], bool]:
@@ -110,7 +119,7 @@ def parse_receive(argv: list[str]) -> tuple[int, str, bool]:
     return parse_generation(args[0]), parse_hash(args[1]), force
 
 
-def wait_for_transfer(stream, timeout: float = AFTER_TRANSFER_WAIT) -> None:
+def wait_for_transfer(stream, timeout: float = AFTER_TRANSFER_MAX) -> None:
     """`receive ... --after-transfer`: the master starts the receive while its rsync runs (the ssh connection and
     this process's start-up overlap the transfer) and says STAGED on stdin once the transfer is done. Anything
     else, end of file or no word within `timeout`: SyncError, before the lock is taken or the staging dir touched
@@ -127,6 +136,32 @@ def wait_for_transfer(stream, timeout: float = AFTER_TRANSFER_WAIT) -> None:
     if got != STAGED:
         raise SyncError(f"receive {AFTER_TRANSFER}: the master did not say the transfer was done "
                         f"(within {timeout:.0f} s); nothing done", PEER_FAILED)
+
+
+def after_transfer_wait(paths: Paths) -> float:
+    """Seconds a waiting receive waits: AFTER_TRANSFER_TIMEOUTS x this node's live sync.timeout (default 60)."""
+    try:
+        t = load(Releases(paths.state).current / "appliance.yaml").sync.timeout
+    except Exception:  # noqa: BLE001 - no live config yet, or it does not load: the model's default
+        t = 60
+    return min(AFTER_TRANSFER_TIMEOUTS * t, AFTER_TRANSFER_MAX)
+
+
+@contextmanager
+def one_waiter(run_dir: Path) -> Iterator[None]:
+    """Hold <run>/receive-wait.lock while waiting for a transfer; a second waiter is refused at once (BUSY) with
+    words the master's finish_receive knows, so a real push then runs the plain receive."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / WAIT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SyncError(f"receive {AFTER_TRANSFER}: another receive is waiting for its transfer here; refused "
+                            f"(send the plain receive after the transfer)", BUSY) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def seed_staging(rel: Releases, max_file_bytes: int = tree.MAX_FILE_BYTES) -> None:
@@ -176,6 +211,9 @@ def _run(argv: list[str], paths: Paths) -> dict:
     if verb == "status" and len(argv) == 1:
         return rcv.status(paths)
     if verb == "rsync":
+        if role_of(paths) == "MASTER":  # no one pushes to a master (the master refuses split brain before pushing)
+            raise SyncError("split brain: this node is MASTER; refusing a transfer into its staging dir (its base "
+                            "for the next sync's checks)", SPLIT_BRAIN)
         rel = Releases(paths.state)
         cap = rcv.max_file_bytes(paths)
         new_argv = rsync_server_argv(argv, rel.staging, cap)
@@ -187,7 +225,8 @@ def _run(argv: list[str], paths: Paths) -> dict:
         after = argv[-1] == AFTER_TRANSFER
         gen, digest, force = parse_receive(argv[:-1] if after else argv)
         if after:  # started beside the transfer: nothing is touched before the master says it is done
-            wait_for_transfer(sys.stdin.buffer)
+            with one_waiter(paths.run):
+                wait_for_transfer(sys.stdin.buffer, after_transfer_wait(paths))
         return rcv.receive(paths, gen, digest, force, source=rcv.source_of_connection())
     if verb == "logs":  # read-only: this node's access-log records, nothing else; bounded (sync/logs.py)
         raise SystemExit(logs.run(argv, paths, sys.stdout.buffer))  # stdout holds the gzip stream: no JSON after it
