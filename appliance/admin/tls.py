@@ -29,7 +29,8 @@ def ensure_cert(paths: Paths, node: str, addresses: list[str], ca_pem: Path | No
     holding the CA key and certificate, as mitmproxy writes it) when it exists, else self-signed."""
     cert, key = cert_files(paths)
     if cert.exists() and key.exists():
-        os.chmod(key, 0o600)
+        if key.stat().st_mode & 0o077:  # only when needed: the service's own view of <state>/admin is read-only
+            os.chmod(key, 0o600)
         return cert, key
     cert.parent.mkdir(parents=True, exist_ok=True)
     leaf_key = ec.generate_private_key(ec.SECP256R1())
