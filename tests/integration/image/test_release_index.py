@@ -22,8 +22,9 @@ def fake_base(root: Path) -> Path:
     """What populate() reads of the common tree: the users and groups the .deb made."""
     (root / "etc").mkdir(parents=True)
     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\ncarpguard:x:998:998::/nonexistent:/usr/sbin/nologin\n"
-                                     "appliance-sync:x:997:997::/var/lib/appliance-sync:/bin/sh\n")
-    (root / "etc/group").write_text("root:x:0:\ncarpguard:x:998:\nappliance-sync:x:997:\n")
+                                     "appliance-sync:x:997:997::/var/lib/appliance-sync:/bin/sh\n"
+                                     "carpguard-admin:x:996:996::/nonexistent:/usr/sbin/nologin\n")
+    (root / "etc/group").write_text("root:x:0:\ncarpguard:x:998:\nappliance-sync:x:997:\ncarpguard-admin:x:996:\n")
     return root
 
 
