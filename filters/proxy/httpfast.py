@@ -11,7 +11,7 @@ from filters.proxy import httpfast_up, pac, verdict
 from filters.proxy.front import refusal_logger
 from filters.proxy.gate import HeadError, answer_bytes, head_end
 from filters.proxy.guard import Refusal
-from filters.proxy.httpfast_io import recv, sendall
+from filters.proxy.sockio import recv, sendall
 from filters.proxy.httpfast_req import Handover, Request, canonical, parse
 from filters.proxy.tunnel import limits
 

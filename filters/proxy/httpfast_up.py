@@ -6,7 +6,8 @@ import socket
 from typing import Any
 
 from filters.proxy.gate import HeadError, answer_bytes
-from filters.proxy.httpfast_io import MAX_RESPONSE_HEAD, Chunked, ResponseHead, recv, sendall
+from filters.proxy.httpfast_io import MAX_RESPONSE_HEAD, Chunked, ResponseHead
+from filters.proxy.sockio import recv, sendall
 from filters.proxy.httpfast_pool import Pool
 from filters.proxy.httpfast_req import Handover, Request
 from filters.proxy.splice import _connect

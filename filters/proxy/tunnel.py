@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from filters.hosts import BadHost, Host, host_port, shown
-from filters.proxy import gate, sni, verdict
+from filters.proxy import gate, sni, sockio, verdict
 from filters.proxy.accesslog import refusal_tag
 from filters.proxy.gate import REASON_PHRASE, answer_bytes  # noqa: F401 - the worker and tests take them here
 from filters.proxy.guard import Refusal, bad_host
@@ -40,19 +40,6 @@ async def readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None
         await fut
     finally:
         loop.remove_reader(fd)
-
-
-async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, deadline: float) -> bytes:
-    """One recv of up to n bytes, waiting at most until `deadline` (loop time); raises TimeoutError."""
-    while True:
-        try:
-            return sock.recv(n)
-        except (BlockingIOError, InterruptedError):
-            pass
-        left = deadline - loop.time()
-        if left <= 0:
-            raise TimeoutError
-        await asyncio.wait_for(readable(loop, sock), left)
 
 
 def read_connect(head: bytes) -> tuple[str, str | None]:
@@ -176,7 +163,7 @@ async def _read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket, req: 
     try:
         while (end := gate.head_end(buf, lim.max_header_size, lim.max_url_length)) < 0:
             try:
-                chunk = await _recv(loop, conn, 65536, deadline)
+                chunk = await sockio.recv(loop, conn, 65536, deadline)
             except (TimeoutError, asyncio.TimeoutError):
                 raise gate.HeadError("header-timeout", f"no whole CONNECT head within {lim.header_timeout:g} s") from None
             if not chunk:
@@ -239,7 +226,7 @@ async def _check_hello(loop: asyncio.AbstractEventLoop, conn: socket.socket, up:
     timed_out = eof = False
     while (v := gate.hello_verdict(rest, timed_out, sni.MAX_HELLO, eof))[0] == "need":
         try:
-            chunk = await _recv(loop, conn, max(1, sni.MAX_HELLO + 1 - len(rest)), deadline)
+            chunk = await sockio.recv(loop, conn, max(1, sni.MAX_HELLO + 1 - len(rest)), deadline)
         except (TimeoutError, asyncio.TimeoutError):
             timed_out = True
             continue
