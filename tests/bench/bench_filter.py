@@ -183,6 +183,34 @@ def wrk(proxy_port: int, origin_port: int, tmp: Path, seconds: int) -> dict:
             "errors": errs.group(1) if errs else "none"}
 
 
+def open_tunnel(proxy_port: int, target: str) -> socket.socket:
+    """A client socket through the proxy's CONNECT to `target` (host:port); ConnectionError unless it answered 200."""
+    s = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    hdr = b""
+    while b"\r\n\r\n" not in hdr:
+        c = s.recv(4096)
+        if not c:
+            raise ConnectionError("closed")
+        hdr += c
+    status = hdr.split(b"\r\n", 1)[0]
+    if b" 200 " not in status:
+        s.close()
+        raise ConnectionError(status.decode(errors="replace"))
+    return s
+
+
+def read_answer(t) -> bytes:
+    """One answer of the bench's TLS origin (a 1 KiB body ending in x's) from the tunnel `t`."""
+    got = b""
+    while len(got) < 1024 + 60 or not got.endswith(b"x" * 16):
+        c = t.recv(65536)
+        if not c:
+            raise ConnectionError("closed")
+        got += c
+    return got
+
+
 def tls_load(proxy_port: int, origin_port: int, seconds: float, threads: int = 8, per_conn: int = 10) -> dict:
     """CONNECT + TLS handshake (SNI localhost) + `per_conn` keep-alive GETs, repeated by each thread until time is up."""
     ctx = ssl.create_default_context()
@@ -198,27 +226,13 @@ def tls_load(proxy_port: int, origin_port: int, seconds: float, threads: int = 8
         my_lat, req_n, conn_n, err = [], 0, 0, 0
         while time.monotonic() < deadline:
             try:
-                s = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
-                s.sendall(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode())
-                hdr = b""
-                while b"\r\n\r\n" not in hdr:
-                    c = s.recv(4096)
-                    if not c:
-                        raise ConnectionError("closed")
-                    hdr += c
-                if b" 200 " not in hdr.split(b"\r\n", 1)[0]:
-                    raise ConnectionError("refused")
+                s = open_tunnel(proxy_port, f"127.0.0.1:{origin_port}")
                 with ctx.wrap_socket(s, server_hostname="localhost") as t:
                     conn_n += 1
                     for _ in range(per_conn):
                         t0 = time.perf_counter()
                         t.sendall(req)
-                        got = b""
-                        while len(got) < 1024 + 60 or not got.endswith(b"x" * 16):
-                            c = t.recv(65536)
-                            if not c:
-                                raise ConnectionError("closed")
-                            got += c
+                        read_answer(t)
                         my_lat.append(time.perf_counter() - t0)
                         req_n += 1
             except (OSError, ssl.SSLError):

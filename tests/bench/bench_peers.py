@@ -127,7 +127,6 @@ def https_load(proxy_port: int, origin_port: int, seconds: float, cafile: Path, 
     deadline = time.monotonic() + seconds
     # by name: an intercepting proxy checks the request inside TLS against the CONNECT target (carpguard answers 409)
     req = f"GET / HTTP/1.1\r\nHost: localhost:{origin_port}\r\n\r\n".encode()
-    connect = f"CONNECT localhost:{origin_port} HTTP/1.1\r\nHost: localhost:{origin_port}\r\n\r\n".encode()
     errors: list[str] = []
 
     def worker() -> None:
@@ -135,27 +134,13 @@ def https_load(proxy_port: int, origin_port: int, seconds: float, cafile: Path, 
         session = None
         while time.monotonic() < deadline:
             try:
-                s = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
-                s.sendall(connect)
-                hdr = b""
-                while b"\r\n\r\n" not in hdr:
-                    c = s.recv(4096)
-                    if not c:
-                        raise ConnectionError("closed")
-                    hdr += c
-                if b" 200 " not in hdr.split(b"\r\n", 1)[0]:
-                    raise ConnectionError(hdr.split(b"\r\n", 1)[0].decode(errors="replace"))
+                s = bf.open_tunnel(proxy_port, f"localhost:{origin_port}")
                 with ctx.wrap_socket(s, server_hostname="localhost", session=session if resume else None) as t:
                     n["conn"] += 1
                     n["resumed"] += t.session_reused
                     for _ in range(per_conn):
                         t.sendall(req)
-                        got = b""
-                        while len(got) < 1024 + 60 or not got.endswith(b"x" * 16):
-                            c = t.recv(65536)
-                            if not c:
-                                raise ConnectionError("closed")
-                            got += c
+                        bf.read_answer(t)
                         n["req"] += 1
                     session = t.session
             except (OSError, ssl.SSLError, ValueError) as e:
