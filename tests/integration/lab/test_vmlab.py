@@ -241,7 +241,8 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         # no longer starves it: TCG on 2 host cores), fw1 never did
         t = time.monotonic()
         assert held and probe.wait_served({"fw2"}, t, 120, stable=3) == "fw2" and "fw1" not in probe.served(t1, 1e12), \
-            f"{phases}\n" + _probe_tail(probe, t1) + _node_logs(lab, "fw1") + _node_logs(lab, "fw2")
+            f"{phases}\nthe admin's sync: {json.dumps(missed)}\n" + _probe_tail(probe, t1) + _node_logs(lab, "fw1") \
+            + _node_logs(lab, "fw2") + _catchup_lines(lab, "fw1")
         t = time.monotonic()
         r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)   # fw2's next sync (or its timer's)
         # fw2's timer may have pushed the generation first: fw1 then preempts, and this sync meets it as MASTER
@@ -278,6 +279,12 @@ def _probe_tail(probe, since: float, n: int = 12) -> str:
     return f"{len(evs)} requests since; last: " + ", ".join(
         f"{e['t0'] - since:.1f}+{e['t1'] - e['t0']:.2f}s {'ok ' + str(e['node']) if e['ok'] else 'failed'}"
         for e in evs[-n:]) + "\n"
+
+
+def _catchup_lines(lab: VmLab, node: str) -> str:
+    """Every sync catch-up line of the node's ha.log (the tail in _node_logs may not reach back to them)."""
+    r = vmnode.run(lab, node, "grep -a 'catch-up' /var/lib/appliance/ha.log", timeout=60)
+    return f"\n--- {node}: catch-up lines ---\n" + (r.stdout[-3000:] or "(none)\n")
 
 
 def _node_logs(lab: VmLab, node: str) -> str:
