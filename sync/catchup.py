@@ -32,8 +32,9 @@ def ahead(cfg: Appliance, node: str, config_path: Path, paths: Paths,
         except SyncError as e:
             log(f"sync catch-up: {e}")  # unreachable or refusing: that peer cannot be waited for
             continue
-        gen = s.get("generation")
+        gen, role = s.get("generation"), s.get("role")
         # more than MAX_STEP above ours is a number no push could bring here (receive refuses it): not waited for
-        if s.get("role") == "MASTER" and isinstance(gen, int) and ours < gen <= ours + MAX_STEP:
+        if role == "MASTER" and isinstance(gen, int) and ours < gen <= ours + MAX_STEP:
             return p.name, gen
+        log(f"sync catch-up: {p.name} ({role}) has generation {gen}, this node {ours}: not waited for")
     return None

@@ -157,3 +157,7 @@ def test_ahead_says_why_a_peer_was_not_asked(example_tree: Path, state_dir: Path
     logs.clear()
     assert catchup.ahead(cfg, "fw1", example_tree, paths, logs.append) is None
     assert logs == ["sync catch-up: fw2 (addr:22): cannot ask its status: PermissionError: denied"], logs
+    monkeypatch.setattr(catchup, "remote_status", lambda p: {"role": "BACKUP", "generation": 9})
+    logs.clear()
+    assert catchup.ahead(cfg, "fw1", example_tree, paths, logs.append) is None   # an answer not waited for says so
+    assert logs == ["sync catch-up: fw2 (BACKUP) has generation 9, this node 0: not waited for"], logs
