@@ -182,6 +182,10 @@ class CarpSupervisor:
         """The speaker gets a control socket only for the fast liveness layer (ha.fast_interval > 0)."""
         return self.engine == "speaker" and self.cfg.ha.fast_interval > 0
 
+    def write_scripts(self, cfg: Appliance) -> tuple[Path, Path]:
+        """The engine's up/down scripts for `cfg`; ucarp's start the change and exit (it waits for its scripts)."""
+        return write_scripts(self.config_path, self.node, self.paths, cfg, self.live_rearm(), detach=self.engine == "ucarp")
+
     def live_rearm(self) -> bool:
         """The speaker takes a new advskew live; with preempt on, a better backup then takes over at once. ucarp,
         or preempt off (a backup would never take over from a demoted master), re-arm by a restart instead."""
@@ -282,7 +286,7 @@ class CarpSupervisor:
         self.iface = new.cluster.interface
         self.target = watchdog.check_target(new, self.check)
         self.passfile = write_pass(new, self.paths)
-        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, new, self.live_rearm())
+        self.up, self.down = self.write_scripts(new)
         self.engines = [CarpProcess(g) for g in role.groups(new, self.node)]
         self.write_status()
         return changes
@@ -306,7 +310,7 @@ class CarpSupervisor:
         self.lock()
         state.clear_carp_stopped(self.paths)
         self.passfile = write_pass(self.cfg, self.paths)
-        self.up, self.down = write_scripts(self.config_path, self.node, self.paths, self.cfg, self.live_rearm())
+        self.up, self.down = self.write_scripts(self.cfg)
         self.env = {"APPLIANCE_STATE_DIR": str(self.paths.state)}
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())

@@ -81,13 +81,18 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def write_scripts(config_path: Path, node: str, paths: Paths, cfg: Appliance | None = None,
-                  move_vip: bool = True) -> tuple[Path, Path]:
+                  move_vip: bool = True, detach: bool = False) -> tuple[Path, Path]:
     """up/down scripts for the engine: a role change for vhid $3 on $1 (ucarp's $1 iface, $2 VIP, $3 xparam). Given
     the config, the change runs from a plan (transition.py: no CLI, no pydantic), else as `appliance role`. With
     `move_vip` on Linux, each first adds (and announces with a gratuitous ARP) or removes the vhid's VIP itself with
     `ip`: that takes milliseconds, where a Python start takes about 0.5 s on hardware and 5-40 s in an emulated VM,
     and a VIP left on a node that became BACKUP meanwhile is a second holder. The role engine then finds the VIP in
-    place, records the role and runs the hooks. Speaker only (one script at a time); ucarp's run at once."""
+    place, records the role and runs the hooks. Speaker only (one script at a time).
+
+    `detach` (ucarp): the script starts the change in the background and exits at once. ucarp 1.5.2 waits for its
+    script (waitpid) and neither sends nor reads an advert meanwhile: a Python start under load (seconds) kept a new
+    master from advertising and a second master from hearing it, and the 3-node lab had two masters of one vhid
+    for 25 s. The fork-time token still orders the changes (each shell forks its Python before it exits)."""
     d = paths.run
     d.mkdir(parents=True, exist_ok=True)
     sdir = str(paths.state)
@@ -109,11 +114,12 @@ def write_scripts(config_path: Path, node: str, paths: Paths, cfg: Appliance | N
             "#!/bin/sh\n"
             f"# written by `appliance carp`: the engine calls it with $1 interface, $2 VIP, $3 vhid\n"
             + move +
-            f"APPLIANCE_STATE_DIR={shlex.quote(sdir)} exec " + (
+            f"APPLIANCE_STATE_DIR={shlex.quote(sdir)} {'' if detach else 'exec '}" + (
                 f"{shlex.quote(sys.executable)} -I -m appliance.ha.transition --plan {shlex.quote(str(plan))} "
                 if plan is not None else
                 f"{shlex.quote(appliance_bin())} -c {shlex.quote(str(config_path))} --node {shlex.quote(node)} role ")
-            + f"{r} --vhid \"$3\" --iface \"$1\" --fork-seq" + (" --no-garp\n" if plan is None else "\n")
+            + f"{r} --vhid \"$3\" --iface \"$1\" --fork-seq" + (" --no-garp" if plan is None else "")
+            + (" </dev/null &\n" if detach else "\n")
         )
         write_text_atomic(p, text, 0o755)
         out.append(p)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from appliance.core import state
 from appliance.core.paths import Paths
 from appliance.ha import role, transition
 from appliance.ha import supervisor as carp
+from tests.support.wait import poll
 
 
 @pytest.fixture
@@ -46,6 +48,24 @@ def test_scripts_exec_the_entry_with_the_plan(example_tree: Path, state_dir: Pat
         text = script.read_text()
         assert f"-I -m appliance.ha.transition --plan {transition.plan_path(Paths(state_dir))} {r} --vhid \"$3\"" in text
         assert " addr " not in text and subprocess.run(["sh", "-n", str(script)]).returncode == 0
+
+
+def test_ucarp_scripts_exit_before_the_change_is_done(example_tree: Path, state_dir: Path, tmp_path: Path) -> None:
+    """ucarp waits for its script (and sends no advert meanwhile): a detached script returns at once, its change
+    (here a stand-in Python that takes 3 s) still runs to the end, in the background."""
+    cfg = cfgmod.load(example_tree)
+    up, _ = carp.write_scripts(example_tree, "fw2", Paths(state_dir), cfg, move_vip=False, detach=True)
+    text = up.read_text()
+    assert text.rstrip().endswith("</dev/null &") and " exec " not in text
+    done = tmp_path / "done"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nsleep 3; echo \"$@\" > {done}\n")
+    fake.chmod(0o755)
+    stand_in = tmp_path / "up.sh"
+    stand_in.write_text(text.replace(shlex.quote(sys.executable), str(fake)))
+    subprocess.run(["sh", str(stand_in), "em0", "192.168.1.50", "1"], check=True, timeout=30)
+    assert not done.exists()   # the script is back; its change is still running
+    assert poll(done.exists, 20, step=0.1) and "master --vhid 1 --iface em0 --fork-seq" in done.read_text()
 
 
 def test_a_change_from_the_plan_records_the_role_and_runs_hooks(plan: Path, state_dir: Path, no_vip) -> None:
