@@ -263,7 +263,7 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
               f"{doubles}, {watch.most_held(tf)} in two in a row", file=sys.__stderr__)
     limit = LIMIT_KVM if lab.accel == "kvm" else LIMIT_TCG
     assert outage <= limit, (outage, limit)
-    assert watch.most_held(tf) <= 1, doubles
+    assert watch.most_held(tf) <= 1, f"{doubles}\n" + _node_logs(lab, "fw1") + _node_logs(lab, "fw2")
     assert back == "fw1" and _settled_on(lab, "fw1") == ["fw1"]
     assert proxy_first is not None and back_at is not None and proxy_first <= back_at, (proxy_first, back_at)
     assert _generation(lab, "fw1") == missed["generation"]
