@@ -242,7 +242,7 @@ def test_power_loss_of_master_and_return(lab: VmLab) -> None:
         t = time.monotonic()
         assert held and probe.wait_served({"fw2"}, t, 120, stable=3) == "fw2" and "fw1" not in probe.served(t1, 1e12), \
             f"{phases}\nthe admin's sync: {json.dumps(missed)}\n" + _probe_tail(probe, t1) + _node_logs(lab, "fw1") \
-            + _node_logs(lab, "fw2") + _catchup_lines(lab, "fw1")
+            + _node_logs(lab, "fw2") + _catchup_lines(lab, "fw1") + _sync_summary(missed)
         t = time.monotonic()
         r = vmnode.run(lab, "fw2", "appliance sync --json --wait 240", timeout=420)   # fw2's next sync (or its timer's)
         # fw2's timer may have pushed the generation first: fw1 then preempts, and this sync meets it as MASTER
@@ -279,6 +279,12 @@ def _probe_tail(probe, since: float, n: int = 12) -> str:
     return f"{len(evs)} requests since; last: " + ", ".join(
         f"{e['t0'] - since:.1f}+{e['t1'] - e['t0']:.2f}s {'ok ' + str(e['node']) if e['ok'] else 'failed'}"
         for e in evs[-n:]) + "\n"
+
+
+def _sync_summary(report: dict) -> str:
+    """The admin's sync in one line, last in a failure message (CI shows a long message's head and tail only)."""
+    keys = ("ok", "generation", "previous", "cut", "uncut", "failed")
+    return "\nthe admin's sync, in short: " + json.dumps({k: report.get(k) for k in keys}) + "\n"
 
 
 def _catchup_lines(lab: VmLab, node: str) -> str:
