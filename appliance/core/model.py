@@ -215,7 +215,7 @@ class Proxy(_Model):
     safe_ports: list[Union[int, str]] = Field(
         [80, 21, 443, 70, 210, "1025-65535", 280, 488, 591, 777],
         description="ports plain HTTP may reach: numbers or ranges 'a-b' (default: Squid's Safe_ports)")
-    http_fast_path: bool = Field(False, description="serve plain HTTP/1.1 requests on the workers' own asyncio path "
+    http_fast_path: bool = Field(True, description="serve plain HTTP/1.1 requests on the workers' own asyncio path "
                                  "(same checks, block page, log line and counters; anything unusual still goes to "
                                  "mitmproxy; docs/filter.md#the-plain-http-fast-path); applied on reload")
 

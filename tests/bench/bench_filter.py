@@ -415,7 +415,7 @@ def main() -> None:
         dom_file = tmp / "domains"
         domains = gen_domains(dom_file, N_DOMAINS)
         print(f"generated {N_DOMAINS:,} domains in {time.monotonic() - t0:.1f} s ({dom_file.stat().st_size / 1e6:.1f} MB)")
-        cfg = make_cfg(tmp / "cg", dom_file, 1)
+        cfg = make_cfg(tmp / "cg", dom_file, 1, ", http_fast_path: false")  # plain HTTP on mitmproxy, as before
         cfg_auto = make_cfg(tmp / "cg-auto", dom_file, "auto")
         cfg_fast = make_cfg(tmp / "cg-fast", dom_file, 1, ", http_fast_path: true")  # the plain HTTP fast path
         env = {**os.environ, "APPLIANCE_STATE_DIR": str(tmp / "state")}
@@ -442,8 +442,8 @@ def main() -> None:
                 "--ignore-hosts", ".*:" + str(tls_port)]
         squid = shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin")
         peers: dict[str, tuple[str, callable]] = {
-            "carpguard": ("carpguard, workers: 1, 1M list", lambda p: [APPLIANCE, "-c", str(cfg), "proxy", "--listen", f"127.0.0.1:{p}"]),
-            "carpguard_fast": ("carpguard, workers: 1, http_fast_path", lambda p: [APPLIANCE, "-c", str(cfg_fast), "proxy",
+            "carpguard": ("carpguard, workers: 1, 1M list, mitmproxy path", lambda p: [APPLIANCE, "-c", str(cfg), "proxy", "--listen", f"127.0.0.1:{p}"]),
+            "carpguard_fast": ("carpguard, workers: 1, http_fast_path (default)", lambda p: [APPLIANCE, "-c", str(cfg_fast), "proxy",
                                                                                    "--listen", f"127.0.0.1:{p}"]),
             "mitm_filter": ("mitmdump -s filter (same 1M index+engine)", lambda p: mitm + ["-p", str(p), "-s", str(script)]),
             "mitmdump": ("mitmdump plain (no list)", lambda p: mitm + ["-p", str(p)]),

@@ -415,7 +415,8 @@ def test_a_named_origin_is_reused_on_a_keepalive_connection(proxy, origins):
         got = read_response(s, 5)
         assert f"origin says hello: /same{i}".encode() in got, (i, got[:200])
     s.close()
-    assert srv.accepted - before == 1  # one upstream connection, reused
+    # at most one upstream connection, reused (0: the fast path's pool kept one from an earlier test)
+    assert srv.accepted - before <= 1
     assert "Cannot change server.address" not in p.stderr() and "Traceback" not in p.stderr()
 
 
@@ -429,7 +430,9 @@ def upstream_sockets(port: int) -> int:
 def test_one_client_connection_holds_few_upstream_sockets(proxy, origins):
     p = proxy
     srv, port, _ = origins
-    wait_until(lambda: upstream_sockets(port) == 0, 15, "the proxy's earlier upstream connections closed")
+    # the plain HTTP fast path keeps idle upstream connections (httpfast_pool, up to 8 per origin address, 30 s):
+    # what this client connection adds on top of them is what is bounded
+    base = upstream_sockets(port)
     s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
     peak = 0
     for i, name in enumerate(NAMES):
@@ -437,7 +440,7 @@ def test_one_client_connection_holds_few_upstream_sockets(proxy, origins):
         got = read_response(s, 5)
         assert f"origin says hello: /fan{i}".encode() in got, (name, got[:200])
         peak = max(peak, upstream_sockets(port))
-    assert peak <= 4, peak  # filters.proxy.upstream.PER_CLIENT, whatever the number of origins
+    assert peak - base <= 4, (peak, base)  # filters.proxy.upstream.PER_CLIENT, whatever the number of origins
     s.close()
 
 
