@@ -174,6 +174,12 @@ def req(target: str, method: str = "GET", host: str | None = None, extra: str = 
     return head.encode() + b"\r\n" + body
 
 
+def _post(u: str, lengths: bytes) -> bytes:
+    """A POST of 'abc' to /echo with these Content-Length lines only."""
+    host = u.split("/")[2].encode()
+    return b"POST " + u.encode() + b"/echo HTTP/1.1\r\nHost: " + host + b"\r\n" + lengths + b"Connection: close\r\n\r\nabc"
+
+
 def cases(o: int) -> dict:
     u = f"http://127.0.0.1:{o}"
     chunked_body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
@@ -212,6 +218,10 @@ def cases(o: int) -> dict:
         "bare cr": ([f"GET {u}/len HTTP/1.1\r\nHost: 127.0.0.1:{o}\r\nX-A: a\rb\r\n\r\n".encode()], [b"GET"]),
         "duplicate content-length": ([req(f"{u}/echo", "POST", extra="Content-Length: 3\r\nContent-Length: 4\r\n",
                                           body=b"abcd")], [b"POST"]),
+        # exactly as an outside review sent them (one Content-Length header set, no other): mitmproxy refuses 400
+        "repeated equal content-length": ([_post(u, b"Content-Length: 3\r\nContent-Length: 3\r\n")], [b"POST"]),
+        "content-length list": ([_post(u, b"Content-Length: 3, 3\r\n")], [b"POST"]),
+        "content-length leading zeros": ([_post(u, b"Content-Length: 0003\r\n")], [b"POST"]),
         "cl and te": ([req(f"{u}/echo", "POST", extra="Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
                            body=b"0\r\n\r\n")], [b"POST"]),
         "te gzip chunked": ([req(f"{u}/echo", "POST", extra="Transfer-Encoding: gzip, chunked\r\n", body=b"0\r\n\r\n")],
