@@ -32,16 +32,6 @@ def refused(state: Any, reason: str) -> None:
         refuse(reason)
 
 
-async def readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    fut = loop.create_future()
-    fd = sock.fileno()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
-
-
 def read_connect(head: bytes) -> tuple[str, str | None]:
     """b"CONNECT target HTTP/1.1\\r\\nAccept: ...\\r\\n\\r\\n" -> (target as written, accept header); ValueError for
     a request line that is not a CONNECT. The target is not yet a host: connect_target() reads it."""

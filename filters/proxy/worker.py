@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from filters import ruleset
-from filters.proxy import front, gate, httpfast, tunnel
+from filters.proxy import front, gate, httpfast, sockio, tunnel
 from filters.proxy.accesslog import AccessLog, refusal_tag
 from filters.proxy.metrics import worker_file
 
@@ -138,8 +138,8 @@ class _Acceptor:
                     break  # mitmproxy handles the slow client as it always does
                 if head is None:
                     try:
-                        await asyncio.wait_for(tunnel.readable(loop, conn), deadline - loop.time())
-                    except asyncio.TimeoutError:
+                        await sockio.wait_io(loop, conn, deadline)
+                    except TimeoutError:
                         pass
                 else:
                     await asyncio.sleep(0.005)  # a partial "CONNECT": the socket stays readable, do not spin
