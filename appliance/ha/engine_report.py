@@ -2,8 +2,8 @@
 VIP where ucarp last said it belongs when a script's result was lost.
 
 ucarp's up/down scripts start the change in the background (ucarp waits for a script), so the changes can finish
-in any order; they are ordered by fork time (`role --fork-seq`), yet twice in the 3-node lab a node kept (or got) a VIP that ucarp's last switch
-said it should not have, for the whole 25 s the test waited. The supervisor does not guess why: once ucarp's last
+in any order; they are ordered by fork time (`role --fork-seq`), yet twice in the 3-node lab a node kept (or got) a
+VIP that ucarp's last switch said it should not have, for the whole 25 s the test waited. The supervisor does not guess why: once ucarp's last
 switch is SETTLE seconds old, it compares the VIP on the interface with it and applies ucarp's state, ordered like a
 script forked at the moment of that switch (so a script forked after it still wins)."""
 from __future__ import annotations
