@@ -17,6 +17,7 @@ from sync.releases import Releases
 # Seconds the master waits for its own compile (a 1M-line list compiles in seconds): past that the child is taken
 # for hung (a fork while another thread held a lock it needs, say) and killed, so the sync lock is not held forever.
 COMPILE_TIMEOUT = 1800.0
+COMPILE_NICE = 10
 
 
 class Compile:
@@ -32,6 +33,9 @@ class Compile:
         pid = os.fork()
         if pid == 0:  # child: compile, report as JSON, exit without running the parent's cleanups
             os.close(r)
+            # batch work beside the push: the proxy's workers on this node (and, where the nodes share CPUs as in the
+            # lab, the peer's check the push waits for) go first
+            os.nice(COMPILE_NICE)
             try:
                 msg = self._compile(cfg, rel, previous)
             except Exception as e:  # noqa: BLE001 - every failure goes back to the parent

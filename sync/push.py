@@ -21,7 +21,8 @@ from sync.background import Compile
 from sync.check import validate_tree
 from sync.errors import BAD_INPUT, OK, PEER_FAILED, SPLIT_BRAIN, STALE, SyncError
 from sync.journal import note
-from sync.peer import Peer, cancel_receive, finish_receive, make_peers, remote_status, rsync_to, start_receive
+from sync.peer import (Peer, cancel_receive, finish_receive, make_peers, remote_status, rsync_to, shared_connections,
+                       start_receive)
 from sync.receive import reload_carp, reload_proxy
 from sync.releases import MAX_GEN, MAX_STEP, Releases, mirror
 from sync.timing import Phases
@@ -174,36 +175,37 @@ class Run:
             digest = tree.tree_hash(work)
         key, missing = self.push_key(work)
         peers = make_peers(self.cfg, self.node, work, key) if missing is None else []
-        statuses = self.check_and_ask(rel, work, digest, peers)
-        if missing is not None:
-            raise missing
-        above = self.guard(rel, peers, statuses)
-        plan = plan_cut(rel, work, above, digest)
-        if plan.cut:
-            self.check_policy(rel, work, statuses)
-        report = {"ok": True, "node": self.node, "dry_run": self.dry_run, "generation": plan.generation,
-                  "previous": plan.live, "cut": plan.cut, "reasons": plan.reasons, "hash": plan.digest, "peers": [],
-                  "check": self.checked, "check_seconds": ph.wall.get("check", 0.0)}
-        tidy = None
-        try:
-            if plan.cut and not self.dry_run:
-                tidy = self.cut(rel, work, plan, report)
-            src = rel.path(plan.generation) if not (plan.cut and self.dry_run) else work
-            target_hash = plan.digest if plan.cut else rel.meta(plan.generation)["hash"]
-            for p in peers:
-                if p.name not in self.results:
-                    with ph(f"push {p.name}"):
-                        self.results[p.name] = self.push(p, statuses[p.name], plan, target_hash, src)
-        finally:
-            self.finish_compile(rel, plan, report)
-            if tidy is not None:
-                tidy.wait()
-            if self.compile_failed:  # never leave live here a release this node cannot compile
-                report["uncut"] = uncut(rel, work, plan.live, plan.generation, bool(report.get("restored_pristine")))
-        if plan.cut and not self.dry_run and not self.compile_failed:
-            # the proxy once its index is current; its own CARP changes after the peers
-            report["proxy"] = reload_proxy(self.paths)
-            report["carp"] = reload_carp(self.paths)
+        with shared_connections(peers):  # closed before the summary: no master outlives the push
+            statuses = self.check_and_ask(rel, work, digest, peers)
+            if missing is not None:
+                raise missing
+            above = self.guard(rel, peers, statuses)
+            plan = plan_cut(rel, work, above, digest)
+            if plan.cut:
+                self.check_policy(rel, work, statuses)
+            report = {"ok": True, "node": self.node, "dry_run": self.dry_run, "generation": plan.generation,
+                      "previous": plan.live, "cut": plan.cut, "reasons": plan.reasons, "hash": plan.digest, "peers": [],
+                      "check": self.checked, "check_seconds": ph.wall.get("check", 0.0)}
+            tidy = None
+            try:
+                if plan.cut and not self.dry_run:
+                    tidy = self.cut(rel, work, plan, report)
+                src = rel.path(plan.generation) if not (plan.cut and self.dry_run) else work
+                target_hash = plan.digest if plan.cut else rel.meta(plan.generation)["hash"]
+                for p in peers:
+                    if p.name not in self.results:
+                        with ph(f"push {p.name}"):
+                            self.results[p.name] = self.push(p, statuses[p.name], plan, target_hash, src)
+            finally:
+                self.finish_compile(rel, plan, report)
+                if tidy is not None:
+                    tidy.wait()
+                if self.compile_failed:  # never leave live here a release this node cannot compile
+                    report["uncut"] = uncut(rel, work, plan.live, plan.generation, bool(report.get("restored_pristine")))
+            if plan.cut and not self.dry_run and not self.compile_failed:
+                # the proxy once its index is current; its own CARP changes after the peers
+                report["proxy"] = reload_proxy(self.paths)
+                report["carp"] = reload_carp(self.paths)
         return self.summary(report, peers, t0)
 
     def check_and_ask(self, rel: Releases, work: Path, digest: str, peers: list[Peer]) -> dict[str, dict]:

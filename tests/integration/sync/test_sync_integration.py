@@ -363,3 +363,21 @@ def test_after_failover_the_new_master_pushes_back_and_both_agree(lab: SyncLab) 
     fw2.role("BACKUP")
     code, r = fw1.sync()
     assert code == 0 and not r["cut"] and r["peers"][0]["action"] == "up-to-date", r
+
+
+def test_one_push_is_one_ssh_connection_closed_at_the_end(lab: SyncLab) -> None:
+    """status, rsync and receive share one connection (each is still a session the forced command dispatches), and
+    the push ends it: no background ssh master outlives `appliance sync`."""
+    log = lab.backup.state.parent / "sshd-fw2" / "sshd.log"
+    before = log.read_text(errors="replace")
+    add_domain(lab.master, "one-connection.example")
+    code, r = lab.master.sync()
+    assert code == 0 and r["peers"][0]["action"] == "pushed", r
+    new = log.read_text(errors="replace")[len(before):]
+    assert new.count("Accepted publickey") == 1, new
+    assert "one-connection.example" in domains(lab.backup)
+    deadline = time.monotonic() + 10
+    while "Disconnected from" not in new and time.monotonic() < deadline:  # bounded: 10 s
+        time.sleep(0.1)
+        new = log.read_text(errors="replace")[len(before):]
+    assert "Disconnected from" in new, new
