@@ -300,3 +300,23 @@ def test_die_with_parent_arms_pdeathsig_and_closes_the_fork_race():
 
     assert child(os.getpid()) == 3  # armed: SIGTERM when this process dies
     assert child(os.getpid() + 1_000_000) == 0  # the parent it was forked for is gone: exits at once
+
+
+def _loads_mitmproxy(pid: int) -> bool:
+    return "mitmproxy_rs" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_main_process_loads_the_workers_code_only_to_share_it(tmp_path, origin):
+    """workers: 2: mitmproxy is imported before the fork (the workers share its pages); workers: 1: only the worker
+    imports it (in the main process it would be shared with no one and only add to the resident set)."""
+    for n in (1, 2):
+        (tmp_path / str(n)).mkdir()
+        p = _proxy(tmp_path / str(n), proxy={"workers": n}).wait_ready()
+        try:
+            assert fetch(p.port, f"http://127.0.0.1:{origin}/m{n}")[0] == 200
+            kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+            assert len(kids) == n and all(_loads_mitmproxy(int(k)) for k in kids), kids
+            assert _loads_mitmproxy(p.proc.pid) == (n > 1), n
+        finally:
+            p.stop()
