@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import signal
-import urllib.request
 from pathlib import Path
 
 from appliance.core import pids, prom
@@ -39,6 +38,8 @@ def reopen_logs() -> int:
 def metrics_text(cfg: Appliance, timeout: float = 2.0) -> str | None:
     """Prometheus text from the management port on 127.0.0.1, or None when the proxy does not answer."""
     url = f"http://127.0.0.1:{cfg.proxy.metrics_port}/metrics"
+    import urllib.request  # deferred: it imports ssl (2 MB), and the proxy's main process imports this module
+
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url, timeout=timeout) as r:

@@ -20,7 +20,6 @@ from filters import ruleset
 from filters.index import IndexFormatError
 from filters.proxy import ca, gate, metrics
 from filters.proxy import control as proxyctl
-from filters.proxy import worker as proxy_worker
 
 log = logging.getLogger("appliance.proxy")
 MAX_RESTARTS = 10  # per minute, then the proxy gives up (a crash loop must not spin forever)
@@ -92,6 +91,8 @@ class WorkerSupervisor:
         pid = os.fork()
         if pid == 0:
             self._in_child()
+            from filters.proxy import worker as proxy_worker  # deferred: see preload_worker_code()
+
             proxy_worker.die_with_parent(parent)  # a SIGKILLed main process takes its workers with it
             proxy_worker.run(index, self.spec, parent)  # never returns
         self.children[pid] = index
@@ -281,11 +282,12 @@ def run(config_path: Path, listen: str | None, access_log: str | None) -> int:
 
 
 def preload_worker_code() -> None:
-    """Import what only the workers run (mitmproxy, through filters.proxy.lean; uvloop) here, before the fork, so that
-    the workers share its pages (28 MB). Only for two workers or more: a single worker shares them with no one, and the
-    main process, which never runs them, would hold them in its own resident set too (the sum of the two RSS figures
-    was 28 MB over its PSS). Deferred on purpose either way: mitmproxy loads only once the config, lists and port are
-    known good, so a bad config fails fast."""
+    """Import what only the workers run (the worker module with asyncio, mitmproxy through filters.proxy.lean, uvloop)
+    here, before the fork, so that the workers share its pages (about 30 MB). Only for two workers or more: a single
+    worker shares them with no one, and the main process, which never runs them, would hold them in its own resident
+    set too (the two processes' RSS added up to 32 MB over their PSS). Deferred on purpose either way: mitmproxy
+    loads only once the config, lists and port are known good, so a bad config fails fast."""
+    from filters.proxy import worker as proxy_worker  # deferred: see above
     import filters.proxy.lean  # noqa: F401  (deferred: see above; the workers' Master, the addon, the trims)
     if os.environ.get(proxy_worker.LOOP_ENV, "uvloop") == "uvloop":
         try:  # each worker installs it
