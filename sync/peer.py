@@ -1,12 +1,13 @@
 """The master's side of one peer: ssh with the pinned host key, its JSON replies, and rsync over the same ssh."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shlex
-import shutil
+import stat
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class Peer:
                 "-o", f"ConnectTimeout={self.timeout}", "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]
         if self.control is not None:
             # the first command opens the connection and leaves it to a background master (stdio on /dev/null) that
-            # the later ones reuse; shared_connections() ends it, and it ends itself after MUX_IDLE s unused
+            # the later ones reuse; shared_connections() ends it, and it ends itself after MUX_IDLE s without a session
             argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control}", "-o", f"ControlPersist={MUX_IDLE}"]
         if self.bind:
             argv += ["-b", self.bind]
@@ -92,25 +93,50 @@ class Peer:
 
 
 MAX_REPLY = 1 << 20      # bytes of a peer's stdout, and of its stderr, the master reads (a reply is one JSON line)
-MUX_IDLE = 60            # s a shared connection outlives its last command when the push could not end it
+MUX_IDLE = 15            # s a shared connection outlives its last session when the push could not end it
+MUX_ROOT = Path("/tmp")  # short (a socket path has a length limit) and there on both systems; private to the Debian unit
+MUX_MAX_PATH = 88        # sun_path holds 107 bytes, and OpenSSH binds "<ControlPath>.<16 random characters>" first
+RSYNC_MAX = 3600         # s one transfer may take in all (rsync's --timeout bounds each stall): then it is killed
+
+
+def mux_dir() -> Path | None:
+    """The directory of this user's control sockets, None (no sharing) unless it is a real directory owned by this user
+    and closed to everyone else: a name under /tmp is predictable, so one made by anyone else is never used."""
+    d = MUX_ROOT / f"carpguard-sync-{os.geteuid()}"
+    try:
+        d.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        st = d.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return None
+    return d
 
 
 @contextmanager
-def shared_connections(peers: list[Peer]) -> Iterator[None]:
+def shared_connections(peers: list[Peer], scope: str) -> Iterator[None]:
     """One ssh connection per peer for a whole push: status, rsync and receive each paid for a handshake (and the
-    peer's sshd start-up) of their own, about 0.3 s, on the sync's critical path. The control sockets are in a fresh
-    0700 directory (mkdtemp: only root reaches them, and a short path, as a socket path has a length limit); each
-    command on the shared connection is still a session of its own, so the peer's forced command decides it."""
-    d = Path(tempfile.mkdtemp(prefix="cg-sync-"))
-    for i, p in enumerate(peers):
-        p.control = d / str(i)
+    peer's sshd start-up) of their own, about 0.3 s, on the sync's critical path. Each command on the shared
+    connection is still a session of its own, so the peer's forced command decides it. A socket is named for `scope`
+    (this node's state dir) and the peer's user, address and port, so it only ever leads to that peer; one a killed
+    push left is closed first (the sync lock keeps pushes apart), and the push closes its own before it reports."""
+    d = mux_dir()
+    for p in peers if d is not None else ():
+        path = d / hashlib.sha256(f"{scope}|{p.user}@{p.address}:{p.port}".encode()).hexdigest()[:16]
+        if len(str(path)) <= MUX_MAX_PATH:
+            p.control = path
+            p.close_master()
     try:
         yield
     finally:
         for p in peers:
             p.close_master()
             p.control = None
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _bounded(argv: list[str], timeout: float, started: subprocess.Popen | None = None,
@@ -246,7 +272,10 @@ def rsync_to(peer: Peer, src: Path, dry_run: bool = False, bwlimit: int | None =
     cmd = get_rsync_command(source=str(src), destination=STAGING_TOKEN, destination_ssh=f"{peer.user}@{peer.address}",
                             options=options, exclusions=tree.rsync_excludes(), sync_source_contents=True)
     t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=RSYNC_MAX)
+    except subprocess.TimeoutExpired:  # a peer that never ends the transfer (its session held open, say)
+        raise SyncError(f"{peer.name}: the transfer did not end within {RSYNC_MAX} s; stopped", PEER_FAILED) from None
     if r.returncode != 0:
         raise SyncError(f"{peer.name}: rsync exited {r.returncode}: {r.stderr.strip() or 'no message'}", PEER_FAILED)
     out = parse_rsync_output(r.stdout)
@@ -279,12 +308,16 @@ def finish_receive(peer: Peer, command: str, started: subprocess.Popen | None, w
     return ask(peer, command, what)
 
 
-def cancel_receive(started: subprocess.Popen | None) -> None:
-    """The transfer failed: end of file, no STAGED, so the waiting receive changes nothing and exits."""
+def cancel_receive(started: subprocess.Popen | None, timeout: float = 30) -> None:
+    """The transfer failed: end of file, no STAGED, so the waiting receive changes nothing and exits (killed after
+    `timeout` s)."""
     if started is None:
         return
     try:
-        started.communicate(timeout=30)
+        started.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         started.kill()
-        started.communicate()
+        started.wait()
+        # not read to end of file: on a shared connection the ssh master holds the other end of these pipes
+        started.stdout.close()  # type: ignore[union-attr]
+        started.stderr.close()  # type: ignore[union-attr]

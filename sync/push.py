@@ -175,7 +175,7 @@ class Run:
             digest = tree.tree_hash(work)
         key, missing = self.push_key(work)
         peers = make_peers(self.cfg, self.node, work, key) if missing is None else []
-        with shared_connections(peers):  # closed before the summary: no master outlives the push
+        with shared_connections(peers, str(self.paths.state)):  # closed before the summary
             statuses = self.check_and_ask(rel, work, digest, peers)
             if missing is not None:
                 raise missing

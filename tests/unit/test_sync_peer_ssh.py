@@ -103,3 +103,62 @@ def test_the_peers_words_are_one_bounded_line(peer: Peer, monkeypatch) -> None:
     msg = str(e.value)
     assert e.value.exit_code == 2 and "\n" not in msg and "\x1b" not in msg and len(msg) < 400, msg[:500]
     assert msg.startswith("fw2: status failed: first second")
+
+
+def test_a_cancelled_receive_whose_pipes_another_process_holds_is_bounded() -> None:
+    """On a shared connection the ssh master holds the other end of a session's pipes: a receive that does not end
+    on end of file is killed and its pipes closed, not read to an end of file that never comes (review, F1)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from sync.peer import cancel_receive
+
+    started = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; exec sleep 60"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    holder = int(started.stdout.readline())  # the stand-in for the master: it keeps stdout and stderr open
+    try:
+        t0 = time.monotonic()
+        cancel_receive(started, timeout=0.5)
+        assert time.monotonic() - t0 < 10
+        assert started.returncode is not None and started.stdout.closed and started.stderr.closed
+    finally:
+        os.kill(holder, signal.SIGKILL)
+
+
+def test_control_sockets_only_in_a_directory_that_is_ours_alone(tmp_path: Path, monkeypatch) -> None:
+    """The mux directory has a predictable name under /tmp: one that is a symlink, open to others or someone else's
+    is never used (no sharing then, the push still works)."""
+    import os
+    import shutil
+    import tempfile
+
+    import sync.peer as peermod
+
+    root = Path(tempfile.mkdtemp(prefix="m", dir="/tmp"))  # short, as /tmp is: a socket path has a length limit
+    monkeypatch.setattr(peermod, "MUX_ROOT", root)
+    try:
+        _check_mux_dir(peermod, root, tmp_path)
+    finally:
+        shutil.rmtree(root)
+
+
+def _check_mux_dir(peermod, root: Path, tmp_path: Path) -> None:
+    import os
+
+    d = peermod.mux_dir()
+    assert d == root / f"carpguard-sync-{os.geteuid()}" and (d.stat().st_mode & 0o777) == 0o700
+    d.chmod(0o755)
+    assert peermod.mux_dir() is None
+    d.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    d.symlink_to(tmp_path / "elsewhere")
+    assert peermod.mux_dir() is None
+    p = Peer("fw2", "127.0.0.1", 22, "root", tmp_path / "key", tmp_path / "kh", None, 5)
+    with peermod.shared_connections([p], "/state"):
+        assert p.control is None and "ControlPath" not in " ".join(p.ssh_argv())
+    d.unlink()
+    with peermod.shared_connections([p], "/state"):
+        assert p.control is not None and p.control.parent == d and f"ControlPath={p.control}" in p.ssh_argv()
+    assert p.control is None
