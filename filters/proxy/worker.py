@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -182,13 +183,17 @@ class _Acceptor:
 
 
 async def _serve(index: int, spec) -> None:
-    # Deferred on purpose: mitmproxy (imported by this module) loads in the main process only once the config checked
-    # out (main.run warms it before the fork), and main imports this module at start-up.
+    # Deferred on purpose: mitmproxy (imported by lean) loads only once the config checked out: in the main process
+    # before the fork with two workers or more (main.preload_worker_code), else here.
     from filters.proxy import lean
 
     lean.trims.apply()
     state = lean.make_state(spec)
     master, instance = lean.make_master(spec, state)
+    # What start-up built lives as long as the worker: frozen, as what it inherited is, the collector never walks it
+    # again (with workers: 1 that is all of mitmproxy, imported here)
+    gc.collect()
+    gc.freeze()
     sock = reuseport_socket(spec.host, spec.port)
     loop = asyncio.get_running_loop()
     # tls: sni: CONNECT tunnels take the asyncio fast path; everything else (and everything in intercept mode) goes
