@@ -75,6 +75,11 @@ class ProxyWatch:
     def refresh(self) -> None:
         """Follow the pid file: a new proxy gets a new pidfd (a restarted proxy is watched again)."""
         pid = read_pid(self.paths.proxy_pid)
+        if pid is None and self.pid is not None:
+            # the watched proxy is gone, and may be reaped already (systemd reaps at once): keep watching what is
+            # left of it, and keep an exit on_exit() saw, until a pid file names another proxy. Forgetting it here
+            # made the exit invisible whenever the reaping came before this tick (the watchdog then took 1.15 s).
+            return
         if pid == self.pid and (self.pidfd is not None or self.exited):
             return
         self.close()

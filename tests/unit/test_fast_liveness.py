@@ -301,6 +301,45 @@ def test_a_missed_check_is_hung_at_once_only_when_the_proxy_used_no_cpu(tmp_path
     assert "no CPU used" in w.failure(100.5)
 
 
+def test_a_proxy_exit_stays_seen_when_the_proxy_is_reaped_before_the_next_tick(tmp_path) -> None:
+    """Seen in make test (test_lab_fast[proxy-kill], 1.15 s by the watchdog instead of at once): the pidfd said the
+    proxy exited, but before the tick its parent had reaped it, so the pid file named no live process and refresh()
+    forgot the exit. systemd reaps a killed proxy at once, so on an appliance this order is likely."""
+    import select
+    import subprocess
+
+    from appliance.core.paths import Paths
+    from appliance.ha.proxywatch import ProxyWatch
+
+    paths = Paths(tmp_path)
+    paths.run.mkdir(parents=True)
+    proxy = subprocess.Popen(["sleep", "60"])
+    paths.proxy_pid.write_text(f"{proxy.pid}\n")
+    w = ProxyWatch(paths, ("127.0.0.1", 1), interval=0.1, timeout=0.35)
+    w.last_ok = 0.0                                         # this test's clock: the last answer long before 100.0
+    w.refresh()
+    assert w.pid == proxy.pid and w.failure(100.0) == ""
+    proxy.kill()
+    proxy.wait()                                            # reaped: the pid file now names no live process
+    assert select.select([w], [], [], 5)[0] == [w]          # what the liveness loop waits on
+    w.on_exit()
+    w.refresh()                                             # the next tick
+    assert w.failure(100.1) == "proxy exited"
+    w.refresh()
+    assert w.failure(100.2) == "proxy exited"               # and it stays so until another proxy answers
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        paths.proxy_pid.write_text(f"{other.pid}\n")
+        w.refresh()
+        assert w.pid == other.pid and w.failure(100.3) == "proxy exited"   # restarted, not answering yet
+        w.last_ok = 100.4
+        assert w.failure(100.5) == ""
+    finally:
+        other.kill()
+        other.wait()
+        w.close()
+
+
 def test_an_advert_in_flight_from_the_master_that_handed_over_does_not_bounce_the_vip() -> None:
     """Seen in make test: fw2 forced master on fw1's hand-over, then fw1's periodic advert sent a few ms before its
     leave made fw2 step down, the leave made it preempt again: up, down, up scripts, the VIP gone meanwhile."""
