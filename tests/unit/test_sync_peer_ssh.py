@@ -130,7 +130,6 @@ def test_a_cancelled_receive_whose_pipes_another_process_holds_is_bounded() -> N
 def test_control_sockets_only_in_a_directory_that_is_ours_alone(tmp_path: Path, monkeypatch) -> None:
     """The mux directory has a predictable name under /tmp: one that is a symlink, open to others or someone else's
     is never used (no sharing then, the push still works)."""
-    import os
     import shutil
     import tempfile
 

@@ -18,6 +18,7 @@ from sync.lock import held
 from sync.releases import Releases
 from tests.support.env import APPLIANCE
 from tests.support.sync_lab import SyncLab
+from tests.support.wait import poll
 
 
 def add_domain(node, domain: str, category: str = "adult") -> None:
@@ -369,15 +370,12 @@ def test_one_push_is_one_ssh_connection_closed_at_the_end(lab: SyncLab) -> None:
     """status, rsync and receive share one connection (each is still a session the forced command dispatches), and
     the push ends it: no background ssh master outlives `appliance sync`."""
     log = lab.backup.state.parent / "sshd-fw2" / "sshd.log"
-    before = log.read_text(errors="replace")
+    before = len(log.read_text(errors="replace"))
+    since = lambda: log.read_text(errors="replace")[before:]  # noqa: E731 - what sshd logged during this push
     add_domain(lab.master, "one-connection.example")
     code, r = lab.master.sync()
     assert code == 0 and r["peers"][0]["action"] == "pushed", r
-    new = log.read_text(errors="replace")[len(before):]
-    assert new.count("Accepted publickey") == 1, new
+    assert since().count("Accepted publickey") == 1, since()
     assert "one-connection.example" in domains(lab.backup)
-    deadline = time.monotonic() + 10
-    while "Disconnected from" not in new and time.monotonic() < deadline:  # bounded: 10 s
-        time.sleep(0.1)
-        new = log.read_text(errors="replace")[len(before):]
-    assert "Disconnected from" in new, new
+    poll(lambda: "Disconnected from" in since(), 10, step=0.1)
+    assert "Disconnected from" in since(), since()
